@@ -1,0 +1,30 @@
+"""The emomerge command line: assembly of the typer app only.
+
+Each area registers its commands from its own module (``cli_merge``, ``cli_train``,
+``cli_eval``); every command is a thin shell over one library function.
+"""
+
+import typer
+
+from emomerge import __version__, cli_eval, cli_merge, cli_train
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="emomerge: train, merge and evaluate LoRA adapters of vision-language models.",
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the emomerge version."""
+    typer.echo(__version__)
+
+
+cli_merge.register(app)
+cli_train.register(app)
+cli_eval.register(app)
+
+
+def main() -> None:
+    app()

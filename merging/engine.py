@@ -1,0 +1,406 @@
+"""The merge: adapters → task vectors → method → adapter or full weights + manifest.
+
+Streams one module at a time, so memory is bounded by the largest module × the number of adapters
+(plus, for full output, one output shard).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from emomerge import __version__
+
+from .checkpoint import Checkpoint
+from .errors import MergeInputError
+from .lowrank import compress, concat, refactor
+from .methods import METHODS, MergeMethod
+from .names import from_canonical, to_canonical
+from .output import (
+    MANIFEST,
+    ShardWriter,
+    adapter_config,
+    adapter_keys,
+    atomic_folder,
+    copy_side_files,
+    peft_factors,
+    write_json,
+)
+from .taskvectors import TaskVectors, build_task_vectors
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OUTPUTS = ("adapter", "full")
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    manifest: dict
+    errors: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.manifest
+        line = f"{m['method']}: {len(m['adapters'])} adapters, {m['n_modules']} modules → {self.out} ({m['output']})"
+        if self.errors:
+            worst = max(self.errors, key=self.errors.get)
+            mean = sum(self.errors.values()) / len(self.errors)
+            line += (
+                f"; rank-{m['rank']} refactorisation error mean {mean:.2%}, "
+                f"max {self.errors[worst]:.2%} ({worst})"
+            )
+        return line
+
+
+def get_method(name: str) -> MergeMethod:
+    key = name.replace("-", "_")
+    if key not in METHODS:
+        raise MergeInputError(f"unknown merge method '{name}' (known: {', '.join(METHODS)})")
+    return METHODS[key]
+
+
+def resolve_params(
+    method: MergeMethod, n: int, params: dict[str, Any], *, source: str = "parameters"
+) -> dict[str, Any]:
+    """Fill defaults, check names and ranges, expand per-adapter values to lists of length n.
+
+    ``params`` values of per-adapter parameters may be a scalar (all adapters) or a list.
+    """
+    known = {p.name for p in method.params}
+    for name in params:
+        if name not in known:
+            raise MergeInputError(
+                f"{source}: '{name}' is not a parameter of {method.name} "
+                f"(it takes: {', '.join(sorted(known))})"
+            )
+    resolved: dict[str, Any] = {}
+    for p in method.params:
+        value = params.get(p.name, p.default)
+        if value is None:
+            value = p.default
+        if p.per_adapter:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise MergeInputError(
+                    f"{source}: '{p.name}' has {len(values)} values for {n} adapters"
+                )
+            for v in values:
+                if (msg := p.check(v)) is not None:
+                    raise MergeInputError(f"{source}: '{p.name}' {msg}")
+            resolved[p.name] = [float(v) for v in values]
+        else:
+            if (msg := p.check(value)) is not None:
+                raise MergeInputError(f"{source}: '{p.name}' {msg}")
+            resolved[p.name] = value
+    if method.param("epsilon") is not None:
+        for d, e in zip(resolved["density"], resolved["epsilon"]):
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise MergeInputError(
+                    f"{source}: density ± epsilon must lie in (0, 1), got density {d}, epsilon {e}"
+                )
+    if not method.sparse and abs(sum(resolved["weight"])) < 1e-8 and resolved.get("normalize"):
+        raise MergeInputError(f"{source}: the weights sum to 0, cannot normalize")
+    return resolved
+
+
+def derive_seed(seed: int, module: str, index: int) -> int:
+    """A per-(module, adapter) seed: the same bytes whatever order modules are visited in."""
+    digest = hashlib.sha256(f"{seed}:{module}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def apply_method(
+    method: MergeMethod, deltas: torch.Tensor, resolved: dict[str, Any], *, seed: int, module: str
+) -> torch.Tensor:
+    """Run a registered method on ``deltas`` ``[n, *shape]`` with resolved parameters."""
+    weights = torch.tensor(resolved["weight"], dtype=deltas.dtype)
+    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in resolved.items() if k != "weight"}
+    if method.random:
+        kwargs["generators"] = [
+            torch.Generator().manual_seed(derive_seed(seed, module, i)) for i in range(deltas.shape[0])
+        ]
+    return method.fn(deltas, weights, **kwargs)
+
+
+def exact_coefficients(method: MergeMethod, resolved: dict[str, Any], n: int) -> list[float]:
+    """c with merged = Σ c_i τ_i, for methods linear in their inputs (run on unit vectors)."""
+    basis = torch.eye(n, dtype=torch.float64)  # deltas [n, n]: τ_i = e_i
+    return apply_method(method, basis, resolved, seed=0, module="").tolist()
+
+
+def _output_layout(tv: TaskVectors, layout: str | None) -> str:
+    if layout is not None:
+        return layout
+    found = {a.layout for a in tv.pool}
+    return found.pop() if len(found) == 1 else "new"
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[module]}"), transient=True,
+        disable=not enabled,
+    )
+
+
+class _Merger:
+    """Computes the merged update of one module at a time."""
+
+    def __init__(self, method: MergeMethod, tv: TaskVectors, resolved: dict, *, seed: int,
+                 dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None):
+        self.method, self.tv, self.resolved = method, tv, resolved
+        self.seed, self.dtype, self.rank = seed, dtype, rank
+        self.coeffs = None if method.sparse else exact_coefficients(method, resolved, tv.n)
+        self.saved_base = saved_base
+
+    def dense(self, path: str) -> torch.Tensor:
+        """The merged update of module ``path``, dense, weight-shaped."""
+        if self.coeffs is not None:
+            total = torch.zeros(self.tv.shapes[path], dtype=self.dtype)
+            for i, c in enumerate(self.coeffs):
+                factors = self.tv.lowrank(i, path, self.dtype)
+                if factors is not None and c != 0:
+                    total.addmm_(factors[0], factors[1], alpha=c)
+            return total
+        deltas = self.tv.stacked(path, self.dtype)
+        return apply_method(self.method, deltas, self.resolved, seed=self.seed, module=path)
+
+    def factors(self, path: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """Low-rank factors of the merged update and the relative error of any truncation."""
+        if self.coeffs is not None:
+            terms = []
+            for i, c in enumerate(self.coeffs):
+                factors = self.tv.lowrank(i, path, self.dtype)
+                if factors is not None and c != 0:
+                    terms.append((factors[0], factors[1], c))
+            if not terms:
+                shape = self.tv.shapes[path]
+                return torch.zeros(shape[0], 1, dtype=self.dtype), torch.zeros(1, shape[1], dtype=self.dtype), None
+            left, right = concat(terms)
+            if self.rank is not None and self.rank < left.shape[1]:
+                return compress(left, right, self.rank)
+            return left, right, None
+        rank = self.rank or max(
+            self.tv.pool[j].modules[path].rank
+            for combo in self.tv.combos for j in combo if path in self.tv.pool[j].modules
+        )
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, path, -1))
+        return refactor(self.dense(path), rank, generator=gen)
+
+    def saved_delta(self, name: str) -> torch.Tensor:
+        """Merged update of a ``modules_to_save`` tensor: τ_i = W_saved_i − W_base."""
+        base_key = self.saved_base.canonical[name]
+        base = self.saved_base.tensor(base_key).to(self.dtype)
+        deltas = torch.stack([
+            (a.tensor(a.saved[name]).to(self.dtype) - base) if name in a.saved else torch.zeros_like(base)
+            for a in self.tv.inputs
+        ])
+        return apply_method(self.method, deltas, self.resolved, seed=self.seed, module=name)
+
+
+def merge(
+    method: str,
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    params: dict[str, Any] | None = None,
+    output: str = "adapter",
+    base: str | Path | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    reference: str = "base",
+    dtype: str = "float32",
+    layout: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: int = 2 << 30,
+    progress: bool = False,
+    recipe: dict | None = None,
+) -> MergeResult:
+    """Merge stage adapters with a registered method; write ``out`` atomically.
+
+    ``params`` holds the method's parameters by their recipe names (``density``, ``lambda``, …);
+    ``weights`` is a shortcut for ``params['weight']``. Everything is checked (files, bases,
+    shapes, finiteness, parameter ranges) before any tensor is merged or written.
+    """
+    m = get_method(method)
+    params = dict(params or {})
+    if weights is not None:
+        params["weight"] = list(weights)
+    if output not in OUTPUTS:
+        raise MergeInputError(f"--output must be one of {OUTPUTS}, got {output!r}")
+    if dtype not in DTYPES:
+        raise MergeInputError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if rank is not None and rank < 1:
+        raise MergeInputError(f"--rank must be a positive integer, got {rank}")
+    if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
+        raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
+    if output == "full" and base is None:
+        raise MergeInputError("--output full needs --base PATH (the base model folder)")
+    resolved = resolve_params(m, len(adapters), params)
+    ckpt = Checkpoint(base) if base is not None else None
+    tv = build_task_vectors(
+        list(adapters), reference=reference, allow_pickle=allow_pickle, force=force,
+        base_flavour=ckpt.vlm_flavour if ckpt else None,
+    )
+    saved = sorted({name for a in tv.inputs for name in a.saved})
+    if saved:
+        _check_saved(tv, saved, ckpt)
+    if ckpt is not None:
+        _check_against_base(tv, ckpt, saved)
+    merger = _Merger(m, tv, resolved, seed=seed, dtype=DTYPES[dtype], rank=rank, saved_base=ckpt)
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    manifest: dict[str, Any] = {
+        "kind": "merge",
+        "emomerge_version": __version__,
+        "method": m.name,
+        "params": resolved,
+        "seed": seed,
+        "reference": reference,
+        "output": output,
+        "rank": rank,
+        "dtype": dtype,
+        "adapters": [_describe(a) for a in tv.inputs],
+        "ancestors": [_describe(a) for a in tv.pool[tv.n:]],
+        "task_vectors": [
+            {tv.pool[j].name: c for j, c in combo.items()} for combo in tv.combos
+        ],
+        "base": None if ckpt is None else {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint(),
+                                           "layout": ckpt.layout},
+        "n_modules": len(tv.modules),
+        "recipe": recipe,
+        "created": started.isoformat(timespec="seconds"),
+    }
+    with atomic_folder(out, force=force) as tmp, _progress(progress) as bar:
+        task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
+        if output == "adapter":
+            errors, out_layout = _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task)
+            manifest["layout"] = out_layout
+            if errors:
+                manifest["rank"] = rank or "largest input rank"
+        else:
+            errors = {}
+            _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
+            manifest["layout"] = ckpt.layout
+        manifest["errors"] = {
+            "relative_frobenius": errors,
+            "max": max(errors.values(), default=0.0),
+            "mean": sum(errors.values()) / len(errors) if errors else 0.0,
+        }
+        manifest["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3)
+        write_json(tmp / MANIFEST, manifest)
+    return MergeResult(out=out, manifest=manifest, errors=errors)
+
+
+def _describe(adapter) -> dict:
+    meta = adapter.metadata
+    return {
+        "path": str(adapter.path),
+        "sha256": adapter.sha256,
+        "base": adapter.base_name,
+        "layout": adapter.layout,
+        "stage": meta.stage if meta else None,
+        "lineage": meta.lineage.model_dump() if meta else None,
+    }
+
+
+def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> None:
+    owner = next(a for a in tv.inputs if a.saved)
+    if ckpt is None:
+        raise MergeInputError(
+            f"{owner.weights_file}: has full modules_to_save tensors ({', '.join(saved[:3])}); "
+            "their task vectors need the base weights: pass --base PATH"
+        )
+    if any(a.saved for a in tv.pool[tv.n:]) or any(
+        len(combo) > 1 and any(tv.pool[j].saved for j in combo) for combo in tv.combos
+    ):
+        raise MergeInputError(
+            f"{owner.weights_file}: modules_to_save tensors in a lineage chain are not supported"
+        )
+    for name in saved:
+        if name not in ckpt.canonical:
+            raise MergeInputError(f"{owner.weights_file}: saved tensor '{name}' is not in the base {ckpt.path}")
+
+
+def _check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:
+    for path in tv.modules:
+        key = ckpt.canonical.get(path + ".weight")
+        if key is None:
+            owner = next(a for a in tv.pool if path in a.modules)
+            raise MergeInputError(
+                f"{owner.weights_file}: module '{path}' has no weight in the base {ckpt.path} "
+                f"(base layout {ckpt.layout}; different model?)"
+            )
+        if tuple(ckpt.shape(key)) != tuple(tv.shapes[path]):
+            raise MergeInputError(
+                f"{ckpt.path}: '{key}' is {list(ckpt.shape(key))} but the adapters update a "
+                f"{list(tv.shapes[path])} weight (different base?)"
+            )
+
+
+def _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task):
+    out_layout = _output_layout(tv, layout)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for path in tv.modules:
+        bar.update(task, module=path)
+        left, right, err = merger.factors(path)
+        spec = tv.module_spec(path)
+        a, b = peft_factors(left, right, transpose=spec.transpose)
+        name = from_canonical(path, out_layout)
+        key_a, key_b = adapter_keys(name, spec.kind)
+        tensors[key_a], tensors[key_b] = a.float(), b.float()
+        ranks[name] = a.shape[0]
+        if err is not None:
+            errors[name] = err
+        bar.advance(task)
+    saved_modules = []
+    for name in saved:
+        bar.update(task, module=name)
+        base_t = ckpt.tensor(ckpt.canonical[name])
+        merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
+        out_name = from_canonical(name, out_layout)
+        tensors["base_model.model." + out_name] = merged.contiguous()
+        saved_modules.append(out_name.rsplit(".", 1)[0].rsplit(".", 1)[-1])
+        bar.advance(task)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    template = dict(tv.inputs[0].config)
+    template["base_model_name_or_path"] = tv.inputs[0].base_name
+    write_json(tmp / "adapter_config.json", adapter_config(template, ranks, saved_modules))
+    return errors, out_layout
+
+
+def _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
+    modules = set(tv.modules)
+    saved_set = set(saved)
+    writer = ShardWriter(tmp, max_shard_size)
+    for file in ckpt.files():
+        for key in ckpt.keys_in(file):
+            tensor = ckpt.tensor(key)
+            canon = to_canonical(key, ckpt.layout)
+            path = canon[: -len(".weight")] if canon.endswith(".weight") else None
+            if path in modules:
+                bar.update(task, module=path)
+                tensor = (tensor.to(merger.dtype) + merger.dense(path)).to(tensor.dtype)
+                bar.advance(task)
+            elif canon in saved_set:
+                bar.update(task, module=canon)
+                tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
+                bar.advance(task)
+            writer.add(key, tensor)
+    writer.close()
+    copy_side_files(ckpt.path, tmp)
