@@ -26,5 +26,9 @@ cli_train.register(app)
 cli_eval.register(app)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``--adapters a b c`` style options are expanded for click."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    app(args=cli_merge.expand_variadic(args), prog_name="emomerge")

@@ -1,7 +1,229 @@
-"""CLI commands of the merging core (one command per method, merge, methods, inspect, export-mergekit)."""
+"""CLI commands of the merging core: one command per method, merge, methods, inspect, export-mergekit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from emomerge._cli_common import fail, user_errors
+
+# Options that take several values after one flag (``--adapters a b c``); see expand_variadic.
+VARIADIC = ("--adapters", "--weights", "--density", "--gamma", "--epsilon")
+
+Adapters = typer.Option(..., "--adapters", help="Adapter folders, in stage order: --adapters A B C.")
+Out = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
+
+
+def expand_variadic(argv: list[str]) -> list[str]:
+    """Rewrite ``--adapters a b c`` as ``--adapters a --adapters b --adapters c`` for click.
+
+    A value runs until the next token that starts with ``--`` (negative numbers stay values).
+    """
+    out: list[str] = []
+    current = None
+    for token in argv:
+        if token.startswith("--"):
+            current = token if token in VARIADIC else None
+            out.append(token)
+            continue
+        if current is not None and out and out[-1] != current:
+            out.append(current)
+        out.append(token)
+    return out
+
+
+def _parse_rescale(value: Optional[str]):
+    if value is None:
+        return None
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "density":
+        return "density"
+    fail(f"--rescale must be true, false or density, got {value!r}")
+
+
+def _method_command(name: str):
+    from emomerge.merging import METHODS
+
+    method = METHODS[name]
+
+    @user_errors
+    def command(
+        adapters: list[Path] = Adapters,
+        out: Path = Out,
+        weights: Optional[list[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1)."),
+        density: Optional[list[float]] = typer.Option(None, "--density", help="Fraction kept, in (0, 1]; one value or one per adapter."),
+        gamma: Optional[list[float]] = typer.Option(None, "--gamma", help="Breadcrumbs: top outlier fraction dropped."),
+        epsilon: Optional[list[float]] = typer.Option(None, "--epsilon", help="DELLA: spread of keep probabilities."),
+        lambda_: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged update."),
+        normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
+        rescale: Optional[str] = typer.Option(None, "--rescale", help="true | false | density (DARE 1/p)."),
+        paper: bool = typer.Option(False, "--paper", help="TIES: Yadav et al.'s unweighted election and count mean."),
+        output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
+        rank: Optional[int] = typer.Option(None, "--rank", help="Output LoRA rank (default: exact for linear methods, largest input rank otherwise)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."),
+        reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
+        layout: Optional[str] = typer.Option(None, "--layout", help="Adapter key layout: new, qwen-legacy, llava-legacy (default: the inputs' own, new if mixed)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --out; merge adapters of different bases."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."),
+    ) -> None:
+        from emomerge.merging import merge
+
+        params: dict = {}
+        for key, value in (("density", density), ("gamma", gamma), ("epsilon", epsilon)):
+            if value:
+                params[key] = value[0] if len(value) == 1 else value
+        if lambda_ is not None:
+            params["lambda"] = lambda_
+        if normalize is not None:
+            params["normalize"] = normalize
+        if rescale is not None:
+            params["rescale"] = _parse_rescale(rescale)
+        if paper:
+            params["paper"] = True
+        if weights and len(weights) != len(adapters):
+            fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+        if method.param("density") is not None and "density" not in params:
+            sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing is trimmed\n")
+        result = merge(
+            name, adapters, out, weights=weights or None, params=params, output=output, base=base,
+            rank=rank, seed=seed, reference=reference, dtype=dtype, layout=layout, force=force,
+            allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
+        )
+        typer.echo(result.summary())
+
+    command.__doc__ = f"{method.summary} ({method.paper})."
+    return command
+
+
+@user_errors
+def merge_recipe(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit schema)."),
+    out: Path = Out,
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against (default: current)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the recipe's output: adapter or full."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (overrides base_model for full output)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
+) -> None:
+    """Run a merge recipe (mergekit's YAML schema) natively."""
+    from emomerge.merging.recipe import run_recipe
+
+    result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
+                        progress=sys.stderr.isatty(), allow_pickle=allow_pickle)
+    typer.echo(result.summary())
+
+
+def methods() -> None:
+    """List every merge method with its parameters, defaults and paper."""
+    from emomerge.merging import METHODS
+
+    table = Table(title="emomerge merge methods", show_lines=True)
+    for col in ("method", "what it does", "parameters (default, range)", "paper", "mergekit"):
+        table.add_column(col)
+    for m in METHODS.values():
+        params = "\n".join(
+            f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} {p.range}" for p in m.params
+        )
+        table.add_row(m.name, m.summary, params, m.paper, m.mergekit or "—")
+    Console(width=max(120, Console().width)).print(table)
+
+
+@user_errors
+def inspect(
+    adapters: list[Path] = typer.Argument(..., help="Adapter folders."),
+    reference: str = typer.Option("base", "--reference", help="base or previous."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = typer.Option(False, "--force", help="Inspect adapters of different bases together."),
+) -> None:
+    """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage, and the
+    pairwise cosine similarity of the task vectors."""
+    from emomerge.merging.inspect import inspect_adapters
+
+    report = inspect_adapters(adapters, reference=reference, force=force)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"adapters (task vectors relative to the {reference})")
+    for col in ("#", "adapter", "base", "layout", "modules", "ranks", "scales", "‖τ‖", "lineage"):
+        table.add_column(col)
+    for i, a in enumerate(report["adapters"]):
+        lin = a["lineage"]
+        table.add_row(
+            str(i), a["path"], str(a["base"]), a["layout"], str(a["modules"]),
+            ",".join(map(str, a["ranks"])), ",".join(f"{s:g}" for s in a["scales"]),
+            f"{a['task_vector_norm']:.4g}",
+            "—" if lin is None else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}",
+        )
+    console.print(table)
+    cos = Table(title="cosine similarity of task vectors")
+    cos.add_column("")
+    for i in range(len(report["adapters"])):
+        cos.add_column(str(i))
+    for i, row in enumerate(report["cosine"]):
+        cos.add_row(str(i), *(f"{v:+.3f}" for v in row))
+    console.print(cos)
+
+
+@user_errors
+def export_mergekit(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; or give --method and --adapters."),
+    base: str = typer.Option(..., "--base", help="Base model (hub id or folder) for base+adapter references."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the YAML here (default: stdout)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method (without a recipe)."),
+    adapters: Optional[list[Path]] = typer.Option(None, "--adapters", help="Adapter folders (without a recipe)."),
+    weights: Optional[list[float]] = typer.Option(None, "--weights"),
+    density: Optional[list[float]] = typer.Option(None, "--density"),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """Write the mergekit YAML of the same merge (base+adapter references)."""
+    from emomerge.merging.errors import MergeInputError
+    from emomerge.merging.recipe import Recipe, export_mergekit as export, load_recipe
+
+    if recipe is not None:
+        parsed = load_recipe(recipe)
+    else:
+        if not method or not adapters:
+            raise MergeInputError("export-mergekit needs a RECIPE or --method and --adapters")
+        models = []
+        for i, a in enumerate(adapters):
+            p: dict = {}
+            if weights:
+                p["weight"] = weights[i] if len(weights) > 1 else weights[0]
+            if density:
+                p["density"] = density[i] if len(density) > 1 else density[0]
+            models.append({"model": str(a.resolve()), "parameters": p})
+        parsed = Recipe.model_validate({"merge_method": method, "models": models})
+    text = export(parsed, base_model=base, root=(root or Path.cwd()).resolve())
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.exists() and not force:
+        raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    typer.echo(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the merging commands to the emomerge app."""
+    from emomerge.merging.methods import METHODS
+
+    for name in METHODS:
+        app.command(name.replace("_", "-"), help=None)(_method_command(name))
+    app.command("merge")(merge_recipe)
+    app.command("methods")(methods)
+    app.command("inspect")(inspect)
+    app.command("export-mergekit")(export_mergekit)

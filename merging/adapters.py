@@ -291,17 +291,19 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapt
         )
     if not modules and not saved:
         raise MergeInputError(f"{weights_file}: holds no LoRA tensors")
-    return LoraAdapter(
+    adapter = LoraAdapter(
         path=folder,
         config=config,
         raw_paths={m: m for m in modules},
         modules=modules,
         saved=saved,
-        layout=layout,
+        layout="plain",
         weights_file=weights_file,
         metadata=read_stage_metadata(folder),
         _pickled=pickled,
     )
+    adapter.relayout(layout)  # canonical names now; a "plain" layout is decided per merge
+    return adapter
 
 
 def check_finite(adapter: LoraAdapter) -> None:

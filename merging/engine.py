@@ -52,7 +52,7 @@ class MergeResult:
             worst = max(self.errors, key=self.errors.get)
             mean = sum(self.errors.values()) / len(self.errors)
             line += (
-                f"; rank-{m['rank']} refactorisation error mean {mean:.2%}, "
+                f"; re-factorised to rank ≤ {m['rank']}: relative error mean {mean:.2%}, "
                 f"max {self.errors[worst]:.2%} ({worst})"
             )
         return line
@@ -65,12 +65,29 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[key]
 
 
+def _pick(value: Any, module: str | None, source: str, name: str) -> Any:
+    """Resolve mergekit's per-tensor filters: ``[{filter: substr, value: v}, …, {value: d}]``."""
+    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
+        for cond in value:
+            unknown = set(cond) - {"filter", "value"}
+            if unknown or "value" not in cond:
+                raise MergeInputError(
+                    f"{source}: '{name}' conditions take 'filter' and 'value' keys, got {sorted(cond)}"
+                )
+            if cond.get("filter") is None or (module is not None and cond["filter"] in module):
+                return cond["value"]
+        raise MergeInputError(f"{source}: '{name}' has no condition without a filter (a default)")
+    return value
+
+
 def resolve_params(
-    method: MergeMethod, n: int, params: dict[str, Any], *, source: str = "parameters"
+    method: MergeMethod, n: int, params: dict[str, Any], *, source: str = "parameters",
+    module: str | None = None,
 ) -> dict[str, Any]:
     """Fill defaults, check names and ranges, expand per-adapter values to lists of length n.
 
-    ``params`` values of per-adapter parameters may be a scalar (all adapters) or a list.
+    ``params`` values of per-adapter parameters may be a scalar (all adapters) or a list of n;
+    any value may be a mergekit filter list, resolved against the tensor name ``module``.
     """
     known = {p.name for p in method.params}
     for name in params:
@@ -81,7 +98,7 @@ def resolve_params(
             )
     resolved: dict[str, Any] = {}
     for p in method.params:
-        value = params.get(p.name, p.default)
+        value = _pick(params.get(p.name), module, source, p.name)
         if value is None:
             value = p.default
         if p.per_adapter:
@@ -90,6 +107,8 @@ def resolve_params(
                 raise MergeInputError(
                     f"{source}: '{p.name}' has {len(values)} values for {n} adapters"
                 )
+            values = [_pick(v, module, source, p.name) for v in values]
+            values = [p.default if v is None else v for v in values]
             for v in values:
                 if (msg := p.check(v)) is not None:
                     raise MergeInputError(f"{source}: '{p.name}' {msg}")
@@ -104,7 +123,7 @@ def resolve_params(
                 raise MergeInputError(
                     f"{source}: density ± epsilon must lie in (0, 1), got density {d}, epsilon {e}"
                 )
-    if not method.sparse and abs(sum(resolved["weight"])) < 1e-8 and resolved.get("normalize"):
+    if resolved.get("normalize") and abs(sum(resolved["weight"])) < 1e-8 and not method.sparse:
         raise MergeInputError(f"{source}: the weights sum to 0, cannot normalize")
     return resolved
 
@@ -152,30 +171,42 @@ def _progress(enabled: bool) -> Progress:
 class _Merger:
     """Computes the merged update of one module at a time."""
 
-    def __init__(self, method: MergeMethod, tv: TaskVectors, resolved: dict, *, seed: int,
-                 dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None):
-        self.method, self.tv, self.resolved = method, tv, resolved
+    def __init__(self, method: MergeMethod, tv: TaskVectors, params: dict, *, seed: int,
+                 dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None,
+                 names: dict[str, str]):
+        self.method, self.tv = method, tv
         self.seed, self.dtype, self.rank = seed, dtype, rank
-        self.coeffs = None if method.sparse else exact_coefficients(method, resolved, tv.n)
         self.saved_base = saved_base
+        # Parameters per module (mergekit filters match the tensor name, e.g. "...q_proj.weight"),
+        # all resolved up front so a bad value fails before any work.
+        self.table = {
+            path: resolve_params(method, tv.n, params, module=names[path]) for path in names
+        }
+
+    def coeffs(self, path: str) -> list[float] | None:
+        if self.method.sparse:
+            return None
+        return exact_coefficients(self.method, self.table[path], self.tv.n)
 
     def dense(self, path: str) -> torch.Tensor:
         """The merged update of module ``path``, dense, weight-shaped."""
-        if self.coeffs is not None:
+        coeffs = self.coeffs(path)
+        if coeffs is not None:
             total = torch.zeros(self.tv.shapes[path], dtype=self.dtype)
-            for i, c in enumerate(self.coeffs):
+            for i, c in enumerate(coeffs):
                 factors = self.tv.lowrank(i, path, self.dtype)
                 if factors is not None and c != 0:
                     total.addmm_(factors[0], factors[1], alpha=c)
             return total
         deltas = self.tv.stacked(path, self.dtype)
-        return apply_method(self.method, deltas, self.resolved, seed=self.seed, module=path)
+        return apply_method(self.method, deltas, self.table[path], seed=self.seed, module=path)
 
     def factors(self, path: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """Low-rank factors of the merged update and the relative error of any truncation."""
-        if self.coeffs is not None:
+        coeffs = self.coeffs(path)
+        if coeffs is not None:
             terms = []
-            for i, c in enumerate(self.coeffs):
+            for i, c in enumerate(coeffs):
                 factors = self.tv.lowrank(i, path, self.dtype)
                 if factors is not None and c != 0:
                     terms.append((factors[0], factors[1], c))
@@ -201,7 +232,7 @@ class _Merger:
             (a.tensor(a.saved[name]).to(self.dtype) - base) if name in a.saved else torch.zeros_like(base)
             for a in self.tv.inputs
         ])
-        return apply_method(self.method, deltas, self.resolved, seed=self.seed, module=name)
+        return apply_method(self.method, deltas, self.table[name], seed=self.seed, module=name)
 
 
 def merge(
@@ -247,7 +278,7 @@ def merge(
         raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
     if output == "full" and base is None:
         raise MergeInputError("--output full needs --base PATH (the base model folder)")
-    resolved = resolve_params(m, len(adapters), params)
+    resolved = resolve_params(m, len(adapters), params)  # names and ranges, before any I/O
     ckpt = Checkpoint(base) if base is not None else None
     tv = build_task_vectors(
         list(adapters), reference=reference, allow_pickle=allow_pickle, force=force,
@@ -258,7 +289,9 @@ def merge(
         _check_saved(tv, saved, ckpt)
     if ckpt is not None:
         _check_against_base(tv, ckpt, saved)
-    merger = _Merger(m, tv, resolved, seed=seed, dtype=DTYPES[dtype], rank=rank, saved_base=ckpt)
+    names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
+    merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=rank, saved_base=ckpt,
+                     names=names)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     manifest: dict[str, Any] = {
@@ -266,6 +299,7 @@ def merge(
         "emomerge_version": __version__,
         "method": m.name,
         "params": resolved,
+        "params_given": params,
         "seed": seed,
         "reference": reference,
         "output": output,
@@ -285,10 +319,12 @@ def merge(
     with atomic_folder(out, force=force) as tmp, _progress(progress) as bar:
         task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
         if output == "adapter":
-            errors, out_layout = _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task)
+            errors, out_layout, ranks = _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task)
             manifest["layout"] = out_layout
-            if errors:
-                manifest["rank"] = rank or "largest input rank"
+            if errors and rank is None:
+                manifest["rank"] = max(ranks.values())
+                manifest["rank_rule"] = "largest input rank of each module"
+            manifest["ranks"] = ranks
         else:
             errors = {}
             _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
@@ -381,7 +417,7 @@ def _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task):
     template = dict(tv.inputs[0].config)
     template["base_model_name_or_path"] = tv.inputs[0].base_name
     write_json(tmp / "adapter_config.json", adapter_config(template, ranks, saved_modules))
-    return errors, out_layout
+    return errors, out_layout, ranks
 
 
 def _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):

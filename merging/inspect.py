@@ -1,0 +1,67 @@
+"""What a researcher looks at before choosing a method: per-adapter facts and task-vector geometry.
+
+Norms and inner products of task vectors are computed from the factors, never densely:
+⟨L₁R₁, L₂R₂⟩_F = trace((L₁ᵀL₂)(R₂R₁ᵀ)), an r×r product per module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .taskvectors import build_task_vectors
+
+
+def _inner(f1, f2) -> float:
+    (l1, r1), (l2, r2) = f1, f2
+    return float(torch.trace((l1.T @ l2) @ (r2 @ r1.T)))
+
+
+def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force: bool = False,
+                     allow_pickle: bool = False) -> dict:
+    """A JSON-ready report: per adapter base, layout, modules, ranks, scales, norms, lineage;
+    pairwise cosine similarities of the task vectors."""
+    tv = build_task_vectors(list(paths), reference=reference, force=force, allow_pickle=allow_pickle)
+    n = tv.n
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    per_module_norms: list[dict[str, float]] = [{} for _ in range(n)]
+    for path in tv.modules:
+        factors = [tv.lowrank(i, path, torch.float64) for i in range(n)]
+        for i in range(n):
+            if factors[i] is None:
+                continue
+            for j in range(i, n):
+                if factors[j] is None:
+                    continue
+                value = _inner(factors[i], factors[j])
+                gram[i, j] += value
+                if i != j:
+                    gram[j, i] += value
+                else:
+                    per_module_norms[i][path] = value ** 0.5
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    cosine = gram / torch.outer(norms, norms).clamp_min(1e-300)
+    report = {"reference": reference, "adapters": [], "cosine": cosine.tolist()}
+    for i, adapter in enumerate(tv.inputs):
+        ranks = sorted({m.rank for m in adapter.modules.values()})
+        scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
+        meta = adapter.metadata
+        top = sorted(per_module_norms[i].items(), key=lambda kv: -kv[1])[:3]
+        report["adapters"].append({
+            "path": str(adapter.path),
+            "base": adapter.base_name,
+            "layout": adapter.layout,
+            "modules": len(adapter.modules),
+            "saved_tensors": sorted(adapter.saved),
+            "ranks": ranks,
+            "scales": scales,
+            "rslora": bool(adapter.config.get("use_rslora")),
+            "task_vector_norm": float(norms[i]),
+            "largest_modules": [{"module": k, "norm": v} for k, v in top],
+            "lineage": None if meta is None else {
+                "stage": meta.stage, "mode": meta.lineage.mode, "parent": meta.lineage.parent,
+            },
+            "task_vector": {tv.pool[j].name: c for j, c in tv.combos[i].items()},
+        })
+    return report

@@ -1,0 +1,235 @@
+"""Merge recipes in mergekit's YAML schema: validate, run natively, export for mergekit.
+
+A recipe::
+
+    merge_method: ties
+    base_model: Qwen/Qwen2.5-VL-7B-Instruct      # needed for full output and for export
+    models:
+      - model: runs/demo/adapters/emoart         # an adapter folder, or mergekit's base+adapter
+        parameters: {weight: 0.3, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: float32
+    emomerge: {output: adapter, rank: 16, seed: 0, reference: base}   # ours; dropped on export
+
+Relative paths resolve against ``root`` (default: the current folder, as in mergekit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import MergeResult, get_method, merge, resolve_params
+from .errors import MergeInputError
+from .taskvectors import build_task_vectors
+
+Scalar = float | int | bool | str
+ParamValue = Scalar | list[Any] | None
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class EmomergeOptions(BaseModel):
+    """emomerge's own settings (mergekit has no equivalent; dropped on export)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: Literal["adapter", "full"] = "adapter"
+    rank: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    reference: Literal["base", "previous"] = "base"
+    layout: Literal["new", "qwen-legacy", "llava-legacy", "text"] | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    emomerge: EmomergeOptions = Field(default_factory=EmomergeOptions)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeInputError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise MergeInputError(f"{path}: not valid YAML{where}") from exc
+    if not isinstance(raw, dict):
+        raise MergeInputError(f"{path}: a recipe is a YAML mapping with merge_method and models")
+    if "slices" in raw:
+        raise MergeInputError(f"{path}: key 'slices': slice-wise recipes are not supported (use models)")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"][0].lower() + err["msg"][1:]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise MergeInputError(f"{path}: key '{loc}': {msg}") from exc
+    method = _method_or_error(recipe.merge_method, path)
+    try:
+        params = recipe_params(recipe, method)
+    except MergeInputError as exc:
+        raise MergeInputError(f"{path}: {exc}") from exc
+    resolve_params(method, len(recipe.models), params, source=str(path))
+    return recipe
+
+
+def _method_or_error(name: str, path: Path):
+    try:
+        return get_method(name)
+    except MergeInputError as exc:
+        raise MergeInputError(f"{path}: key 'merge_method': {exc}") from exc
+
+
+def recipe_params(recipe: Recipe, method) -> dict[str, Any]:
+    """mergekit's parameter scoping: per-model values override the global ``parameters``."""
+    params: dict[str, Any] = {}
+    for p in method.params:
+        if p.per_adapter:
+            per = [m.parameters.get(p.name, recipe.parameters.get(p.name)) for m in recipe.models]
+            if any(v is not None for v in per):
+                params[p.name] = per
+        elif p.name in recipe.parameters:
+            params[p.name] = recipe.parameters[p.name]
+    known = {p.name for p in method.params} | {"int8_mask"}
+    for scope, keys in [("parameters", recipe.parameters)] + [
+        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)
+    ]:
+        for key in keys:
+            if key not in known:
+                raise MergeInputError(
+                    f"key '{scope}.{key}': not a parameter of {method.name} "
+                    f"(it takes: {', '.join(sorted(known - {'int8_mask'}))})"
+                )
+    return params
+
+
+def adapter_path(model: str, base_model: str | None, root: Path) -> Path:
+    """The adapter folder of a recipe model (``adapter`` or mergekit's ``base+adapter``)."""
+    if "+" in model:
+        base, adapter = model.split("+", 1)
+        if base_model is not None and base.rstrip("/") != base_model.rstrip("/"):
+            raise MergeInputError(
+                f"model '{model}': its base '{base}' differs from base_model '{base_model}'"
+            )
+        model = adapter
+    path = Path(model)
+    return path if path.is_absolute() else root / path
+
+
+def run_recipe(
+    path: str | Path, out: str | Path, *, root: str | Path | None = None, force: bool = False,
+    output: str | None = None, base: str | Path | None = None, progress: bool = False,
+    allow_pickle: bool = False,
+) -> MergeResult:
+    """Run a recipe natively (command-line ``output``/``base`` override the recipe's)."""
+    path = Path(path)
+    recipe = load_recipe(path)
+    root = Path(root) if root is not None else Path.cwd()
+    method = get_method(recipe.merge_method)
+    params = recipe_params(recipe, method)
+    opts = recipe.emomerge
+    base_dir = base if base is not None else _local_base(recipe.base_model, root)
+    dtype = recipe.dtype if recipe.dtype in ("float32", "float64") else "float32"
+    return merge(
+        method.name,
+        [adapter_path(m.model, recipe.base_model, root) for m in recipe.models],
+        out,
+        params=params,
+        output=output or opts.output,
+        base=base_dir,
+        rank=opts.rank,
+        seed=opts.seed,
+        reference=opts.reference,
+        layout=opts.layout,
+        dtype=dtype,
+        force=force,
+        allow_pickle=allow_pickle,
+        progress=progress,
+        recipe=recipe.model_dump(mode="json", exclude_none=True),
+    )
+
+
+def _local_base(base_model: str | None, root: Path) -> Path | None:
+    if base_model is None:
+        return None
+    candidate = Path(base_model) if Path(base_model).is_absolute() else root / base_model
+    return candidate if candidate.is_dir() else None
+
+
+def export_mergekit(
+    recipe: Recipe, *, base_model: str, root: Path, reference_check: bool = True
+) -> str:
+    """The mergekit YAML of the same merge, with ``base+adapter`` model references.
+
+    Refuses what mergekit cannot express: lineage chains whose task vectors are not a single
+    adapter on the base (stacked stages, ``reference: previous``), methods or options it lacks.
+    """
+    method = get_method(recipe.merge_method)
+    params = recipe_params(recipe, method)
+    mk_method = method.mergekit
+    if mk_method is None:
+        raise MergeInputError(f"merge_method '{method.name}': mergekit has no equivalent; cannot export")
+    if recipe.parameters.get("paper"):
+        raise MergeInputError("parameters.paper: the paper-faithful TIES rule has no mergekit equivalent")
+    if recipe.parameters.get("rescale") == "density":
+        raise MergeInputError("parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent")
+    globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper",)}
+    if method.name == "linear" and not recipe.parameters.get("normalize", True):
+        # mergekit's linear averages whole models: unnormalised it would also scale the base.
+        mk_method = "task_arithmetic"
+        globals_.pop("normalize")
+    adapters = [adapter_path(m.model, recipe.base_model, root) for m in recipe.models]
+    if reference_check:
+        tv = build_task_vectors(adapters, reference=recipe.emomerge.reference)
+        for i, combo in enumerate(tv.combos):
+            if list(combo.items()) != [(i, 1.0)]:
+                raise MergeInputError(
+                    f"{adapters[i]}: its task vector is not this one adapter on the base "
+                    f"({'stacked lineage' if recipe.emomerge.reference == 'base' else 'reference previous'}); "
+                    "mergekit's base+adapter cannot express it"
+                )
+    lines = [
+        f"# mergekit recipe exported by emomerge from merge_method {method.name}.",
+        "# Run: mergekit-yaml THIS.yaml OUT --lora-merge-cache CACHE_DIR",
+        "# (base+adapter references need --lora-merge-cache: mergekit bakes each adapter into a",
+        "#  full model copy there before merging.)",
+    ]
+    doc: dict[str, Any] = {"merge_method": mk_method, "base_model": base_model, "models": []}
+    for i, (entry, adapter) in enumerate(zip(recipe.models, adapters)):
+        model_params = {}
+        for p in method.params:
+            if p.per_adapter and p.name in params and params[p.name][i] is not None:
+                model_params[p.name] = params[p.name][i]
+        if "weight" not in model_params:
+            model_params["weight"] = 1.0
+        doc["models"].append({"model": f"{base_model}+{adapter}", "parameters": model_params})
+    shared = {k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)}
+    # Write every default explicitly: the file must mean the same whatever mergekit's defaults become.
+    for p in method.params:
+        if not p.per_adapter and p.name != "paper" and p.name not in shared and not (
+            mk_method == "task_arithmetic" and method.name == "linear"
+        ):
+            shared[p.name] = p.default
+    if shared:
+        doc["parameters"] = shared
+    doc["dtype"] = recipe.dtype or "float32"
+    return "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False)

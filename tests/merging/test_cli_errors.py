@@ -1,0 +1,170 @@
+"""Bad input: one line on stderr naming the file and the problem, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from emomerge.cli import app
+from emomerge.cli_merge import expand_variadic
+
+from .helpers import lm_modules, write_adapter, write_base
+
+SHAPES = lm_modules(layers=1, hidden=8, inter=12)
+
+
+def run(args):
+    return CliRunner().invoke(app, expand_variadic([str(a) for a in args]))
+
+
+@pytest.fixture()
+def ab(tmp_path):
+    write_adapter(tmp_path / "a", SHAPES, seed=1)
+    write_adapter(tmp_path / "b", SHAPES, seed=2)
+    return tmp_path
+
+
+def assert_one_line_error(result, *needles, out=None):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_truncated_safetensors(ab):
+    f = ab / "b" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-40])
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "out"])
+    assert_one_line_error(r, str(f), "truncated", out=ab / "out")
+
+
+def test_corrupt_header(ab):
+    f = ab / "a" / "adapter_model.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out"])
+    assert_one_line_error(r, str(f), "safetensors", out=ab / "out")
+
+
+def test_shape_mismatch(ab):
+    write_adapter(ab / "c", lm_modules(layers=1, hidden=16, inter=12), seed=3)
+    r = run(["task-arithmetic", "--adapters", ab / "a", ab / "c", "--out", ab / "out"])
+    assert_one_line_error(r, "down_proj", "[16, 12]", "[8, 12]", "different bases", out=ab / "out")
+
+
+def test_different_bases_and_force(ab):
+    write_adapter(ab / "c", SHAPES, seed=3, base="meta-llama/Llama-3.2-11B-Vision-Instruct")
+    r = run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out"])
+    assert_one_line_error(r, "Llama-3.2-11B-Vision-Instruct", "--force", out=ab / "out")
+    assert run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out", "--force"]).exit_code == 0
+
+
+def test_quantized_base_counts_as_the_same_base(ab):
+    write_adapter(ab / "q", SHAPES, seed=3, base="unsloth/Qwen2.5-VL-72B-Instruct-bnb-4bit")
+    write_adapter(ab / "f", SHAPES, seed=4, base="Qwen/Qwen2.5-VL-72B-Instruct")
+    assert run(["linear", "--adapters", ab / "q", ab / "f", "--out", ab / "out"]).exit_code == 0
+
+
+def test_nan_names_the_tensor(ab):
+    f = ab / "b" / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    t = load_file(str(f))
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    t[key][0, 0] = float("nan")
+    save_file(t, str(f))
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "out"])
+    assert_one_line_error(r, key, "NaN", out=ab / "out")
+
+
+def test_missing_files(ab):
+    r = run(["linear", "--adapters", ab / "a", ab / "nope", "--out", ab / "out"])
+    assert_one_line_error(r, "nope", out=ab / "out")
+    (ab / "b" / "adapter_config.json").unlink()
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out"])
+    assert_one_line_error(r, "adapter_config.json", out=ab / "out")
+
+
+def test_unknown_method_and_bad_params(ab):
+    r = run(["merge-everything", "--adapters", ab / "a", "--out", ab / "out"])
+    assert r.exit_code == 2
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0", "--out", ab / "out"])
+    assert_one_line_error(r, "density", "(0, 1]", out=ab / "out")
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "1.5", "--out", ab / "out"])
+    assert_one_line_error(r, "density", out=ab / "out")
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "out"])
+    assert_one_line_error(r, "'density' is not a parameter of linear", out=ab / "out")
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--weights", "1", "2", "3", "--out", ab / "out"])
+    assert_one_line_error(r, "--weights has 3 values for 2 adapters", out=ab / "out")
+
+
+def test_pickle_refused_unless_allowed(ab):
+    from safetensors.torch import load_file
+
+    t = load_file(str(ab / "b" / "adapter_model.safetensors"))
+    (ab / "b" / "adapter_model.safetensors").unlink()
+    torch.save(t, ab / "b" / "adapter_model.bin")
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out"])
+    assert_one_line_error(r, "adapter_model.bin", "--allow-pickle", out=ab / "out")
+    assert run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out", "--allow-pickle"]).exit_code == 0
+
+
+def test_dora_and_other_peft_types_refused(ab):
+    cfg = json.loads((ab / "b" / "adapter_config.json").read_text())
+    (ab / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "DoRA")
+    (ab / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "IA3")
+
+
+def test_existing_out_refused_without_force(ab):
+    (ab / "out").mkdir()
+    (ab / "out" / "keep.txt").write_text("mine")
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out"])
+    assert_one_line_error(r, "already exists", "--force")
+    assert (ab / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_failure_mid_write_leaves_nothing(ab, monkeypatch):
+    from emomerge.merging import engine
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine, "_write_full", boom)
+    write_base(ab / "base", SHAPES)
+    with pytest.raises(RuntimeError):
+        engine.merge("linear", [ab / "a", ab / "b"], ab / "out", output="full", base=ab / "base")
+    assert not (ab / "out").exists()
+    assert sorted(p.name for p in ab.iterdir()) == ["a", "b", "base"]
+
+
+def test_full_output_needs_base(ab):
+    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--out", ab / "o"]), "--base")
+
+
+def test_console_script_end_to_end(ab):
+    """The real entry point, with --adapters taking several values."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from emomerge.cli import main; main()", "ties", "--adapters",
+         str(ab / "a"), str(ab / "b"), "--weights", "0.7", "0.3", "--density", "0.5", "--out", str(ab / "m")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((ab / "m" / "emomerge.json").read_text())
+    assert manifest["params"]["weight"] == [0.7, 0.3]
+    assert manifest["params"]["density"] == [0.5, 0.5]
+    assert [a["sha256"] for a in manifest["adapters"]][0] and len(manifest["adapters"]) == 2
+    proc = subprocess.run([sys.executable, "-c", "from emomerge.cli import main; main()", "ties",
+                           "--adapters", str(ab / "a"), "--density", "7", "--out", str(ab / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
