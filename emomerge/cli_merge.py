@@ -66,6 +66,7 @@ def _method_command(name: str):
         normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
         rescale: Optional[str] = typer.Option(None, "--rescale", help="true | false | density (DARE 1/p)."),
         paper: bool = typer.Option(False, "--paper", help="TIES: Yadav et al.'s unweighted election and count mean."),
+        space: Optional[str] = typer.Option(None, "--space", help="Where the method runs: dense (default) or core (LoRA-native core space)."),
         output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
         rank: Optional[int] = typer.Option(None, "--rank", help="Output LoRA rank (default: exact for linear methods, largest input rank otherwise)."),
@@ -90,6 +91,8 @@ def _method_command(name: str):
             params["rescale"] = _parse_rescale(rescale)
         if paper:
             params["paper"] = True
+        if space is not None:
+            params["space"] = space
         if weights and len(weights) != len(adapters):
             fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
         if method.param("density") is not None and "density" not in params:

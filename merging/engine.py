@@ -33,6 +33,7 @@ from .output import (
     peft_factors,
     write_json,
 )
+from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -139,7 +140,9 @@ def apply_method(
 ) -> torch.Tensor:
     """Run a registered method on ``deltas`` ``[n, *shape]`` with resolved parameters."""
     weights = torch.tensor(resolved["weight"], dtype=deltas.dtype)
-    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in resolved.items() if k != "weight"}
+    kwargs = {
+        ("lambda_" if k == "lambda" else k): v for k, v in resolved.items() if k not in ("weight", "space")
+    }
     if method.random:
         kwargs["generators"] = [
             torch.Generator().manual_seed(derive_seed(seed, module, i)) for i in range(deltas.shape[0])
@@ -188,8 +191,21 @@ class _Merger:
             return None
         return exact_coefficients(self.method, self.table[path], self.tv.n)
 
+    def _in_space(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge in a LoRA-native space; the result comes back as exact low-rank factors."""
+        factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
+        stacked, back = SPACES[self.table[path]["space"]](factors, self.tv.shapes[path])
+        merged = apply_method(self.method, stacked, self.table[path], seed=self.seed, module=path)
+        return back(merged)
+
+    def _native(self, path: str) -> bool:
+        return self.table[path].get("space", "dense") != "dense"
+
     def dense(self, path: str) -> torch.Tensor:
         """The merged update of module ``path``, dense, weight-shaped."""
+        if self._native(path):
+            left, right = self._in_space(path)
+            return left @ right
         coeffs = self.coeffs(path)
         if coeffs is not None:
             total = torch.zeros(self.tv.shapes[path], dtype=self.dtype)
@@ -203,6 +219,11 @@ class _Merger:
 
     def factors(self, path: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """Low-rank factors of the merged update and the relative error of any truncation."""
+        if self._native(path):
+            left, right = self._in_space(path)
+            if self.rank is not None and self.rank < left.shape[1]:
+                return compress(left, right, self.rank)
+            return left, right, None
         coeffs = self.coeffs(path)
         if coeffs is not None:
             terms = []
@@ -232,7 +253,8 @@ class _Merger:
             (a.tensor(a.saved[name]).to(self.dtype) - base) if name in a.saved else torch.zeros_like(base)
             for a in self.tv.inputs
         ])
-        return apply_method(self.method, deltas, self.table[name], seed=self.seed, module=name)
+        params = {**self.table[name], "space": "dense"}  # full tensors have no LoRA factors
+        return apply_method(self.method, deltas, params, seed=self.seed, module=name)
 
 
 def merge(

@@ -13,12 +13,13 @@ sparsify → weight → sign consensus → masked mean; DARE-TIES is the same wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from . import sparsify as sp
+from .spaces import SPACES
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -297,8 +298,13 @@ def _rescale(default: bool, dare: bool = False) -> Param:
 _GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude outliers dropped", per_adapter=True, low=0.0, high=1.0, low_inclusive=True)
 _EPSILON = Param("epsilon", float, 0.15, "spread of keep probabilities around density", per_adapter=True, low=0.0, high=1.0)
 
+_SPACE = Param(
+    "space", str, "dense", "where the method runs: the dense weights or a LoRA-native space",
+    choices=("dense", *SPACES),
+)
+
 METHODS: dict[str, MergeMethod] = {
-    m.name: m
+    m.name: replace(m, params=m.params + (_SPACE,))
     for m in (
         MergeMethod("linear", linear, "https://arxiv.org/abs/2203.05482",
                     "weighted average of task vectors", (_WEIGHT, _normalize(True)),
@@ -337,3 +343,8 @@ METHODS: dict[str, MergeMethod] = {
                     random=True, mergekit="della_linear"),
     )
 }
+
+# SVD-based methods live in their own module; registered here so there is still one table.
+from .svd_methods import SVD_METHODS  # noqa: E402
+
+METHODS.update({m.name: replace(m, params=m.params + (_SPACE,)) for m in SVD_METHODS})

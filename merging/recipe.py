@@ -190,9 +190,14 @@ def export_mergekit(
         raise MergeInputError(f"merge_method '{method.name}': mergekit has no equivalent; cannot export")
     if recipe.parameters.get("paper"):
         raise MergeInputError("parameters.paper: the paper-faithful TIES rule has no mergekit equivalent")
+    if recipe.parameters.get("space", "dense") != "dense":
+        raise MergeInputError(
+            f"parameters.space: mergekit merges dense weights only; space "
+            f"'{recipe.parameters['space']}' cannot be exported"
+        )
     if recipe.parameters.get("rescale") == "density":
         raise MergeInputError("parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent")
-    globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper",)}
+    globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper", "space")}
     if method.name == "linear" and not recipe.parameters.get("normalize", True):
         # mergekit's linear averages whole models: unnormalised it would also scale the base.
         mk_method = "task_arithmetic"
@@ -225,7 +230,7 @@ def export_mergekit(
     shared = {k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)}
     # Write every default explicitly: the file must mean the same whatever mergekit's defaults become.
     for p in method.params:
-        if not p.per_adapter and p.name != "paper" and p.name not in shared and not (
+        if not p.per_adapter and p.name not in ("paper", "space") and p.name not in shared and not (
             mk_method == "task_arithmetic" and method.name == "linear"
         ):
             shared[p.name] = p.default

@@ -72,7 +72,7 @@ def test_weight_zero_removes_an_adapter(method, seed, shape):
         from emomerge.merging.engine import derive_seed
 
         gens = [torch.Generator().manual_seed(derive_seed(3, "x", i)) for i in (0, 2)]
-        kw = {k: (v[::2] if isinstance(v, list) else v) for k, v in resolved.items() if k != "weight"}
+        kw = {k: (v[::2] if isinstance(v, list) else v) for k, v in resolved.items() if k not in ("weight", "space")}
         kw = {("lambda_" if k == "lambda" else k): v for k, v in kw.items()}
         without = m.fn(d[[0, 2]], torch.tensor([1.0, 0.7], dtype=d.dtype), generators=gens, **kw)
     else:
