@@ -198,10 +198,12 @@ def export_mergekit(
     if recipe.parameters.get("rescale") == "density":
         raise MergeInputError("parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent")
     globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper", "space")}
-    if method.name == "linear" and not recipe.parameters.get("normalize", True):
-        # mergekit's linear averages whole models: unnormalised it would also scale the base.
+    if method.name == "linear":
+        # mergekit's linear averages whole models and, given a base_model, counts the base as one
+        # more input needing a weight; task_arithmetic over the task vectors with the same
+        # normalize is exactly our linear (base + Σ w τ / Σ w), in both settings.
         mk_method = "task_arithmetic"
-        globals_.pop("normalize")
+        globals_["normalize"] = recipe.parameters.get("normalize", True)
     adapters = [adapter_path(m.model, recipe.base_model, root) for m in recipe.models]
     if reference_check:
         tv = build_task_vectors(adapters, reference=recipe.emomerge.reference)
@@ -230,9 +232,7 @@ def export_mergekit(
     shared = {k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)}
     # Write every default explicitly: the file must mean the same whatever mergekit's defaults become.
     for p in method.params:
-        if not p.per_adapter and p.name not in ("paper", "space") and p.name not in shared and not (
-            mk_method == "task_arithmetic" and method.name == "linear"
-        ):
+        if not p.per_adapter and p.name not in ("paper", "space") and p.name not in shared:
             shared[p.name] = p.default
     if shared:
         doc["parameters"] = shared
