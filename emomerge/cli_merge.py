@@ -66,7 +66,9 @@ def _method_command(name: str):
         normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
         rescale: Optional[str] = typer.Option(None, "--rescale", help="true | false | density (DARE 1/p)."),
         paper: bool = typer.Option(False, "--paper", help="TIES: Yadav et al.'s unweighted election and count mean."),
-        space: Optional[str] = typer.Option(None, "--space", help="Where the method runs: dense (default) or core (LoRA-native core space)."),
+        space: Optional[str] = typer.Option(None, "--space", help="Where the method runs: dense (default), core (LoRA core space) or knots (KnOTS joint-SVD space)."),
+        fraction: Optional[float] = typer.Option(None, "--fraction", help="TSV: fraction of each task's singular vectors kept (default 1/n)."),
+        common_space_fraction: Optional[float] = typer.Option(None, "--common-space-fraction", help="Iso-CTS: share of the rank given to the common subspace."),
         output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
         rank: Optional[int] = typer.Option(None, "--rank", help="Output LoRA rank (default: exact for linear methods, largest input rank otherwise)."),
@@ -93,6 +95,10 @@ def _method_command(name: str):
             params["paper"] = True
         if space is not None:
             params["space"] = space
+        if fraction is not None:
+            params["fraction"] = fraction
+        if common_space_fraction is not None:
+            params["common_space_fraction"] = common_space_fraction
         if weights and len(weights) != len(adapters):
             fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
         if method.param("density") is not None and "density" not in params:

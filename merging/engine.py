@@ -194,12 +194,20 @@ class _Merger:
     def _in_space(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge in a LoRA-native space; the result comes back as exact low-rank factors."""
         factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
-        stacked, back = SPACES[self.table[path]["space"]](factors, self.tv.shapes[path])
+        stacked, back = SPACES[self._space(path)](factors, self.tv.shapes[path])
         merged = apply_method(self.method, stacked, self.table[path], seed=self.seed, module=path)
         return back(merged)
 
     def _native(self, path: str) -> bool:
-        return self.table[path].get("space", "dense") != "dense"
+        return self._space(path) != "dense"
+
+    def _space(self, path: str) -> str:
+        space = self.table[path].get("space", "dense")
+        # SVD methods give the same result in core space (they commute with its orthonormal
+        # bases), where it is exact low rank and far cheaper: use it for LoRA factors.
+        if space == "dense" and self.method.extra.get("core_equivalent"):
+            return "core"
+        return space
 
     def dense(self, path: str) -> torch.Tensor:
         """The merged update of module ``path``, dense, weight-shaped."""

@@ -7,6 +7,10 @@ small tensor, the method runs there, and the result maps back to an exact low-ra
   U_B (left singular vectors of the stacked B factors ``[out, Σr]``) and V_A (right singular
   vectors of the stacked A factors ``[Σr, in]``); core M_i = U_Bᵀ ΔW_i V_A (``Σr × Σr``) and
   ΔW_i = U_B M_i V_Aᵀ exactly. Cost O((out + in)·(Σr)²), independent of out × in.
+- ``knots`` (Stoica et al., ICLR 2025, arXiv 2410.19735): one SVD of the updates side by side,
+  ``[ΔW_1 … ΔW_n] = U Σ [V_1ᵀ … V_nᵀ]``; task i is its block ``Σ V_iᵀ`` (``k × in``, Σ folded
+  in as the reference code's default ``s_on_V``) and a merged block M maps back to ``U M``.
+  Computed from the factors: cost O(out·(Σr)² + n·in·(Σr)²), never an out × n·in SVD.
 
 A space is a function ``project(factors, shape) -> (stacked, back)``: ``factors`` holds each
 adapter's ``(L, R)`` (or None), ``stacked`` is ``[n, a, b]`` and ``back(merged)`` returns the
@@ -44,6 +48,40 @@ def core_project(factors: Sequence[Factors | None], shape: tuple[int, int]) -> t
     return cores, back
 
 
+def _support(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Numerical rank of a spectrum (numpy's ``matrix_rank`` tolerance): at least 1."""
+    tol = s.max() * max(shape) * torch.finfo(s.dtype).eps
+    return max(1, int((s > tol).sum()))
+
+
+def knots_project(
+    factors: Sequence[Factors | None], shape: tuple[int, int]
+) -> tuple[torch.Tensor, Back]:
+    """KnOTS space: each update's right singular block ``Σ V_iᵀ`` of the joint SVD of the updates.
+
+    With ``L_cat = [L_1 … L_n] = Q T`` (reduced QR) and ``T = [T_1 … T_n]`` split like L_cat,
+    ``[L_1R_1 … L_nR_n] = Q · [T_1R_1 … T_nR_n]``; the SVD of that small ``[≤Σr, n·in]`` matrix
+    ``P Σ Wᵀ`` gives ``U = Q P`` and ``Σ [V_1ᵀ … V_nᵀ] = Σ Wᵀ``, so block i equals ``Uᵀ ΔW_i``
+    and ``U · block_i = ΔW_i`` (U spans every update's columns). Directions with σ at rounding
+    level are dropped, as the reference code drops σ ≤ 1e-5: they carry no update.
+    """
+    dtype = next(f[0].dtype for f in factors if f is not None)
+    fs = _present(factors, shape, dtype)
+    q, t = torch.linalg.qr(torch.cat([L for L, _ in fs], dim=1))  # [out, m], [m, Σr]
+    t_blocks = t.split([L.shape[1] for L, _ in fs], dim=1)
+    joint = torch.cat([t_i @ R for t_i, (_, R) in zip(t_blocks, fs)], dim=1)  # Qᵀ[ΔW_1 … ΔW_n]
+    p, s, wh = torch.linalg.svd(joint, full_matrices=False)
+    k = _support(s, joint.shape)
+    u = q @ p[:, :k]  # [out, k]
+    blocks = torch.stack((s[:k, None] * wh[:k]).split(shape[1], dim=1))  # [n, k, in]
+
+    def back(merged: torch.Tensor) -> Factors:
+        return u, merged
+
+    return blocks, back
+
+
 SPACES: dict[str, Callable[..., tuple[torch.Tensor, Back]]] = {
     "core": core_project,
+    "knots": knots_project,
 }

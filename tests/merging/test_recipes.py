@@ -49,9 +49,14 @@ def test_recipe_runs_like_the_direct_call(config, run_root, tmp_path):
     b = load_file(str(tmp_path / "d" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.manifest["recipe"]["merge_method"] == recipe.merge_method
-    # every recipe exports to mergekit YAML that mergekit's own schema accepts
+    # every recipe exports to mergekit YAML that mergekit's own schema accepts, or is refused
+    # with a clear reason when mergekit cannot express the method or space
     from mergekit.config import MergeConfiguration
 
+    if method.mergekit is None or recipe.parameters.get("space", "dense") != "dense":
+        with pytest.raises(Exception, match="mergekit"):
+            export_mergekit(recipe, base_model="/models/base", root=root)
+        return
     text = export_mergekit(recipe, base_model="/models/base", root=root)
     MergeConfiguration.model_validate(yaml.safe_load(text))
 
