@@ -1,7 +1,158 @@
-"""CLI commands of the evaluation module (evaluate, leaderboard)."""
+"""CLI commands of the evaluation module: ``evaluate`` and ``leaderboard show|compare|plot``.
+
+    emomerge evaluate --base MODEL --variants adapters/ merges/ --dataset emoart --data DIR \\
+        --split test --out results/
+    emomerge leaderboard show results/leaderboard.csv --by macro_f1 --format markdown
+    emomerge leaderboard compare A.csv B.csv
+    emomerge leaderboard plot results/leaderboard.csv --out fig.png
+
+Each command parses, calls one library function of ``emomerge.evaluation`` and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from emomerge._cli_common import user_errors
+from emomerge.merging.errors import InputError
+
+leaderboard_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                              help="Show, compare and plot leaderboard CSVs.")
+
+
+@user_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="The dataset's files (folder or file).")],
+    base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
+    variants: Annotated[list[Path], typer.Option(
+        "--variants", help="Adapter folders, or folders of adapter folders (several may "
+        "follow one --variants).")] = [],  # noqa: B006 (typer reads, never mutates, it)
+    dataset: str = typer.Option(..., "--dataset", help="emocomics35, emoart, emid or mangavqa."),
+    split: str = typer.Option("test", "--split"),
+    out: Annotated[Path, typer.Option("--out", help="Results folder (leaderboard.csv, "
+                                      "predictions/, details/).")] = Path("results"),
+    reader_task: str = typer.Option(None, "--task", help="Reader task (e.g. utterance, page)."),
+    task_type: str = typer.Option(None, "--task-type", help="single, multi or vqa "
+                                  "(default: from the dataset)."),
+    mode: str = typer.Option("auto", "--mode", help="auto, likelihood or generate."),
+    baseline: str = typer.Option(None, "--baseline", help="Variant the paired test compares "
+                                 "against (default: the last stage adapter)."),
+    paired_test: str = typer.Option("bootstrap", "--paired-test", help="bootstrap or mcnemar."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=10),
+    seed: int = typer.Option(0, "--seed"),
+    multilabel: str = typer.Option("threshold", "--multilabel", help="threshold (chosen on "
+                                   "train books held out) or topk (k = gold count)."),
+    threshold: float = typer.Option(None, "--threshold", help="Fixed multi-label threshold."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction"),
+    length_norm: bool = typer.Option(True, "--length-norm/--no-length-norm"),
+    append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    include_base: bool = typer.Option(True, "--include-base/--no-base"),
+    leave_one_stage_out: bool = typer.Option(False, "--leave-one-stage-out"),
+    judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint "
+                                  "(MangaVQA judge; off by default)."),
+    judge_model: str = typer.Option(None, "--judge-model"),
+    image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
+    allow_missing_images: bool = typer.Option(False, "--allow-missing-images"),
+    family: str = typer.Option(None, "--family"),
+    dtype: str = typer.Option(None, "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Score the base, every stage adapter and every merge; append rows to the leaderboard."""
+    from emomerge.evaluation.leaderboard import show
+    from emomerge.evaluation.pipeline import evaluate_paths
+    from emomerge.evaluation.runner import EvalConfig
+
+    extra = [a for a in ctx.args]
+    if any(a.startswith("-") for a in extra):
+        raise InputError(f"unknown option {next(a for a in extra if a.startswith('-'))}")
+    choices = {"--mode": (mode, ("auto", "likelihood", "generate")),
+               "--paired-test": (paired_test, ("bootstrap", "mcnemar")),
+               "--multilabel": (multilabel, ("threshold", "topk")),
+               "--task-type": (task_type, (None, "single", "multi", "vqa"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(f"{flag}: expected one of {[a for a in allowed if a]}, got '{value}'")
+    cfg = EvalConfig(dataset=dataset, split=split, task=task_type, mode=mode,
+                     length_norm=length_norm, append_eot=append_eot, multilabel=multilabel,
+                     threshold=threshold, val_fraction=val_fraction,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, n_boot=n_boot,
+                     seed=seed, baseline=baseline, paired_test=paired_test, judge_url=judge_url,
+                     judge_model=judge_model)
+    opts = {"allow_missing_images": allow_missing_images}
+    if image_root is not None:
+        opts["image_root"] = image_root
+    result = evaluate_paths(base, [*variants, *map(Path, extra)], data, out, cfg,
+                            reader_task=reader_task, reader_opts=opts, include_base=include_base,
+                            leave_one_stage_out_=leave_one_stage_out, family=family, dtype=dtype,
+                            device=device)
+    typer.echo(f"{len(result.rows)} rows → {result.leaderboard}")
+    typer.echo(show(result.leaderboard, fmt="markdown").rstrip())
+
+
+@user_errors
+def show_cmd(
+    path: Annotated[Path, typer.Argument(help="A leaderboard CSV.")],
+    by: str = typer.Option(None, "--by", help="Sort by this column, best first."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown or csv."),
+) -> None:
+    """Print a leaderboard (metrics with their 95% intervals and p-values)."""
+    from emomerge.evaluation.leaderboard import show
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    typer.echo(show(path, by=by, fmt=fmt), nl=False)
+
+
+@user_errors
+def compare_cmd(
+    a: Annotated[Path, typer.Argument(help="Leaderboard A.")],
+    b: Annotated[Path, typer.Argument(help="Leaderboard B.")],
+    fmt: str = typer.Option("markdown", "--format", help="markdown or csv."),
+) -> None:
+    """Two leaderboards side by side per variant and dataset, with deltas (B − A)."""
+    from emomerge.evaluation.leaderboard import compare
+
+    for p in (a, b):
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    typer.echo(compare(a, b, fmt=fmt), nl=False)
+
+
+@user_errors
+def plot_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Leaderboard CSV(s).")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    metric: str = typer.Option(None, "--metric"),
+    dataset: str = typer.Option(None, "--dataset"),
+    confusion: bool = typer.Option(True, "--confusion/--no-confusion",
+                                   help="Also write confusion-matrix PNGs per variant."),
+) -> None:
+    """Stage-wise line + merged bars per architecture; confusion matrices per variant."""
+    from emomerge.evaluation.plots import plot_confusions, plot_leaderboard
+
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    fig = plot_leaderboard(paths, out, metric=metric, dataset=dataset)
+    typer.echo(f"wrote {fig}")
+    if confusion:
+        cm_dir = out.with_name(out.stem + "_confusion")
+        written = [w for p in paths if (p.parent / "details").is_dir()
+                   for w in plot_confusions(p.parent / "details", cm_dir)]
+        if written:
+            typer.echo(f"wrote {len(written)} confusion matrices to {cm_dir}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add the evaluation commands to the emomerge app (filled in by the evaluation work)."""
+    """Add the evaluation commands to the emomerge app."""
+    app.command("evaluate", context_settings={"allow_extra_args": True})(evaluate_cmd)
+    leaderboard_app.command("show")(show_cmd)
+    leaderboard_app.command("compare")(compare_cmd)
+    leaderboard_app.command("plot")(plot_cmd)
+    app.add_typer(leaderboard_app, name="leaderboard")

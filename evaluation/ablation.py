@@ -1,0 +1,87 @@
+"""Leave-one-stage-out: rebuild a merge without each of its input stages in turn.
+
+For a merged variant whose manifest lists stages s_1..s_n, the ablation merges the other n − 1
+with the same method, the same given parameters (per-adapter lists lose the dropped entry) and the
+same seed, through ``emomerge.merging.merge``. Scoring these next to the full merge shows what
+each stage contributes. Outputs are reused when their manifest names the same inputs (same
+sha256), since a real-size merge takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from emomerge.merging.errors import InputError
+from emomerge.merging.lineage import LINEAGE_FILE
+
+from .variants import Variant, variant_from_dir
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    f = path / LINEAGE_FILE
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{f}: cannot read the merge manifest ({exc})") from exc
+    if raw.get("kind") != "merge":
+        raise InputError(f"{f}: key 'kind': not a merge manifest")
+    return raw
+
+
+def _drop(params: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    # per-adapter parameter lists (weights, densities) lose the dropped adapter's entry
+    return {k: [x for j, x in enumerate(v) if j != i] if isinstance(v, list) and len(v) == n
+            else v for k, v in params.items()}
+
+
+def _weights_sha256(adapter: Path) -> str:
+    # what the merge manifest records per input: the sha256 of the adapter's weights file
+    from emomerge.merging.adapters import sha256_file
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            return sha256_file(adapter / name)
+    return ""
+
+
+def _inputs_of(path: Path) -> list[str]:
+    return [str(a.get("sha256")) for a in _manifest(path).get("adapters", [])]
+
+
+def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
+    """The merges of ``merged``'s inputs without one stage each, as variants (built if needed)."""
+    from emomerge.merging import merge
+
+    if merged.kind != "merged" or merged.path is None:
+        raise InputError(f"{merged.name}: leave-one-stage-out needs a merged variant")
+    raw = _manifest(merged.path)
+    inputs = [Path(a["path"] if isinstance(a, dict) else a) for a in raw["adapters"]]
+    for p in inputs:
+        if not p.is_dir():
+            raise InputError(f"{merged.path / LINEAGE_FILE}: key 'adapters': {p} no longer exists")
+    names = [(a.get("stage") if isinstance(a, dict) else None) or p.name
+             for a, p in zip(raw["adapters"], inputs)]
+    if len(inputs) < 2:
+        return []
+    params = dict(raw.get("params_given") or {})
+    variants = []
+    for i, dropped in enumerate(names):
+        keep = [p for j, p in enumerate(inputs) if j != i]
+        out = Path(out_root) / f"{merged.name.replace('/', '_')}-without-{dropped}"
+        expected = [_weights_sha256(p) for p in keep]
+        reuse = out.is_dir() and (out / LINEAGE_FILE).is_file()
+        if reuse:
+            try:
+                reuse = _inputs_of(out) == expected
+            except InputError:
+                reuse = False
+        if not reuse:
+            merge(raw["method"], keep, out, params=_drop(params, i, len(inputs)),
+                  seed=int(raw.get("seed") or 0), reference=raw.get("reference") or "base",
+                  rank=raw.get("rank") if isinstance(raw.get("rank"), int) else None,
+                  force=True)
+        v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}")
+        variants.append(v)
+    return variants

@@ -1,0 +1,229 @@
+"""Evaluate the base and every variant on one split; write leaderboard rows and details.
+
+    host = ModelHost.load("path/to/base")
+    result = evaluate(host, "path/to/base", discover(["adapters/", "merges/"]), test_samples,
+                      "results/", EvalConfig(dataset="emoart", split="test"))
+
+Every variant is scored on the same samples; metrics get bootstrap intervals from *one* shared
+set of group resamples, so the paired test of each variant against the baseline resamples the
+same pages for both.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from emomerge.merging.errors import InputError
+
+from emomerge import __version__
+
+from . import decide
+from .bootstrap import bootstrap, mcnemar, paired_bootstrap, replicate_indices
+from .cache import PredictionCache, stable_hash
+from .leaderboard import upsert_rows
+from .metrics import HEADLINE, Predictions, details
+from .outputs import ParseReport, from_generation, from_likelihood, label_values
+from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
+from .variants import Variant, default_baseline
+
+TASK_OF_DATASET = {"emocomics35": "multi", "emoart": "single", "emid": "single",
+                   "mangavqa": "vqa"}
+
+
+@dataclass
+class EvalConfig:
+    """Everything that changes the numbers of an evaluation (it makes up the config hash)."""
+
+    dataset: str
+    split: str = "test"
+    task: Literal["single", "multi", "vqa"] | None = None  # None: from the dataset name
+    mode: Literal["auto", "likelihood", "generate"] = "auto"  # auto: likelihood unless vqa
+    length_norm: bool = True
+    append_eot: bool = False
+    multilabel: Literal["threshold", "topk"] = "threshold"
+    threshold: float | None = None  # fixed threshold: skips the validation search
+    val_fraction: float = 0.1
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    n_boot: int = 1000
+    seed: int = 0
+    baseline: str | None = None  # None: the last stage-wise adapter
+    paired_test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    judge_url: str | None = None  # MangaVQA only: an OpenAI-compatible endpoint (off by default)
+    judge_model: str | None = None
+
+    def resolved_task(self) -> str:
+        task = self.task or TASK_OF_DATASET.get(self.dataset)
+        if task is None:
+            raise InputError(f"--task: dataset '{self.dataset}' has no default task; pass "
+                             "--task single|multi|vqa")
+        return task
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "generate" if self.resolved_task() == "vqa" else "likelihood"
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    preds: Predictions
+    parse: ParseReport
+    threshold: float | None
+    scored: int  # samples run through the model (0: all from the cache)
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    results: list[VariantResult] = field(default_factory=list)
+    leaderboard: Path | None = None
+
+
+def git_hash() -> str:
+    """The commit of the emomerge checkout (empty outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent, timeout=5,
+                              check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def split_hash(samples: list[Any]) -> str:
+    """Content hash of a split (training's definition when available)."""
+    try:
+        from emomerge.training.data import samples_sha256
+
+        return samples_sha256(samples)
+    except ImportError:  # training module absent: ids, prompts and labels only
+        return stable_hash([[s.id, s.messages, s.target, s.labels] for s in samples])
+
+
+def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCache, sh: str,
+           cfg: EvalConfig, mode: str, progress: bool, on_batch: BatchHook | None) -> int:
+    if mode == "likelihood":
+        return run_likelihood(host, v, samples, cache, sh, append_eot=cfg.append_eot,
+                              batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
+    return run_generation(host, v, samples, cache, sh, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
+
+
+def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samples: list[Any],
+             out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
+             include_base: bool = True, progress: bool = True,
+             on_batch: BatchHook | None = None) -> EvalResult:
+    """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
+
+    ``val_samples`` (multi-label threshold only) is where each variant's threshold is chosen.
+    Raw outputs are cached under ``out/predictions``; details (per-class scores, confusion
+    matrices, parse failures) go to ``out/details``.
+    """
+    if not samples:
+        raise InputError(f"{cfg.dataset}/{cfg.split}: no samples to evaluate")
+    task, mode = cfg.resolved_task(), cfg.resolved_mode()
+    out = Path(out)
+    base_fp = base_fingerprint(base_id)
+    all_variants = ([Variant("base", "base", lineage="base")] if include_base else []) + variants
+    names = [v.name for v in all_variants]
+    baseline = cfg.baseline or default_baseline(all_variants)
+    if baseline not in names:
+        raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
+    sh = split_hash(samples)
+    needs_val = task == "multi" and mode == "likelihood" and cfg.multilabel == "threshold" \
+        and cfg.threshold is None
+    if needs_val and not val_samples:
+        raise InputError("multi-label threshold: no validation samples (hold out train books, "
+                         "or pass --threshold / --multilabel topk)")
+    vh = split_hash(val_samples) if needs_val else ""
+    infer = {"mode": mode, "append_eot": cfg.append_eot, "max_new_tokens": cfg.max_new_tokens}
+    # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
+    settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+    config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
+                               "val_hash": vh, "task": task, "mode": mode})
+
+    results = []
+    for v in all_variants:
+        vhash = stable_hash([base_fp, v.content_hash, infer])
+        cache = PredictionCache(out / "predictions", v.name, vhash)
+        scored = _score(host, v, samples, cache, sh, cfg, mode, progress, on_batch)
+        threshold, rep = cfg.threshold, ParseReport()
+        if mode == "likelihood":
+            if needs_val:
+                scored += _score(host, v, val_samples, cache, vh, cfg, mode, progress, None)
+                threshold = decide.choose_threshold(
+                    [label_values(cache.get(vh, s.id), cfg.length_norm) for s in val_samples],
+                    [s.labels for s in val_samples], val_samples[0].label_set)
+            preds = from_likelihood(task, samples, cache, sh, length_norm=cfg.length_norm,
+                                    multilabel=cfg.multilabel, threshold=threshold)
+        else:
+            preds, rep = from_generation(task, samples, cache, sh)
+            if task == "vqa" and cfg.judge_url:
+                preds = _judged(preds, samples, cfg)
+        results.append(VariantResult(v, preds, rep, threshold, scored))
+
+    rows = _rows(results, baseline, cfg, task, mode, host.family, str(base_id), config_hash,
+                 sh, base_fp)
+    _write_details(out / "details", results, rows, cfg)
+    path = upsert_rows(out / "leaderboard.csv", rows)
+    return EvalResult(rows, results, path)
+
+
+def _judged(preds: Predictions, samples: list[Any], cfg: EvalConfig) -> Predictions:
+    from .judge import judge_all
+
+    if not cfg.judge_model:
+        raise InputError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    verdicts = judge_all(cfg.judge_url, cfg.judge_model, samples, list(preds.pred))
+    return Predictions(**{**preds.__dict__, "judge": verdicts})
+
+
+def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: str, mode: str,
+          family: str, base_id: str, config_hash: str, sh: str, base_fp: str) -> list[dict]:
+    metrics = [m for m in HEADLINE[task]
+               if m != "judge_score" or results[0].preds.judge is not None]
+    reps = replicate_indices(results[0].preds.groups, cfg.n_boot, cfg.seed)
+    ref = next(r for r in results if r.variant.name == baseline)
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    common = {"architecture": family, "base_id": base_id, "dataset": cfg.dataset,
+              "split": cfg.split, "task": task, "mode": mode, "baseline": baseline,
+              "seed": cfg.seed, "n_boot": cfg.n_boot, "emomerge_version": __version__,
+              "git_hash": git_hash(), "date": date, "config_hash": config_hash[:16],
+              "split_hash": sh[:16]}
+    rows = []
+    for r in results:
+        v = r.variant
+        est = bootstrap(r.preds, metrics, replicates=reps)
+        row: dict[str, Any] = {
+            **common, "variant": v.name, "kind": v.kind, "stage_index": v.stage_index,
+            "lineage": v.lineage, "method": v.method, "method_params": v.method_params,
+            "stages_merged": v.stages_merged, "n": len(r.preds),
+            "n_groups": len(set(r.preds.groups)), "parse_failures": r.parse.failures,
+            "variant_hash": stable_hash([base_fp, v.content_hash])[:16]}
+        for m, e in est.items():
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = e.value, e.lo, e.hi
+            if v.name != baseline:
+                if cfg.paired_test == "mcnemar":
+                    row[f"{m}_p"] = mcnemar(r.preds, ref.preds)
+                else:
+                    row[f"{m}_p"] = paired_bootstrap(r.preds, ref.preds, m, replicates=reps)[1]
+        rows.append(row)
+    return rows
+
+
+def _write_details(folder: Path, results: list[VariantResult], rows: list[dict],
+                   cfg: EvalConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, row in zip(results, rows):
+        safe = r.variant.name.replace("/", "_")
+        info = {"variant": r.variant.name, "dataset": cfg.dataset, "split": cfg.split,
+                "threshold": r.threshold, "row": row, "parse": r.parse.to_dict(),
+                "details": details(r.preds)}
+        (folder / f"{cfg.dataset}__{cfg.split}__{safe}.json").write_text(
+            json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n")

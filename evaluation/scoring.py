@@ -1,0 +1,136 @@
+"""Label likelihood: log p(label tokens | prompt) for every candidate label, prefix encoded once.
+
+For one sample with prompt tokens x (images included) and candidate labels y_1..y_L:
+
+    score(y_k) = Σ_t log p(y_k,t | x, y_k,<t)
+
+One forward pass over x (batch 1, images through the processor) fills the KV cache and gives
+p(y_k,1 | x) from its last logits; the cache is then repeated L times and all continuations run
+in one batched pass, right-padded (padding sits after every real token of its row, so the causal
+mask keeps it out of the real tokens' attention). No attention mask is passed to the continuation
+pass on purpose: with a cache, Qwen-VL's M-RoPE positions come from ``cache length + rope_deltas``
+only when the mask is absent (a full-length mask makes it recompute positions for the whole
+sequence). The test suite checks the result against one plain full-sequence forward per label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from emomerge.merging.errors import InputError
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """Summed log-probability of a label's tokens and how many tokens it has."""
+
+    logprob: float
+    n_tokens: int
+
+    def value(self, length_norm: bool) -> float:
+        """The score used for ranking: the mean per token when ``length_norm``, else the sum."""
+        return self.logprob / self.n_tokens if length_norm else self.logprob
+
+
+def load_images(images: list[Any]) -> list[Image.Image]:
+    """RGB PIL images from paths or PIL images."""
+    out = []
+    for img in images:
+        if isinstance(img, (str, Path)):
+            with Image.open(img) as fh:
+                out.append(fh.convert("RGB"))
+        else:
+            out.append(img.convert("RGB"))
+    return out
+
+
+def render_prompt(processor: Any, messages: list[dict]) -> str:
+    """The chat-template prompt up to where the assistant's answer starts."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(processor: Any, family: str, prompts: list[str],
+                   images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+    """Processor inputs for a batch of prompts (the template already holds the special tokens)."""
+    # Mllama wants one image list per sample; the other families a flat list in prompt order.
+    imgs: Any = images if family == "mllama" else [im for per in images for im in per]
+    return dict(processor(text=prompts, images=imgs or None, return_tensors="pt", padding=True,
+                          add_special_tokens=False))
+
+
+def continuation_ids(tokenizer: Any, labels: list[str], eot: str | None = None) -> list[list[int]]:
+    """Token ids of each label (plus the end-of-turn text ``eot`` when given)."""
+    out = []
+    for lab in labels:
+        ids = tokenizer(lab + (eot or ""), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InputError(f"label {lab!r}: tokenizes to no tokens")
+        out.append(list(ids))
+    return out
+
+
+def _per_token_extension(inputs: dict[str, torch.Tensor], n: int, t: int) -> dict[str, Any]:
+    # Mllama's cross-attention mask is per text token: new tokens see the images the last prompt
+    # token saw (what generate() does when it extends the mask).
+    extra: dict[str, Any] = {}
+    cam = inputs.get("cross_attention_mask")
+    if cam is not None:
+        extra["cross_attention_mask"] = cam[:, -1:].expand(n, t, *cam.shape[2:])
+    return extra
+
+
+@torch.inference_mode()
+def score_labels(model: Any, inputs: dict[str, torch.Tensor],
+                 conts: list[list[int]], pad_id: int) -> list[LabelScore]:
+    """Scores of the continuations ``conts`` after one encoded prompt (``inputs``, batch 1)."""
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("score_labels takes one prompt at a time")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    out = model(**inputs, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
+    n, t = len(conts), max(len(c) for c in conts)
+    if t == 1:
+        return [LabelScore(float(first[c[0]]), 1) for c in conts]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, t), pad_id, dtype=torch.long, device=device)
+    for i, c in enumerate(conts):
+        ids[i, : len(c)] = torch.tensor(c, device=device)
+    out2 = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                 **_per_token_extension(inputs, n, t))
+    logp = torch.log_softmax(out2.logits.float(), dim=-1)  # [n_labels, t, vocab]
+    scores = []
+    for i, c in enumerate(conts):
+        # token 0 comes from the prefix pass; token j > 0 from position j-1 of the batch pass
+        total = first[c[0]] + sum(logp[i, j - 1, c[j]] for j in range(1, len(c)))
+        scores.append(LabelScore(float(total), len(c)))
+    return scores
+
+
+@torch.inference_mode()
+def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
+                      conts: list[list[int]]) -> list[LabelScore]:
+    """Reference implementation: one full forward pass (prompt + label) per label, no cache."""
+    p = inputs["input_ids"].shape[1]
+    scores = []
+    for c in conts:
+        kw = {}
+        for k, v in inputs.items():
+            if k in ("input_ids", "attention_mask"):
+                continue
+            # per-token inputs (Qwen's mm_token_type_ids, Mllama's cross-attention mask) grow
+            # with the label tokens, which are text: repeat the last prompt position
+            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == p:
+                v = torch.cat([v, v[:, -1:].expand(1, len(c), *v.shape[2:])], dim=1)
+            kw[k] = v
+        ids = torch.cat([inputs["input_ids"], torch.tensor([c])], dim=1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        scores.append(LabelScore(float(sum(logp[p - 1 + j, c[j]] for j in range(len(c)))),
+                                 len(c)))
+    return scores

@@ -1,0 +1,145 @@
+"""What is evaluated: the base, stage adapters and merged adapters, read from their folders.
+
+A variant folder is a PEFT LoRA folder. Its ``emomerge.json`` says what it is:
+- ``kind: "stage_adapter"`` (training): a stage; lineage ``stacked`` means its update sits on top
+  of the folded parent chain, so the parents are activated together with it (LoRA updates add,
+  so activating A and B at once equals folding A and then applying B);
+- ``kind: "merge"`` (merging): a merged variant; method, params and input adapters fill the
+  leaderboard's method columns;
+- no file: a stage of unknown lineage. The row says ``lineage=unknown`` rather than guessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emomerge.merging.errors import InputError
+from emomerge.merging.lineage import LINEAGE_FILE, read_stage_metadata, resolve_parent
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class Variant:
+    """One evaluated model: the base alone or the base with adapter folders activated."""
+
+    name: str
+    kind: str  # "base" | "stage" | "merged"
+    path: Path | None = None
+    #: Adapter folders active together, root of a stacked chain first (empty for the base).
+    chain: list[Path] = field(default_factory=list)
+    stage_index: int | None = None
+    lineage: str = ""
+    method: str = ""
+    method_params: str = ""
+    stages_merged: str = ""
+    #: sha256 over the chain's adapter files (the base identity is added by the runner).
+    content_hash: str = ""
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter folder (has adapter_config.json)."""
+    return (path / "adapter_config.json").is_file()
+
+
+def files_sha256(folders: list[Path]) -> str:
+    """sha256 over the adapter files of ``folders``, in order (names and bytes)."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for name in ADAPTER_FILES:
+            f = folder / name
+            if f.is_file():
+                h.update(name.encode())
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _stage_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
+    meta = read_stage_metadata(path)
+    if meta is None or meta.lineage.mode != "stacked":
+        return [path]
+    parent = resolve_parent(path, meta)
+    if parent is None:
+        return [path]
+    if parent in seen or not is_adapter_dir(parent):
+        raise InputError(f"{path / LINEAGE_FILE}: key 'lineage.parent': {parent} is not a usable "
+                         "adapter folder (stacked lineage needs its parent to evaluate)")
+    return _stage_chain(parent, seen + (path,)) + [path]
+
+
+def variant_from_dir(path: str | Path, name: str | None = None) -> Variant:
+    """Describe one adapter folder as a :class:`Variant`."""
+    path = Path(path).resolve()
+    if not is_adapter_dir(path):
+        raise InputError(f"{path}: not an adapter folder (no adapter_config.json)")
+    name = name or path.name
+    manifest = path / LINEAGE_FILE
+    raw = _read_json(manifest) if manifest.is_file() else None
+    if raw is None:
+        v = Variant(name, "stage", path, [path], lineage="unknown")
+    elif raw.get("kind") == "merge":
+        for key in ("method", "params", "adapters"):
+            if key not in raw:
+                raise InputError(f"{manifest}: key '{key}' missing from the merge manifest")
+        inputs = [a.get("stage") or Path(str(a.get("path", "?"))).name
+                  if isinstance(a, dict) else Path(str(a)).name for a in raw["adapters"]]
+        v = Variant(name, "merged", path, [path], lineage="merge", method=str(raw["method"]),
+                    method_params=json.dumps(raw["params"], sort_keys=True),
+                    stages_merged=";".join(str(i) for i in inputs))
+    else:
+        meta = read_stage_metadata(path)
+        assert meta is not None  # kind is stage_adapter (or absent) here
+        v = Variant(name, "stage", path, _stage_chain(path), stage_index=meta.stage_index,
+                    lineage=meta.lineage.mode or "independent")
+    v.content_hash = files_sha256(v.chain)
+    return v
+
+
+def discover(dirs: list[str | Path]) -> list[Variant]:
+    """Variants from folders: an adapter folder itself, or a folder of adapter folders.
+
+    Within a folder of adapters, stages come in curriculum order (``stage_index``, then name).
+    Names are the folder names; a clash gets the parent folder prefixed (``merges/ties``).
+    """
+    found: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise InputError(f"{d}: no such file or directory")
+        if is_adapter_dir(d):
+            found.append(d)
+            continue
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and is_adapter_dir(p))
+        if not subs:
+            raise InputError(f"{d}: neither an adapter folder nor a folder of adapter folders")
+        found += subs
+    variants = [variant_from_dir(p) for p in found]
+    names = [v.name for v in variants]
+    for v, p in zip(variants, found):
+        if names.count(v.name) > 1:
+            v.name = f"{Path(p).resolve().parent.name}/{v.name}"
+    stages = sorted((v for v in variants if v.kind == "stage"),
+                    key=lambda v: (v.stage_index is None, v.stage_index or 0))
+    # stable sort keeps the given order among stages without an index
+    return stages + [v for v in variants if v.kind != "stage"]
+
+
+def default_baseline(variants: list[Variant]) -> str:
+    """The last stage-wise adapter (curriculum order), else the base."""
+    stages = [v for v in variants if v.kind == "stage"]
+    return stages[-1].name if stages else "base"

@@ -1,0 +1,81 @@
+"""Metrics pinned to values computed by hand (fractions written out below), not by sklearn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from emomerge.evaluation import metrics as M
+from emomerge.evaluation.metrics import INVALID, Predictions
+
+from tests.evaluation.eval_cases import MULTI_LABELS, multi_preds, single_preds  # noqa: F401
+
+
+def test_single_label_headline():
+    got = M.compute(single_preds())
+    assert got["accuracy"] == pytest.approx(4 / 6)
+    assert got["macro_f1"] == pytest.approx(32 / 45)
+
+
+def test_single_label_per_class_and_confusion():
+    d = M.details(single_preds())
+    pc = d["per_class"]
+    assert (pc["A"]["precision"], pc["A"]["recall"], pc["A"]["f1"]) == pytest.approx((1, .5, 2 / 3))
+    assert (pc["B"]["precision"], pc["B"]["recall"], pc["B"]["f1"]) == pytest.approx((2 / 3, 1, .8))
+    assert pc["C"]["recall"] == pytest.approx(0.5) and pc["C"]["support"] == 2
+    assert pc["D"]["support"] == 0
+    cm = d["confusion"]
+    assert cm["columns"] == ["A", "B", "C", "D", INVALID]
+    assert cm["matrix"] == [[1, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 0, 1, 0, 1], [0, 0, 0, 0, 0]]
+
+
+def test_multi_label_headline():
+    got = M.compute(multi_preds())
+    assert got["subset_accuracy"] == pytest.approx(1 / 2)
+    assert got["example_f1"] == pytest.approx(2 / 3)
+    assert got["macro_f1"] == pytest.approx(3 / 5)
+    assert got["micro_f1"] == pytest.approx(8 / 11)
+    assert got["single_accuracy"] == pytest.approx(1 / 2)
+    assert got["single_macro_f1"] == pytest.approx(1 / 3)
+
+
+def test_multi_label_per_label_and_set_semantics():
+    d = M.details(multi_preds())
+    assert d["per_label"]["Anger"]["f1"] == pytest.approx(4 / 5)
+    assert d["per_label"]["Joy"]["f1"] == pytest.approx(1.0)
+    assert d["per_label"]["Sadness"]["recall"] == 0.0
+    assert d["single_view"]["n"] == 2
+    # Order inside a label list must not matter (sets, never positions).
+    p = multi_preds()
+    swapped = Predictions(**{**p.__dict__, "pred": [["Anger"], ["Joy"], ["Anger"], ["Joy", "Anger"]]})
+    assert M.compute(swapped)["subset_accuracy"] == pytest.approx(1 / 2)
+
+
+def test_multi_label_out_of_set_prediction_is_not_credited():
+    p = multi_preds()
+    # s1 predicted "Shock" (out of set): it matches nothing, so s1 loses its exact-set credit.
+    bad = Predictions(**{**p.__dict__, "pred": [["Shock"], ["Joy"], ["Anger"], ["Anger", "Joy"]]})
+    assert M.compute(bad)["subset_accuracy"] == pytest.approx(1 / 4)
+
+
+def test_vqa_exact_match_and_char_f1():
+    assert M.exact_match(["東京タワー"], " 東京タワー ") == 1.0
+    assert M.exact_match(["ＡＢＣ１２３"], "ABC123") == 1.0          # NFKC: full-width digits
+    assert M.exact_match(["東京"], "京都") == 0.0
+    # 京都 vs 東京: one shared char, P 1/2, R 1/2 -> 1/2
+    assert M.char_f1(["東京"], "京都") == pytest.approx(1 / 2)
+    # 東京都 vs 東京: two shared, P 2/3, R 1 -> 4/5
+    assert M.char_f1(["東京"], "東京都") == pytest.approx(4 / 5)
+    # best over alternative gold answers
+    assert M.char_f1(["大阪", "東京"], "東京") == pytest.approx(1.0)
+    p = Predictions(task="vqa", ids=["a", "b"], groups=["a", "b"], gold=[["東京"], ["ＡＢ"]],
+                    pred=["東京都", "AB"], label_set=[])
+    got = M.compute(p, ["exact_match", "char_f1"])
+    assert got["exact_match"] == pytest.approx(1 / 2)
+    assert got["char_f1"] == pytest.approx((4 / 5 + 1) / 2)
+
+
+def test_correctness_vectors():
+    assert M.correctness(single_preds()).tolist() == [1, 0, 1, 1, 1, 0]
+    assert M.correctness(multi_preds()).tolist() == [1, 0, 0, 1]
+    assert M.single_view(multi_preds()).tolist() == [0, 2]
+    assert isinstance(M.single_view(multi_preds()), np.ndarray)

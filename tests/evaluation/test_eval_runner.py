@@ -1,0 +1,121 @@
+"""End to end on tiny models: base, two stage adapters and two merges on two synthetic splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from emomerge.evaluation.holdout import holdout_by_book
+from emomerge.evaluation.leaderboard import compare, read_rows, show
+from emomerge.evaluation.runner import EvalConfig, evaluate
+from emomerge.evaluation.variants import discover
+from emomerge.training.data import read_dataset
+
+
+class Killed(Exception):
+    """Stands in for the process dying between two flushed batches."""
+
+
+@pytest.fixture(scope="module")
+def variants(stage_dirs, merge_dirs):
+    return discover([stage_dirs[0].parent, *merge_dirs])
+
+
+@pytest.fixture(scope="module")
+def ec35(emocomics_dir):
+    test = read_dataset("emocomics35", emocomics_dir, "test")
+    val = holdout_by_book(read_dataset("emocomics35", emocomics_dir, "train"), 0.2, seed=0)
+    return test, val
+
+
+def test_variants_metadata(variants):
+    by = {v.name: v for v in variants}
+    assert [v.name for v in variants] == ["s1_emoart", "s2_emocomics35", "linear", "ties"]
+    assert by["s2_emocomics35"].kind == "stage" and by["s2_emocomics35"].stage_index == 1
+    assert by["s2_emocomics35"].lineage == "continued"
+    assert by["ties"].kind == "merged" and by["ties"].method == "ties"
+    # the merge manifest resolves per-adapter parameters (one density per input adapter)
+    assert json.loads(by["ties"].method_params)["density"] == [0.5, 0.5]
+    assert by["linear"].stages_merged == "emoart;emocomics35"
+
+
+def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoart_dir,
+                                           tmp_path):
+    test, val = ec35
+    assert any(len(s.labels) > 1 for s in test)      # multi-label utterances present
+    cfg = EvalConfig(dataset="emocomics35", split="test", n_boot=50, seed=0)
+    res = evaluate(host, tiny_base, variants, test, tmp_path, cfg, val_samples=val,
+                   progress=False)
+    rows = res.rows
+    assert [r["variant"] for r in rows] == ["base", "s1_emoart", "s2_emocomics35", "linear",
+                                            "ties"]
+    assert [r["kind"] for r in rows] == ["base", "stage", "stage", "merged", "merged"]
+    for r in rows:
+        assert r["n"] == len(test) and r["n_groups"] == len({s.group for s in test})
+        for m in ("subset_accuracy", "example_f1", "macro_f1", "micro_f1"):
+            assert 0.0 <= r[f"{m}_lo"] <= r[m] <= r[f"{m}_hi"] <= 1.0
+        # the default baseline is the last stage: no p-value on its own row
+        assert ("example_f1_p" not in r) == (r["variant"] == "s2_emocomics35")
+    assert all(r.threshold is not None for r in res.results)
+
+    art = read_dataset("emoart", emoart_dir, "test")
+    cfg2 = EvalConfig(dataset="emoart", split="test", n_boot=50, paired_test="mcnemar")
+    rows2 = evaluate(host, tiny_base, variants, art, tmp_path, cfg2, progress=False).rows
+    assert {r["task"] for r in rows2} == {"single"}
+    assert all(0 <= r["accuracy"] <= 1 and r["parse_failures"] == 0 for r in rows2)
+
+    board = read_rows(tmp_path / "leaderboard.csv")
+    assert len(board) == 10
+    # Re-running the same command replaces its rows instead of appending duplicates.
+    evaluate(host, tiny_base, variants, art, tmp_path, cfg2, progress=False)
+    assert len(read_rows(tmp_path / "leaderboard.csv")) == 10
+    table = show(tmp_path / "leaderboard.csv", by="macro_f1")
+    assert table.count("\n") == 12 and "ties" in table
+    assert "Δ macro_f1" in compare(tmp_path / "leaderboard.csv", tmp_path / "leaderboard.csv")
+    details = sorted(p.name for p in (tmp_path / "details").iterdir())
+    assert "emoart__test__ties.json" in details
+
+
+def test_killed_evaluation_reuses_its_cache(host, tiny_base, variants, ec35, tmp_path):
+    test, _ = ec35
+    variants = variants[:2]  # base + two stages are enough to show the resume
+    cfg = EvalConfig(dataset="emocomics35", split="test", n_boot=20, batch_size=3,
+                     multilabel="topk")
+    seen: list[int] = []
+
+    def die_after_first_batch(done: int) -> None:
+        seen.append(done)
+        if len(seen) == 2:   # base finished (one batch is 3 of 8), second batch of base
+            raise Killed
+
+    with pytest.raises(Killed):
+        evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False,
+                 on_batch=die_after_first_batch)
+    cached = list((tmp_path / "run" / "predictions").glob("base.*.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 6
+    again = evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False)
+    scored = {r.variant.name: r.scored for r in again.results}
+    assert scored == {"base": len(test) - 6, "s1_emoart": len(test), "s2_emocomics35": len(test)}
+    # A third run scores nothing and gives the same numbers as an uninterrupted run.
+    third = evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False)
+    assert all(r.scored == 0 for r in third.results)
+    clean = evaluate(host, tiny_base, variants, test, tmp_path / "clean", cfg, progress=False)
+    for a, b in zip(third.rows, clean.rows):
+        assert a["example_f1"] == b["example_f1"] and a.get("macro_f1_p") == b.get("macro_f1_p")
+
+
+def test_generation_mode_counts_parse_failures(host, tiny_base, variants, emoart_dir, tmp_path):
+    art = read_dataset("emoart", emoart_dir, "test")[:4]
+    cfg = EvalConfig(dataset="emoart", split="test", mode="generate", max_new_tokens=3,
+                     n_boot=20, batch_size=4, baseline="base")
+    res = evaluate(host, tiny_base, variants[:1], art, tmp_path, cfg, progress=False)
+    for r, row in zip(res.results, res.rows):
+        texts = [json.loads(line)["text"] for line in
+                 next((tmp_path / "predictions").glob(f"{r.variant.name}.*.jsonl")).open()]
+        assert len(texts) == len(art)
+        # every answer is either a parsed label or counted, never dropped
+        n_invalid = sum(p is None for p in r.preds.pred)
+        assert row["parse_failures"] == r.parse.failures == n_invalid
+        info = json.loads((tmp_path / "details" / f"emoart__test__{r.variant.name}.json")
+                          .read_text())
+        assert info["parse"]["failures"] == n_invalid
