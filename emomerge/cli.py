@@ -32,3 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     app(args=cli_merge.expand_variadic(args), prog_name="emomerge")
+
+
+if __name__ == "__main__":
+    main()

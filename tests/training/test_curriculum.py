@@ -1,0 +1,104 @@
+"""Curriculum YAML: strict schema, errors naming file and key, no training on the eval split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from emomerge.merging.errors import InputError
+from emomerge.training.curriculum import load_curriculum, parse_curriculum
+from emomerge.training.stages import plan_stages
+
+from .conftest import REPO_ROOT
+
+CURRICULA = sorted((REPO_ROOT / "curricula").glob("*.yaml"))
+
+
+def _stage(**kw):
+    return {"name": "s1", "dataset": "emoart", "path": "x", "steps": 1, **kw}
+
+
+@pytest.mark.parametrize("path", CURRICULA, ids=lambda p: p.name)
+def test_every_shipped_curriculum_loads(path):
+    cur = load_curriculum(path)
+    assert path.read_text().startswith(f"# emomerge train curricula/{path.name}")
+    assert cur.stages and cur.lineage in ("continued", "stacked")
+
+
+def test_shipped_curricula_exist():
+    assert len(CURRICULA) >= 3
+
+
+@pytest.mark.parametrize("data,key,msg", [
+    ({"base_model": "m", "stages": [_stage()], "lr": 1}, "lr", "Extra inputs"),
+    ({"base_model": "m", "stages": [_stage(epochs=1)]}, "stages.0", "exactly one of"),
+    ({"base_model": "m", "stages": [_stage(steps=None)]}, "stages.0", "exactly one of"),
+    ({"base_model": "m", "stages": [_stage(dataset="coco")]}, "stages.0.dataset", "unknown dataset"),
+    ({"base_model": "m", "stages": [_stage(), _stage()]}, "(top level)", "unique"),
+    ({"base_model": "m", "stages": [_stage(name="a/b")]}, "stages.0.name", "folder-safe"),
+    ({"base_model": "m", "lineage": "chained", "stages": [_stage()]}, "lineage", "continued"),
+    ({"base_model": "m", "lora": {"r": 0}, "stages": [_stage()]}, "lora.r", "greater than"),
+    ({"base_model": "m", "lora": {"target_regex": "("}, "stages": [_stage()]},
+     "lora.target_regex", "not a valid regex"),
+    ({"base_model": "m", "stages": [_stage(options={"imageroot": "x"})]}, "stages.0.options",
+     "unknown reader options"),
+    ({"base_model": "m", "stages": []}, "stages", "at least 1"),
+])
+def test_bad_curriculum_names_file_and_key(tmp_path, data, key, msg):
+    path = tmp_path / "cur.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as exc:
+        load_curriculum(path)
+    text = str(exc.value)
+    assert text.startswith(f"{path}: key '{key}'") and msg in text and "\n" not in text
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("stages: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_curriculum(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="curriculum file not found"):
+        load_curriculum(tmp_path / "none.yaml")
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "cur.yaml"
+    path.write_text(yaml.safe_dump({"base_model": "Qwen/Qwen2.5-VL-7B-Instruct",
+                                    "stages": [_stage(path="../data/emoart")]}))
+    cur = load_curriculum(path)
+    assert cur.resolve("../data/emoart") == tmp_path / "sub" / "../data/emoart"
+    assert cur.resolved_base() == "Qwen/Qwen2.5-VL-7B-Instruct"  # not a folder: a hub id
+
+
+def test_training_on_the_test_split_is_refused(synthetic, tmp_path):
+    cur = parse_curriculum({"base_model": "m", "stages": [
+        {"name": "vqa", "dataset": "mangavqa", "path": str(synthetic["mangavqa"]),
+         "split": "test", "steps": 1}]})
+    with pytest.raises(InputError, match="trains on split 'test', which is its evaluation split"):
+        plan_stages(cur, tmp_path)
+
+
+def test_overlapping_splits_are_refused(synthetic, tmp_path):
+    # A "train" shard that repeats the test questions must not pass.
+    import shutil
+
+    root = tmp_path / "vqa"
+    shutil.copytree(synthetic["mangavqa"], root)
+    shutil.copy(root / "data" / "test-00000-of-00001.parquet",
+                root / "data" / "train-00001-of-00002.parquet")
+    cur = parse_curriculum({"base_model": "m", "stages": [
+        {"name": "vqa", "dataset": "mangavqa", "path": str(root), "steps": 1}]})
+    with pytest.raises(InputError, match="shares 8 samples with the evaluation split 'test'"):
+        plan_stages(cur, tmp_path / "out")
+
+
+def test_plan_reads_and_limits_samples(synthetic, tmp_path):
+    cur = parse_curriculum({"base_model": "m", "seed": 3, "stages": [
+        {"name": "a", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 1,
+         "max_samples": 5}]})
+    plan = plan_stages(cur, tmp_path)[0]
+    again = plan_stages(cur, tmp_path)[0]
+    assert len(plan.samples) == 5 and plan.data_sha256 == again.data_sha256
+    assert plan.out_dir == Path(tmp_path) / "adapters" / "a"

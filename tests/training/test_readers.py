@@ -1,0 +1,169 @@
+"""Each reader on generated files in the dataset's published format."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from emomerge.merging.errors import InputError
+from emomerge.training.data import emocomics35, inspect_dataset, read_dataset, read_with_report
+from emomerge.training.data.emid import LABELS as EMID_LABELS
+from emomerge.training.data.emoart import LABELS as EMOART_LABELS
+from emomerge.training.data.synthetic import write_synthetic
+from PIL import Image
+
+
+def _check_sample_shape(s):
+    images = [p for p in s.messages[-1]["content"] if p["type"] == "image"]
+    assert len(images) == len(s.images) >= 1
+    assert s.messages[-1]["content"][-1]["type"] == "text"
+
+
+# --- EmoComics35 -----------------------------------------------------------------------------
+
+def test_emocomics35_utterances_follow_the_csv(synthetic):
+    path = synthetic["emocomics35"]
+    rows = list(csv.DictReader((path / "emocomics35_pg_images_original.csv").open()))
+    samples = read_dataset("emocomics35", path, "train")
+    train_rows = [r for r in rows if r["Split"] == "TRAIN"]
+    utts = [u for r in train_rows for u in eval(r["PageUtterances"])]
+    assert len(samples) == len(utts)
+    s = samples[0]
+    _check_sample_shape(s)
+    assert s.meta["utterance_index"] == 0 and s.group == s.id.rsplit("-u", 1)[0]
+    assert f'"{utts[0]}"' in s.prompt_text
+    assert s.target == ", ".join(sorted(s.labels, key=emocomics35.LABELS.index))
+    assert set(s.label_set) == set(emocomics35.LABELS)
+    # Images resolve by FileNr and page under the root, not via the annotators' absolute path.
+    assert s.images[0].endswith("images/001000/images/page00001.jpg")
+
+
+def test_emocomics35_counts_unquoted_repairs(synthetic):
+    text = (synthetic["emocomics35"] / "emocomics35_pg_images_original.csv").read_text()
+    _, report = read_with_report("emocomics35", synthetic["emocomics35"], "TRAIN")
+    _, test_report = read_with_report("emocomics35", synthetic["emocomics35"], "test")
+    total = report.repairs["unquoted_label_list"] + test_report.repairs["unquoted_label_list"]
+    assert total == text.count("'[Neutral]'") > 0
+
+
+def test_emocomics35_missing_images(tmp_path):
+    root = write_synthetic("emocomics35", tmp_path / "ec", n=8, seed=3)
+    (root / "images" / "001000" / "images" / "page00001.jpg").unlink()
+    with pytest.warns(UserWarning, match="1 image files missing"):
+        kept = read_dataset("emocomics35", root, "train")
+    placeholder = read_dataset("emocomics35", root, "train", allow_missing_images=True)
+    assert len(placeholder) > len(kept)
+    assert isinstance(placeholder[0].images[0], Image.Image)
+
+
+def test_emocomics35_bad_rows_name_the_line(tmp_path):
+    root = write_synthetic("emocomics35", tmp_path / "ec", n=4, seed=0)
+    csv_path = root / "emocomics35_pg_images_original.csv"
+    text = csv_path.read_text().replace("Anger", "Angry", 1)
+    if "Angry" not in text:
+        text = csv_path.read_text().replace("Joy", "Jolly", 1)
+    csv_path.write_text(text)
+    with pytest.raises(InputError, match=r"\.csv:\d+ PageEmotions\[\d+\]: unknown emotion"):
+        read_dataset("emocomics35", root, "train", allow_missing_images=True)
+
+
+def test_unknown_split_lists_the_available_ones(synthetic):
+    with pytest.raises(InputError, match="split 'validation' not found.*TEST, TRAIN"):
+        read_dataset("emocomics35", synthetic["emocomics35"], "validation")
+
+
+# --- EmoArt ----------------------------------------------------------------------------------
+
+def test_emoart_splits_are_disjoint_and_cover_all(synthetic):
+    records = json.loads((synthetic["emoart"] / "Annotation.json").read_text())
+    ids = {s: {x.id for x in read_dataset("emoart", synthetic["emoart"], s)}
+           for s in ("train", "val", "test")}
+    assert sum(map(len, ids.values())) == len(records)
+    assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"])
+    s = read_dataset("emoart", synthetic["emoart"], "train")[0]
+    _check_sample_shape(s)
+    assert s.target in EMOART_LABELS and s.label_set == EMOART_LABELS
+    # Windows "Images\\Style\\file.jpg" resolved portably.
+    assert "\\" not in s.images[0] and s.images[0].endswith(".jpg")
+
+
+def test_emoart_valence_and_arousal(synthetic):
+    val = read_dataset("emoart", synthetic["emoart"], "train", task="valence")
+    aro = read_dataset("emoart", synthetic["emoart"], "train", task="arousal")
+    assert val[0].label_set == ["negative", "positive"] and aro[0].label_set == ["high", "low"]
+    assert {s.target for s in val} <= {"negative", "positive"}
+
+
+def test_emoart_description_as_json_string_is_repaired(tmp_path, synthetic):
+    root = tmp_path / "emoart"
+    shutil.copytree(synthetic["emoart"], root)
+    records = json.loads((root / "Annotation.json").read_text())
+    records[0]["description"] = "```json\n" + json.dumps(records[0]["description"]) + "\n```"
+    (root / "Annotation.json").write_text(json.dumps(records))
+    total = Counter()
+    for split in ("train", "val", "test"):
+        total += read_with_report("emoart", root, split)[1].repairs
+    assert total["description_as_json_string"] == 1
+
+
+# --- EMID ------------------------------------------------------------------------------------
+
+def test_emid_matching_reads_parquet_without_touching_audio(tmp_path, synthetic):
+    src = synthetic["emid"] / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(src)
+    # Audio that cannot be decoded: the reader must never read it.
+    garbage = pa.array([{"bytes": b"not audio", "path": "x.wav"}] * len(table),
+                       table.schema.field("audio").type)
+    broken = table.set_column(table.schema.get_field_index("audio"), "audio", garbage)
+    (tmp_path / "data").mkdir()
+    pq.write_table(broken, tmp_path / "data" / "train-00000-of-00001.parquet")
+    samples = read_dataset("emid", tmp_path, "train")
+    answers = table.column("answer").to_pylist()
+    assert [s.target for s in samples] == answers
+    assert [s.labels[0] for s in samples] == ["yes" if a.startswith("yes") else "no"
+                                              for a in answers]
+    _check_sample_shape(samples[0])
+    assert samples[0].images[0].size == (64, 64)
+
+
+def test_emid_original_layout_image_emotion(synthetic):
+    report = inspect_dataset("emid", synthetic["emid"], task="image_emotion")
+    n_images = sum(r["samples"] for r in report["splits"].values())
+    rows = list(csv.DictReader((synthetic["emid"] / "EMID_data.csv").open()))
+    assert n_images == 3 * len(rows)
+    s = read_dataset("emid", synthetic["emid"], "train", task="image_emotion")[0]
+    assert s.target in EMID_LABELS and s.id.startswith(s.target)
+
+
+# --- MangaVQA --------------------------------------------------------------------------------
+
+def test_mangavqa_both_type_columns_and_japanese(synthetic):
+    train = read_dataset("mangavqa", synthetic["mangavqa"], "train")
+    test = read_dataset("mangavqa", synthetic["mangavqa"], "test")
+    assert {s.meta["type"] for s in train} == {"exact_extraction", "understanding"}
+    assert {s.meta["type"] for s in test} == {"exact_extraction", "understanding"}
+    s = train[0]
+    _check_sample_shape(s)
+    assert "ですか" in s.prompt_text and s.target and s.label_set == []
+    assert s.images[0].endswith(f"images/{s.meta['title']}/{s.meta['image_number']:03d}.jpg")
+    assert not ({x.id for x in train} & {x.id for x in test})
+
+
+def test_mangavqa_separate_manga109_root(tmp_path, synthetic):
+    data = tmp_path / "vqa"
+    shutil.copytree(synthetic["mangavqa"] / "data", data / "data")
+    assert read_with_report("mangavqa", data, "train", allow_missing_images=True)[1].missing_images == 24
+    samples = read_dataset("mangavqa", data, "train", manga109_root=synthetic["mangavqa"])
+    assert len(samples) == 24
+
+
+def test_unknown_dataset_and_path():
+    with pytest.raises(InputError, match="unknown dataset"):
+        read_dataset("coco", "/", "train")
+    with pytest.raises(InputError, match="no such file"):
+        read_dataset("emoart", "/nonexistent/emoart", "train")

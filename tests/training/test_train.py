@@ -1,0 +1,175 @@
+"""Two-stage curricula (continued and stacked) on tiny models: adapters, lineage, resume, merge."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+from emomerge.merging.errors import InputError
+from emomerge.merging.lineage import read_stage_metadata, resolve_parent
+from emomerge.training.data import read_dataset, samples_sha256
+from emomerge.training.trainer import train_curriculum
+from safetensors.torch import load_file
+
+
+def _curriculum(base, data, lineage, stages, seed=0):
+    return {"base_model": str(base), "lineage": lineage, "seed": seed,
+            "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 2, "lr": 5e-3},
+            "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def continued(tiny_model, synthetic, tmp_path_factory):
+    cur = _curriculum(tiny_model("qwen2_5_vl"), synthetic, "continued", [
+        {"name": "emoart", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 5},
+        {"name": "ec35", "dataset": "emocomics35", "path": str(synthetic["emocomics35"]),
+         "steps": 3, "max_samples": 12},
+    ])
+    out = tmp_path_factory.mktemp("run_continued")
+    start = time.perf_counter()
+    dirs = train_curriculum(cur, out, progress=False)
+    return cur, out, dirs, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def stacked(tiny_model, synthetic, tmp_path_factory):
+    cur = _curriculum(tiny_model("llava"), synthetic, "stacked", [
+        {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "steps": 3},
+        {"name": "manga", "dataset": "mangavqa", "path": str(synthetic["mangavqa"]), "steps": 3},
+    ])
+    out = tmp_path_factory.mktemp("run_stacked")
+    start = time.perf_counter()
+    dirs = train_curriculum(cur, out, progress=False)
+    return cur, out, dirs, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("run", ["continued", "stacked"])
+def test_two_stages_under_a_minute_with_lineage(request, run, tiny_model):
+    cur, out, dirs, seconds = request.getfixturevalue(run)
+    assert seconds < 60
+    names = [s["name"] for s in cur["stages"]]
+    assert dirs == [out / "adapters" / n for n in names]
+    for i, folder in enumerate(dirs):
+        assert {"adapter_config.json", "adapter_model.safetensors", "emomerge.json"} <= {
+            p.name for p in folder.iterdir()}
+        meta = read_stage_metadata(folder)
+        assert meta.stage == names[i] and meta.stage_index == i
+        assert meta.lineage.mode == run
+        assert meta.base.name_or_path == cur["base_model"] and len(meta.base.hash) == 64
+        assert meta.base.family == ("qwen2_5_vl" if run == "continued" else "llava")
+        assert meta.seed == 0 and meta.steps == cur["stages"][i]["steps"]
+        assert meta.final_loss == meta.loss_history[-1] and meta.final_loss > 0
+        assert meta.dataset["name"] == cur["stages"][i]["dataset"]
+        assert meta.dataset["split"] == "train" and len(meta.dataset["sha256"]) == 64
+        if i == 0:
+            assert meta.lineage.parent is None
+        else:
+            assert meta.lineage.parent == f"../{names[i - 1]}"
+            assert resolve_parent(folder, meta) == dirs[i - 1].resolve()
+        keys = load_file(folder / "adapter_model.safetensors").keys()
+        assert keys and all(".language_model." in k for k in keys)
+    assert not list((out / "adapters").glob(".*"))  # no temporary folder left behind
+
+
+def test_dataset_hash_is_the_data_the_stage_saw(continued, synthetic):
+    _, _, dirs, _ = continued
+    meta = read_stage_metadata(dirs[0])
+    assert meta.dataset["sha256"] == samples_sha256(
+        read_dataset("emoart", synthetic["emoart"], "train"))
+
+
+def test_loss_goes_down_on_the_learnable_signal(continued):
+    losses = read_stage_metadata(continued[2][0]).loss_history
+    assert len(losses) == 5 and losses[-1] < losses[0]
+
+
+def test_resume_keeps_finished_stages_and_reproduces_the_rest(continued, tmp_path):
+    cur, _, dirs, _ = continued
+    resumed = tmp_path / "resumed"
+    shutil.copytree(dirs[0], resumed / "adapters" / "emoart")
+    (resumed / "adapters" / ".ec35.tmp-killed").mkdir()  # a run killed mid-stage
+    before = {p.name: p.stat().st_mtime_ns for p in (resumed / "adapters" / "emoart").iterdir()}
+    new_dirs = train_curriculum(cur, resumed, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (resumed / "adapters" / "emoart").iterdir()}
+    assert before == after  # stage 1 not redone
+    assert not (resumed / "adapters" / ".ec35.tmp-killed").exists()
+    # Same weights as the uninterrupted run: a resumed stage starts from the same state.
+    a = load_file(dirs[1] / "adapter_model.safetensors")
+    b = load_file(new_dirs[1] / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(continued, tmp_path):
+    cur, _, dirs, _ = continued
+    shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
+    with pytest.raises(InputError, match="different seed"):
+        train_curriculum({**cur, "seed": 1}, tmp_path, progress=False)
+
+
+def test_half_written_stage_folder_is_refused(continued, tmp_path):
+    cur, _, _, _ = continued
+    (tmp_path / "adapters" / "emoart").mkdir(parents=True)
+    with pytest.raises(InputError, match="not a finished stage adapter"):
+        train_curriculum(cur, tmp_path, progress=False, max_stages=1)
+
+
+def _fold(base, adapters):
+    """Reference: the base with each adapter folded in order by PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    for folder in adapters:
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return model
+
+
+@pytest.mark.parametrize("run", ["continued", "stacked"])
+def test_stage_adapters_merge_with_the_merging_core(request, run, tmp_path):
+    """Merging the last stage (reference base) gives what its lineage says it was trained on."""
+    from emomerge.merging import merge
+    from transformers import AutoModelForImageTextToText
+
+    cur, _, dirs, _ = request.getfixturevalue(run)
+    result = merge("linear", [dirs[-1]], tmp_path / "merged", output="full",
+                   base=cur["base_model"])
+    merged = AutoModelForImageTextToText.from_pretrained(getattr(result, "out", result))
+    # continued: stage 2's ΔW is cumulative; stacked: base + ΔW1 + ΔW2 along the chain.
+    reference = _fold(cur["base_model"], dirs[-1:] if run == "continued" else dirs)
+    ref_state = reference.state_dict()
+    base_state = AutoModelForImageTextToText.from_pretrained(cur["base_model"]).state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(tensor, ref_state[name], atol=1e-5), name
+    changed = [n for n, t in merged.state_dict().items() if not torch.equal(t, base_state[n])]
+    assert changed and all(".language_model." in f".{n}" for n in changed)
+    # Linear merge of both stages as an adapter also loads.
+    both = merge("linear", dirs, tmp_path / "both")
+    assert (getattr(both, "out", both) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("run", ["continued", "stacked"])
+def test_load_stage_model_follows_the_lineage(request, run):
+    from emomerge.training.inference import lineage_chain, load_stage_model
+
+    cur, _, dirs, _ = request.getfixturevalue(run)
+    want = [d.resolve() for d in (dirs if run == "stacked" else dirs[-1:])]
+    assert lineage_chain(dirs[-1]) == want
+    model, _, family = load_stage_model(dirs[-1], merge=True)
+    reference = _fold(cur["base_model"], want).state_dict()
+    assert family == ("qwen2_5_vl" if run == "continued" else "llava")
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(tensor, reference[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("run", ["continued", "stacked"])
+def test_continued_keeps_the_lora_stacked_starts_fresh(request, run):
+    """Training semantics, not just labels: stage 2's A factors continue stage 1's or restart."""
+    _, _, dirs, _ = request.getfixturevalue(run)
+    first = load_file(dirs[0] / "adapter_model.safetensors")
+    second = load_file(dirs[1] / "adapter_model.safetensors")
+    a_keys = [k for k in first if "lora_A" in k]
+    rel = max(float((second[k] - first[k]).norm() / first[k].norm()) for k in a_keys)
+    # A few small steps move A by a fraction of its norm; a fresh draw is ~√2 away.
+    assert rel < 0.5 if run == "continued" else rel > 1.0

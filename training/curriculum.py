@@ -1,0 +1,171 @@
+"""The curriculum YAML: a base model, LoRA settings and an ordered list of training stages.
+
+Validated with pydantic (unknown keys are errors) when loaded, so a typo fails before any model
+is read; errors name the file and the key. Relative paths resolve against the YAML's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from emomerge.merging.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DATASETS
+
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    """LoRA hyper-parameters (PEFT ``LoraConfig``); targets default to the family's LM regex."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_regex: str | None = None
+    use_rslora: bool = False
+
+    @field_validator("target_regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from exc
+        return v
+
+
+class TrainSettings(_Strict):
+    """Optimisation settings shared by all stages (a stage may override ``lr``)."""
+
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    quantize_4bit: bool = False
+    device: str | None = None
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class Stage(_Strict):
+    """One stage: a dataset split and how long to train on it."""
+
+    name: str
+    dataset: str
+    path: str
+    split: str = "train"
+    #: The split the stage is evaluated on; "auto" = "test" when the dataset has one. Training
+    #: is refused when it overlaps the training split (never train on the evaluation split).
+    eval_split: str | None = "auto"
+    task: str | None = None
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    max_samples: int | None = Field(None, ge=1)
+    #: Reader options: image_root, manga109_root, allow_missing_images.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, v: str) -> str:
+        if not _STAGE_NAME.match(v):
+            raise ValueError("must be a folder-safe name (letters, digits, '_', '-', '.')")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset '{v}' (expected one of {sorted(DATASETS)})")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = set(v) - {"image_root", "manga109_root", "allow_missing_images"}
+        if bad:
+            raise ValueError(f"unknown reader options {sorted(bad)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> Stage:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of 'epochs' or 'steps'")
+        return self
+
+
+class Curriculum(_Strict):
+    """A sequence of stages trained one after the other on one base model."""
+
+    name: str | None = None
+    base_model: str
+    family: str | None = None
+    lineage: Literal["continued", "stacked"] = "continued"
+    seed: int = 0
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    stages: list[Stage] = Field(min_length=1)
+    #: Folder the relative paths resolve against (set by the loader, not by the YAML).
+    source: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Curriculum:
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique (repeated: {dup})")
+        return self
+
+    def resolve(self, value: str) -> Path:
+        """A data path: relative paths are relative to the curriculum file's folder."""
+        if self.source is None or Path(value).is_absolute() or not Path(self.source).is_file():
+            return Path(value)
+        return Path(self.source).parent / value
+
+    def resolved_base(self) -> str:
+        """The base model: a folder (relative to the curriculum file) if it exists, else a hub id."""
+        local = self.resolve(self.base_model)
+        # Absolute, so a resumed run started from another working directory still matches.
+        return str(local.resolve()) if local.exists() else self.base_model
+
+
+def _raise(source: str, exc: ValidationError) -> None:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    raise InputError(f"{source}: key '{loc}': {msg}") from exc
+
+
+def parse_curriculum(data: Any, source: str = "<curriculum>") -> Curriculum:
+    """Validate a curriculum mapping; errors name ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping at the top level")
+    try:
+        cur = Curriculum.model_validate(data)
+    except ValidationError as exc:
+        _raise(source, exc)
+    cur.source = source
+    return cur
+
+
+def load_curriculum(path: str | Path) -> Curriculum:
+    """Read and validate a curriculum YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: curriculum file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_curriculum(data, str(path))

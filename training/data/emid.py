@@ -1,0 +1,123 @@
+"""EMID readers: the emotion-matching parquet (yes/no VQA) and the original image+tag layout.
+
+- ``matching``: rows ``audio, sampling_rate, image, same, emotion, question, answer`` with answers
+  ``yes - {emotion}`` / ``no``. The VLM stage sees the image and the question; the audio column is
+  never read (parquet column projection), so nothing is decoded needlessly.
+- ``image_emotion``: the original ``EMID_data.csv`` (``Image{1,2,3}_filename``, ``Image{k}_tag``)
+  with the image files under the root; one sample per distinct image, labelled with its Mikels
+  emotion tag. EMID has no published split: an image's split is a stable hash of its file name.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from emomerge.merging.errors import InputError
+
+from .emoart import hash_split
+from .parquet import parquet_splits, read_columns
+from .sample import (
+    ImageResolver,
+    ReadReport,
+    Sample,
+    image_from_bytes,
+    normalize_split,
+    user_message,
+)
+
+LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+TASKS = ("matching", "image_emotion")
+MATCH_COLUMNS = ["image", "same", "emotion", "question", "answer"]
+CSV_NAME = "EMID_data.csv"
+
+
+def _default_task(path: Path) -> str:
+    has_csv = (path / CSV_NAME).is_file() if path.is_dir() else path.name == CSV_NAME
+    return "image_emotion" if has_csv and not list(path.rglob("*.parquet")) else "matching"
+
+
+def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
+    shards = parquet_splits(path)
+    wanted = normalize_split(split, list(shards), path)
+    samples = []
+    for i, row in enumerate(read_columns(shards[wanted], MATCH_COLUMNS)):
+        img = image_from_bytes(row["image"])
+        if img is None:
+            report.missing_images += 1
+            continue
+        answer = str(row["answer"]).strip()
+        label = "yes" if answer.lower().startswith("yes") else "no"
+        report.label_counts[label] += 1
+        report.labels_per_item[1] += 1
+        sid = f"{wanted}-{i:06d}"
+        samples.append(Sample(
+            id=sid, images=[img],
+            messages=user_message(1, f"{row['question']}\nAnswer 'yes - <emotion>' or 'no'."),
+            target=answer, labels=[label], label_set=["yes", "no"], group=sid,
+            meta={"emotion": row["emotion"] or None, "same": bool(row["same"])},
+        ))
+    return samples
+
+
+def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
+                        allow_missing: bool) -> list[Sample]:
+    csv_path = path if path.is_file() else path / CSV_NAME
+    if not csv_path.is_file():
+        raise InputError(f"{path}: no {CSV_NAME} (the original EMID layout)")
+    wanted = normalize_split(split, ["train", "val", "test"], csv_path)
+    seen: dict[str, str] = {}
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(fh), start=2):
+            for k in (1, 2, 3):
+                name, tag = row.get(f"Image{k}_filename"), row.get(f"Image{k}_tag")
+                if not name or not tag:
+                    continue
+                label = tag.strip().lower()
+                if label not in LABELS:
+                    raise InputError(f"{csv_path}:{lineno}: Image{k}_tag {tag!r} not in {LABELS}")
+                if seen.setdefault(name, label) != label:
+                    report.repairs["conflicting_tag_first_kept"] += 1
+    images = ImageResolver(report, allow_missing)
+    prompt = ("Which emotion does this image evoke? Choose one of: "
+              f"{', '.join(LABELS)}. Answer with the emotion only.")
+    samples = []
+    for name, label in sorted(seen.items()):
+        if hash_split(name) != wanted:
+            continue
+        report.label_counts[label] += 1
+        report.labels_per_item[1] += 1
+        img = images.resolve([root / name, root / "images" / name, root / label / name,
+                              root / "images" / label / name])
+        if img is None:
+            continue
+        samples.append(Sample(id=name, images=[img], messages=user_message(1, prompt),
+                              target=label, labels=[label], label_set=list(LABELS), group=name))
+    images.warn_if_dropped()
+    return samples
+
+
+def read_emid(
+    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
+    allow_missing_images: bool = False, **_: Any,
+) -> tuple[list[Sample], ReadReport]:
+    """Read one split of the matching task (parquet) or the image-emotion task (original CSV)."""
+    task = task or _default_task(path)
+    if task not in TASKS:
+        raise InputError(f"emid: unknown task '{task}' (expected one of {list(TASKS)})")
+    report = ReadReport("emid", split, extra={"task": task})
+    if task == "matching":
+        samples = _read_matching(path, split, report)
+    else:
+        root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+        samples = _read_image_emotion(path, split, report, root, allow_missing_images)
+    report.samples = len(samples)
+    return samples, report
+
+
+def list_splits(path: Path, task: str | None = None) -> list[str]:
+    """Parquet splits for ``matching``; the hash splits for ``image_emotion``."""
+    if (task or _default_task(path)) == "matching":
+        return sorted(parquet_splits(path))
+    return ["train", "val", "test"]

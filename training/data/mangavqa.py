@@ -1,0 +1,58 @@
+"""MangaVQA reader: Japanese questions about Manga109 pages (parquet + a Manga109 image root).
+
+Two column spellings occur in the published files: ``answer_type`` (train) and
+``understanding_type`` (test); both are kept in ``meta["type"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .parquet import parquet_splits, read_columns
+from .sample import ImageResolver, ReadReport, Sample, normalize_split, user_message
+
+COLUMNS = ["title", "image_number", "question", "answer"]
+OPTIONAL = ["required_info", "w5h1", "answer_type", "understanding_type"]
+TASKS = ("vqa",)
+INSTRUCTION = "簡潔に日本語で答えてください。"
+
+
+def read_mangavqa(
+    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
+    manga109_root: str | Path | None = None, allow_missing_images: bool = False, **_: Any,
+) -> tuple[list[Sample], ReadReport]:
+    """Read one split; images from ``<manga109_root>/images/{title}/{image_number:03d}.jpg``."""
+    shards = parquet_splits(path)
+    wanted = normalize_split(split, list(shards), path)
+    root_arg = manga109_root or image_root
+    root = Path(root_arg) if root_arg else (path if path.is_dir() else path.parent)
+    report = ReadReport("mangavqa", wanted)
+    images = ImageResolver(report, allow_missing_images)
+    samples = []
+    for row in read_columns(shards[wanted], COLUMNS, OPTIONAL):
+        title, num = str(row["title"]), int(row["image_number"])
+        qhash = hashlib.sha1(str(row["question"]).encode()).hexdigest()[:10]
+        sid = f"{title}-{num:03d}-{qhash}"
+        qtype = row.get("answer_type") or row.get("understanding_type")
+        report.label_counts[str(qtype or "unknown")] += 1
+        img = images.resolve([root / "images" / title / f"{num:03d}.jpg",
+                              root / title / f"{num:03d}.jpg"])
+        if img is None:
+            continue
+        answer = str(row["answer"]).strip()
+        samples.append(Sample(
+            id=sid, images=[img], messages=user_message(1, f"{row['question']}\n{INSTRUCTION}"),
+            target=answer, labels=[answer], label_set=[], group=sid,
+            meta={"title": title, "image_number": num, "type": qtype,
+                  "required_info": row.get("required_info"), "w5h1": row.get("w5h1")},
+        ))
+    images.warn_if_dropped()
+    report.samples = len(samples)
+    return samples, report
+
+
+def list_splits(path: Path) -> list[str]:
+    """Split names of the parquet shards (``train``, ``test``...)."""
+    return sorted(parquet_splits(path))

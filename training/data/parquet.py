@@ -1,0 +1,52 @@
+"""Finding a dataset's parquet shards by split, and reading only the columns we need."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from emomerge.merging.errors import InputError
+
+# Hub exports name shards "<split>-00000-of-00003[-hash].parquet" or "<split>.parquet", or put
+# them in a "<split>/" folder ("test/data-00000.parquet").
+_SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(?:[-_]\d{5}-of-\d{5}.*)?$")
+
+
+def split_of(file: Path) -> str:
+    """The split a parquet shard belongs to, from its name or its folder."""
+    stem = file.name.removesuffix(".parquet")
+    m = _SHARD.match(stem)
+    name = m.group("split") if m else stem
+    if name in {"data", "part"} or name.startswith("data-"):
+        return file.parent.name
+    return name
+
+
+def parquet_splits(path: Path) -> dict[str, list[Path]]:
+    """All parquet shards under ``path`` (a file or a folder), grouped by split."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    out: dict[str, list[Path]] = {}
+    for f in files:
+        out.setdefault(split_of(f), []).append(f)
+    if not out:
+        raise InputError(f"{path}: no parquet files found")
+    return out
+
+
+def read_columns(files: list[Path], wanted: list[str], optional: list[str] = ()) -> list[dict[str, Any]]:
+    """Rows of ``files`` restricted to ``wanted`` (+ present ``optional``) columns.
+
+    Only the listed columns are read from disk, so a heavy column (EMID's audio) is never loaded
+    or decoded.
+    """
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        names = pq.read_schema(f).names
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise InputError(f"{f}: missing columns {missing} (has {names})")
+        cols = list(wanted) + [c for c in optional if c in names]
+        rows.extend(pq.read_table(f, columns=cols).to_pylist())
+    return rows

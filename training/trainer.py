@@ -1,0 +1,188 @@
+"""Sequential LoRA training over a curriculum: one PEFT adapter per stage, resumable, accelerate-ready.
+
+Lineage modes (DESIGN.md):
+- ``continued``: stage k loads stage k-1's adapter as trainable and keeps training it, so every
+  adapter's ΔW is cumulative from the base.
+- ``stacked``: stages 0..k-1 are folded into the base (PEFT ``merge_and_unload``), then a fresh
+  LoRA is trained on top, so stage k's ΔW is relative to that folded model.
+
+Every stage rebuilds its starting model from the base and the finished adapters on disk — the same
+path for a fresh run and for a resumed one, so a restarted run yields the adapters an
+uninterrupted run would. A stage folder is written to a temporary sibling and renamed into place
+when complete, which is what makes "skip finished stages" safe.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from emomerge.merging.errors import InputError
+from emomerge.merging.lineage import write_stage_metadata
+
+from .batching import encode_batch
+from .curriculum import Curriculum, load_curriculum, parse_curriculum
+from .families import detect_family, get_family
+from .fsutil import publish_permissions
+from .models import load_vlm, machine_precision
+from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
+
+
+def lora_config(cur: Curriculum, family: str):
+    """PEFT ``LoraConfig`` restricted to the language model (the family's regex by default)."""
+    from peft import LoraConfig
+
+    lora = cur.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_regex or get_family(family).lora_target_regex,
+                      use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def build_stage_model(cur: Curriculum, base: str, family: str, finished: list[Path]) -> tuple[Any, Any]:
+    """The trainable PEFT model a stage starts from, given the finished adapters before it."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    t = cur.train
+    model, processor, _ = load_vlm(base, family, t.dtype, t.device or _device(),
+                                   t.quantize_4bit)
+    if t.quantize_4bit:
+        model = prepare_model_for_kbit_training(model)
+    if cur.lineage == "continued" and finished:
+        return PeftModel.from_pretrained(model, str(finished[-1]), is_trainable=True), processor
+    for folder in finished:  # stacked: fold each previous stage into the base, in order
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return get_peft_model(model, lora_config(cur, family)), processor
+
+
+def _device() -> str:
+    return machine_precision().device
+
+
+def _optimizer_steps(plan: StagePlan, n_batches: int, grad_accum: int) -> int:
+    if plan.stage.steps is not None:
+        return plan.stage.steps
+    return max(1, math.ceil(n_batches * plan.stage.epochs / grad_accum))
+
+
+def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, processor: Any,
+                family: str, progress: bool) -> tuple[Any, int, list[float]]:
+    """Train ``model`` on one stage; return the unwrapped model, steps done and per-step losses."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t = cur.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.stage.lr or t.lr, weight_decay=t.weight_decay)
+    loader = DataLoader(plan.samples, batch_size=t.batch_size, shuffle=True,
+                        collate_fn=partial(encode_batch, processor, family),
+                        generator=torch.Generator().manual_seed(cur.seed + plan.index))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total = _optimizer_steps(plan, len(loader), t.grad_accum)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
+                              num_training_steps=total)
+    bar = tqdm(total=total, desc=f"stage {plan.index + 1}/{len(cur.stages)} {plan.stage.name}",
+               disable=not (progress and accelerator.is_main_process))
+    model.train()
+    step, losses, micro = 0, [], []
+    while step < total:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            # Mean over the accumulated micro-batches, then over processes.
+            value = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
+            micro, step = [], step + 1
+            losses.append(round(value, 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if step >= total:
+                break
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped, step, losses
+
+
+def _write_stage(model: Any, plan: StagePlan, meta: Any) -> None:
+    """Save adapter + lineage into a temporary folder, then rename it into place."""
+    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.stage.name}.tmp-", dir=plan.out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        write_stage_metadata(tmp, meta)
+        publish_permissions(tmp)
+        tmp.rename(plan.out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _as_curriculum(obj: Curriculum | dict | str | Path) -> Curriculum:
+    if isinstance(obj, Curriculum):
+        return obj
+    if isinstance(obj, dict):
+        return parse_curriculum(obj)
+    return load_curriculum(obj)
+
+
+def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out_dir: str | Path,
+                     *, progress: bool = True, max_stages: int | None = None) -> list[Path]:
+    """Train every stage of a curriculum into ``out_dir/adapters/<stage>/``; return those folders.
+
+    Finished stages (complete folders from an earlier, interrupted run with the same curriculum)
+    are skipped. ``max_stages`` stops after that many stages in total (a deliberate interruption).
+    Runs unchanged under ``accelerate launch`` (the main process writes, the others wait).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cur = _as_curriculum(curriculum_yaml_or_obj)
+    out = Path(out_dir)
+    base = cur.resolved_base()
+    family = cur.family or detect_family(base)
+    plan = machine_precision(cur.train.quantize_4bit, cur.train.dtype, cur.train.device)
+    plans = plan_stages(cur, out)
+    accelerator = Accelerator(gradient_accumulation_steps=cur.train.grad_accum,
+                              cpu=plan.device == "cpu")
+    if accelerator.is_main_process:
+        for stale in (out / "adapters").glob(".*.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    base_sha = base_hash(base)
+    done: list[Path] = []
+    for i, stage_plan in enumerate(plans):
+        if max_stages is not None and i >= max_stages:
+            break
+        if is_complete(stage_plan.out_dir):
+            check_resumable(stage_plan, cur, base)
+            done.append(stage_plan.out_dir)
+            continue
+        if stage_plan.out_dir.exists():
+            raise InputError(f"{stage_plan.out_dir}: exists but is not a finished stage adapter")
+        # Seed before building: a fresh LoRA's A matrices are drawn at creation.
+        set_seed(cur.seed + i)
+        model, processor = build_stage_model(cur, base, family, done)
+        model, steps, losses = train_stage(accelerator, cur, stage_plan, model, processor,
+                                           family, progress)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            prev = plans[i - 1] if i else None
+            meta = stage_metadata(stage_plan, cur, prev, base, family, base_sha, steps, losses,
+                                  accelerator.num_processes)
+            _write_stage(model, stage_plan, meta)
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()
+        done.append(stage_plan.out_dir)
+    return done
