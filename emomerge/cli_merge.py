@@ -198,7 +198,8 @@ def export_mergekit(
 ) -> None:
     """Write the mergekit YAML of the same merge (base+adapter references)."""
     from emomerge.merging.errors import MergeInputError
-    from emomerge.merging.recipe import Recipe, export_mergekit as export, load_recipe
+    from emomerge.merging.recipe import Recipe, load_recipe
+    from emomerge.merging.recipe import export_mergekit as export
 
     if recipe is not None:
         parsed = load_recipe(recipe)

@@ -22,17 +22,8 @@ from .checkpoint import Checkpoint
 from .errors import MergeInputError
 from .lowrank import compress, concat, refactor
 from .methods import METHODS, MergeMethod
-from .names import from_canonical, to_canonical
-from .output import (
-    MANIFEST,
-    ShardWriter,
-    adapter_config,
-    adapter_keys,
-    atomic_folder,
-    copy_side_files,
-    peft_factors,
-    write_json,
-)
+from .output import MANIFEST, atomic_folder, write_adapter_output, write_full_output, write_json
+from .params import resolve_params
 from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
 
@@ -66,69 +57,6 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[key]
 
 
-def _pick(value: Any, module: str | None, source: str, name: str) -> Any:
-    """Resolve mergekit's per-tensor filters: ``[{filter: substr, value: v}, …, {value: d}]``."""
-    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
-        for cond in value:
-            unknown = set(cond) - {"filter", "value"}
-            if unknown or "value" not in cond:
-                raise MergeInputError(
-                    f"{source}: '{name}' conditions take 'filter' and 'value' keys, got {sorted(cond)}"
-                )
-            if cond.get("filter") is None or (module is not None and cond["filter"] in module):
-                return cond["value"]
-        raise MergeInputError(f"{source}: '{name}' has no condition without a filter (a default)")
-    return value
-
-
-def resolve_params(
-    method: MergeMethod, n: int, params: dict[str, Any], *, source: str = "parameters",
-    module: str | None = None,
-) -> dict[str, Any]:
-    """Fill defaults, check names and ranges, expand per-adapter values to lists of length n.
-
-    ``params`` values of per-adapter parameters may be a scalar (all adapters) or a list of n;
-    any value may be a mergekit filter list, resolved against the tensor name ``module``.
-    """
-    known = {p.name for p in method.params}
-    for name in params:
-        if name not in known:
-            raise MergeInputError(
-                f"{source}: '{name}' is not a parameter of {method.name} "
-                f"(it takes: {', '.join(sorted(known))})"
-            )
-    resolved: dict[str, Any] = {}
-    for p in method.params:
-        value = _pick(params.get(p.name), module, source, p.name)
-        if value is None:
-            value = p.default
-        if p.per_adapter:
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-            if len(values) != n:
-                raise MergeInputError(
-                    f"{source}: '{p.name}' has {len(values)} values for {n} adapters"
-                )
-            values = [_pick(v, module, source, p.name) for v in values]
-            values = [p.default if v is None else v for v in values]
-            for v in values:
-                if (msg := p.check(v)) is not None:
-                    raise MergeInputError(f"{source}: '{p.name}' {msg}")
-            resolved[p.name] = [float(v) for v in values]
-        else:
-            if (msg := p.check(value)) is not None:
-                raise MergeInputError(f"{source}: '{p.name}' {msg}")
-            resolved[p.name] = value
-    if method.param("epsilon") is not None:
-        for d, e in zip(resolved["density"], resolved["epsilon"]):
-            if d < 1 and not (0 < d - e and d + e < 1):
-                raise MergeInputError(
-                    f"{source}: density ± epsilon must lie in (0, 1), got density {d}, epsilon {e}"
-                )
-    if resolved.get("normalize") and abs(sum(resolved["weight"])) < 1e-8 and not method.sparse:
-        raise MergeInputError(f"{source}: the weights sum to 0, cannot normalize")
-    return resolved
-
-
 def derive_seed(seed: int, module: str, index: int) -> int:
     """A per-(module, adapter) seed: the same bytes whatever order modules are visited in."""
     digest = hashlib.sha256(f"{seed}:{module}:{index}".encode()).digest()
@@ -154,13 +82,6 @@ def exact_coefficients(method: MergeMethod, resolved: dict[str, Any], n: int) ->
     """c with merged = Σ c_i τ_i, for methods linear in their inputs (run on unit vectors)."""
     basis = torch.eye(n, dtype=torch.float64)  # deltas [n, n]: τ_i = e_i
     return apply_method(method, basis, resolved, seed=0, module="").tolist()
-
-
-def _output_layout(tv: TaskVectors, layout: str | None) -> str:
-    if layout is not None:
-        return layout
-    found = {a.layout for a in tv.pool}
-    return found.pop() if len(found) == 1 else "new"
 
 
 def _progress(enabled: bool) -> Progress:
@@ -349,7 +270,7 @@ def merge(
     with atomic_folder(out, force=force) as tmp, _progress(progress) as bar:
         task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
         if output == "adapter":
-            errors, out_layout, ranks = _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task)
+            errors, out_layout, ranks = write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task)
             manifest["layout"] = out_layout
             if errors and rank is None:
                 manifest["rank"] = max(ranks.values())
@@ -357,7 +278,7 @@ def merge(
             manifest["ranks"] = ranks
         else:
             errors = {}
-            _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
+            write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
             manifest["layout"] = ckpt.layout
         manifest["errors"] = {
             "relative_frobenius": errors,
@@ -413,60 +334,3 @@ def _check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> 
                 f"{ckpt.path}: '{key}' is {list(ckpt.shape(key))} but the adapters update a "
                 f"{list(tv.shapes[path])} weight (different base?)"
             )
-
-
-def _write_adapter(tmp, merger, tv, saved, ckpt, layout, bar, task):
-    out_layout = _output_layout(tv, layout)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    for path in tv.modules:
-        bar.update(task, module=path)
-        left, right, err = merger.factors(path)
-        spec = tv.module_spec(path)
-        a, b = peft_factors(left, right, transpose=spec.transpose)
-        name = from_canonical(path, out_layout)
-        key_a, key_b = adapter_keys(name, spec.kind)
-        tensors[key_a], tensors[key_b] = a.float(), b.float()
-        ranks[name] = a.shape[0]
-        if err is not None:
-            errors[name] = err
-        bar.advance(task)
-    saved_modules = []
-    for name in saved:
-        bar.update(task, module=name)
-        base_t = ckpt.tensor(ckpt.canonical[name])
-        merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
-        out_name = from_canonical(name, out_layout)
-        tensors["base_model.model." + out_name] = merged.contiguous()
-        saved_modules.append(out_name.rsplit(".", 1)[0].rsplit(".", 1)[-1])
-        bar.advance(task)
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    template = dict(tv.inputs[0].config)
-    template["base_model_name_or_path"] = tv.inputs[0].base_name
-    write_json(tmp / "adapter_config.json", adapter_config(template, ranks, saved_modules))
-    return errors, out_layout, ranks
-
-
-def _write_full(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
-    modules = set(tv.modules)
-    saved_set = set(saved)
-    writer = ShardWriter(tmp, max_shard_size)
-    for file in ckpt.files():
-        for key in ckpt.keys_in(file):
-            tensor = ckpt.tensor(key)
-            canon = to_canonical(key, ckpt.layout)
-            path = canon[: -len(".weight")] if canon.endswith(".weight") else None
-            if path in modules:
-                bar.update(task, module=path)
-                tensor = (tensor.to(merger.dtype) + merger.dense(path)).to(tensor.dtype)
-                bar.advance(task)
-            elif canon in saved_set:
-                bar.update(task, module=canon)
-                tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
-                bar.advance(task)
-            writer.add(key, tensor)
-    writer.close()
-    copy_side_files(ckpt.path, tmp)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import MergeInputError
-from .names import PEFT_PREFIX
+from .names import PEFT_PREFIX, from_canonical, to_canonical
 
 MANIFEST = "emomerge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -150,3 +150,66 @@ class ShardWriter:
                 {"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
             )
         return names
+
+
+def output_layout(tv, layout: str | None) -> str:
+    """The adapter output's key layout: as asked, else the inputs' own, ``new`` when mixed."""
+    if layout is not None:
+        return layout
+    found = {a.layout for a in tv.pool}
+    return found.pop() if len(found) == 1 else "new"
+
+
+def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
+    out_layout = output_layout(tv, layout)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for path in tv.modules:
+        bar.update(task, module=path)
+        left, right, err = merger.factors(path)
+        spec = tv.module_spec(path)
+        a, b = peft_factors(left, right, transpose=spec.transpose)
+        name = from_canonical(path, out_layout)
+        key_a, key_b = adapter_keys(name, spec.kind)
+        tensors[key_a], tensors[key_b] = a.float(), b.float()
+        ranks[name] = a.shape[0]
+        if err is not None:
+            errors[name] = err
+        bar.advance(task)
+    saved_modules = []
+    for name in saved:
+        bar.update(task, module=name)
+        base_t = ckpt.tensor(ckpt.canonical[name])
+        merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
+        out_name = from_canonical(name, out_layout)
+        tensors["base_model.model." + out_name] = merged.contiguous()
+        saved_modules.append(out_name.rsplit(".", 1)[0].rsplit(".", 1)[-1])
+        bar.advance(task)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    template = dict(tv.inputs[0].config)
+    template["base_model_name_or_path"] = tv.inputs[0].base_name
+    write_json(tmp / "adapter_config.json", adapter_config(template, ranks, saved_modules))
+    return errors, out_layout, ranks
+
+
+def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
+    modules = set(tv.modules)
+    saved_set = set(saved)
+    writer = ShardWriter(tmp, max_shard_size)
+    for file in ckpt.files():
+        for key in ckpt.keys_in(file):
+            tensor = ckpt.tensor(key)
+            canon = to_canonical(key, ckpt.layout)
+            path = canon[: -len(".weight")] if canon.endswith(".weight") else None
+            if path in modules:
+                bar.update(task, module=path)
+                tensor = (tensor.to(merger.dtype) + merger.dense(path)).to(tensor.dtype)
+                bar.advance(task)
+            elif canon in saved_set:
+                bar.update(task, module=canon)
+                tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
+                bar.advance(task)
+            writer.add(key, tensor)
+    writer.close()
+    copy_side_files(ckpt.path, tmp)

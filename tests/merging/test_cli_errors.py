@@ -140,7 +140,7 @@ def test_failure_mid_write_leaves_nothing(ab, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(engine, "_write_full", boom)
+    monkeypatch.setattr(engine, "write_full_output", boom)
     write_base(ab / "base", SHAPES)
     with pytest.raises(RuntimeError):
         engine.merge("linear", [ab / "a", ab / "b"], ab / "out", output="full", base=ab / "base")
