@@ -6,7 +6,7 @@ Each area registers its commands from its own module (``cli_merge``, ``cli_train
 
 import typer
 
-from emomerge import __version__, cli_eval, cli_merge, cli_train
+from emomerge import __version__, cli_eval, cli_merge, cli_run, cli_train
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -24,6 +24,7 @@ def version() -> None:
 cli_merge.register(app)
 cli_train.register(app)
 cli_eval.register(app)
+cli_run.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

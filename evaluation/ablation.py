@@ -46,8 +46,11 @@ def _weights_sha256(adapter: Path) -> str:
     return ""
 
 
-def _inputs_of(path: Path) -> list[str]:
-    return [str(a.get("sha256")) for a in _manifest(path).get("adapters", [])]
+def _recipe_of(manifest: dict[str, Any]) -> tuple:
+    # what makes two merges the same: inputs (sha256), method, given parameters, seed, reference, rank
+    return ([str(a.get("sha256")) for a in manifest.get("adapters", [])], manifest.get("method"),
+            manifest.get("params_given"), manifest.get("seed"), manifest.get("reference"),
+            manifest.get("rank"))
 
 
 def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
@@ -70,18 +73,19 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
     for i, dropped in enumerate(names):
         keep = [p for j, p in enumerate(inputs) if j != i]
         out = Path(out_root) / f"{merged.name.replace('/', '_')}-without-{dropped}"
-        expected = [_weights_sha256(p) for p in keep]
+        kept_params = _drop(params, i, len(inputs))
+        seed, reference = int(raw.get("seed") or 0), raw.get("reference") or "base"
+        rank = raw.get("rank") if isinstance(raw.get("rank"), int) else None
+        expected = ([_weights_sha256(p) for p in keep], raw["method"], kept_params, seed, reference, rank)
         reuse = out.is_dir() and (out / LINEAGE_FILE).is_file()
         if reuse:
             try:
-                reuse = _inputs_of(out) == expected
+                reuse = _recipe_of(_manifest(out)) == expected
             except InputError:
                 reuse = False
         if not reuse:
-            merge(raw["method"], keep, out, params=_drop(params, i, len(inputs)),
-                  seed=int(raw.get("seed") or 0), reference=raw.get("reference") or "base",
-                  rank=raw.get("rank") if isinstance(raw.get("rank"), int) else None,
-                  force=True)
+            merge(raw["method"], keep, out, params=kept_params, seed=seed, reference=reference,
+                  rank=rank, force=True)
         v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}")
         variants.append(v)
     return variants

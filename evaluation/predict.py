@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from emomerge.merging.errors import InputError
 from tqdm.auto import tqdm
 
 from .cache import PredictionCache
@@ -27,18 +28,17 @@ BatchHook = Callable[[int], None]
 
 
 def base_fingerprint(name_or_path: str | Path) -> str:
-    """sha256 over a local base's config and weight file names/sizes; the id itself for a hub id."""
+    """The base's identity for cache keys: the merging core's content-bound checkpoint
+    fingerprint (the same ``base.hash`` training records); the id itself for a hub id."""
     p = Path(name_or_path)
-    h = hashlib.sha256()
-    if not p.is_dir():
-        h.update(str(name_or_path).encode())
-        return h.hexdigest()
-    for f in sorted(p.iterdir()):
-        if f.name == "config.json":
-            h.update(f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
+    if (p / "config.json").is_file():
+        from emomerge.merging.checkpoint import Checkpoint
+
+        try:
+            return Checkpoint(p).fingerprint()
+        except InputError:
+            pass  # no safetensors weights: fall back to the name
+    return hashlib.sha256(str(name_or_path).encode()).hexdigest()
 
 
 def answer_suffix(family: str, tokenizer: Any) -> str:

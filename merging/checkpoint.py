@@ -95,8 +95,28 @@ class Checkpoint:
         return self._handle(self.weight_map[key]).get_tensor(key)
 
     def fingerprint(self) -> str:
-        """sha256 over config.json and the tensor index (names, shapes): cheap, content-bound."""
-        digest = hashlib.sha256((self.path / "config.json").read_bytes())
-        for key in sorted(self.weight_map):
-            digest.update(f"{key}:{self.shape(key)}".encode())
+        """A cheap, content-bound identity of the model folder (training, merging and evaluation
+        all key on it).
+
+        sha256 over config.json, the tokenizer / processor / chat-template files, and per weight
+        file its size, its safetensors header (names, dtypes, shapes) and three 1 MiB samples of
+        its data (start, middle, end), so retrained weights of the same shapes change it without
+        reading gigabytes.
+        """
+        digest = hashlib.sha256()
+        for item in sorted(self.path.iterdir()):
+            if item.is_file() and item.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken"):
+                if item.name.endswith(".index.json"):
+                    continue
+                digest.update(item.name.encode() + b"\0" + item.read_bytes())
+        for file in sorted(set(self.weight_map.values())):
+            path = self.path / file
+            size = path.stat().st_size
+            digest.update(f"{file}:{size}".encode())
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                digest.update(fh.read(header_len))
+                for offset in (0, size // 2, max(0, size - (1 << 20))):
+                    fh.seek(offset)
+                    digest.update(fh.read(1 << 20))
         return digest.hexdigest()

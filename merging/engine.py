@@ -44,7 +44,7 @@ class MergeResult:
             worst = max(self.errors, key=self.errors.get)
             mean = sum(self.errors.values()) / len(self.errors)
             line += (
-                f"; re-factorised to rank ≤ {m['rank']}: relative error mean {mean:.2%}, "
+                f"; re-factorised to rank ≤ {m['output_rank_max']}: relative error mean {mean:.2%}, "
                 f"max {self.errors[worst]:.2%} ({worst})"
             )
         return line
@@ -272,8 +272,8 @@ def merge(
         if output == "adapter":
             errors, out_layout, ranks = write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task)
             manifest["layout"] = out_layout
+            manifest["output_rank_max"] = max(ranks.values(), default=0)
             if errors and rank is None:
-                manifest["rank"] = max(ranks.values())
                 manifest["rank_rule"] = "largest input rank of each module"
             manifest["ranks"] = ranks
         else:

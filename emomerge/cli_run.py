@@ -1,0 +1,73 @@
+"""CLI commands of the experiment runner: ``run`` (an experiment YAML) and ``demo``.
+
+    emomerge run experiments/qwen2_5_vl_7b.yaml --out runs/qwen2_5_vl_7b
+    emomerge demo [--quick] [--out emomerge-demo]
+
+Thin shells over :func:`emomerge.evaluation.experiment.run_experiment` and
+:func:`emomerge.evaluation.experiment_demo.run_demo`: parse, call, print the table.
+``python -m emomerge.cli_run`` runs the same commands without the assembled app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from emomerge._cli_common import user_errors
+
+
+def _print(result) -> None:
+    typer.echo("")
+    typer.echo(result.table.rstrip())
+    typer.echo("")
+    typer.echo(f"leaderboard: {result.leaderboard}")
+    typer.echo(f"table:       {result.markdown}")
+    typer.echo(f"plot:        {result.plot}")
+
+
+@user_errors
+def run_cmd(
+    experiment: Path = typer.Argument(..., help="Experiment YAML (see experiments/)."),
+    out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<name>)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Train what is missing, merge, evaluate every variant; print the leaderboard.
+
+    Re-running continues where a run stopped: stages, merges and predictions are reused by
+    content hash, and an edited recipe recomputes only its merge and its scores.
+    """
+    from emomerge.evaluation.experiment import run_experiment
+    from emomerge.evaluation.experiment_config import load_experiment
+
+    if out is None:
+        out = Path("runs") / load_experiment(experiment, inline_dir=None).spec.name
+    _print(run_experiment(experiment, out, progress=progress, echo=typer.echo))
+
+
+@user_errors
+def demo_cmd(
+    quick: bool = typer.Option(False, "--quick", help="The CI-sized demo (about a minute)."),
+    out: Path = typer.Option(Path("emomerge-demo"), "--out", help="Demo folder."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """The whole study on a tiny VLM and synthetic data: offline, CPU only, a few minutes."""
+    from emomerge.evaluation.experiment_demo import run_demo
+
+    _print(run_demo(out, quick=quick, progress=progress, echo=typer.echo))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``demo`` to the emomerge app."""
+    app.command("run")(run_cmd)
+    app.command("demo")(demo_cmd)
+
+
+def main() -> None:
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+    register(app)
+    app(prog_name="emomerge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""The experiment YAML: architectures × one curriculum × merge recipes × evaluation sets × seeds.
+
+    emomerge run experiments/qwen2_5_vl_7b.yaml --out runs/qwen2_5_vl_7b
+
+Validated with pydantic at load (unknown keys are errors), so a typo fails before any model is
+read; every error is one line naming the file and the key. Relative paths (models, data,
+curriculum files, recipes) resolve against the YAML's folder; a recipe not found there is looked
+up in the repository's ``merge_configs/``.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from emomerge.merging.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: The repository's merge recipes (present in a checkout / editable install).
+MERGE_CONFIGS = Path(__file__).resolve().parents[1] / "merge_configs"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Variant names the runner gives itself; merges may not take them.
+RESERVED = ("base", "single-stage")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _folder_safe(v: str | None) -> str | None:
+    if v is not None and not _NAME.match(v):
+        raise ValueError("must be a folder-safe name (letters, digits, '_', '-', '.')")
+    return v
+
+
+class Architecture(_Strict):
+    """One base model: a hub id or a local folder, with optional LoRA / training overrides."""
+
+    model: str
+    name: str | None = None  # the label in tables; default: the family
+    family: str | None = None
+    lora: dict[str, Any] = Field(default_factory=dict)  # overrides of curriculum.lora
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of curriculum.train
+
+    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
+class CurriculumSpec(_Strict):
+    """The chain of stages: a curriculum YAML (``file``) or its parts inline.
+
+    From a file, its ``base_model`` and ``seed`` are replaced by each architecture and seed.
+    """
+
+    file: str | None = None
+    lineage: Literal["continued", "stacked"] | None = None
+    lora: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    stages: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CurriculumSpec:
+        if (self.file is None) == (self.stages is None):
+            raise ValueError("give either a curriculum file or inline 'stages', not both")
+        return self
+
+
+class MergeSpec(_Strict):
+    """One merge of the main chain's stage adapters: a recipe file or an inline recipe."""
+
+    name: str | None = None  # default: the recipe file's stem or the method
+    recipe: str | None = None
+    inline: dict[str, Any] | None = None
+
+    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"recipe": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MergeSpec:
+        if (self.recipe is None) == (self.inline is None):
+            raise ValueError("give exactly one of 'recipe' (a file) or 'inline' (a recipe)")
+        return self
+
+
+class EvalSet(_Strict):
+    """One test split every variant is scored on."""
+
+    name: str | None = None  # default: the dataset
+    dataset: str
+    path: str
+    split: str = "test"
+    task: str | None = None  # the reader's task (utterance, dominant_emotion, ...)
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options (image_root, ...)
+    mode: Literal["auto", "likelihood", "generate"] = "auto"
+    multilabel: Literal["threshold", "topk"] = "threshold"
+    threshold: float | None = Field(None, ge=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from emomerge.training.data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset '{v}' (expected one of {sorted(DATASETS)})")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or self.dataset
+
+
+class Evaluation(_Strict):
+    sets: list[EvalSet] = Field(min_length=1)
+    #: The paired test's reference: last_stage (the chain's end), single_stage, base, or a name.
+    baseline: str = "last_stage"
+    n_boot: int = Field(1000, ge=10)
+    batch_size: int = Field(8, ge=1)
+    paired_test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+
+    @model_validator(mode="after")
+    def _unique_sets(self) -> Evaluation:
+        labels = [s.label for s in self.sets]
+        dup = sorted({n for n in labels if labels.count(n) > 1})
+        if dup:
+            raise ValueError(f"evaluation set names must be unique (repeated: {dup}); "
+                             "give each a 'name'")
+        return self
+
+
+class Ablations(_Strict):
+    """The controlled comparisons built next to the chain and its merges."""
+
+    single_stage: bool = True  # a LoRA trained on the target stage alone
+    chain_without_stage: bool = True  # the chain retrained without each auxiliary stage
+    #: merges rebuilt without each input stage: true (every merge), false, or merge names
+    merge_without_stage: bool | list[str] = True
+
+
+class Experiment(_Strict):
+    name: str
+    architectures: list[Architecture] = Field(min_length=1)
+    curriculum: CurriculumSpec
+    merges: list[MergeSpec] = Field(default_factory=list)
+    evaluation: Evaluation
+    ablations: Ablations = Field(default_factory=Ablations)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    #: torch intra-op threads (null: torch's default). 1 is fastest for tiny models on 2 cores.
+    threads: int | None = Field(None, ge=1)
+    device: str | None = None  # training and evaluation device (default: cuda when available)
+
+    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be unique (got {v})")
+        return v
+
+
+# ---------------------------------------------------------------- resolved form
+
+
+@dataclass
+class ResolvedMerge:
+    name: str
+    path: Path  # the recipe file (inline recipes are written under the run folder first)
+    raw: dict[str, Any]  # the recipe as parsed YAML (what its content hash covers)
+
+
+@dataclass
+class LoadedExperiment:
+    """The validated experiment with every path resolved and the curriculum parts merged."""
+
+    spec: Experiment
+    source: Path
+    lineage: str
+    lora: dict[str, Any]
+    train: dict[str, Any]
+    stages: list[dict[str, Any]]  # curriculum stage mappings, data paths absolute
+    merges: list[ResolvedMerge]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s["name"] for s in self.stages]
+
+    def model_path(self, arch: Architecture) -> str:
+        """A local folder (absolute) when it exists relative to the YAML, else the hub id."""
+        local = _resolve(self.source, arch.model)
+        return str(local) if local.exists() else arch.model
+
+
+def _resolve(source: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (source.parent / p).resolve()
+
+
+def _raise(source: str, exc: ValidationError, prefix: str = "") -> None:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "") or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    raise InputError(f"{source}: key '{loc}': {msg}") from exc
+
+
+def _curriculum_parts(exp: Experiment, source: Path) -> tuple[str, dict, dict, list[dict]]:
+    from emomerge.training.curriculum import LoraSettings, Stage, TrainSettings, load_curriculum
+
+    spec = exp.curriculum
+    if spec.file is not None:
+        path = _resolve(source, spec.file)
+        if not path.is_file():
+            raise InputError(f"{source}: key 'curriculum.file': {path} not found")
+        cur = load_curriculum(path)
+        stages = [s.model_dump() for s in cur.stages]
+        for s in stages:
+            s["path"] = str(cur.resolve(s["path"]).resolve())
+            for k in ("image_root", "manga109_root"):
+                if k in s["options"]:
+                    s["options"][k] = str(cur.resolve(str(s["options"][k])).resolve())
+        lineage = spec.lineage or cur.lineage
+        lora = {**cur.lora.model_dump(), **(spec.lora or {})}
+        train = {**cur.train.model_dump(), **(spec.train or {})}
+    else:
+        stages = []
+        for i, raw in enumerate(spec.stages or []):
+            try:
+                s = Stage.model_validate(raw).model_dump()
+            except ValidationError as exc:
+                _raise(str(source), exc, f"curriculum.stages.{i}")
+            s["path"] = str(_resolve(source, s["path"]))
+            for k in ("image_root", "manga109_root"):
+                if k in s["options"]:
+                    s["options"][k] = str(_resolve(source, str(s["options"][k])))
+            stages.append(s)
+        lineage, lora, train = spec.lineage or "continued", spec.lora or {}, spec.train or {}
+    for key, model, value in (("lora", LoraSettings, lora), ("train", TrainSettings, train)):
+        try:
+            model.model_validate(value)
+        except ValidationError as exc:
+            _raise(str(source), exc, f"curriculum.{key}")
+    names = [s["name"] for s in stages]
+    if len(set(names)) != len(names):
+        raise InputError(f"{source}: key 'curriculum.stages': stage names must be unique")
+    if not stages:
+        raise InputError(f"{source}: key 'curriculum.stages': at least one stage is needed")
+    return lineage, lora, train, stages
+
+
+def _find_recipe(source: Path, value: str, where: str) -> list[Path]:
+    cands = [_resolve(source, value)]
+    if not Path(value).is_absolute():
+        cands.append(MERGE_CONFIGS / Path(value).name if value.startswith("merge_configs/")
+                     else MERGE_CONFIGS / value)
+    for cand in cands:
+        if any(ch in str(cand) for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(cand)))
+            if found:
+                return found
+        elif cand.is_file():
+            return [cand]
+    raise InputError(f"{source}: key '{where}': recipe {value} not found (relative to the "
+                     f"experiment file, or in {MERGE_CONFIGS})")
+
+
+def _check_recipe(path: Path, stage_names: list[str], source: Path, where: str,
+                  shown: str) -> dict[str, Any]:
+    from emomerge.merging.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(path)
+    except InputError as exc:
+        msg = str(exc).splitlines()[0].replace(f"{path}: ", "")
+        raise InputError(f"{source}: key '{where}' ({shown}): {msg}") from exc
+    for j, m in enumerate(recipe.models):
+        model = m.model.split("+", 1)[-1].rstrip("/")
+        parts = Path(model).parts
+        if Path(model).is_absolute() or len(parts) != 2 or parts[0] != "adapters" \
+                or parts[1] not in stage_names:
+            raise InputError(f"{source}: key '{where}' ({shown}): models[{j}] '{m.model}' is not "
+                             f"a stage adapter of the curriculum (expected adapters/<stage>, "
+                             f"stages: {stage_names})")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _merges(exp: Experiment, source: Path, stage_names: list[str],
+            inline_dir: Path) -> list[ResolvedMerge]:
+    out: list[ResolvedMerge] = []
+    for i, spec in enumerate(exp.merges):
+        where = f"merges.{i}"
+        if spec.inline is not None:
+            inline_dir.mkdir(parents=True, exist_ok=True)
+            name = spec.name or str(spec.inline.get("merge_method", f"merge{i}"))
+            path = inline_dir / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(spec.inline, sort_keys=False), encoding="utf-8")
+            raw = _check_recipe(path, stage_names, source, f"{where}.inline", name)
+            out.append(ResolvedMerge(name, path, raw))
+            continue
+        found = _find_recipe(source, spec.recipe or "", f"{where}.recipe")
+        if spec.name and len(found) > 1:
+            raise InputError(f"{source}: key '{where}.name': a name for a glob of "
+                             f"{len(found)} recipes")
+        for path in found:
+            raw = _check_recipe(path, stage_names, source, f"{where}.recipe", path.name)
+            out.append(ResolvedMerge(spec.name or path.stem, path, raw))
+    names = [m.name for m in out]
+    clash = sorted({n for n in names if names.count(n) > 1}
+                   | {n for n in names if n in stage_names or n in RESERVED})
+    if clash:
+        raise InputError(f"{source}: key 'merges': merge names must be unique and differ from "
+                         f"stage names and {list(RESERVED)} (clash: {clash})")
+    return out
+
+
+def parse_experiment(data: Any, source: str | Path = "<experiment>",
+                     inline_dir: str | Path | None = None) -> LoadedExperiment:
+    """Validate an experiment mapping; errors name ``source`` and the key."""
+    source = Path(source)
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping at the top level")
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as exc:
+        _raise(str(source), exc)
+    lineage, lora, train, stages = _curriculum_parts(exp, source)
+    names = [s["name"] for s in stages]
+    for i, arch in enumerate(exp.architectures):
+        for key, model, over in (("lora", "LoraSettings", arch.lora),
+                                 ("train", "TrainSettings", arch.train)):
+            from emomerge.training import curriculum as cmod
+
+            try:
+                getattr(cmod, model).model_validate({**(lora if key == "lora" else train), **over})
+            except ValidationError as exc:
+                _raise(str(source), exc, f"architectures.{i}.{key}")
+    labels = [a.name or a.model for a in exp.architectures]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"{source}: key 'architectures': give each architecture a distinct "
+                         "'name'")
+    abl = exp.ablations.merge_without_stage
+    inline = Path(inline_dir) if inline_dir else Path(tempfile.mkdtemp(prefix="emomerge-recipes-"))
+    merges = _merges(exp, source, names, inline)
+    if isinstance(abl, list):
+        unknown = sorted(set(abl) - {m.name for m in merges})
+        if unknown:
+            raise InputError(f"{source}: key 'ablations.merge_without_stage': {unknown} are not "
+                             f"merge names ({[m.name for m in merges]})")
+    base = exp.evaluation.baseline
+    allowed = {"last_stage", "single_stage", "base", *names, *(m.name for m in merges)}
+    if base not in allowed:
+        raise InputError(f"{source}: key 'evaluation.baseline': '{base}' is neither last_stage, "
+                         "single_stage, base nor a stage or merge name")
+    if base == "single_stage" and not exp.ablations.single_stage:
+        raise InputError(f"{source}: key 'evaluation.baseline': single_stage needs "
+                         "ablations.single_stage: true")
+    for i, s in enumerate(exp.evaluation.sets):
+        s.path = str(_resolve(source, s.path))
+        for k in ("image_root", "manga109_root"):
+            if k in s.options:
+                s.options[k] = str(_resolve(source, str(s.options[k])))
+    return LoadedExperiment(exp, source, lineage, lora, train, stages, merges)
+
+
+def load_experiment(path: str | Path, inline_dir: str | Path | None = None) -> LoadedExperiment:
+    """Read and validate an experiment YAML file."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InputError(f"{path}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_experiment(data, path, inline_dir)

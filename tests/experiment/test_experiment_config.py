@@ -1,0 +1,119 @@
+"""The experiment YAML: every error names the key (one line, exit 2); every shipped file loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from emomerge.evaluation.experiment_config import MERGE_CONFIGS, load_experiment
+from emomerge.merging.errors import InputError
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _good() -> dict:
+    return {
+        "name": "t",
+        "architectures": ["model/tiny"],
+        "curriculum": {"lineage": "continued", "lora": {"r": 4}, "stages": [
+            {"name": "emoart", "dataset": "emoart", "path": "data/emoart", "steps": 2},
+            {"name": "emocomics35", "dataset": "emocomics35", "path": "data/ec",
+             "task": "utterance", "steps": 2}]},
+        "merges": [{"name": "lin", "inline": {
+            "merge_method": "linear",
+            "models": [{"model": "adapters/emoart", "parameters": {"weight": 0.5}},
+                       {"model": "adapters/emocomics35", "parameters": {"weight": 0.5}}]}}],
+        "evaluation": {"sets": [{"dataset": "emocomics35", "path": "data/ec",
+                                 "task": "utterance"}]},
+        "seeds": [0, 1],
+    }
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+def test_a_good_experiment_loads(tmp_path):
+    exp = load_experiment(_write(tmp_path, _good()), inline_dir=tmp_path / "recipes")
+    assert exp.stage_names == ["emoart", "emocomics35"]
+    assert [m.name for m in exp.merges] == ["lin"]
+    assert exp.stages[0]["path"] == str((tmp_path / "data" / "emoart").resolve())
+    assert exp.spec.seeds == [0, 1] and exp.lineage == "continued"
+
+
+@pytest.mark.parametrize("dotted, value, key", [
+    ("architectures", [], "architectures"),
+    ("seeds", [1, 1], "seeds"),
+    ("evaluation.n_boot", 3, "evaluation.n_boot"),
+    ("evaluation.sets.0.dataset", "emocomics36", "evaluation.sets.0.dataset"),
+    ("evaluation.baseline", "nope", "evaluation.baseline"),
+    ("curriculum.stages.1.steps", 0, "curriculum.stages.1.steps"),
+    ("curriculum.stages.0.dataset", "art", "curriculum.stages.0.dataset"),
+    ("curriculum.lora", {"r": 0}, "curriculum.lora.r"),
+    ("curriculum.lineage", "sideways", "curriculum.lineage"),
+    ("ablations.merge_without_stage", ["ties"], "ablations.merge_without_stage"),
+    ("merges.0.inline.merge_method", "tie", "merges.0.inline"),
+    ("merges.0.inline.models.0.model", "adapters/emid", "merges.0.inline"),
+    ("merges.0.name", "emoart", "merges"),
+    ("merges.0", {"recipe": "no_such_recipe.yaml"}, "merges.0.recipe"),
+    ("threads", 0, "threads"),
+    ("bogus", 1, "bogus"),
+])
+def test_errors_name_the_key(tmp_path, dotted, value, key):
+    path = _write(tmp_path, _set(_good(), dotted, value))
+    with pytest.raises(InputError) as err:
+        load_experiment(path, inline_dir=tmp_path / "recipes")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: key '{key}")
+
+
+def test_cli_bad_experiment_is_one_line_exit_2(tmp_path):
+    import typer
+
+    from emomerge import cli_run
+
+    app = typer.Typer()
+    cli_run.register(app)
+    path = _write(tmp_path, _set(_good(), "evaluation.n_boot", 3))
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "key 'evaluation.n_boot'" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_experiment_loads(path, tmp_path):
+    text = path.read_text()
+    assert text.startswith(f"# emomerge run experiments/{path.name}")
+    exp = load_experiment(path, inline_dir=tmp_path)
+    assert exp.stage_names == ["emoart", "emid", "mangavqa", "emocomics35"]
+    assert sorted(m.name for m in exp.merges) == sorted(p.stem for p in MERGE_CONFIGS.glob("*.yaml"))
+    assert len(exp.spec.seeds) >= 2 and exp.spec.evaluation.sets[0].dataset == "emocomics35"
+
+
+def test_the_paper_families_are_covered():
+    from emomerge.evaluation.experiment_config import load_experiment as load
+
+    families = {a.family for p in (REPO / "experiments").glob("*.yaml")
+                for a in load(p).spec.architectures}
+    assert families == {"qwen2_5_vl", "qwen3_vl", "mllama", "llava", "llava_next", "pixtral"}
