@@ -43,11 +43,13 @@ def evaluate_cmd(
                                  "against (default: the last stage adapter)."),
     paired_test: str = typer.Option("bootstrap", "--paired-test", help="bootstrap or mcnemar."),
     n_boot: int = typer.Option(1000, "--n-boot", min=10),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     multilabel: str = typer.Option("threshold", "--multilabel", help="threshold (chosen on "
                                    "train books held out) or topk (k = gold count)."),
     threshold: float = typer.Option(None, "--threshold", help="Fixed multi-label threshold."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train books drawn "
+                                       "for the threshold when no stage recorded a hold-out."),
+    holdout_seed: int = typer.Option(0, "--holdout-seed", help="Seed of that draw."),
     length_norm: bool = typer.Option(True, "--length-norm/--no-length-norm"),
     append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
@@ -80,7 +82,7 @@ def evaluate_cmd(
             raise InputError(f"{flag}: expected one of {[a for a in allowed if a]}, got '{value}'")
     cfg = EvalConfig(dataset=dataset, split=split, task=task_type, mode=mode,
                      length_norm=length_norm, append_eot=append_eot, multilabel=multilabel,
-                     threshold=threshold, val_fraction=val_fraction,
+                     threshold=threshold, val_fraction=val_fraction, holdout_seed=holdout_seed,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, n_boot=n_boot,
                      seed=seed, baseline=baseline, paired_test=paired_test, judge_url=judge_url,
                      judge_model=judge_model)

@@ -25,7 +25,10 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder (adapters/<stage>/ inside)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Train every stage of a curriculum (finished stages in --out are kept, not redone)."""
+    """Train every stage of a curriculum (finished stages in --out are kept, not redone).
+
+    A finished stage with other data, settings or parent adapter is refused, naming what differs.
+    """
     _train(curriculum, out, progress)
 
 

@@ -53,19 +53,30 @@ def _recipe_of(manifest: dict[str, Any]) -> tuple:
             manifest.get("rank"))
 
 
-def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
-    """The merges of ``merged``'s inputs without one stage each, as variants (built if needed)."""
-    from emomerge.merging import merge
-
+def _inputs(merged: Variant) -> tuple[dict[str, Any], list[Path], list[str]]:
     if merged.kind != "merged" or merged.path is None:
         raise InputError(f"{merged.name}: leave-one-stage-out needs a merged variant")
     raw = _manifest(merged.path)
     inputs = [Path(a["path"] if isinstance(a, dict) else a) for a in raw["adapters"]]
+    names = [(a.get("stage") if isinstance(a, dict) else None) or p.name
+             for a, p in zip(raw["adapters"], inputs)]
+    return raw, inputs, names
+
+
+def ablation_names(merged: Variant) -> list[str]:
+    """The variant names :func:`leave_one_stage_out` gives, read from the manifest, nothing built."""
+    _, inputs, names = _inputs(merged)
+    return [f"{merged.name}-without-{d}" for d in names] if len(inputs) >= 2 else []
+
+
+def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
+    """The merges of ``merged``'s inputs without one stage each, as variants (built if needed)."""
+    from emomerge.merging import merge
+
+    raw, inputs, names = _inputs(merged)
     for p in inputs:
         if not p.is_dir():
             raise InputError(f"{merged.path / LINEAGE_FILE}: key 'adapters': {p} no longer exists")
-    names = [(a.get("stage") if isinstance(a, dict) else None) or p.name
-             for a, p in zip(raw["adapters"], inputs)]
     if len(inputs) < 2:
         return []
     params = dict(raw.get("params_given") or {})

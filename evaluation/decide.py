@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .metrics import example_f1
-
 
 def label_probs(values: Sequence[float]) -> np.ndarray:
     """Softmax of the per-label scores (log-probabilities, summed or per-token)."""
@@ -42,20 +40,33 @@ def topk_labels(values: Sequence[float], label_set: Sequence[str], k: int) -> li
 
 
 def choose_threshold(values: Sequence[Sequence[float]], gold: Sequence[Sequence[str]],
-                     label_set: Sequence[str]) -> float:
+                     label_set: Sequence[str], *, chunk: int = 256) -> float:
     """The threshold on p(label) that maximises example-based F1 on validation samples.
 
     Candidates are the midpoints between consecutive distinct probabilities seen on validation
     (every distinct decision is reachable); ties go to the higher threshold (fewer labels).
+    All candidates are scored at once, ``chunk`` at a time ([chunk, n, C] booleans), with the
+    decision rule of :func:`threshold_labels` and the F1 of :func:`metrics.example_f1`.
     """
-    probs = np.array([label_probs(v) for v in values])
+    probs = np.array([label_probs(v) for v in values])                    # [n, C]
+    index = {lab: j for j, lab in enumerate(label_set)}
+    g = np.zeros(probs.shape, dtype=bool)                                  # [n, C]
+    for i, row in enumerate(gold):
+        for lab in row:
+            if lab in index:
+                g[i, index[lab]] = True
+    top = np.zeros(probs.shape, dtype=bool)
+    top[np.arange(len(probs)), np.argmax(probs, axis=1)] = True           # the fallback label
     distinct = np.unique(probs)
     cands = np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2,
                             [min(1.0, distinct[-1] + 1e-9)]])
-    best_t, best_f = float(cands[-1]), -1.0
-    for t in cands[::-1]:
-        pred = [threshold_labels(v, label_set, t) for v in values]
-        f = example_f1(gold, pred, label_set)
-        if f > best_f + 1e-12:
-            best_t, best_f = float(t), f
-    return best_t
+    f1 = np.empty(len(cands))
+    for lo in range(0, len(cands), chunk):
+        pred = probs[None] >= cands[lo: lo + chunk, None, None]            # [t, n, C]
+        pred |= ~pred.any(axis=2, keepdims=True) & top[None]
+        hits = (pred & g[None]).sum(axis=2)
+        denom = pred.sum(axis=2) + g.sum(axis=1)[None]
+        f1[lo: lo + chunk] = np.mean(np.divide(2 * hits, denom, out=np.zeros(hits.shape),
+                                               where=denom > 0), axis=1)
+    best = f1.max()
+    return float(cands[np.flatnonzero(f1 >= best - 1e-12)[-1]])

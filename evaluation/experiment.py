@@ -253,7 +253,7 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
 def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: list[Variant],
                       root: Path, seed: int, progress: bool) -> tuple[list[dict], list[str]]:
     """Score ``variants`` (plus the base) on every evaluation set; rows and names scored now."""
-    from .pipeline import load_split, validation_part
+    from .pipeline import load_split, needs_validation, validation_data
     from .runner import evaluate
 
     rows, scored = [], []
@@ -261,12 +261,11 @@ def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: lis
     for s in exp.spec.evaluation.sets:
         cfg = _eval_config(exp, s, seed, baseline)
         samples = load_split(s.dataset, s.path, s.split, s.task, **s.options)
-        val = None
-        if (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
-                and cfg.multilabel == "threshold" and cfg.threshold is None):
-            val = validation_part(s.dataset, s.path, cfg, s.task, **s.options)
+        val = pool = None
+        if needs_validation(cfg):
+            val, pool = validation_data(s.dataset, s.path, s.task, **s.options)
         res = evaluate(host, base, variants, samples, root / s.label, cfg, val_samples=val,
-                       include_base=True, progress=progress)
+                       val_pool=pool, include_base=True, progress=progress)
         for row in res.rows:
             row["dataset"] = s.dataset
         rows += res.rows

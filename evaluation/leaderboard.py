@@ -4,6 +4,9 @@ One row per (architecture, base, variant, dataset, split, evaluation config). A 
 its own rows: rows are keyed by :data:`ROW_KEY`, whose ``config_hash`` covers the evaluation
 settings (dataset, split content, mode, scoring options, seed, bootstrap size, baseline) but not
 the variant list, so adding a variant later appends and re-running the same command replaces.
+Each metric ``m`` has ``m_lo``/``m_hi`` (95% bootstrap interval) and ``m_p``: the paired test of
+the variant against the row's ``baseline``. With the paired bootstrap every metric has its own p;
+with McNemar (exact correctness) only accuracy / subset_accuracy / exact_match carry it.
 The file is rewritten through a temporary file in the same folder and ``os.replace``, so a reader
 never sees half a file and a crash leaves the previous version intact.
 """
@@ -29,9 +32,13 @@ COLUMNS: tuple[str, ...] = (
     "method_params", "stages_merged", "dataset", "split", "task", "mode", "n", "n_groups",
     "baseline",
     *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p")),
-    "parse_failures", "seed", "n_boot", "emomerge_version", "git_hash", "date", "config_hash",
+    "parse_failures", "threshold_source", "seed", "n_boot", "emomerge_version", "git_hash", "date", "config_hash",
     "variant_hash", "split_hash",
 )
+
+#: Columns added after the first release: a leaderboard written before them is read with them
+#: empty (and rewritten with them on the next upsert) rather than refused.
+LATER_COLUMNS = ("threshold_source",)
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
 ROW_KEY = ("architecture", "base_id", "variant", "dataset", "split", "config_hash")
@@ -56,14 +63,14 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = tuple(reader.fieldnames or ())
-        if header != COLUMNS:
+        if header != COLUMNS and header != tuple(c for c in COLUMNS if c not in LATER_COLUMNS):
             missing = [c for c in COLUMNS if c not in header]
             extra = [c for c in header if c not in COLUMNS]
             raise InputError(
                 f"{path}: not an emomerge leaderboard (missing columns {missing[:3]}, "
                 f"unknown {extra[:3]})"
             )
-        return list(reader)
+        return [{c: r.get(c) or "" for c in COLUMNS} for r in reader]
 
 
 def _write_atomic(path: Path, rows: Iterable[dict[str, str]]) -> None:
@@ -160,9 +167,12 @@ def show(path: str | Path, *, by: str | None = None, fmt: str = "markdown") -> s
     metrics = metrics_present(rows)
     header = ["architecture", "variant", "kind", "method", "dataset", "split", "n"]
     header += [h for m in metrics for h in (m, f"p({m})")] + ["parse_failures"]
+    # where multi-label thresholds were chosen, when any row has one (held out or not)
+    sources = ["threshold_source"] if any(r.get("threshold_source") for r in rows) else []
+    header += sources
     body = [[r["architecture"], r["variant"], r["kind"], r["method"], r["dataset"], r["split"],
              r["n"]] + [c for m in metrics for c in (_with_interval(r, m), _p(r, m))]
-            + [r["parse_failures"]] for r in rows]
+            + [r["parse_failures"]] + [r[c] for c in sources] for r in rows]
     return _table(header, body, fmt)
 
 

@@ -109,23 +109,30 @@ def confusion(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) -
 
 
 def _binarize(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: Sequence[str]):
-    # Fixed class order so column k means labels[k] in both matrices; predicted labels outside the
-    # set were already counted as parse failures and cannot be binarized, so drop them here.
+    """[n, C + 1] gold and predicted indicator matrices: column k is ``labels[k]``, the last
+    column marks a prediction holding anything outside the set (an out-of-set word, an unreadable
+    answer). Gold never sets it, so such a prediction is a false positive there: the label sets
+    differ (subset accuracy 0), the example F1 counts one extra predicted label, micro-F1 one
+    extra FP. Macro-F1 and the per-label scores read the first C columns only."""
     mlb = MultiLabelBinarizer(classes=list(labels))
     keep = set(labels)
     y_true = mlb.fit_transform([[g for g in row if g in keep] for row in gold])
     y_pred = mlb.transform([[p for p in (row or []) if p in keep] for row in pred])
-    return y_true, y_pred
+    bad = np.array([int(any(p not in keep for p in (row or []))) for row in pred],
+                   dtype=y_pred.dtype).reshape(len(pred), 1)
+    return np.hstack([y_true, np.zeros_like(bad)]), np.hstack([y_pred, bad])
 
 
 def subset_accuracy(gold, pred, labels) -> float:
-    """Fraction of samples whose predicted label *set* equals the gold set exactly."""
+    """Fraction of samples whose predicted label *set* equals the gold set exactly (an out-of-set
+    item in the prediction makes the sets differ)."""
     y_true, y_pred = _binarize(gold, pred, labels)
     return float(accuracy_score(y_true, y_pred))
 
 
 def example_f1(gold, pred, labels) -> float:
-    """Example-based F1: per-sample F1 of the two sets, averaged over samples (sklearn 'samples')."""
+    """Example-based F1: per-sample F1 of the two sets, averaged over samples (sklearn 'samples');
+    out-of-set predicted items count as one wrong predicted label."""
     y_true, y_pred = _binarize(gold, pred, labels)
     return float(f1_score(y_true, y_pred, average="samples", zero_division=0))
 
@@ -133,9 +140,13 @@ def example_f1(gold, pred, labels) -> float:
 def multilabel_f1(gold, pred, labels, average: str) -> float:
     """Macro (mean over labels) or micro (pooled counts) F1 over the label columns.
 
-    Macro averages over the labels that occur in gold or prediction (as :func:`macro_f1`).
+    Macro averages over the labels that occur in gold or prediction (as :func:`macro_f1`); the
+    invalid column is no label and stays out of it. Micro pools it in: out-of-set answers are
+    false positives.
     """
     y_true, y_pred = _binarize(gold, pred, labels)
+    if average == "macro":
+        y_true, y_pred = y_true[:, :-1], y_pred[:, :-1]
     cols = (y_true.sum(0) + y_pred.sum(0)) > 0
     if not cols.any():
         return float("nan")
@@ -145,7 +156,8 @@ def multilabel_f1(gold, pred, labels, average: str) -> float:
 def per_label(gold, pred, labels) -> dict:
     """Per-label precision, recall, F1 and support of the binarized multi-label problem."""
     y_true, y_pred = _binarize(gold, pred, labels)
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    p, r, f, s = precision_recall_fscore_support(y_true[:, :-1], y_pred[:, :-1], average=None,
+                                                 zero_division=0)
     return {
         lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
               "support": int(s[i])}

@@ -17,7 +17,7 @@ from emomerge.merging.errors import InputError
 from . import decide
 from .cache import PredictionCache
 from .metrics import INVALID, Predictions
-from .parsing import parse_labels, parse_page
+from .parsing import Parsed, parse_labels, parse_page
 
 
 @dataclass
@@ -76,6 +76,13 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
                        top1=top1 if task == "multi" else None)
 
 
+def _scored(p: Parsed) -> list[str]:
+    # What a multi-label answer is scored as: its labels *and* what could not be read. The
+    # metrics count any non-label item as a wrong predicted label (metrics._binarize), so
+    # "Joy, Shock" for gold {Joy} is not an exact match, as McNemar's correctness already says.
+    return p.labels + p.invalid
+
+
 def from_generation(task: str, samples: list[Any], cache: PredictionCache,
                     split_hash: str) -> tuple[Predictions, ParseReport]:
     """Predictions from generated answers; every unreadable answer counted in the report."""
@@ -101,7 +108,7 @@ def from_generation(task: str, samples: list[Any], cache: PredictionCache,
             for k, (p, g) in enumerate(zip(per, s.meta["utterance_labels"])):
                 note(p)
                 ids.append(f"{s.id}#u{k:03d}"), groups.append(s.group), gold.append(list(g))
-                pred.append(p.labels), top1.append(p.labels[0] if p.labels else INVALID)
+                pred.append(_scored(p)), top1.append(p.labels[0] if p.labels else INVALID)
             continue
         p = parse_labels(text, s.label_set, multi=task == "multi")
         note(p)
@@ -109,7 +116,7 @@ def from_generation(task: str, samples: list[Any], cache: PredictionCache,
         if task == "single":
             pred.append(p.labels[0] if p.ok else None)
         else:
-            pred.append(p.labels), top1.append(p.labels[0] if p.labels else INVALID)
+            pred.append(_scored(p)), top1.append(p.labels[0] if p.labels else INVALID)
     label_set = list(samples[0].label_set) if samples else []
     return Predictions(task=task, ids=ids, groups=groups, gold=gold, pred=pred,
                        label_set=label_set, top1=top1 if task == "multi" else None), rep

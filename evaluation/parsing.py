@@ -4,7 +4,14 @@ Models answer in many shapes: ``Joy``, ``["Joy", "Fear"]``, ``['Joy']`` (Python 
 object, a fenced code block, ``[Neutral]`` (unquoted, as in the EmoComics35 CSV itself), or a
 sentence. Case and a small table of synonyms are forgiven ("Happy" → Joy, "Angry" → Anger), but
 anything else outside the label set ("Shock") is *out of set*: it is kept as written, counted as
-a parse failure and never mapped to a class. The caller reports the count (``parse_failures``).
+a parse failure and never mapped to a class. The caller reports the count (``parse_failures``)
+and scores the kept items as a wrong label (``metrics._binarize``).
+
+Free text is scanned for label words only when the answer is one sentence-like item (no list
+structure, and no item that is itself a label): "The speaker is clearly angry." → Anger, flagged
+``lenient``. A list with an unknown item ("Shock, Joy") is never rescued by scanning. In a
+scanned sentence, emotion words outside the set ("I feel shock but also joy") are out of set, and
+a negated label ("not angry") is ``ambiguous``: a failure, never the label it negates.
 """
 
 from __future__ import annotations
@@ -31,6 +38,26 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in (
     {"contentment", "content", "contented"},
 ))
 
+#: Emotion words that are labels of none of our tasks' usual sets. Together with the synonym
+#: groups they are the vocabulary a free-text answer is checked against: a word of it that maps
+#: to no label of the task makes the answer out of set instead of silently ignored.
+OTHER_EMOTION_WORDS: frozenset[str] = frozenset({
+    "shock", "shocked", "confused", "confusion", "love", "calm", "anxious", "anxiety",
+    "embarrassed", "embarrassment", "nervous", "worried", "worry", "pride", "proud", "shame",
+    "ashamed", "guilt", "guilty", "curious", "curiosity", "amused", "amusement", "bored",
+    "boredom", "tired", "relief", "relieved", "hope", "hopeful", "awe", "annoyed", "annoyance",
+    "frustrated", "frustration", "determined", "contempt", "jealous", "jealousy", "lonely",
+    "loneliness", "nostalgia", "nostalgic", "tense", "tension", "serene", "serenity",
+    "alarmed", "aroused", "despair", "panic", "terror", "terrified", "horror", "horrified",
+    "grief", "melancholy", "irritated", "irritation", "admiration", "gratitude", "trust",
+    "anticipation", "disappointed", "disappointment",
+})
+EMOTION_WORDS: frozenset[str] = frozenset().union(*SYNONYM_GROUPS, OTHER_EMOTION_WORDS)
+
+#: A negation within the three words before a label word ("not angry", "never really sad").
+_NEGATED = re.compile(r"(?:\b(?:not|no|never|without|hardly|neither|nor)|n't)\W+(?:\w+\W+){0,2}$",
+                      re.IGNORECASE)
+
 _FENCE = re.compile(r"```[\w+-]*\s*\n?(.*?)```", re.DOTALL)
 _SPLIT = re.compile(r"\s*(?:[,;/|\n]|\band\b)\s*", re.IGNORECASE)
 _STRIP = " \t\r\n\"'`.!?*()"
@@ -43,8 +70,9 @@ class Parsed:
     labels: list[str] = field(default_factory=list)
     #: Items outside the label set, as written (after stripping quotes and punctuation).
     invalid: list[str] = field(default_factory=list)
-    #: None when the answer parsed cleanly; else "unparsable", "out_of_set", "empty",
-    #: "several_labels" (single-label task) or "missing" (page answer too short).
+    #: None when the answer parsed cleanly; else "unparsable", "out_of_set", "ambiguous" (a
+    #: negated label word), "empty", "several_labels" (single-label task) or "missing" (page
+    #: answer too short).
     failure: str | None = None
     #: True when labels were found by scanning free text for label words (no list structure).
     lenient: bool = False
@@ -110,6 +138,37 @@ def _items(text: str) -> tuple[list[str] | None, bool]:
     return [x for x in _SPLIT.split(inner) if x.strip(_STRIP)], False
 
 
+def _word_hits(text: str, words: object) -> list[tuple[int, str]]:
+    """(position, word) of every whole-word, case-insensitive occurrence of ``words`` in text."""
+    return sorted((m.start(), w) for w in words
+                  for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", text, re.IGNORECASE))
+
+
+def _negated(text: str, lookup: dict[str, str]) -> list[str]:
+    """The label words of ``text`` that a negation governs, as "<negation …> word" phrases."""
+    out = []
+    for pos, word in _word_hits(text, lookup):
+        m = _NEGATED.search(text[:pos])
+        if m:
+            out.append(text[m.start(): pos + len(word)].strip())
+    return out
+
+
+def _scan(body: str, lookup: dict[str, str]) -> Parsed:
+    """Labels of one free-text sentence; out-of-set emotion words and negations are failures."""
+    negated = _negated(body, lookup)
+    labels = list(dict.fromkeys(lookup[w.lower()] for pos, w in _word_hits(body, lookup)
+                                if not _NEGATED.search(body[:pos])))
+    others = list(dict.fromkeys(w for _, w in _word_hits(body, EMOTION_WORDS - lookup.keys())))
+    if negated:
+        return Parsed(labels=labels, invalid=negated + others, failure="ambiguous", lenient=True)
+    if others:
+        return Parsed(labels=labels, invalid=others, failure="out_of_set", lenient=True)
+    if labels:
+        return Parsed(labels=labels, lenient=True)
+    return Parsed(invalid=[body.strip(_STRIP)[:80]], failure="out_of_set")
+
+
 def parse_labels(text: str, label_set: list[str], *, multi: bool) -> Parsed:
     """Labels of one answer; ``multi=False`` asks for exactly one label."""
     lookup = label_lookup(label_set)
@@ -126,22 +185,37 @@ def parse_labels(text: str, label_set: list[str], *, multi: bool) -> Parsed:
             invalid.append(word)
         elif lab not in labels:
             labels.append(lab)
-    lenient = False
-    if invalid and not structured:
-        # Free text ("The character feels angry."): accept label words found in it, but only
-        # when the whole answer contains no list structure that we failed to read.
-        hits = sorted((m.start(), lab) for word, lab in lookup.items()
-                      for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", body, re.IGNORECASE))
-        if hits:
-            labels = list(dict.fromkeys(lab for _, lab in hits))
-            invalid, lenient = [], True
-    if invalid:
-        return Parsed(labels=labels, invalid=invalid, failure="out_of_set", lenient=lenient)
-    if not labels:
+    if invalid and not structured and len(items) == 1 and len(invalid[0].split()) > 1:
+        # One sentence ("The character feels angry."), not a list: read the label words in it.
+        parsed = _scan(body, lookup)
+    elif invalid:
+        # A list with items we cannot read ("Shock, Joy"): keep them, never scan them away.
+        negated = any(_negated(w, lookup) for w in invalid)
+        parsed = Parsed(labels=labels, invalid=invalid,
+                        failure="ambiguous" if negated else "out_of_set")
+    else:
+        parsed = Parsed(labels=labels)
+    if parsed.failure is None and not parsed.labels:
         return Parsed(failure="empty")
-    if not multi and len(labels) > 1:
-        return Parsed(labels=labels, failure="several_labels", lenient=lenient)
-    return Parsed(labels=labels, lenient=lenient)
+    if parsed.failure is None and not multi and len(parsed.labels) > 1:
+        parsed.failure = "several_labels"
+    return parsed
+
+
+_GROUP = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _unquoted_nested(body: str) -> list[str] | None:
+    """``[[Neutral], [Joy, Fear]]`` (unquoted, so neither JSON nor Python) as its inner groups."""
+    inner = body.strip()
+    if not (inner.startswith("[") and inner.endswith("]")):
+        return None
+    inner = inner[1:-1]
+    groups = _GROUP.findall(inner)
+    # only a plain sequence of bracketed groups: anything between them makes the shape unknown
+    if not groups or _GROUP.sub("", inner).strip(" ,;\n\t"):
+        return None
+    return [f"[{g}]" for g in groups]
 
 
 def parse_page(text: str, n_utterances: int, label_set: list[str]) -> tuple[list[Parsed], int]:
@@ -155,6 +229,8 @@ def parse_page(text: str, n_utterances: int, label_set: list[str]) -> tuple[list
     obj = _structured(body)
     if isinstance(obj, dict):
         obj = _from_dict(obj)
+    if obj is None:
+        obj = _unquoted_nested(body)
     if not isinstance(obj, (list, tuple)):
         return [Parsed(failure="unparsable", invalid=[body[:80]])] * n_utterances, 0
     out = []

@@ -1,8 +1,9 @@
 """From paths to leaderboard rows: what ``emomerge evaluate`` (and the experiment runner) call.
 
 Reads the split with the training module's readers, loads the base once, finds the variants,
-optionally adds the leave-one-stage-out merges, carves the multi-label validation part out of
-train by book, and runs :func:`runner.evaluate`.
+optionally adds the leave-one-stage-out merges, reads the data the multi-label threshold is
+chosen on (a validation split, or the train split whose held-out books each variant's stages
+recorded), and runs :func:`runner.evaluate`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from typing import Any
 
 from emomerge.merging.errors import InputError
 
-from .ablation import leave_one_stage_out
-from .holdout import holdout_by_book
+from .ablation import ablation_names, leave_one_stage_out
 from .predict import ModelHost
 from .runner import EvalConfig, EvalResult, evaluate
-from .variants import Variant, discover
+from .variants import Variant, default_baseline, discover
 
 
 def load_split(dataset: str, data: str | Path, split: str, reader_task: str | None = None,
@@ -27,19 +27,27 @@ def load_split(dataset: str, data: str | Path, split: str, reader_task: str | No
     return read_dataset(dataset, data, split, reader_task, **reader_opts)
 
 
-def validation_part(dataset: str, data: str | Path, cfg: EvalConfig, reader_task: str | None,
-                    train_split: str = "train", **reader_opts: Any) -> list[Any]:
-    """The multi-label validation samples: train books held out (EmoComics35 has no val split)."""
+def validation_data(dataset: str, data: str | Path, reader_task: str | None,
+                    train_split: str = "train",
+                    **reader_opts: Any) -> tuple[list[Any] | None, list[Any] | None]:
+    """Where multi-label thresholds are chosen: ``(validation split, None)`` when the dataset has
+    one, else ``(None, train split)``, from which :func:`runner.evaluate` takes each variant's
+    held-out books (EmoComics35 has no validation split)."""
     from emomerge.training.data import list_splits
 
     names = {s.lower(): s for s in list_splits(dataset, data, reader_task)}
     for cand in ("val", "validation", "dev"):
         if cand in names:  # a dataset with its own validation split uses it
-            return load_split(dataset, data, names[cand], reader_task, **reader_opts)
+            return load_split(dataset, data, names[cand], reader_task, **reader_opts), None
     if train_split.lower() not in names:
         raise InputError(f"{data}: no '{train_split}' split to hold validation books out of")
-    train = load_split(dataset, data, names[train_split.lower()], reader_task, **reader_opts)
-    return holdout_by_book(train, cfg.val_fraction, cfg.seed)
+    return None, load_split(dataset, data, names[train_split.lower()], reader_task, **reader_opts)
+
+
+def needs_validation(cfg: EvalConfig) -> bool:
+    """Whether ``cfg`` chooses a multi-label threshold on validation data."""
+    return (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
+            and cfg.multilabel == "threshold" and cfg.threshold is None)
 
 
 def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str | Path,
@@ -49,19 +57,25 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
                    dtype: str | None = None, device: str = "cpu", progress: bool = True,
                    host: ModelHost | None = None) -> EvalResult:
     """Evaluate the base and every variant under ``variant_dirs`` on one split of ``data``."""
+    cfg.check()
     opts = dict(reader_opts or {})
     samples = load_split(cfg.dataset, data, cfg.split, reader_task, **opts)
     variants: list[Variant] = discover(list(variant_dirs)) if variant_dirs else []
-    if leave_one_stage_out_:
-        merged = [v for v in variants if v.kind == "merged"]
-        if not merged:
-            raise InputError("--leave-one-stage-out: no merged variant among --variants")
-        for v in merged:
-            variants += leave_one_stage_out(v, Path(out) / "ablations")
-    val = None
-    if (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
-            and cfg.multilabel == "threshold" and cfg.threshold is None):
-        val = validation_part(cfg.dataset, data, cfg, reader_task, **opts)
+    merged = [v for v in variants if v.kind == "merged"] if leave_one_stage_out_ else []
+    if leave_one_stage_out_ and not merged:
+        raise InputError("--leave-one-stage-out: no merged variant among --variants")
+    # check the baseline before building any ablation merge (minutes at real size)
+    names = (["base"] if include_base else []) + [v.name for v in variants] \
+        + [n for v in merged for n in ablation_names(v)]
+    baseline = cfg.baseline or default_baseline(
+        ([Variant("base", "base")] if include_base else []) + variants)
+    if baseline not in names:
+        raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
+    for v in merged:
+        variants += leave_one_stage_out(v, Path(out) / "ablations")
+    val = pool = None
+    if needs_validation(cfg):
+        val, pool = validation_data(cfg.dataset, data, reader_task, **opts)
     host = host or ModelHost.load(base, family=family, dtype=dtype, device=device)
-    return evaluate(host, base, variants, samples, out, cfg, val_samples=val,
+    return evaluate(host, base, variants, samples, out, cfg, val_samples=val, val_pool=pool,
                     include_base=include_base, progress=progress)

@@ -108,31 +108,33 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i: i + size]
 
 
+def _uncached(cache: PredictionCache, split_hash: str, samples: list[Any]) -> list[Any]:
+    """The samples without a cached output yet, in split order (what a resumed run still does)."""
+    missing = set(cache.missing(split_hash, [s.id for s in samples]))
+    return [s for s in samples if s.id in missing]
+
+
 def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
                    split_hash: str, *, append_eot: bool = False, batch_size: int = 8,
                    progress: bool = True, on_batch: BatchHook | None = None) -> int:
     """Score every label of every uncached sample; returns how many samples were scored."""
-    todo_ids = set(cache.missing(split_hash, [s.id for s in samples]))
-    todo = [s for s in samples if s.id in todo_ids]
+    todo = _uncached(cache, split_hash, samples)
     if not todo:
         return 0
     tok = host.tokenizer
     eot = answer_suffix(host.family, tok) if append_eot else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    conts_by_set: dict[tuple[str, ...], list[list[int]]] = {}
     done = 0
     with host.activate(variant) as model, tqdm(total=len(todo), desc=variant.name,
                                                disable=not progress, leave=False) as bar:
         for batch in _batches(todo, batch_size):
             records = []
             for s in batch:
-                key = tuple(s.label_set)
-                if key not in conts_by_set:
-                    conts_by_set[key] = continuation_ids(tok, list(key), eot)
-                inputs = encode_prompts(host.processor, host.family,
-                                        [render_prompt(host.processor, s.messages)],
+                prompt = render_prompt(host.processor, s.messages)
+                conts = continuation_ids(tok, prompt, list(s.label_set), eot)
+                inputs = encode_prompts(host.processor, host.family, [prompt],
                                         [load_images(s.images)])
-                scores = score_labels(model, inputs, conts_by_set[key], pad)
+                scores = score_labels(model, inputs, conts, pad)
                 records.append({"id": s.id, "scores": [[x.logprob, x.n_tokens] for x in scores]})
             cache.add(split_hash, records)
             done += len(batch)
@@ -147,8 +149,7 @@ def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache:
                    split_hash: str, *, max_new_tokens: int = 32, batch_size: int = 8,
                    progress: bool = True, on_batch: BatchHook | None = None) -> int:
     """Greedy answers of every uncached sample (left-padded batches); returns how many."""
-    todo_ids = set(cache.missing(split_hash, [s.id for s in samples]))
-    todo = [s for s in samples if s.id in todo_ids]
+    todo = _uncached(cache, split_hash, samples)
     if not todo:
         return 0
     tok = host.tokenizer

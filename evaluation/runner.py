@@ -25,14 +25,24 @@ from emomerge import __version__
 from . import decide
 from .bootstrap import bootstrap, mcnemar, paired_bootstrap, replicate_indices
 from .cache import PredictionCache, stable_hash
+from .holdout import book_of, holdout_by_book
 from .leaderboard import upsert_rows
 from .metrics import HEADLINE, Predictions, details
 from .outputs import ParseReport, from_generation, from_likelihood, label_values
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
-from .variants import Variant, default_baseline
+from .variants import Variant, default_baseline, heldout_books
+
+#: ``threshold_source`` of a row whose thresholds came from a validation split / were given.
+VALIDATION_SPLIT = "validation-split"
+FIXED = "fixed (--threshold)"
 
 TASK_OF_DATASET = {"emocomics35": "multi", "emoart": "single", "emid": "single",
                    "mangavqa": "vqa"}
+
+#: With ``paired_test="mcnemar"`` the p-value tests per-sample exact correctness
+#: (:func:`metrics.correctness`), which is this metric's numerator: the p goes in its column
+#: only; the other metrics' ``_p`` columns stay empty (McNemar says nothing about an F1).
+MCNEMAR_METRIC = {"single": "accuracy", "multi": "subset_accuracy", "vqa": "exact_match"}
 
 
 @dataclass
@@ -47,7 +57,8 @@ class EvalConfig:
     append_eot: bool = False
     multilabel: Literal["threshold", "topk"] = "threshold"
     threshold: float | None = None  # fixed threshold: skips the validation search
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # fallback draw of train books when no stage recorded a hold-out
+    holdout_seed: int = 0  # seed of that draw (apart from the bootstrap seed)
     max_new_tokens: int = 32
     batch_size: int = 8
     n_boot: int = 1000
@@ -64,6 +75,12 @@ class EvalConfig:
                              "--task single|multi|vqa")
         return task
 
+    def check(self) -> None:
+        """Refuse inconsistent settings before any model runs."""
+        self.resolved_task()
+        if self.judge_url and not self.judge_model:
+            raise InputError("--judge-url needs --judge-model (the model name the endpoint serves)")
+
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
@@ -77,6 +94,7 @@ class VariantResult:
     parse: ParseReport
     threshold: float | None
     scored: int  # samples run through the model (0: all from the cache)
+    threshold_source: str = ""  # where the threshold was chosen (empty: no threshold)
 
 
 @dataclass
@@ -117,16 +135,21 @@ def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCac
 
 def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samples: list[Any],
              out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
-             include_base: bool = True, progress: bool = True,
+             val_pool: list[Any] | None = None, include_base: bool = True, progress: bool = True,
              on_batch: BatchHook | None = None) -> EvalResult:
     """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
 
-    ``val_samples`` (multi-label threshold only) is where each variant's threshold is chosen.
+    Multi-label thresholds are chosen on ``val_samples`` (a validation split, the same for every
+    variant) or, without it, on ``val_pool`` (the train split): each variant on the books its
+    training stages recorded as held out (:func:`variants.heldout_books`), else on a seeded draw
+    of books (``cfg.val_fraction``, ``cfg.holdout_seed``). Each row's ``threshold_source`` says
+    which.
     Raw outputs are cached under ``out/predictions``; details (per-class scores, confusion
     matrices, parse failures) go to ``out/details``.
     """
     if not samples:
         raise InputError(f"{cfg.dataset}/{cfg.split}: no samples to evaluate")
+    cfg.check()
     task, mode = cfg.resolved_task(), cfg.resolved_mode()
     out = Path(out)
     base_fp = base_fingerprint(base_id)
@@ -138,11 +161,15 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     sh = split_hash(samples)
     needs_val = task == "multi" and mode == "likelihood" and cfg.multilabel == "threshold" \
         and cfg.threshold is None
-    if needs_val and not val_samples:
+    if needs_val and not val_samples and not val_pool:
         raise InputError("multi-label threshold: no validation samples (hold out train books, "
                          "or pass --threshold / --multilabel topk)")
-    vh = split_hash(val_samples) if needs_val else ""
+    vh = split_hash(val_samples or val_pool) if needs_val else ""
     infer = {"mode": mode, "append_eot": cfg.append_eot, "max_new_tokens": cfg.max_new_tokens}
+    if mode == "likelihood":
+        # label tokens are encoded after the prompt since 0.x (scoring.continuation_ids): scores
+        # cached under the old standalone encoding must not be reused
+        infer["label_tokens"] = "after_prompt"
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
     config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
@@ -154,19 +181,23 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         cache = PredictionCache(out / "predictions", v.name, vhash)
         scored = _score(host, v, samples, cache, sh, cfg, mode, progress, on_batch)
         threshold, rep = cfg.threshold, ParseReport()
+        source = FIXED if (threshold is not None and task == "multi" and mode == "likelihood"
+                           and cfg.multilabel == "threshold") else ""
         if mode == "likelihood":
             if needs_val:
-                scored += _score(host, v, val_samples, cache, vh, cfg, mode, progress, None)
+                val, source = validation_for(v, cfg, val_samples, val_pool)
+                h = split_hash(val)
+                scored += _score(host, v, val, cache, h, cfg, mode, progress, None)
                 threshold = decide.choose_threshold(
-                    [label_values(cache.get(vh, s.id), cfg.length_norm) for s in val_samples],
-                    [s.labels for s in val_samples], val_samples[0].label_set)
+                    [label_values(cache.get(h, s.id), cfg.length_norm) for s in val],
+                    [s.labels for s in val], val[0].label_set)
             preds = from_likelihood(task, samples, cache, sh, length_norm=cfg.length_norm,
                                     multilabel=cfg.multilabel, threshold=threshold)
         else:
             preds, rep = from_generation(task, samples, cache, sh)
             if task == "vqa" and cfg.judge_url:
                 preds = _judged(preds, samples, cfg)
-        results.append(VariantResult(v, preds, rep, threshold, scored))
+        results.append(VariantResult(v, preds, rep, threshold, scored, source))
 
     rows = _rows(results, baseline, cfg, task, mode, host.family, str(base_id), config_hash,
                  sh, base_fp)
@@ -175,11 +206,27 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     return EvalResult(rows, results, path)
 
 
+def validation_for(v: Variant, cfg: EvalConfig, val_samples: list[Any] | None,
+                   val_pool: list[Any] | None) -> tuple[list[Any], str]:
+    """The samples ``v``'s threshold is chosen on, and the row's ``threshold_source``."""
+    if val_samples:
+        return val_samples, VALIDATION_SPLIT
+    assert val_pool is not None
+    books, source = heldout_books(v, cfg.dataset)
+    if books is None:
+        return holdout_by_book(val_pool, cfg.val_fraction, cfg.holdout_seed), source
+    keep = set(books)
+    val = [s for s in val_pool if book_of(s) in keep]
+    if not val:
+        raise InputError(f"{v.name}: its stages held out books {books[:3]} of '{cfg.dataset}', "
+                         "but the train split given has none of them (another data folder?)")
+    return val, source
+
+
 def _judged(preds: Predictions, samples: list[Any], cfg: EvalConfig) -> Predictions:
     from .judge import judge_all
 
-    if not cfg.judge_model:
-        raise InputError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    assert cfg.judge_model  # EvalConfig.check ran before any generation
     verdicts = judge_all(cfg.judge_url, cfg.judge_model, samples, list(preds.pred))
     return Predictions(**{**preds.__dict__, "judge": verdicts})
 
@@ -205,12 +252,14 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
             "lineage": v.lineage, "method": v.method, "method_params": v.method_params,
             "stages_merged": v.stages_merged, "n": len(r.preds),
             "n_groups": len(set(r.preds.groups)), "parse_failures": r.parse.failures,
+            "threshold_source": r.threshold_source,
             "variant_hash": stable_hash([base_fp, v.content_hash])[:16]}
         for m, e in est.items():
             row[m], row[f"{m}_lo"], row[f"{m}_hi"] = e.value, e.lo, e.hi
             if v.name != baseline:
                 if cfg.paired_test == "mcnemar":
-                    row[f"{m}_p"] = mcnemar(r.preds, ref.preds)
+                    if m == MCNEMAR_METRIC[task]:
+                        row[f"{m}_p"] = mcnemar(r.preds, ref.preds)
                 else:
                     row[f"{m}_p"] = paired_bootstrap(r.preds, ref.preds, m, replicates=reps)[1]
         rows.append(row)

@@ -62,14 +62,27 @@ def encode_prompts(processor: Any, family: str, prompts: list[str],
                           add_special_tokens=False))
 
 
-def continuation_ids(tokenizer: Any, labels: list[str], eot: str | None = None) -> list[list[int]]:
-    """Token ids of each label (plus the end-of-turn text ``eot`` when given)."""
+def continuation_ids(tokenizer: Any, prompt: str, labels: list[str],
+                     eot: str | None = None) -> list[list[int]]:
+    """Token ids of each label (plus the end-of-turn text ``eot``) *as they follow* ``prompt``.
+
+    ids(prompt + label)[len(ids(prompt)):], the way training encodes the answer
+    (``training.batching.encode_batch``). Tokenising a label on its own is not the same:
+    SentencePiece/Metaspace tokenizers (Llama, Mistral: LLaVA-1.5, LLaVA-NeXT-Mistral) prefix a
+    string's first word with "▁", so a standalone "Joy" is "▁Joy" while after the prompt it is
+    "Joy" — scoring tokens the model was never trained to produce.
+    """
+    head = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     out = []
     for lab in labels:
-        ids = tokenizer(lab + (eot or ""), add_special_tokens=False)["input_ids"]
-        if not ids:
+        full = list(tokenizer(prompt + lab + (eot or ""), add_special_tokens=False)["input_ids"])
+        if full[: len(head)] != head:
+            raise InputError(f"label {lab!r}: the prompt's tokens are not a prefix of prompt + "
+                             "label (the tokenizer merges across the boundary), so the label's "
+                             "tokens cannot be isolated; training refuses such answers too")
+        if len(full) == len(head):
             raise InputError(f"label {lab!r}: tokenizes to no tokens")
-        out.append(list(ids))
+        out.append(full[len(head):])
     return out
 
 

@@ -7,6 +7,10 @@ W = [B, n]. Calling sklearn 1000 times per metric per variant cost minutes; this
 milliseconds. The formulas here mirror sklearn's definitions (zero_division=0; macro averages
 over the classes present in gold or prediction) and the test suite checks every metric against
 the sklearn-based :data:`metrics.METRICS` on random predictions and random resamples.
+
+The encoding is :func:`metrics._binarize`'s: C label columns plus a last *invalid* column that a
+prediction sets when it holds anything outside the label set (gold never does). Count blocks are
+therefore [n, C + 1] each; macro averages skip the invalid column, micro pools it (an FP).
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .metrics import Predictions, char_f1, exact_match
+from .metrics import INVALID, Predictions, char_f1, exact_match
 
 StatsFn = Callable[[Predictions], np.ndarray]    # -> [n, k]
 ReduceFn = Callable[[np.ndarray], np.ndarray]    # [B, k] sums -> [B] metric values
 
 
-def _onehot(rows: list[list[str]], labels: list[str]) -> np.ndarray:
+def _onehot(rows: list[list[str]], labels: list[str], *, gold: bool = False) -> np.ndarray:
+    # [n, C + 1]; predicted items outside the set mark the last (invalid) column, gold ones
+    # are dropped (as metrics._binarize does)
     index = {lab: j for j, lab in enumerate(labels)}
-    out = np.zeros((len(rows), len(labels)))
+    out = np.zeros((len(rows), len(labels) + 1))
     for i, row in enumerate(rows):
         for lab in row:
-            if lab in index:  # out-of-set / invalid predictions mark no class
-                out[i, index[lab]] = 1.0
+            j = index.get(lab, None if gold else len(labels))
+            if j is not None:
+                out[i, j] = 1.0
     return out
 
 
@@ -42,7 +49,7 @@ def _split(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _macro(sums: np.ndarray) -> np.ndarray:
-    tp, fp, fn = _split(sums)
+    tp, fp, fn = (x[:, :-1] for x in _split(sums))  # the invalid column is no class
     denom = 2 * tp + fp + fn
     present = denom > 0
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
@@ -63,7 +70,7 @@ def _ratio(sums: np.ndarray) -> np.ndarray:
 
 
 def _single_rows(p: Predictions) -> tuple[list[list[str]], list[list[str]]]:
-    return p.gold, [[x] if isinstance(x, str) else [] for x in p.pred]
+    return p.gold, [[x] if isinstance(x, str) and x else [INVALID] for x in p.pred]
 
 
 def _multi_rows(p: Predictions) -> tuple[list[list[str]], list[list[str]]]:
@@ -81,17 +88,17 @@ def s_accuracy(p: Predictions) -> np.ndarray:
 
 def s_macro(p: Predictions) -> np.ndarray:
     gold, pred = _single_rows(p) if p.task == "single" else _multi_rows(p)
-    return _counts(_onehot(gold, p.label_set), _onehot(pred, p.label_set))
+    return _counts(_onehot(gold, p.label_set, gold=True), _onehot(pred, p.label_set))
 
 
 def s_subset(p: Predictions) -> np.ndarray:
-    keep = set(p.label_set)
-    ok = [float({x for x in (pr or []) if x in keep} == set(g)) for pr, g in zip(p.pred, p.gold)]
+    g, q = _onehot(p.gold, p.label_set, gold=True), _onehot(_multi_rows(p)[1], p.label_set)
+    ok = (g == q).all(axis=1).astype(float)
     return np.column_stack([ok, np.ones(len(p))])
 
 
 def s_example_f1(p: Predictions) -> np.ndarray:
-    g, q = _onehot(p.gold, p.label_set), _onehot([list(x or []) for x in p.pred], p.label_set)
+    g, q = _onehot(p.gold, p.label_set, gold=True), _onehot(_multi_rows(p)[1], p.label_set)
     denom = g.sum(1) + q.sum(1)
     f1 = np.divide(2 * (g * q).sum(1), denom, out=np.zeros(len(p)), where=denom > 0)
     return np.column_stack([f1, np.ones(len(p))])
@@ -106,7 +113,8 @@ def s_single_accuracy(p: Predictions) -> np.ndarray:
 
 def s_single_macro(p: Predictions) -> np.ndarray:
     top1 = p.top1 or [""] * len(p)
-    counts = _counts(_onehot(p.gold, p.label_set), _onehot([[t] for t in top1], p.label_set))
+    counts = _counts(_onehot(p.gold, p.label_set, gold=True),
+                     _onehot([[t or INVALID] for t in top1], p.label_set))
     return counts * _mask_single_gold(p)
 
 

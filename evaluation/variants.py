@@ -143,3 +143,71 @@ def default_baseline(variants: list[Variant]) -> str:
     """The last stage-wise adapter (curriculum order), else the base."""
     stages = [v for v in variants if v.kind == "stage"]
     return stages[-1].name if stages else "base"
+
+
+# ---------------------------------------------------------------- held-out books (thresholds)
+
+#: ``threshold_source`` values of a leaderboard row (multi-label threshold decisions).
+HELDOUT = "heldout-books"
+HELDOUT_PARTIAL = "heldout-books (not every stage held them out)"
+NOT_HELD_OUT = "train-books (not held out)"
+UNSEEN = "train-books (variant never trained on this dataset)"
+
+
+def _lineage_folders(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
+    # every stage folder whose training shaped this adapter: itself and its parents, whatever
+    # the lineage mode (a continued stage kept training its parent's weights)
+    meta = read_stage_metadata(path)
+    parent = resolve_parent(path, meta)
+    if parent is None or parent in seen or not is_adapter_dir(parent):
+        return [path]
+    return _lineage_folders(parent, seen + (path,)) + [path]
+
+
+def _stage_folders(v: Variant) -> list[Path] | None:
+    """The stage folders behind ``v`` (a merge: its inputs' chains); None when unknowable."""
+    if v.kind == "base" or v.path is None:
+        return []
+    if v.kind == "merged" or (v.path / LINEAGE_FILE).is_file() \
+            and _read_json(v.path / LINEAGE_FILE).get("kind") == "merge":
+        raw = _read_json(v.path / LINEAGE_FILE)
+        inputs = [Path(str(a.get("path") if isinstance(a, dict) else a))
+                  for a in raw.get("adapters", [])]
+        if not inputs or not all(is_adapter_dir(p) for p in inputs):
+            return None
+        return [f for p in inputs for f in _lineage_folders(p.resolve())]
+    return [f for link in v.chain or [v.path] for f in _lineage_folders(link)]
+
+
+def heldout_books(v: Variant, dataset: str) -> tuple[list[str] | None, str]:
+    """The books of ``dataset`` that no training stage of ``v`` saw, and where they come from.
+
+    Training records them per stage (curriculum option ``holdout``) in ``emomerge.json`` as
+    ``dataset: {name, ..., holdout: {books, fraction, seed}}``. The books of ``v`` are the union
+    of the records of every stage behind it that trained on ``dataset`` (for a merge, over its
+    inputs' chains). ``(None, note)`` when there is no record to use: the caller falls back to a
+    seeded draw of train books and writes ``note`` into the row's ``threshold_source``.
+    """
+    folders = _stage_folders(v)
+    if folders is None:
+        return None, NOT_HELD_OUT
+    books: set[str] = set()
+    complete, relevant = True, 0
+    for folder in dict.fromkeys(folders):
+        meta = read_stage_metadata(folder)
+        if meta is None or not meta.dataset or not meta.dataset.get("name"):
+            complete = False  # unknown training data: it may have seen any book
+            continue
+        if str(meta.dataset["name"]).lower() != dataset.lower():
+            continue
+        relevant += 1
+        record = (meta.dataset.get("holdout") or {}).get("books")
+        if record:
+            books.update(str(b) for b in record)
+        else:
+            complete = False
+    if books:
+        return sorted(books), HELDOUT if complete else HELDOUT_PARTIAL
+    if complete and relevant == 0:
+        return None, UNSEEN
+    return None, NOT_HELD_OUT

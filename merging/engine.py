@@ -24,6 +24,7 @@ from .lowrank import compress, concat, refactor
 from .methods import METHODS, MergeMethod
 from .output import MANIFEST, atomic_folder, write_adapter_output, write_full_output, write_json
 from .params import resolve_params
+from . import streaming
 from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
 
@@ -119,6 +120,18 @@ class _Merger:
         merged = apply_method(self.method, stacked, self.table[path], seed=self.seed, module=path)
         return back(merged)
 
+    def _streamed(self, path: str) -> bool:
+        """Sparse methods on LoRA factors run block by block (merging/streaming.py)."""
+        return (not self._native(path) and self.method.sparse
+                and streaming.supports(self.method.name, self.table[path]))
+
+    def _stream_inputs(self, path: str):
+        factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
+        gens = None
+        if self.method.random:  # exactly the generators apply_method would build
+            gens = [torch.Generator().manual_seed(derive_seed(self.seed, path, i)) for i in range(self.tv.n)]
+        return factors, gens
+
     def _native(self, path: str) -> bool:
         return self._space(path) != "dense"
 
@@ -143,6 +156,10 @@ class _Merger:
                 if factors is not None and c != 0:
                     total.addmm_(factors[0], factors[1], alpha=c)
             return total
+        if self._streamed(path):
+            factors, gens = self._stream_inputs(path)
+            return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
+                                         self.table[path], generators=gens)
         deltas = self.tv.stacked(path, self.dtype)
         return apply_method(self.method, deltas, self.table[path], seed=self.seed, module=path)
 
@@ -172,6 +189,10 @@ class _Merger:
             for combo in self.tv.combos for j in combo if path in self.tv.pool[j].modules
         )
         gen = torch.Generator().manual_seed(derive_seed(self.seed, path, -1))
+        if self._streamed(path):
+            fs, gens = self._stream_inputs(path)
+            return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
+                                           rank, generators=gens, refactor_generator=gen)
         return refactor(self.dense(path), rank, generator=gen)
 
     def saved_delta(self, name: str) -> torch.Tensor:

@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 import yaml
 from emomerge.merging.errors import InputError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .data import DATASETS
 
@@ -58,6 +66,18 @@ class TrainSettings(_Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
 
 
+class HoldoutSettings(_Strict):
+    """Books held out of a stage's training split, for evaluation's validation part.
+
+    ``ceil(fraction × #books)`` books (at least one, never all) drawn with ``seed``; the stage
+    trains without them and records them in its ``emomerge.json`` (``dataset.holdout.books``).
+    Only for datasets whose samples name their book (EmoComics35, MangaVQA).
+    """
+
+    fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+
 class Stage(_Strict):
     """One stage: a dataset split and how long to train on it."""
 
@@ -73,6 +93,8 @@ class Stage(_Strict):
     steps: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     max_samples: int | None = Field(None, ge=1)
+    #: Books left out of training (evaluation picks its multi-label threshold on them).
+    holdout: HoldoutSettings | None = None
     #: Reader options: image_root, manga109_root, allow_missing_images.
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -103,6 +125,15 @@ class Stage(_Strict):
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of 'epochs' or 'steps'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_holdout(self, handler: Any) -> dict[str, Any]:
+        # A stage without a holdout dumps as it did before the option existed, so content hashes
+        # of stages (the experiment runner's reuse keys) stay valid for existing runs.
+        data = handler(self)
+        if data.get("holdout") is None:
+            data.pop("holdout", None)
+        return data
 
 
 class Curriculum(_Strict):
@@ -166,6 +197,8 @@ def load_curriculum(path: str | Path) -> Curriculum:
         raise InputError(f"{path}: curriculum file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     return parse_curriculum(data, str(path))

@@ -166,7 +166,8 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
         if max_stages is not None and i >= max_stages:
             break
         if is_complete(stage_plan.out_dir):
-            check_resumable(stage_plan, cur, base)
+            check_resumable(stage_plan, cur, base, family=family, base_sha=base_sha,
+                            parent=plans[i - 1] if i else None)
             done.append(stage_plan.out_dir)
             continue
         if stage_plan.out_dir.exists():

@@ -67,3 +67,22 @@ def test_bad_input_is_one_line_and_exit_2(tiny_base, emoart_dir, tmp_path):
     res = runner.invoke(app, ["evaluate", "--base", str(tiny_base), "--dataset", "emoart",
                               "--data", str(emoart_dir), "--mode", "beam"])
     assert res.exit_code == 2 and "--mode" in res.output
+
+
+def test_bad_settings_fail_before_any_model_or_merge_runs(tiny_base, merge_dirs, emoart_dir,
+                                                          tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "res"
+    # --judge-url without --judge-model: refused before generation (no prediction written)
+    res = runner.invoke(app, ["evaluate", "--base", str(tiny_base), "--dataset", "mangavqa",
+                              "--data", str(emoart_dir), "--judge-url", "http://localhost:1",
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "--judge-model" in res.output
+    assert not out.exists()
+    # an unknown --baseline: refused before the leave-one-stage-out merges are built
+    res = runner.invoke(app, ["evaluate", "--base", str(tiny_base), "--variants",
+                              *map(str, merge_dirs), "--dataset", "emoart", "--data",
+                              str(emoart_dir), "--leave-one-stage-out", "--baseline", "nope",
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "--baseline: 'nope'" in res.output
+    assert not (out / "ablations").exists()

@@ -48,3 +48,25 @@ def test_holdout_is_by_book_and_seeded():
     assert len(val) == 6 and {s.meta["file_nr"] for s in val} == {int(b) for b in books}
     with pytest.raises(InputError, match="val-fraction"):
         holdout_books(samples, 1.5)
+
+
+def test_vectorised_threshold_search_equals_the_plain_loop():
+    """The all-candidates-at-once search picks what scoring each candidate with sklearn picks."""
+    from emomerge.evaluation.metrics import example_f1
+
+    rng = np.random.default_rng(4)
+    labels = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
+    values = rng.normal(size=(60, 7)).tolist()
+    gold = [sorted({labels[j] for j in rng.integers(0, 7, rng.integers(1, 4))})
+            for _ in range(60)]
+    probs = np.array([decide.label_probs(v) for v in values])
+    distinct = np.unique(probs)
+    cands = np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2,
+                            [min(1.0, distinct[-1] + 1e-9)]])
+    best_t, best_f = None, -1.0
+    for t in cands[::-1]:                        # highest first: ties keep the higher one
+        f = example_f1(gold, [decide.threshold_labels(v, labels, t) for v in values], labels)
+        if f > best_f + 1e-12:
+            best_t, best_f = float(t), f
+    assert decide.choose_threshold(values, gold, labels) == best_t
+    assert decide.choose_threshold(values, gold, labels, chunk=7) == best_t

@@ -82,3 +82,23 @@ def test_plot_writes_png(tmp_path):
                          row("base", "base", 0.1, arch="llava")])
     out = plot_leaderboard([path], tmp_path / "fig.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_threshold_source_round_trips_and_old_leaderboards_still_read(tmp_path):
+    path = tmp_path / "lb.csv"
+    r = {**row("m1", "merged", 0.5), "threshold_source": "train-books (not held out)"}
+    L.upsert_rows(path, [r])
+    assert L.read_rows(path)[0]["threshold_source"] == "train-books (not held out)"
+    assert "threshold_source" in L.show(path).splitlines()[0]
+    # a leaderboard written before the column existed is read (empty cell) and upgraded
+    old = tmp_path / "old.csv"
+    cols = [c for c in L.COLUMNS if c != "threshold_source"]
+    with old.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerow({c: L.fmt_value(row("s1", "stage", 0.4).get(c)) for c in cols})
+    assert L.read_rows(old)[0]["threshold_source"] == ""
+    L.upsert_rows(old, [r])
+    with old.open() as fh:
+        assert tuple(next(csv.reader(fh))) == L.COLUMNS
+    assert [x["variant"] for x in L.read_rows(old)] == ["s1", "m1"]

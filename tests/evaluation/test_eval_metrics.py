@@ -79,3 +79,43 @@ def test_correctness_vectors():
     assert M.correctness(multi_preds()).tolist() == [1, 0, 0, 1]
     assert M.single_view(multi_preds()).tolist() == [0, 2]
     assert isinstance(M.single_view(multi_preds()), np.ndarray)
+
+
+def test_out_of_set_item_next_to_a_right_label_is_not_an_exact_match():
+    # gold {Joy}, answer "Joy, Shock": the sets differ -> subset accuracy 0, as McNemar says;
+    # example F1 = 2*|{Joy}| / (|gold| 1 + |pred| 2) = 2/3; micro: TP 1 (Joy), FP 1 (the invalid
+    # column), FN 0 -> 2/3; macro over the labels only: Joy F1 1 -> 1.
+    p = Predictions(task="multi", ids=["u"], groups=["p"], gold=[["Joy"]],
+                    pred=[["Joy", "Shock"]], label_set=["Anger", "Joy"], top1=["Joy"])
+    got = M.compute(p)
+    assert got["subset_accuracy"] == 0.0
+    assert got["example_f1"] == pytest.approx(2 / 3)
+    assert got["micro_f1"] == pytest.approx(2 / 3)
+    assert got["macro_f1"] == pytest.approx(1.0)
+    assert M.correctness(p).tolist() == [0]
+    assert list(M.details(p)["per_label"]) == ["Anger", "Joy"]   # no column for the invalid item
+    # the fast bootstrap statistics read the same encoding
+    from emomerge.evaluation.bootstrap import bootstrap
+    est = bootstrap(p, ["subset_accuracy", "example_f1", "micro_f1", "macro_f1"], n_boot=20)
+    assert (est["subset_accuracy"].lo, est["subset_accuracy"].hi) == (0.0, 0.0)
+    assert est["example_f1"].hi == pytest.approx(2 / 3)
+    assert est["micro_f1"].hi == pytest.approx(2 / 3)
+    assert est["macro_f1"].lo == pytest.approx(1.0)
+
+
+def test_generated_out_of_set_words_reach_the_metrics():
+    import tempfile
+    from types import SimpleNamespace
+
+    from emomerge.evaluation.cache import PredictionCache
+    from emomerge.evaluation.outputs import from_generation
+
+    s = SimpleNamespace(id="u1", group="p1", labels=["Joy"], label_set=["Anger", "Joy"],
+                        meta={}, target="")
+    with tempfile.TemporaryDirectory() as d:
+        cache = PredictionCache(d, "v", "h" * 16)
+        cache.add("sh", [{"id": "u1", "text": "['Joy', 'Shock']"}])
+        preds, rep = from_generation("multi", [s], cache, "sh")
+    assert preds.pred == [["Joy", "Shock"]]
+    assert rep.failures == 1 and rep.out_of_set == {"Shock": 1}
+    assert M.compute(preds)["subset_accuracy"] == 0.0

@@ -81,3 +81,40 @@ def test_page_answers_with_length_mismatch():
     assert [p.labels for p in per] == [["Joy"], ["Fear", "Anger"]]
     per, extra = parse_page("no list here", 2, EC)
     assert [p.failure for p in per] == ["unparsable", "unparsable"]
+
+
+@pytest.mark.parametrize("text", ["Shock, Joy", "Joy, Shock", "Shock and joy"])
+def test_list_with_an_out_of_set_item_is_not_rescued_by_scanning(text):
+    got = parse_labels(text, EC, multi=True)
+    assert got.failure == "out_of_set" and not got.lenient
+    assert got.labels == ["Joy"]
+    assert [w.lower() for w in got.invalid] == ["shock"]
+
+
+def test_sentence_with_an_out_of_set_emotion_word_is_a_failure():
+    got = parse_labels("I feel shock but also joy.", EC, multi=True)
+    assert got.failure == "out_of_set"
+    assert got.labels == ["Joy"] and got.invalid == ["shock"]
+    assert parse_labels("I feel shock but also joy.", EC, multi=False).failure == "out_of_set"
+
+
+def test_negated_label_is_ambiguous_not_the_label():
+    got = parse_labels("Not angry at all, calm", EC, multi=True)
+    assert got.failure == "ambiguous"
+    assert "Anger" not in got.labels and got.labels == []
+    assert got.invalid == ["Not angry at all", "calm"]
+    one = parse_labels("The speaker is not angry.", EC, multi=False)
+    assert one.failure == "ambiguous" and one.labels == [] and one.invalid == ["not angry"]
+    # a plain sentence still reads (and is flagged lenient)
+    assert parse_labels("She is really happy.", EC, multi=False).labels == ["Joy"]
+
+
+def test_page_answer_as_unquoted_nested_list():
+    per, extra = parse_page("[[Neutral], [Joy, Fear]]", 2, EC)
+    assert [p.labels for p in per] == [["Neutral"], ["Joy", "Fear"]] and extra == 0
+    assert all(p.ok for p in per)
+    per, _ = parse_page("[[Neutral], [Shock]]", 2, EC)
+    assert per[0].ok and per[1].failure == "out_of_set" and per[1].invalid == ["Shock"]
+    # text between the groups: not this shape, stays unparsable
+    per, _ = parse_page("[[Neutral] then [Joy]]", 2, EC)
+    assert [p.failure for p in per] == ["unparsable", "unparsable"]

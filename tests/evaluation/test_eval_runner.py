@@ -57,12 +57,16 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
         # the default baseline is the last stage: no p-value on its own row
         assert ("example_f1_p" not in r) == (r["variant"] == "s2_emocomics35")
     assert all(r.threshold is not None for r in res.results)
+    assert {r["threshold_source"] for r in rows} == {"validation-split"}
 
     art = read_dataset("emoart", emoart_dir, "test")
     cfg2 = EvalConfig(dataset="emoart", split="test", n_boot=50, paired_test="mcnemar")
     rows2 = evaluate(host, tiny_base, variants, art, tmp_path, cfg2, progress=False).rows
     assert {r["task"] for r in rows2} == {"single"}
     assert all(0 <= r["accuracy"] <= 1 and r["parse_failures"] == 0 for r in rows2)
+    # McNemar tests exact correctness: its p sits in the accuracy column only
+    others = [r for r in rows2 if r["variant"] != r["baseline"]]
+    assert others and all("accuracy_p" in r and "macro_f1_p" not in r for r in others)
 
     board = read_rows(tmp_path / "leaderboard.csv")
     assert len(board) == 10

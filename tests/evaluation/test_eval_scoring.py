@@ -25,7 +25,7 @@ def test_cached_prefix_matches_full_forward(host, stage_dirs, with_eot, adapter)
     prompt = render_prompt(host.processor, MESSAGES)
     assert prompt.endswith("<|im_start|>assistant\n")   # the generation prompt is included
     inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
-    conts = continuation_ids(host.tokenizer, LABELS, "<|im_end|>" if with_eot else None)
+    conts = continuation_ids(host.tokenizer, prompt, LABELS, "<|im_end|>" if with_eot else None)
     assert len({len(c) for c in conts}) > 1             # labels of different token counts
     variant = variant_from_dir(stage_dirs[1]) if adapter else Variant("base", "base")
     with host.activate(variant) as model:
@@ -38,9 +38,9 @@ def test_cached_prefix_matches_full_forward(host, stage_dirs, with_eot, adapter)
 
 def test_adapters_change_scores(host, stage_dirs, merge_dirs):
     img = Image.new("RGB", (64, 64), (30, 60, 220))
-    inputs = encode_prompts(host.processor, host.family,
-                            [render_prompt(host.processor, MESSAGES)], [[img]])
-    conts = continuation_ids(host.tokenizer, LABELS)
+    prompt = render_prompt(host.processor, MESSAGES)
+    inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
+    conts = continuation_ids(host.tokenizer, prompt, LABELS)
     got = []
     for v in [Variant("base", "base")] + [variant_from_dir(d) for d in stage_dirs + merge_dirs]:
         with host.activate(v) as model:
@@ -54,9 +54,9 @@ def test_stacked_chain_activates_parents_too(host, stage_dirs, tmp_path):
 
     summed = merge("task_arithmetic", stage_dirs, tmp_path / "sum", weights=[1.0, 1.0])
     img = Image.new("RGB", (64, 64), (240, 220, 30))
-    inputs = encode_prompts(host.processor, host.family,
-                            [render_prompt(host.processor, MESSAGES)], [[img]])
-    conts = continuation_ids(host.tokenizer, LABELS)
+    prompt = render_prompt(host.processor, MESSAGES)
+    inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
+    conts = continuation_ids(host.tokenizer, prompt, LABELS)
     chain = Variant("stacked", "stage", stage_dirs[1], chain=list(stage_dirs))
     with host.activate(chain) as model:
         both = score_labels(model, inputs, conts, 0)

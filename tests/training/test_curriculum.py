@@ -44,6 +44,10 @@ def test_shipped_curricula_exist():
     ({"base_model": "m", "stages": [_stage(options={"imageroot": "x"})]}, "stages.0.options",
      "unknown reader options"),
     ({"base_model": "m", "stages": []}, "stages", "at least 1"),
+    ({"base_model": "m", "stages": [_stage(holdout={"fraction": 0.1, "sed": 0})]},
+     "stages.0.holdout.sed", "Extra inputs"),
+    ({"base_model": "m", "stages": [_stage(holdout={"fraction": 1.0})]},
+     "stages.0.holdout.fraction", "less than 1"),
 ])
 def test_bad_curriculum_names_file_and_key(tmp_path, data, key, msg):
     path = tmp_path / "cur.yaml"
@@ -92,6 +96,26 @@ def test_overlapping_splits_are_refused(synthetic, tmp_path):
         {"name": "vqa", "dataset": "mangavqa", "path": str(root), "steps": 1}]})
     with pytest.raises(InputError, match="shares 8 samples with the evaluation split 'test'"):
         plan_stages(cur, tmp_path / "out")
+
+
+def test_emid_overlap_is_found_by_content(synthetic, tmp_path):
+    # A train shard repeating test rows: EMID ids are row positions ("train-000024" vs
+    # "test-000000"), so only a content identity (image bytes + question) can see the overlap.
+    import shutil
+
+    root = tmp_path / "emid"
+    shutil.copytree(synthetic["emid"], root)
+    shutil.copy(root / "data" / "test-00000-of-00001.parquet",
+                root / "data" / "train-00001-of-00002.parquet")
+    cur = parse_curriculum({"base_model": "m", "stages": [
+        {"name": "emid", "dataset": "emid", "path": str(root), "task": "matching", "steps": 1}]})
+    with pytest.raises(InputError, match="shares 8 samples with the evaluation split 'test'"):
+        plan_stages(cur, tmp_path / "out")
+    # the untouched synthetic set has no overlap
+    clean = parse_curriculum({"base_model": "m", "stages": [
+        {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "task": "matching",
+         "steps": 1}]})
+    assert plan_stages(clean, tmp_path / "out")[0].samples
 
 
 def test_plan_reads_and_limits_samples(synthetic, tmp_path):

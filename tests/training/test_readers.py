@@ -167,3 +167,22 @@ def test_unknown_dataset_and_path():
         read_dataset("coco", "/", "train")
     with pytest.raises(InputError, match="no such file"):
         read_dataset("emoart", "/nonexistent/emoart", "train")
+
+
+def test_mangavqa_repeated_question_on_a_page_gets_its_own_stable_id(tmp_path, synthetic):
+    # The same question on the same page, twice, with another gold answer each time.
+    table = pq.read_table(synthetic["mangavqa"] / "data" / "train-00000-of-00001.parquet")
+    rows = table.to_pylist()
+    rows.insert(3, {**rows[2], "answer": rows[2]["answer"] + "（別解）"})
+    root = tmp_path / "vqa"
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, table.schema),
+                   root / "data" / "train-00000-of-00001.parquet")
+    samples = read_dataset("mangavqa", root, "train", manga109_root=synthetic["mangavqa"])
+    ids = [s.id for s in samples]
+    assert len(set(ids)) == len(ids) == len(rows)
+    assert ids == [s.id for s in read_dataset("mangavqa", root, "train",
+                                              manga109_root=synthetic["mangavqa"])]
+    # both rows are the same input, which the train/evaluation overlap check must still see
+    assert samples[2].meta["content_id"] == samples[3].meta["content_id"]
+    assert samples[2].target != samples[3].target

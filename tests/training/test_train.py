@@ -25,7 +25,7 @@ def continued(tiny_model, synthetic, tmp_path_factory):
     cur = _curriculum(tiny_model("qwen2_5_vl"), synthetic, "continued", [
         {"name": "emoart", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 5},
         {"name": "ec35", "dataset": "emocomics35", "path": str(synthetic["emocomics35"]),
-         "steps": 3, "max_samples": 12},
+         "steps": 3, "max_samples": 12, "holdout": {"fraction": 0.1, "seed": 0}},
     ])
     out = tmp_path_factory.mktemp("run_continued")
     start = time.perf_counter()
@@ -80,6 +80,16 @@ def test_dataset_hash_is_the_data_the_stage_saw(continued, synthetic):
         read_dataset("emoart", synthetic["emoart"], "train"))
 
 
+def test_held_out_books_are_in_the_stage_metadata(continued, synthetic):
+    from emomerge.evaluation.holdout import holdout_books
+
+    meta = read_stage_metadata(continued[2][1])
+    train = read_dataset("emocomics35", synthetic["emocomics35"], "train")
+    assert meta.dataset["holdout"] == {"books": holdout_books(train, 0.1, seed=0),
+                                       "fraction": 0.1, "seed": 0}
+    assert "holdout" not in read_stage_metadata(continued[2][0]).dataset
+
+
 def test_loss_goes_down_on_the_learnable_signal(continued):
     losses = read_stage_metadata(continued[2][0]).loss_history
     assert len(losses) == 5 and losses[-1] < losses[0]
@@ -106,6 +116,69 @@ def test_resume_with_other_settings_is_refused(continued, tmp_path):
     shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
     with pytest.raises(InputError, match="different seed"):
         train_curriculum({**cur, "seed": 1}, tmp_path, progress=False)
+
+
+def test_full_resume_of_a_finished_run_trains_nothing(continued):
+    cur, out, dirs, _ = continued
+    before = {d: (d / "adapter_model.safetensors").stat().st_mtime_ns for d in dirs}
+    assert train_curriculum(cur, out, progress=False) == dirs
+    assert before == {d: (d / "adapter_model.safetensors").stat().st_mtime_ns for d in dirs}
+
+
+def _edit_stage(cur, i, **kw):
+    stages = [dict(s) for s in cur["stages"]]
+    stages[i].update(kw)
+    return {**cur, "stages": stages}
+
+
+@pytest.mark.parametrize("edit,diff", [
+    (lambda c: {**c, "lora": {"r": 2, "alpha": 8}}, "lora.r 4 -> 2"),
+    (lambda c: {**c, "lora": {**c["lora"], "target_regex": r".*\.q_proj"}}, "lora.target_regex"),
+    (lambda c: {**c, "train": {**c["train"], "lr": 1e-3}}, "train.lr 0.005 -> 0.001"),
+    (lambda c: {**c, "train": {**c["train"], "grad_accum": 2}}, "train.grad_accum 1 -> 2"),
+    (lambda c: _edit_stage(c, 0, steps=6), "stage.steps 5 -> 6"),
+    (lambda c: _edit_stage(c, 0, steps=None, epochs=1), "stage.epochs None -> 1"),
+    (lambda c: _edit_stage(c, 0, lr=1e-2), "train.lr 0.005 -> 0.01"),
+], ids=["lora_r", "target_regex", "lr", "grad_accum", "steps", "epochs", "stage_lr"])
+def test_resume_with_other_training_settings_is_refused(continued, tmp_path, edit, diff):
+    cur, _, dirs, _ = continued
+    shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
+    with pytest.raises(InputError) as exc:
+        train_curriculum(edit(cur), tmp_path, progress=False)
+    text = str(exc.value)
+    assert text.startswith(f"{tmp_path / 'adapters' / 'emoart'}: finished stage was trained "
+                           "with different settings") and diff in text and "\n" not in text
+    assert "use a new --out folder" in text
+
+
+def test_resume_refuses_a_stage_built_on_another_parent(continued, tmp_path):
+    """Stage 1 replaced (retrained differently) under a finished stage 2: stage 2 is stale."""
+    from safetensors.torch import save_file
+
+    cur, _, dirs, _ = continued
+    for d in dirs:
+        shutil.copytree(d, tmp_path / "adapters" / d.name)
+    weights = tmp_path / "adapters" / "emoart" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1e-3
+    save_file(tensors, weights)
+    with pytest.raises(InputError, match=r"adapters/ec35: finished stage was built on another "
+                                         r"emoart adapter \(lineage.parent_sha256"):
+        train_curriculum(cur, tmp_path, progress=False)
+
+
+def test_resume_refuses_a_stage_without_a_settings_fingerprint(continued, tmp_path):
+    import json
+
+    cur, _, dirs, _ = continued
+    folder = tmp_path / "adapters" / "emoart"
+    shutil.copytree(dirs[0], folder)
+    meta = json.loads((folder / "emomerge.json").read_text())
+    del meta["settings_sha256"]
+    (folder / "emomerge.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="records no settings_sha256"):
+        train_curriculum(cur, tmp_path, progress=False, max_stages=1)
 
 
 def test_half_written_stage_folder_is_refused(continued, tmp_path):

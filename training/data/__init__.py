@@ -15,11 +15,11 @@ from typing import Any
 from emomerge.merging.errors import InputError
 
 from . import emid, emoart, emocomics35, mangavqa
-from .sample import ReadReport, Sample, samples_sha256
+from .sample import ReadReport, Sample, content_id, samples_sha256
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "ReadReport", "Sample", "inspect_dataset", "list_splits",
-    "read_dataset", "read_with_report", "samples_sha256",
+    "DATASETS", "DatasetSpec", "ReadReport", "Sample", "content_id", "inspect_dataset",
+    "list_splits", "read_dataset", "read_with_report", "samples_sha256",
 ]
 
 

@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from emomerge.merging.errors import InputError
 
 from .emoart import hash_split
-from .parquet import parquet_splits, read_columns
+from .parquet import iter_rows, parquet_splits
 from .sample import (
     ImageResolver,
     ReadReport,
@@ -42,8 +43,12 @@ def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
     shards = parquet_splits(path)
     wanted = normalize_split(split, list(shards), path)
     samples = []
-    for i, row in enumerate(read_columns(shards[wanted], MATCH_COLUMNS)):
-        img = image_from_bytes(row["image"])
+    for i, (file, row_in_file, row) in enumerate(iter_rows(shards[wanted], MATCH_COLUMNS)):
+        try:
+            img = image_from_bytes(row["image"])
+        except (OSError, TypeError, ValueError) as exc:  # PIL's UnidentifiedImageError: OSError
+            raise InputError(f"{file} row {row_in_file}: column image is not a readable image "
+                             f"({exc.__class__.__name__})") from exc
         if img is None:
             report.missing_images += 1
             continue
@@ -56,9 +61,37 @@ def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
             id=sid, images=[img],
             messages=user_message(1, f"{row['question']}\nAnswer 'yes - <emotion>' or 'no'."),
             target=answer, labels=[label], label_set=["yes", "no"], group=sid,
-            meta={"emotion": row["emotion"] or None, "same": bool(row["same"])},
+            meta={"emotion": row["emotion"] or None, "same": bool(row["same"]),
+                  "content_id": _content_id(row)},
         ))
     return samples
+
+
+def _content_id(row: dict[str, Any]) -> str:
+    """A hash of what the model sees (image bytes + question).
+
+    Ids are row positions (``train-000012``), which never collide across splits; the
+    train/evaluation overlap check compares this instead.
+    """
+    cell = row["image"]
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    h = hashlib.sha256(data or b"")
+    h.update(b"\0" + str(row["question"]).encode())
+    return "emid-" + h.hexdigest()[:32]
+
+
+def _collect_tags(row: dict[str, Any], where: str, report: ReadReport,
+                  seen: dict[str, str]) -> None:
+    """Record each image's Mikels tag from one CSV row (the first tag wins on a conflict)."""
+    for k in (1, 2, 3):
+        name, tag = row.get(f"Image{k}_filename"), row.get(f"Image{k}_tag")
+        if not name or not tag:
+            continue
+        label = tag.strip().lower()
+        if label not in LABELS:
+            raise InputError(f"{where}: Image{k}_tag {tag!r} not in {LABELS}")
+        if seen.setdefault(name, label) != label:
+            report.repairs["conflicting_tag_first_kept"] += 1
 
 
 def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
@@ -69,16 +102,15 @@ def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
     wanted = normalize_split(split, ["train", "val", "test"], csv_path)
     seen: dict[str, str] = {}
     with csv_path.open(newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.DictReader(fh), start=2):
-            for k in (1, 2, 3):
-                name, tag = row.get(f"Image{k}_filename"), row.get(f"Image{k}_tag")
-                if not name or not tag:
-                    continue
-                label = tag.strip().lower()
-                if label not in LABELS:
-                    raise InputError(f"{csv_path}:{lineno}: Image{k}_tag {tag!r} not in {LABELS}")
-                if seen.setdefault(name, label) != label:
-                    report.repairs["conflicting_tag_first_kept"] += 1
+        reader = csv.DictReader(fh)
+        try:
+            for row in reader:
+                _collect_tags(row, f"{csv_path}:{reader.line_num}", report, seen)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{csv_path}: not a UTF-8 text file (near line "
+                             f"{reader.line_num + 1})") from exc
+        except csv.Error as exc:
+            raise InputError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc})") from exc
     images = ImageResolver(report, allow_missing)
     prompt = ("Which emotion does this image evoke? Choose one of: "
               f"{', '.join(LABELS)}. Answer with the emotion only.")

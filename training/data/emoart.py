@@ -59,11 +59,25 @@ def _description(rec: dict[str, Any], repairs: Counter, where: str) -> dict[str,
 def load_records(path: Path) -> list[dict[str, Any]]:
     """The raw records of ``Annotation.json`` (a JSON list, or JSON lines)."""
     ann = find_annotation(path)
-    text = ann.read_text(encoding="utf-8")
+    try:
+        text = ann.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{ann}: not a UTF-8 text file (byte {exc.start})") from exc
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # one JSON document: its own error is the useful one
+            raise InputError(f"{ann}:{exc.lineno}: not valid JSON ({exc.msg}, column "
+                             f"{exc.colno})") from exc
+        data = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as line_exc:
+                raise InputError(f"{ann}:{lineno}: neither a JSON document nor JSON lines "
+                                 f"({line_exc.msg}, column {line_exc.colno})") from line_exc
     if isinstance(data, dict):
         data = data.get("data") or data.get("annotations") or list(data.values())
     if not isinstance(data, list):
@@ -94,11 +108,18 @@ def read_emoart(
     records = load_records(path)
     parsed = []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise InputError(f"{ann} record {i}: expected a JSON object, got "
+                             f"{type(rec).__name__}")
         where = f"{ann} record {i} ({rec.get('request_id', '?')})"
         # Every record is parsed (valence/arousal label sets span the file); repairs are
         # counted for the records of this split only.
         repairs: Counter = Counter()
         third = _description(rec, repairs, where)["third_section"]
+        if not isinstance(third, dict):
+            raise InputError(f"{where}: description.third_section is not an object")
+        if not isinstance(rec.get("image_path"), str) or not rec["image_path"].strip():
+            raise InputError(f"{where}: key 'image_path' missing or not a string")
         parsed.append((rec, third, repairs))
     if task == "dominant_emotion":
         label_set = list(LABELS)

@@ -13,6 +13,7 @@ import csv
 import json
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def parse_label_entry(entry: Any, repairs: Counter, where: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
         repairs["bare_label_string"] += 1
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{where}: expected a list of emotion labels, got {value!r}")
     out: list[str] = []
     for raw in value:
         lab = _CANON.get(str(raw).strip().lower())
@@ -69,7 +72,25 @@ def parse_label_entry(entry: Any, repairs: Counter, where: str) -> list[str]:
     return out
 
 
-def _literal_list(text: str, where: str) -> list[Any]:
+def _cell(row: dict[str, Any], column: str, where: str) -> str:
+    """A CSV cell; a row shorter than the header leaves ``None`` in its last columns."""
+    value = row.get(column)
+    if value is None:
+        raise InputError(f"{where}: no value in column {column} (row shorter than the header)")
+    return value
+
+
+def _int_cell(row: dict[str, Any], column: str, where: str) -> int:
+    value = _cell(row, column, where)
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InputError(f"{where}: column {column} is not an integer ({value!r})") from exc
+
+
+def _literal_list(text: str | None, where: str) -> list[Any]:
+    if text is None:
+        raise InputError(f"{where}: no value (row shorter than the header)")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError) as exc:
@@ -79,17 +100,35 @@ def _literal_list(text: str, where: str) -> list[Any]:
     return value
 
 
+@contextmanager
+def _open_csv(csv_path: Path) -> Iterator[Iterator[tuple[int, dict[str, Any]]]]:
+    """(line number, row) pairs, header checked; decoding and CSV errors name the line."""
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+
+        def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+            try:
+                missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise InputError(f"{csv_path}: missing columns {missing}")
+                for row in reader:
+                    yield reader.line_num, row
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{csv_path}: not a UTF-8 text file (near line "
+                                 f"{reader.line_num + 1})") from exc
+            except csv.Error as exc:
+                raise InputError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc})") from exc
+
+        yield rows()
+
+
 def iter_pages(csv_path: Path) -> Iterator[dict[str, Any]]:
     """Parsed pages of the whole file (all splits), utterance lists aligned and validated.
 
     Each page carries the ``repairs`` its parsing needed, so a split's report counts its own.
     """
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{csv_path}: missing columns {missing}")
-        for lineno, row in enumerate(reader, start=2):
+    with _open_csv(csv_path) as rows:
+        for lineno, row in rows:
             where = f"{csv_path}:{lineno}"
             lists = {c: _literal_list(row[c], f"{where} column {c}") for c in LIST_COLUMNS}
             lengths = {c: len(v) for c, v in lists.items()}
@@ -101,11 +140,11 @@ def iter_pages(csv_path: Path) -> Iterator[dict[str, Any]]:
                 for i, e in enumerate(lists["PageEmotions"])
             ]
             yield {
-                "file_nr": int(row["FileNr"]),
-                "page": int(row["Page"]),
-                "split": row["Split"].strip(),
-                "title": row["ComicBookTitle"],
-                "annotated_path": row["image_path"],
+                "file_nr": _int_cell(row, "FileNr", where),
+                "page": _int_cell(row, "Page", where),
+                "split": _cell(row, "Split", where).strip(),
+                "title": _cell(row, "ComicBookTitle", where),
+                "annotated_path": _cell(row, "image_path", where),
                 "utterances": [str(u).strip() for u in lists["PageUtterances"]],
                 "speakers": [str(s) for s in lists["PageSpeakers"]],
                 "panels": lists["PagePanels"],
@@ -201,5 +240,5 @@ def read_emocomics35(
 def list_splits(path: Path) -> list[str]:
     """Split names present in the file (``TRAIN``/``TEST`` in the published CSV)."""
     csv_path = find_csv(path)
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        return sorted({row["Split"].strip() for row in csv.DictReader(fh)})
+    with _open_csv(csv_path) as rows:
+        return sorted({_cell(row, "Split", f"{csv_path}:{lineno}").strip() for lineno, row in rows})

@@ -10,7 +10,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .parquet import parquet_splits, read_columns
+from emomerge.merging.errors import InputError
+
+from .parquet import iter_rows, parquet_splits
 from .sample import ImageResolver, ReadReport, Sample, normalize_split, user_message
 
 COLUMNS = ["title", "image_number", "question", "answer"]
@@ -31,10 +33,19 @@ def read_mangavqa(
     report = ReadReport("mangavqa", wanted)
     images = ImageResolver(report, allow_missing_images)
     samples = []
-    for row in read_columns(shards[wanted], COLUMNS, OPTIONAL):
-        title, num = str(row["title"]), int(row["image_number"])
+    for index, (file, i, row) in enumerate(iter_rows(shards[wanted], COLUMNS, OPTIONAL)):
+        title = str(row["title"])
+        try:
+            num = int(row["image_number"])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{file} row {i}: image_number is not an integer "
+                             f"({row['image_number']!r})") from exc
         qhash = hashlib.sha1(str(row["question"]).encode()).hexdigest()[:10]
-        sid = f"{title}-{num:03d}-{qhash}"
+        # The same question on the same page can recur with another gold answer: the row's
+        # position in the split makes the id unique; the content id (page + question) is what
+        # the train/evaluation overlap check compares.
+        content = f"{title}-{num:03d}-{qhash}"
+        sid = f"{content}-r{index:06d}"
         qtype = row.get("answer_type") or row.get("understanding_type")
         report.label_counts[str(qtype or "unknown")] += 1
         img = images.resolve([root / "images" / title / f"{num:03d}.jpg",
@@ -46,7 +57,8 @@ def read_mangavqa(
             id=sid, images=[img], messages=user_message(1, f"{row['question']}\n{INSTRUCTION}"),
             target=answer, labels=[answer], label_set=[], group=sid,
             meta={"title": title, "image_number": num, "type": qtype,
-                  "required_info": row.get("required_info"), "w5h1": row.get("w5h1")},
+                  "required_info": row.get("required_info"), "w5h1": row.get("w5h1"),
+                  "content_id": content},
         ))
     images.warn_if_dropped()
     report.samples = len(samples)

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from emomerge.merging.errors import InputError
 
@@ -41,12 +42,22 @@ def read_columns(files: list[Path], wanted: list[str], optional: list[str] = ())
     Only the listed columns are read from disk, so a heavy column (EMID's audio) is never loaded
     or decoded.
     """
-    rows: list[dict[str, Any]] = []
+    return [row for _, _, row in iter_rows(files, wanted, optional)]
+
+
+def iter_rows(files: list[Path], wanted: list[str],
+              optional: list[str] = ()) -> list[tuple[Path, int, dict[str, Any]]]:
+    """``(file, row index in that file, row)`` for every row, so errors can name where they are."""
+    out: list[tuple[Path, int, dict[str, Any]]] = []
     for f in files:
-        names = pq.read_schema(f).names
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise InputError(f"{f}: missing columns {missing} (has {names})")
-        cols = list(wanted) + [c for c in optional if c in names]
-        rows.extend(pq.read_table(f, columns=cols).to_pylist())
-    return rows
+        try:
+            names = pq.read_schema(f).names
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise InputError(f"{f}: missing columns {missing} (has {names})")
+            cols = list(wanted) + [c for c in optional if c in names]
+            rows = pq.read_table(f, columns=cols).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{f}: not a readable parquet file ({exc})") from exc
+        out.extend((f, i, row) for i, row in enumerate(rows))
+    return out

@@ -44,6 +44,15 @@ class Sample:
         return ""
 
 
+def content_id(sample: Sample) -> str:
+    """What makes two samples the same input, for the train/evaluation overlap check.
+
+    ``meta["content_id"]`` when the reader sets one (ids built from a row position, or made
+    unique with one, say nothing about content), else the sample's id.
+    """
+    return str(sample.meta.get("content_id") or sample.id)
+
+
 @dataclass
 class ReadReport:
     """What a reader saw while parsing one split: counts a researcher checks before training."""

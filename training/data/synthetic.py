@@ -173,9 +173,26 @@ _QUESTIONS = ["Does the emotion of this music match the image?",
               "Do the music and the picture express the same emotion?"]
 
 
+def _distinct_input(emo: str, labels: list[str], rng: random.Random,
+                    seen: set[tuple[bytes, str]]) -> tuple[bytes, str]:
+    """An (image, question) pair not drawn before in either split.
+
+    The jitter leaves ~340 distinct inputs per emotion, so a few hundred rows repeat some; a
+    repeat across train and test is an overlap the curriculum rightly refuses. Redrawing only on
+    a repeat leaves the files of smaller sets as they were.
+    """
+    for _ in range(100):
+        pair = (_jpeg_bytes(emotion_image(emo, labels, rng)), rng.choice(_QUESTIONS))
+        if pair not in seen:
+            break
+    seen.add(pair)
+    return pair
+
+
 def write_emid(root: Path, n: int, rng: random.Random) -> Path:
     """Emotion-matching parquet shards (train/test) plus the original ``EMID_data.csv`` layout."""
     labels = emid_mod.LABELS
+    seen: set[tuple[bytes, str]] = set()
     for split, count in (("train", n), ("test", max(2, n // 3))):
         cols: dict[str, list[Any]] = {k: [] for k in
                                       ("audio", "sampling_rate", "image", "same", "emotion",
@@ -184,11 +201,11 @@ def write_emid(root: Path, n: int, rng: random.Random) -> Path:
             emo, same = rng.choice(labels), rng.random() < 0.5
             cols["audio"].append({"bytes": _wav_bytes(rng), "path": f"clip_{i}.wav"})
             cols["sampling_rate"].append(16000)
-            cols["image"].append({"bytes": _jpeg_bytes(emotion_image(emo, labels, rng)),
-                                  "path": f"{emo}_{i}.jpg"})
+            image, question = _distinct_input(emo, labels, rng, seen)
+            cols["image"].append({"bytes": image, "path": f"{emo}_{i}.jpg"})
             cols["same"].append(same)
             cols["emotion"].append(emo if same else "")
-            cols["question"].append(rng.choice(_QUESTIONS))
+            cols["question"].append(question)
             cols["answer"].append(f"yes - {emo}" if same else "no")
         table = pa.table({**cols, "audio": pa.array(cols["audio"], _IMG_STRUCT),
                           "image": pa.array(cols["image"], _IMG_STRUCT),

@@ -1,0 +1,79 @@
+"""Label tokens are scored as training encodes them: after the prompt, not on their own.
+
+A SentencePiece-style (Metaspace) tokenizer — the kind Llama/Mistral-based LLaVA-1.5 and
+LLaVA-NeXT-Mistral use — prefixes the first word of a string with "▁". Built here offline with
+the ``tokenizers`` library, it shows the standalone encoding differs from the in-context one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from emomerge.evaluation.scoring import continuation_ids
+from emomerge.merging.errors import InputError
+
+PROMPT = "USER: Which emotion is shown? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        pre_tokenizers.Punctuation(),
+    ])
+    from tokenizers import decoders
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["USER: Which emotion is shown? ASSISTANT:Joy", "Joy Fear Anger Joy Fear",
+              "ASSISTANT:Fear", "ASSISTANT:Anger", "Joy", "Fear", "Anger"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<pad>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="</s>")
+
+
+class _TextProcessor:
+    """The slice of a VLM processor that training's encode path uses, for text-only samples."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return PROMPT
+
+    def __call__(self, text, images=None, **kw):
+        return self.tokenizer(text, **kw)
+
+
+def test_standalone_label_tokens_differ_from_the_trained_ones(metaspace_tokenizer):
+    from emomerge.training.batching import encode_batch
+    from emomerge.training.data import Sample
+    from emomerge.training.families import get_family
+
+    tok = metaspace_tokenizer
+    eot = get_family("llava").answer_suffix                    # "</s>"
+    standalone = tok("Joy" + eot, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(standalone)[0].startswith("▁")   # the prefix space
+
+    sample = Sample(id="s", images=[], messages=[], target="Joy", labels=["Joy"],
+                    label_set=["Anger", "Fear", "Joy"], group="s")
+    batch = encode_batch(_TextProcessor(tok), "llava", [sample])
+    trained = [int(t) for t in batch["labels"][0] if t != -100]   # the answer tokens trained on
+
+    got = continuation_ids(tok, PROMPT, ["Joy"], eot)[0]
+    assert got == trained
+    assert got != standalone
+    assert not tok.convert_ids_to_tokens(got)[0].startswith("▁")
+
+
+def test_prompt_that_merges_with_the_label_is_refused(metaspace_tokenizer):
+    # prompt "…:J" + label "oy": the prompt's last token "J" becomes part of "Joy" once the label
+    # is appended, so the label's tokens cannot be cut out of the joint encoding.
+    tok = metaspace_tokenizer
+    head = tok("ASSISTANT:J", add_special_tokens=False)["input_ids"]
+    full = tok("ASSISTANT:Joy", add_special_tokens=False)["input_ids"]
+    assert full[: len(head)] != head                     # the premise of this test
+    with pytest.raises(InputError, match="not a prefix"):
+        continuation_ids(tok, "ASSISTANT:J", ["oy"])

@@ -1,0 +1,180 @@
+"""The streamed merge (``merging.streaming``) against the dense path it replaces.
+
+Reference: ``engine.apply_method(method, stacked τ, params)`` on the dense task vectors, which the
+mergekit oracle tests pin to mergekit. Trimming and random masks must be identical (same entries
+kept); values equal to float rounding (the L1 rescale sums are accumulated block by block).
+Shapes are chosen so row blocks do not divide the row count, and ``exact_below=0`` forces the
+sampled-bracket selection that large tensors use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emomerge.merging import sparsify as sp
+from emomerge.merging import streaming as S
+from emomerge.merging.engine import apply_method, derive_seed, get_method, resolve_params
+from emomerge.merging.lowrank import refactor
+
+SHAPE = (203, 77)
+RANKS = (3, 8, 5, 16)
+
+
+def random_factors(seed, ranks=RANKS, shape=SHAPE, dtype=torch.float32, missing=()):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, r in enumerate(ranks):
+        L = torch.randn(shape[0], r, generator=g, dtype=dtype)
+        R = torch.randn(r, shape[1], generator=g, dtype=dtype) / 5
+        out.append(None if i in missing else (L, R))
+    return out
+
+
+def reference(name, factors, params, shape=SHAPE, seed=7, module="m"):
+    method = get_method(name)
+    resolved = resolve_params(method, len(factors), params)
+    dtype = next(f[0].dtype for f in factors if f is not None)
+    stacked = torch.stack([
+        torch.zeros(shape, dtype=dtype) if f is None else f[0] @ f[1] for f in factors
+    ])  # [n_adapters, out, in], as TaskVectors.stacked builds it
+    return resolved, apply_method(method, stacked, resolved, seed=seed, module=module)
+
+
+def generators(n, seed=7, module="m"):
+    return [torch.Generator().manual_seed(derive_seed(seed, module, i)) for i in range(n)]
+
+
+def assert_same_merge(got, ref, *, exact):
+    assert torch.equal(got != 0, ref != 0), "a different set of entries survived"
+    if exact:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+CASES = [
+    ("ties", dict(density=0.4), True),
+    ("ties", dict(density=[0.3, 0.5, 0.9, 0.2], weight=[1.0, 0.5, 2.0, -1.0], **{"lambda": 0.7}), True),
+    ("ties", dict(density=0.5, normalize=False), True),
+    ("ties", dict(density=0.5, rescale=True), False),
+    ("dare_ties", dict(density=0.5, weight=[1.0, 0.3, 1.2, 0.8]), False),
+    ("dare_ties", dict(density=0.6, rescale=False), True),
+    ("dare_linear", dict(density=0.5, rescale="density"), True),
+    ("breadcrumbs", dict(density=0.5, gamma=0.1), True),
+    ("breadcrumbs", dict(density=0.5, gamma=0.0), True),
+    ("breadcrumbs_ties", dict(density=[0.4, 0.5, 0.6, 0.7], gamma=0.05), True),
+    ("task_arithmetic", dict(weight=[1.0, 0.5, 2.0, -1.0], **{"lambda": 1.3}), True),
+    ("linear", dict(weight=[1.0, 0.5, 2.0, 3.0]), True),
+    ("della", dict(density=0.5, epsilon=0.1), False),
+    ("della_linear", dict(density=0.5, epsilon=0.2), False),
+]
+
+
+@pytest.mark.parametrize("name,params,exact", CASES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("block_rows,exact_below,workers", [
+    (16, 0, 1),  # 203 = 12·16 + 11; sampled bracket
+    (101, 0, 2),  # 203 = 2·101 + 1: the 1-row tail is folded in; two workers
+    (50, 10**9, 2),  # dense selection path
+])
+def test_streamed_equals_dense(name, params, exact, block_rows, exact_below, workers):
+    factors = random_factors(1, missing=(2,) if name == "ties" and block_rows == 16 else ())
+    resolved, ref = reference(name, factors, params)
+    got = S.merge_dense(name, factors, SHAPE, resolved, generators=generators(len(factors)),
+                        workers=workers, block_rows=block_rows, exact_below=exact_below)
+    assert_same_merge(got, ref, exact=exact)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties"])
+def test_float64(name):
+    factors = random_factors(2, dtype=torch.float64)
+    params = dict(density=0.5) | (dict(gamma=0.1) if name == "breadcrumbs" else {})
+    resolved, ref = reference(name, factors, params)
+    got = S.merge_dense(name, factors, SHAPE, resolved, generators=generators(4), block_rows=16,
+                        exact_below=0)
+    assert_same_merge(got, ref, exact=name != "dare_ties")
+
+
+def test_ties_at_the_threshold_follow_top_mask():
+    # small integers: thousands of entries equal the threshold; kept by lower flat index
+    g = torch.Generator().manual_seed(3)
+    factors = [(torch.randint(-2, 3, (203, 2), generator=g).float(),
+                torch.randint(-2, 3, (2, 77), generator=g).float()) for _ in range(3)]
+    for name, params in (("ties", dict(density=0.37)), ("breadcrumbs", dict(density=0.4, gamma=0.13))):
+        resolved, ref = reference(name, factors, params)
+        got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
+        assert_same_merge(got, ref, exact=True)
+    tau = factors[0][0] @ factors[0][1]
+    desc = S._stats_magnitude(*factors[0], [int(0.37 * tau.numel())], False, S.row_blocks(203, 16), 0)[0]
+    assert desc.ties.numel() > 0  # the case really has kept ties
+
+
+def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
+    monkeypatch.setattr(S, "_bracket", lambda sample, n, k: (1e30, 1e30))
+    factors = random_factors(4)
+    resolved, ref = reference("ties", factors, dict(density=0.3))
+    got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
+    assert_same_merge(got, ref, exact=True)
+
+
+def test_same_seed_same_bytes():
+    factors = random_factors(5)
+    resolved = resolve_params(get_method("dare_ties"), 4, dict(density=0.5))
+    runs = [S.merge_dense("dare_ties", factors, SHAPE, resolved, generators=generators(4, seed=s),
+                          block_rows=16) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_row_blocks_cover_the_rows_without_one_row_products():
+    for rows in (1, 2, 3, 17, 33, 203, 1000):
+        for block in (1, 2, 16, 32, 101, 5000):
+            blocks = S.row_blocks(rows, block)
+            assert blocks[0][0] == 0 and blocks[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            assert rows == 1 or all(e - s >= 2 for s, e in blocks)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ties", dict(density=0.5)), ("dare_ties", dict(density=0.5)), ("breadcrumbs", dict(density=0.6, gamma=0.05)),
+])
+def test_factors_error_is_exact_and_close_to_refactor(name, params):
+    shape, ranks, k = (400, 260), (4, 8, 6, 10), 8
+    factors = random_factors(6, ranks=ranks, shape=shape)
+    resolved, dense = reference(name, factors, params, shape=shape)
+    left, right, err = S.merge_factors(name, factors, shape, resolved, k, generators=generators(4),
+                                       block_rows=64)
+    assert left.shape == (shape[0], k) and right.shape == (k, shape[1])
+    actual = float(torch.linalg.matrix_norm(dense - left @ right) / torch.linalg.matrix_norm(dense))
+    assert err == pytest.approx(actual, rel=1e-4)  # the projection identity, not an estimate
+    _, _, ref_err = refactor(dense, k, generator=torch.Generator().manual_seed(0))
+    best = torch.linalg.svdvals(dense.double())
+    optimal = float((best[k:].square().sum() / best.square().sum()).sqrt())
+    assert ref_err >= optimal - 1e-6 and err >= optimal - 1e-6
+    assert err <= optimal * 1.02 + 1e-4, (err, ref_err, optimal)  # within 2% of Eckart–Young
+
+
+def test_factors_fall_back_when_the_basis_is_small():
+    shape = (60, 40)
+    factors = random_factors(7, ranks=(2, 3), shape=shape)
+    resolved, dense = reference("ties", factors, dict(density=0.5), shape=shape)
+    g = torch.Generator().manual_seed(0)
+    left, right, err = S.merge_factors("ties", factors, shape, resolved, 4, refactor_generator=g)
+    expect = refactor(dense, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(left @ right, expect[0] @ expect[1])
+    assert err == pytest.approx(expect[2], rel=1e-5)
+
+
+def test_supports():
+    assert S.supports("ties", {"space": "dense", "paper": False})
+    assert not S.supports("ties", {"space": "dense", "paper": True})
+    assert not S.supports("ties", {"space": "core"})
+    assert not S.supports("svd_merge", {"space": "dense"})
+
+
+def test_bernoulli_draws_match_torch_bernoulli():
+    # sparsify.bernoulli draws with torch.rand < p: the same stream as torch.bernoulli(full(p))
+    t = torch.randn(97, 31)
+    a = torch.bernoulli(torch.full_like(t, 0.3), generator=torch.Generator().manual_seed(9))
+    b = sp.bernoulli(t, 0.3, generator=torch.Generator().manual_seed(9), rescale=False)
+    assert torch.equal(t * a, b)
