@@ -14,8 +14,9 @@ and peak RSS is the child's own ``VmHWM`` (``/proc/self/status``). Legs:
 - ``mergekit``: ``run_merge`` with ``lora_merge_cache`` on CPU, same base and adapters;
 - ``peft``: ``add_weighted_adapter`` (ties → ties_svd, dare_ties → dare_ties_svd,
   task_arithmetic / linear → cat), adapter saved.
-emomerge legs apply the streamed path the way ``engine._Merger`` will call it (``install()``
-below is the integration patch; ``--engine current`` measures the unpatched engine).
+emomerge legs run the engine as shipped (sparse methods streamed block by block;
+``--engine current`` turns the streamed path off to measure the dense one; ``ties@core`` is TIES
+in the LoRA-native core space).
 The machine's memory bandwidth is measured in the same run (a large tensor copy), and the
 emomerge legs report the seconds spent in the element-wise mix as a fraction of the time a
 bandwidth-bound pass over the same bytes would take.
@@ -43,6 +44,8 @@ PARAMS = {  # the same merge in all tools: 4 adapters at weight 1
     "dare_ties": dict(density=0.5),
     "task_arithmetic": dict(),
     "linear": dict(),
+    # LoRA-native: the same TIES, run on the lossless core-space projection (issue 7)
+    "ties@core": dict(density=0.5, space="core"),
 }
 MERGEKIT = {  # mergekit method and global parameters giving our defaults
     "ties": ("ties", {"normalize": True}),
@@ -52,57 +55,17 @@ MERGEKIT = {  # mergekit method and global parameters giving our defaults
 }
 
 
-# -- the integration patch (engine._Merger), applied in-process for the emomerge legs ----------
-def install() -> None:
-    import torch
-
-    from emomerge.merging import engine, streaming
-
-    def _stream_inputs(self, path):
-        factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
-        gens = None
-        if self.method.random:
-            gens = [torch.Generator().manual_seed(engine.derive_seed(self.seed, path, i))
-                    for i in range(self.tv.n)]
-        return factors, gens
-
-    def _streamed(self, path):
-        return (not self._native(path) and self.method.sparse
-                and streaming.supports(self.method.name, self.table[path]))
-
-    old_dense, old_factors = engine._Merger.dense, engine._Merger.factors
-
-    def dense(self, path):
-        if _streamed(self, path):
-            factors, gens = _stream_inputs(self, path)
-            return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
-                                         self.table[path], generators=gens).to(self.dtype)
-        return old_dense(self, path)
-
-    def factors(self, path):
-        if _streamed(self, path):
-            rank = self.rank or max(
-                self.tv.pool[j].modules[path].rank
-                for combo in self.tv.combos for j in combo if path in self.tv.pool[j].modules
-            )
-            gen = torch.Generator().manual_seed(engine.derive_seed(self.seed, path, -1))
-            fs, gens = _stream_inputs(self, path)
-            return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
-                                           rank, generators=gens, refactor_generator=gen)
-        return old_factors(self, path)
-
-    engine._Merger.dense, engine._Merger.factors = dense, factors
-
-
 # -- legs (child processes) ---------------------------------------------------------------------
 def leg_emomerge(spec: dict) -> dict:
+    from emomerge.merging import engine
     from emomerge.merging.engine import merge
 
-    if spec.get("engine", "streamed") == "streamed":
-        install()
+    if spec.get("engine", "streamed") == "current":
+        # the engine before the streamed path: dense stacked task vectors + randomized SVD
+        engine._Merger._streamed = lambda self, path: False
     adapters = sorted(Path(spec["adapters"]).glob("adapter_*"))
     t0 = time.perf_counter()
-    res = merge(spec["method"], adapters, spec["out"], params=PARAMS[spec["method"]],
+    res = merge(spec["method"].split("@")[0], adapters, spec["out"], params=PARAMS[spec["method"]],
                 output=spec["output"], base=spec.get("base"), force=True)
     return {"seconds": time.perf_counter() - t0, "err_mean": res.manifest["errors"]["mean"]}
 
@@ -269,7 +232,8 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--methods", default="ties,task_arithmetic,dare_ties,linear")
+    ap.add_argument("--methods", default="ties,ties@core,task_arithmetic,dare_ties,linear",
+                    help="comma list; METHOD@core runs it in the LoRA-native core space")
     ap.add_argument("--deep-methods", default=None,
                     help="methods run at --layers/--rss-layers (default: all of --methods)")
     ap.add_argument("--peft-methods", default=None, help="methods with a PEFT leg (default: all)")
@@ -293,8 +257,10 @@ def main(argv=None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     deep_methods = methods if args.deep_methods is None else [m for m in args.deep_methods.split(",") if m]
     skip = {s for s in args.skip.split(",") if s}
-    peft_methods = methods if args.peft_methods is None else args.peft_methods.split(",")
-    mk_methods = methods if args.mergekit_methods is None else args.mergekit_methods.split(",")
+    peft_methods = ([m for m in methods if m in PEFT_TYPES] if args.peft_methods is None
+                    else args.peft_methods.split(","))
+    mk_methods = ([m for m in methods if m in MERGEKIT] if args.mergekit_methods is None
+                  else args.mergekit_methods.split(","))
     tau = {d: args.count * sum(o * i for o, i in MA.module_shapes(dims, d).values())
            for d in {args.layers, args.rss_layers, args.full_layers} if d}
     started = dt.datetime.now(dt.timezone.utc)

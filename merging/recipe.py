@@ -185,6 +185,10 @@ def export_mergekit(
     """
     method = get_method(recipe.merge_method)
     params = recipe_params(recipe, method)
+    if Path(base_model).is_dir():
+        # A local folder as an absolute path: mergekit runs from any folder, and it takes a
+        # relative 'org/name'-shaped path for a hub id (its model card then queries the hub).
+        base_model = str(Path(base_model).resolve())
     mk_method = method.mergekit
     if mk_method is None:
         raise MergeInputError(f"merge_method '{method.name}': mergekit has no equivalent; cannot export")

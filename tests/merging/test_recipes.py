@@ -116,3 +116,16 @@ def test_export_refuses_stacked_chains(tmp_path):
 def _write(path, obj):
     path.write_text(yaml.safe_dump(obj))
     return path
+
+
+def test_export_writes_a_local_base_as_an_absolute_path(run_root, tmp_path, monkeypatch):
+    """mergekit takes a relative 'dir/name' for a hub id (its model card then queries the hub)."""
+    root, _ = run_root
+    (tmp_path / "demo" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(CONFIGS[[p.stem for p in CONFIGS].index("ties")])
+    doc = yaml.safe_load(export_mergekit(recipe, base_model="demo/tiny", root=root))
+    assert doc["base_model"] == str(tmp_path / "demo" / "tiny")
+    assert all(m["model"].startswith(str(tmp_path / "demo" / "tiny") + "+/") for m in doc["models"])
+    hub = yaml.safe_load(export_mergekit(recipe, base_model="Qwen/Qwen2.5-VL-7B-Instruct", root=root))
+    assert hub["base_model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
