@@ -16,7 +16,6 @@ sequence). The test suite checks the result against one plain full-sequence forw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,15 +36,10 @@ class LabelScore:
 
 
 def load_images(images: list[Any]) -> list[Image.Image]:
-    """RGB PIL images from paths or PIL images."""
-    out = []
-    for img in images:
-        if isinstance(img, (str, Path)):
-            with Image.open(img) as fh:
-                out.append(fh.convert("RGB"))
-        else:
-            out.append(img.convert("RGB"))
-    return out
+    """RGB PIL images from paths or PIL images (the same loader training uses)."""
+    from emomerge.training.batching import rgb_images
+
+    return rgb_images(images)
 
 
 def render_prompt(processor: Any, messages: list[dict]) -> str:

@@ -23,8 +23,13 @@ IGNORE_INDEX = -100
 
 def load_images(sample: Sample) -> list[Image.Image]:
     """The sample's images as RGB PIL images."""
+    return rgb_images(sample.images)
+
+
+def rgb_images(images: list) -> list[Image.Image]:
+    """RGB PIL images from paths or PIL images (training and evaluation load images alike)."""
     out = []
-    for img in sample.images:
+    for img in images:
         if isinstance(img, (str, Path)):
             with Image.open(img) as fh:
                 out.append(fh.convert("RGB"))
