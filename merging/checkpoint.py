@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -14,6 +15,16 @@ from .names import VLM_MODEL_TYPES, detect_layout, to_canonical
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+class Stored(NamedTuple):
+    """Where a tensor's bytes sit in its safetensors file, as its header says."""
+
+    file: Path
+    offset: int  #: absolute byte offset in ``file``
+    length: int
+    dtype: str  #: safetensors dtype name (``F32``, ``BF16``, …)
+    shape: tuple[int, ...]
 
 
 class Checkpoint:
@@ -34,7 +45,7 @@ class Checkpoint:
         self.layout = self._layout()
         #: canonical tensor name -> stored key
         self.canonical = {to_canonical(k, self.layout): k for k in self.weight_map}
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -83,16 +94,50 @@ class Checkpoint:
     def keys_in(self, file: str) -> list[str]:
         return [k for k, f in self.weight_map.items() if f == file]
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")
-        return self._handles[file]
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.weight_map[key]).get_slice(key).get_shape())
+        return self.stored(key).shape
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._handle(self.weight_map[key]).get_tensor(key)
+        """``key`` as a tensor backed by a memory map of its shard that lives only as long as it.
+
+        A shard opened once and kept would keep every page read through it resident, so the
+        merge's peak RSS would grow with the number of layers.
+        """
+        with safe_open(self.path / self.weight_map[key], framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    def stored(self, key: str) -> Stored:
+        """The raw location of ``key``, so an unchanged tensor can be copied byte for byte."""
+        file = self.weight_map[key]
+        data_start, header = self._header(file)
+        entry = header.get(key)
+        if entry is None:
+            raise MergeInputError(f"{self.path / INDEX_FILE}: '{key}' is not in shard '{file}'")
+        begin, end = entry["data_offsets"]
+        return Stored(self.path / file, data_start + begin, end - begin, entry["dtype"],
+                      tuple(entry["shape"]))
+
+    def _header(self, file: str) -> tuple[int, dict]:
+        """(offset of the data buffer, parsed header) of a shard, checked against its size."""
+        if file not in self._headers:
+            path = self.path / file
+            size = path.stat().st_size
+            try:
+                with open(path, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    if size < 8 + n:
+                        raise ValueError(f"header length {n} exceeds the file size {size}")
+                    header = json.loads(fh.read(n))
+                header.pop("__metadata__", None)
+                end = max((e["data_offsets"][1] for e in header.values()), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise MergeInputError(f"{path}: not a readable safetensors header ({exc})") from exc
+            if 8 + n + end != size:
+                raise MergeInputError(
+                    f"{path}: {size} bytes but its header indexes {8 + n + end} (truncated?)"
+                )
+            self._headers[file] = (8 + n, header)
+        return self._headers[file]
 
     def fingerprint(self) -> str:
         """A cheap, content-bound identity of the model folder (training, merging and evaluation

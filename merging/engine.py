@@ -6,9 +6,12 @@ Streams one module at a time, so memory is bounded by the largest module × the 
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,7 @@ class _Merger:
         self.method, self.tv = method, tv
         self.seed, self.dtype, self.rank = seed, dtype, rank
         self.saved_base = saved_base
+        self.stream_workers: int | None = None  # None: all cores within a module
         # Parameters per module (mergekit filters match the tensor name, e.g. "...q_proj.weight"),
         # all resolved up front so a bad value fails before any work.
         self.table = {
@@ -159,7 +163,7 @@ class _Merger:
         if self._streamed(path):
             factors, gens = self._stream_inputs(path)
             return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
-                                         self.table[path], generators=gens)
+                                         self.table[path], generators=gens, workers=self.stream_workers)
         deltas = self.tv.stacked(path, self.dtype)
         return apply_method(self.method, deltas, self.table[path], seed=self.seed, module=path)
 
@@ -192,8 +196,35 @@ class _Merger:
         if self._streamed(path):
             fs, gens = self._stream_inputs(path)
             return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
-                                           rank, generators=gens, refactor_generator=gen)
+                                           rank, generators=gens, refactor_generator=gen,
+                                           workers=self.stream_workers)
         return refactor(self.dense(path), rank, generator=gen)
+
+    def factors_in_order(self, paths: Sequence[str]) -> Iterator[tuple[str, tuple]]:
+        """``(path, factors(path))`` for each path, in order. With more than one core, modules
+        are merged concurrently, one thread each (streamed merges then run single-threaded), so
+        one module's serial steps (threshold selection, SVD of the core) overlap another's
+        passes; at most ``workers`` modules are in flight."""
+        workers = streaming.default_workers()
+        if workers <= 1 or len(paths) <= 1:
+            for path in paths:
+                yield path, self.factors(path)
+            return
+        self.stream_workers = 1
+        try:
+            with streaming.single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+                todo = iter(paths)
+                pending = collections.deque(
+                    (path, pool.submit(self.factors, path)) for path in itertools.islice(todo, workers))
+                while pending:
+                    path, future = pending.popleft()
+                    result = future.result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(self.factors, nxt)))
+                    yield path, result
+        finally:
+            self.stream_workers = None
 
     def saved_delta(self, name: str) -> torch.Tensor:
         """Merged update of a ``modules_to_save`` tensor: τ_i = W_saved_i − W_base."""

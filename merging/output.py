@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoint import Stored
 from .errors import MergeInputError
 from .names import PEFT_PREFIX, from_canonical, to_canonical
 
@@ -106,50 +107,134 @@ def copy_side_files(base: Path, out: Path) -> list[str]:
     return copied
 
 
-class ShardWriter:
-    """Write tensors into safetensors shards of bounded size, then the index."""
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_ITEMSIZE = {name: dtype.itemsize for dtype, name in _DTYPE_NAMES.items()}
+_U64_MAX = (1 << 64) - 1
+_WIDEST_DTYPE = "X" * 16  # longer than any safetensors dtype name
+_COPY_CHUNK = 8 << 20
 
-    def __init__(self, out: Path, max_shard_bytes: int):
-        self.out = out
-        self.max = max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-        self._files: list[list[str]] = []
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor: each one's bytes go to disk as it arrives.
+
+    Nothing is held but (dtype, shape, offsets) per tensor, so memory does not grow with the
+    number of tensors. The header, written last, goes into space reserved at the start: its size
+    is bounded from the names (and number of dimensions) announced up front, with the widest
+    dtype name and 20-digit numbers, and the header is padded with spaces to exactly that size,
+    a multiple of 8 so the data stays aligned (the format allows trailing spaces). If it still
+    does not fit (a key not announced), the file is rewritten with a larger header.
+    """
+
+    def __init__(self, path: Path, ndims: dict[str, int], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = metadata
+        bound = {"__metadata__": metadata} if metadata is not None else {}
+        for key, ndim in ndims.items():
+            bound[key] = {"dtype": _WIDEST_DTYPE, "shape": [_U64_MAX] * ndim,
+                          "data_offsets": [_U64_MAX] * 2}
+        self.reserved = -(-len(_json(bound)) // 8) * 8
+        self.entries: dict[str, dict] = {}
+        self.end = 0  # data bytes written so far
+        self.fh = open(self.path, "wb")
+        self.fh.seek(8 + self.reserved)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's folder is discarded; just release the file
+            self.fh.close()
+
+    def _record(self, key: str, dtype: str, shape, length: int) -> None:
+        if key in self.entries:
+            raise ValueError(f"{self.path}: tensor '{key}' written twice")
+        self.entries[key] = {"dtype": dtype, "shape": list(shape),
+                             "data_offsets": [self.end, self.end + length]}
+        self.end += length
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + size > self.max:
-            self._flush()
-        self.current[key] = tensor.contiguous()
-        self.current_bytes += size
-        self.total += size
+        """Append ``tensor`` (the bytes ``save_file`` would store); no reference is kept."""
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{self.path}: cannot write '{key}' of dtype {tensor.dtype}")
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        length = flat.numel() * flat.element_size()
+        if length:
+            self.fh.write(flat.view(torch.uint8).numpy())
+        self._record(key, _DTYPE_NAMES[tensor.dtype], tensor.shape, length)
 
-    def _flush(self) -> None:
-        index = len(self._files) + 1
-        tmp_name = f"shard-{index:05d}.safetensors"
-        save_file(self.current, str(self.out / tmp_name), metadata={"format": "pt"})
-        self._files.append([tmp_name, *self.current.keys()])
-        self.current, self.current_bytes = {}, 0
+    def copy(self, key: str, src: Stored) -> None:
+        """Append a tensor's bytes straight from another safetensors file (no tensor, no load).
 
-    def close(self) -> list[str]:
-        if self.current or not self._files:
-            self._flush()
-        n = len(self._files)
-        names = []
-        for i, (tmp_name, *keys) in enumerate(self._files, start=1):
-            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            (self.out / tmp_name).rename(self.out / name)
-            names.append(name)
-            for key in keys:
-                self.weight_map[key] = name
-        if n > 1:
-            write_json(
-                self.out / "model.safetensors.index.json",
-                {"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
-            )
-        return names
+        ``os.copy_file_range`` lets the kernel copy (or reflink); where it is missing or refuses
+        (older kernels across file systems), the rest goes through a buffer of a few MB.
+        """
+        self.fh.flush()
+        at, done = 8 + self.reserved + self.end, 0
+        with open(src.file, "rb") as fh:
+            with contextlib.suppress(AttributeError, OSError):
+                while done < src.length:
+                    n = os.copy_file_range(fh.fileno(), self.fh.fileno(), src.length - done,
+                                           src.offset + done, at + done)
+                    if n == 0:
+                        break
+                    done += n
+            fh.seek(src.offset + done)
+            self.fh.seek(at + done)
+            while done < src.length:
+                chunk = fh.read(min(_COPY_CHUNK, src.length - done))
+                if not chunk:
+                    raise MergeInputError(f"{src.file}: ends inside tensor '{key}' (truncated?)")
+                self.fh.write(chunk)
+                done += len(chunk)
+        self._record(key, src.dtype, src.shape, src.length)
+
+    def close(self) -> None:
+        header = {"__metadata__": self.metadata} if self.metadata is not None else {}
+        header.update(self.entries)
+        text = _json(header)
+        if len(text) <= self.reserved:
+            self.fh.seek(0)
+            self.fh.write(self.reserved.to_bytes(8, "little") + text.ljust(self.reserved, b" "))
+            self.fh.close()
+            return
+        self.fh.close()
+        size = -(-len(text) // 8) * 8
+        moved = self.path.with_name(self.path.name + ".tmp")
+        with open(moved, "wb") as out, open(self.path, "rb") as data:
+            out.write(size.to_bytes(8, "little") + text.ljust(size, b" "))
+            data.seek(8 + self.reserved)
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+        os.replace(moved, self.path)
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Keys in order, cut into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for key, size in sizes.items():
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(key)
+        current += size
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
 def output_layout(tv, layout: str | None) -> str:
@@ -161,32 +246,37 @@ def output_layout(tv, layout: str | None) -> str:
 
 
 def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
+    """PEFT ``adapter_model.safetensors``: each module's factors go to disk as they are made."""
     out_layout = output_layout(tv, layout)
-    tensors: dict[str, torch.Tensor] = {}
+    specs = {path: tv.module_spec(path) for path in tv.modules}
+    names = {path: from_canonical(path, out_layout) for path in [*tv.modules, *saved]}
+    ndims = {key: 2 for path in tv.modules for key in adapter_keys(names[path], specs[path].kind)}
+    base = {name: ckpt.stored(ckpt.canonical[name]) for name in saved}
+    for name in saved:
+        ndims["base_model.model." + names[name]] = len(base[name].shape)
+    # Wider dtypes first keeps every tensor's data aligned to its element size (factors are F32).
+    saved = sorted(saved, key=lambda name: -_ITEMSIZE.get(base[name].dtype, 1))
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
-    for path in tv.modules:
-        bar.update(task, module=path)
-        left, right, err = merger.factors(path)
-        spec = tv.module_spec(path)
-        a, b = peft_factors(left, right, transpose=spec.transpose)
-        name = from_canonical(path, out_layout)
-        key_a, key_b = adapter_keys(name, spec.kind)
-        tensors[key_a], tensors[key_b] = a.float(), b.float()
-        ranks[name] = a.shape[0]
-        if err is not None:
-            errors[name] = err
-        bar.advance(task)
     saved_modules = []
-    for name in saved:
-        bar.update(task, module=name)
-        base_t = ckpt.tensor(ckpt.canonical[name])
-        merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
-        out_name = from_canonical(name, out_layout)
-        tensors["base_model.model." + out_name] = merged.contiguous()
-        saved_modules.append(out_name.rsplit(".", 1)[0].rsplit(".", 1)[-1])
-        bar.advance(task)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with SafetensorsWriter(tmp / "adapter_model.safetensors", ndims, {"format": "pt"}) as writer:
+        for path, (left, right, err) in merger.factors_in_order(list(tv.modules)):
+            bar.update(task, module=path)
+            a, b = peft_factors(left, right, transpose=specs[path].transpose)
+            key_a, key_b = adapter_keys(names[path], specs[path].kind)
+            writer.add(key_a, a.float())
+            writer.add(key_b, b.float())
+            ranks[names[path]] = a.shape[0]
+            if err is not None:
+                errors[names[path]] = err
+            bar.advance(task)
+        for name in saved:
+            bar.update(task, module=name)
+            base_t = ckpt.tensor(ckpt.canonical[name])
+            merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
+            writer.add("base_model.model." + names[name], merged)
+            saved_modules.append(names[name].rsplit(".", 1)[0].rsplit(".", 1)[-1])
+            bar.advance(task)
     template = dict(tv.inputs[0].config)
     template["base_model_name_or_path"] = tv.inputs[0].base_name
     write_json(tmp / "adapter_config.json", adapter_config(template, ranks, saved_modules))
@@ -194,22 +284,43 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
 
 
 def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
+    """The base with the merged updates folded in, sharded like ``save_pretrained``.
+
+    Every key's size comes from the base headers, so the shards are planned before anything is
+    written. Merged tensors are computed and streamed; all others are copied as raw bytes.
+    """
     modules = set(tv.modules)
     saved_set = set(saved)
-    writer = ShardWriter(tmp, max_shard_size)
-    for file in ckpt.files():
-        for key in ckpt.keys_in(file):
-            tensor = ckpt.tensor(key)
-            canon = to_canonical(key, ckpt.layout)
-            path = canon[: -len(".weight")] if canon.endswith(".weight") else None
-            if path in modules:
-                bar.update(task, module=path)
-                tensor = (tensor.to(merger.dtype) + merger.dense(path)).to(tensor.dtype)
-                bar.advance(task)
-            elif canon in saved_set:
-                bar.update(task, module=canon)
-                tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
-                bar.advance(task)
-            writer.add(key, tensor)
-    writer.close()
+    stored = {key: ckpt.stored(key) for file in ckpt.files() for key in ckpt.keys_in(file)}
+    shards = plan_shards({key: s.length for key, s in stored.items()}, max_shard_size)
+    files = shard_names(len(shards))
+    for file, keys in zip(files, shards):
+        ndims = {key: len(stored[key].shape) for key in keys}
+        with SafetensorsWriter(tmp / file, ndims, {"format": "pt"}) as writer:
+            # Wider dtypes first keeps every tensor's data aligned to its element size.
+            for key in sorted(keys, key=lambda k: -_ITEMSIZE.get(stored[k].dtype, 1)):
+                canon = to_canonical(key, ckpt.layout)
+                path = canon[: -len(".weight")] if canon.endswith(".weight") else None
+                if path in modules:
+                    bar.update(task, module=path)
+                    tensor = ckpt.tensor(key)
+                    tensor = (tensor.to(merger.dtype) + merger.dense(path)).to(tensor.dtype)
+                    bar.advance(task)
+                elif canon in saved_set:
+                    bar.update(task, module=canon)
+                    tensor = ckpt.tensor(key)
+                    tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
+                    bar.advance(task)
+                else:
+                    writer.copy(key, stored[key])
+                    continue
+                writer.add(key, tensor)
+    if len(shards) > 1:
+        write_json(
+            tmp / "model.safetensors.index.json",
+            {
+                "metadata": {"total_size": sum(s.length for s in stored.values())},
+                "weight_map": {key: file for file, keys in zip(files, shards) for key in keys},
+            },
+        )
     copy_side_files(ckpt.path, tmp)

@@ -36,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -53,7 +55,9 @@ STREAMED = (
 _CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 _EPS = 1e-7  # sparsify.rescale_l1's guard
 _BLOCK_BYTES = 1 << 20  # one adapter's row block: ~1 MB keeps n blocks + buffers near L2
-_SAMPLE = (1 << 14, 1 << 17)  # entries sampled per adapter to bracket the threshold (min, max)
+_STAGE_BYTES = 4 << 20  # merged rows gathered before each projection update (adapter output)
+_SAMPLE = (1 << 14, 1 << 18)  # entries sampled per adapter to bracket the threshold (min, max)
+_Z = (4.0, 16.0)  # bracket half-widths in standard errors: first pass, retry for a miss
 _EXACT_BELOW = 1 << 20  # smaller tensors: select the threshold on the dense τ directly
 
 
@@ -73,14 +77,29 @@ def default_workers() -> int:
     return max(1, min(cores, torch.get_num_threads()))
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"depth": 0, "before": 1}
+
+
 @contextlib.contextmanager
-def _single_threaded_ops():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_threaded_ops():
+    """torch ops on one thread inside (process-wide; nested and concurrent uses are counted,
+    the last one out restores the thread count)."""
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["before"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["depth"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0:
+                torch.set_num_threads(_THREADS_STATE["before"])
+
+
+_single_threaded_ops = single_threaded_ops
 
 
 def _map(tasks: Sequence[Callable[[], Any]], workers: int) -> list:
@@ -124,6 +143,17 @@ def _topk_from_values(values: torch.Tensor, index: torch.Tensor, k: int) -> tupl
     return float(t), index[keep_at], above | keep_at
 
 
+def _select_candidates(values: np.ndarray, index: np.ndarray, need: int, sums: bool) -> tuple[float, torch.Tensor, float]:
+    """The ``need`` largest of the bracket's candidates (flat ``index`` ascending): threshold,
+    kept ties (lower index first) and, when ``sums``, the kept values' Σ."""
+    t = np.partition(values, values.size - need)[values.size - need]
+    above = values > t
+    at = np.flatnonzero(values == t)
+    ties = index[at[: need - int(np.count_nonzero(above))]]
+    kept_sum = float(values[above].sum(dtype=np.float64)) + float(t) * ties.size if sums else 0.0
+    return float(t), torch.from_numpy(np.ascontiguousarray(ties)), kept_sum
+
+
 def _descriptor_dense(a: torch.Tensor, k: int, *, sums: bool) -> TopK:
     n = a.numel()
     if k <= 0:
@@ -137,30 +167,53 @@ def _descriptor_dense(a: torch.Tensor, k: int, *, sums: bool) -> TopK:
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
+_NO_MASK = np.zeros((1, 1), dtype=bool)
 
 
-def _sample_abs(L: torch.Tensor, R: torch.Tensor, count: int) -> torch.Tensor:
-    """|τ| at ``count`` uniformly random positions, from the factors (approximate rounding)."""
-    g = torch.Generator().manual_seed(0x5EED)  # only the speed, never the result, depends on it
-    m, n = L.shape[0], R.shape[1]
-    rows = torch.randint(m, (count,), generator=g)
-    cols = torch.randint(n, (count,), generator=g)
-    out = torch.empty(count, dtype=L.dtype)
-    step = max(1, (1 << 22) // max(1, L.shape[1]))
-    for s in range(0, count, step):
-        e = min(count, s + step)
-        out[s:e] = (L[rows[s:e]] * R[:, cols[s:e]].T).sum(1)
-    return out.abs_()
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _bracket(sample_sorted: torch.Tensor, n: int, k: int) -> tuple[float, float]:
-    """[lo, hi] around the k-th largest |τ| of n entries, from a sorted sample; 6σ wide."""
-    s = sample_sorted.numel()
+def _sample_abs(L: torch.Tensor, R: torch.Tensor, count: int) -> np.ndarray:
+    """|τ| at about ``count`` random positions, stratified by row (``kernels.sample_abs``),
+    from the factors (approximate rounding)."""
+    from . import kernels
+
+    m = L.shape[0]
+    if m <= count:
+        rows, per_row = np.arange(m, dtype=np.int64), count // m
+    else:  # systematic: evenly spaced rows
+        rows, per_row = (np.arange(count, dtype=np.int64) * m) // count, 1
+    out = np.empty(rows.size * per_row, dtype=_np_dtype(L.dtype))
+    kernels.sample_abs(L.contiguous().numpy(), R.T.contiguous().numpy(), rows, per_row, 0x5EED, out)
+    return out
+
+
+def _bracket(sample: np.ndarray, n: int, k: int, z: float = _Z[0]) -> tuple[float, float]:
+    """[lo, hi] around the k-th largest |τ| of n entries: the sample's quantiles z binomial
+    standard errors either side of the threshold's."""
+    s = sample.size
     q = 1.0 - k / n  # fraction strictly below the threshold
-    delta = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / s) / s) + 4.0 / s
+    delta = z * math.sqrt(max(q * (1 - q), 1.0 / s) / s) + 2.0 / s
     lo_i, hi_i = math.floor((q - delta) * s), math.ceil((q + delta) * s)
-    lo = float(sample_sorted[lo_i]) if lo_i >= 0 else 0.0
-    hi = float(sample_sorted[hi_i]) if hi_i < s else math.inf
+    kth = [i for i in (lo_i, hi_i) if 0 <= i < s]
+    if not kth:
+        return 0.0, math.inf
+    # order statistics lo_i, hi_i: select among the entries between a sub-sample's wider quantiles
+    # (~5x cheaper than partitioning the whole sample), else from the whole sample
+    sub = sample[: min(s, 4096)]
+    pad = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / sub.size) / sub.size) + delta
+    a_i, b_i = max(0, math.floor((q - pad) * sub.size)), min(sub.size - 1, math.ceil((q + pad) * sub.size))
+    a, b = np.partition(sub, [a_i, b_i])[[a_i, b_i]]
+    below = int(np.count_nonzero(sample < a))
+    inside = sample[(sample >= a) & (sample <= b)]
+    shifted = [i - below for i in kth]
+    if all(0 <= i < inside.size for i in shifted):
+        picked = dict(zip(kth, np.partition(inside, shifted)[shifted]))
+    else:
+        picked = dict(zip(kth, np.partition(sample, kth)[kth]))
+    lo = float(picked[lo_i]) if lo_i >= 0 else 0.0
+    hi = float(picked[hi_i]) if hi_i < s else math.inf
     return lo, hi
 
 
@@ -195,67 +248,90 @@ def _plan_kind(name: str, resolved: dict, i: int, numel: int) -> tuple[str, dict
     raise ValueError(f"{name}: not a streamed method")
 
 
+def _count_pass(L, R, blocks, brackets: list[tuple[float, float]], sums: bool, expect: list[int]):
+    """One pass over the row blocks of τ = L R: per bracket (lo, hi) the count above hi, Σ|τ|
+    above hi, and the entries inside it (values, flat indices); Σ|τ| of everything."""
+    from . import kernels
+
+    n = R.shape[1]
+    npd = _np_dtype(L.dtype)
+    tau = torch.empty(max(r1 - r0 for r0, r1 in blocks), n, dtype=L.dtype)
+    tau_np = tau.numpy()
+    union = np.empty((n + 31) // 32, np.uint32)
+    if not brackets and sums:  # Σ|τ| only: a bracket nothing falls into
+        brackets, expect = [(math.inf, math.inf)], [0]
+    state = [{"lo": kernels.as_scalar(lo, npd), "hi": kernels.as_scalar(hi, npd), "above": 0,
+              "above_sum": 0.0, "pos": 0, "vals": np.empty((1, cap), npd), "idx": np.empty((1, cap), np.int64)}
+             for (lo, hi), cap in zip(brackets, expect)]
+    total = 0.0
+    for r0, r1 in blocks:
+        torch.matmul(L[r0:r1], R, out=tau[: r1 - r0])
+        for j, st in enumerate(state):
+            while True:
+                above, pos, above_sum, block_total = kernels.bracket_count(
+                    tau_np, r1 - r0, st["lo"], st["hi"], st["vals"], st["idx"], st["pos"], r0 * n, sums, union)
+                if pos <= st["vals"].shape[1]:
+                    break
+                grow = max(2 * st["vals"].shape[1], pos + 4096)  # too few slots: grow, redo the block
+                st["vals"] = _grow(st["vals"], grow)
+                st["idx"] = _grow(st["idx"], grow)
+            st["above"] += above
+            st["above_sum"] += above_sum
+            st["pos"] = pos
+            if j == 0:
+                total += block_total
+    found = [(st["above"], st["above_sum"], st["vals"][0, : st["pos"]], st["idx"][0, : st["pos"]])
+             for st in state if not math.isinf(float(st["lo"]))]
+    return found, total
+
+
+def _grow(a: np.ndarray, cols: int) -> np.ndarray:
+    """``a`` ``[rows, c]`` with room for ``cols`` columns (kept contents)."""
+    out = np.empty((a.shape[0], cols), a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
 def _stats_magnitude(L, R, ks: list[int], rescale: bool, blocks, exact_below: int) -> list[TopK]:
-    """Exact top-k descriptors of |L R| for each k (one pass over the row blocks)."""
+    """Exact top-k descriptors of |L R| for each k (one pass over the row blocks; a second,
+    wider one for a k whose bracket missed, then a dense selection)."""
     m, n = L.shape[0], R.shape[1]
     numel = m * n
     if numel <= exact_below:
         a = (L @ R).abs_()
         return [_descriptor_dense(a, k, sums=rescale) for k in ks]
-    count = min(max(_SAMPLE[0], numel >> 8), _SAMPLE[1])
-    sample = torch.sort(_sample_abs(L, R, count)).values
-    brackets = [(-math.inf, math.inf) if (k <= 0 or k >= numel) else _bracket(sample, numel, k) for k in ks]
-    tau = torch.empty(max(r1 - r0 for r0, r1 in blocks), n, dtype=L.dtype)
-    a = torch.empty_like(tau)
-    gt = torch.empty(tau.shape, dtype=torch.bool)
-    inb = torch.empty(tau.shape, dtype=torch.bool)
-    above = [0] * len(ks)
-    above_sum = [0.0] * len(ks)
-    cand_v: list[list[torch.Tensor]] = [[] for _ in ks]
-    cand_i: list[list[torch.Tensor]] = [[] for _ in ks]
-    total = 0.0
-    for r0, r1 in blocks:
-        b = r1 - r0
-        tb, ab, gtb, ib = tau[:b], a[:b], gt[:b], inb[:b]
-        torch.matmul(L[r0:r1], R, out=tb)
-        torch.abs(tb, out=ab)
-        if rescale:
-            total += float(ab.sum(dtype=torch.float64))
-        for j, (lo, hi) in enumerate(brackets):
-            if math.isinf(lo) and math.isinf(hi):
-                continue
-            torch.gt(ab, hi, out=gtb)
-            above[j] += int(torch.count_nonzero(gtb))
-            if rescale:
-                above_sum[j] += float((ab * gtb).sum(dtype=torch.float64))
-            torch.ge(ab, lo, out=ib)
-            ib.logical_xor_(gtb)  # lo ≤ |τ| ≤ hi (gt ⊂ ge)
-            idx = ib.view(-1).nonzero().squeeze(1)
-            cand_v[j].append(ab.view(-1)[idx])
-            cand_i[j].append(idx + r0 * n)
-    out = []
-    dense_a = None
+    out: list[TopK | None] = [None] * len(ks)
     for j, k in enumerate(ks):
         if k <= 0:
-            out.append(TopK(0.0, _EMPTY, nothing=True))
-            continue
+            out[j] = TopK(0.0, _EMPTY, nothing=True)
+    todo = [j for j, k in enumerate(ks) if 0 < k < numel]
+    sample = _sample_abs(L, R, min(max(_SAMPLE[0], numel >> 8), _SAMPLE[1])) if todo else None
+    total = None
+    for z in _Z:
+        if not todo and (total is not None or not rescale):
+            break
+        brackets = [_bracket(sample, numel, ks[j], z) for j in todo]
+        expect = [int(numel * min(1.0, 4 * z * math.sqrt(0.25 / sample.size))) + 4096 for _ in todo]
+        found, pass_total = _count_pass(L, R, blocks, brackets, rescale, expect)
+        total = pass_total if total is None else total
+        missed = []
+        for j, (lo_hi, (above, above_sum, values, index)) in zip(todo, zip(brackets, found)):
+            need = ks[j] - above
+            if need < 0 or need > values.size:  # the sample's bracket missed this k
+                missed.append(j)
+            elif need == 0:
+                out[j] = TopK(lo_hi[1], _EMPTY, kept_abs_sum=above_sum)
+            else:
+                t, ties, kept_sum = _select_candidates(values, index, need, rescale)
+                out[j] = TopK(t, ties, kept_abs_sum=above_sum + kept_sum)
+        todo = missed
+    if todo:  # practically never: select on the dense |τ|
+        dense_a = (L @ R).abs_()
+        for j in todo:
+            out[j] = _descriptor_dense(dense_a, ks[j], sums=rescale)
+    for j, k in enumerate(ks):
         if k >= numel:
-            out.append(TopK(0.0, _EMPTY, everything=True, kept_abs_sum=total))
-            continue
-        values = torch.cat(cand_v[j]) if cand_v[j] else torch.zeros(0, dtype=L.dtype)
-        index = torch.cat(cand_i[j]) if cand_i[j] else _EMPTY
-        need = k - above[j]
-        if need < 0 or need > values.numel():  # the sample's bracket missed: select exactly
-            if dense_a is None:
-                dense_a = (L @ R).abs_()
-            out.append(_descriptor_dense(dense_a, k, sums=rescale))
-            continue
-        if need == 0:
-            out.append(TopK(brackets[j][1], _EMPTY, kept_abs_sum=above_sum[j]))
-            continue
-        t, ties, kept = _topk_from_values(values, index, need)
-        kept_sum = above_sum[j] + (float(values[kept].sum(dtype=torch.float64)) if rescale else 0.0)
-        out.append(TopK(t, ties, kept_abs_sum=kept_sum))
+            out[j] = TopK(0.0, _EMPTY, everything=True, kept_abs_sum=total or 0.0)
     if rescale:
         for d in out:
             d.total_abs_sum = total
@@ -306,7 +382,150 @@ class _Stream:
         self.blocks = row_blocks(m, rows)
         self.weights = [float(w) for w in resolved["weight"]]
         self.w = torch.tensor(self.weights, dtype=self.dtype)  # as apply_method builds it
-        self.plans = self._stats(generators, exact_below)
+        self.generators, self.exact_below = generators, exact_below
+        self.single = self._single_pass_brackets()
+        if self.single is None:
+            self.plans = self._stats(generators, exact_below)
+        self._args = [self._kernel_args(i) for i in range(self.n)]
+
+    # -- the single pass (plain magnitude trimming) ------------------------------------------
+    def _single_pass_brackets(self) -> list | None:
+        """Per adapter (lo, hi, k) — or None for an adapter that is absent or kept whole — when
+        every adapter is trimmed by plain top-k (TIES without rescale) on a large tensor; else None.
+
+        Then the mix runs once: each block is mixed with the provisional plans "keep |τ| > t̂"
+        (t̂: the bracket's middle)
+        while ``kernels.tally`` counts and collects the bracket's candidates and records every
+        position some adapter's bracket holds. After the pass the exact thresholds are
+        selected and only those positions are re-mixed (``resolve``): the same kept entries
+        and the same arithmetic as the two passes, without the first pass.
+        """
+        numel = self.shape[0] * self.shape[1]
+        if numel <= self.exact_below or self.name not in _CONSENSUS:
+            return None
+        kinds = [_plan_kind(self.name, self.resolved, i, numel) if f is not None else ("zero", {})
+                 for i, f in enumerate(self.factors)]
+        if any(kind not in ("zero", "none") and not (kind == "magnitude" and len(spec["ks"]) == 1
+                                                    and not spec["rescale"]) for kind, spec in kinds):
+            return None
+        if all(kind != "magnitude" for kind, _ in kinds):
+            return None
+
+        def bracket(i):
+            kind, spec = kinds[i]
+            if kind != "magnitude" or spec["ks"][0] >= numel:
+                return None
+            L, R = self.factors[i]
+            sample = _sample_abs(L, R, min(max(_SAMPLE[0], numel >> 8), _SAMPLE[1]))
+            lo, hi = _bracket(sample, numel, spec["ks"][0])
+            mid = float(np.dtype(_np_dtype(self.dtype)).type(lo + (hi - lo) / 2))
+            return lo, hi, spec["ks"][0], sample.size, mid
+
+        found = _map([lambda i=i: bracket(i) for i in range(self.n)], self.workers)
+        self.plans = [
+            _Plan("zero") if kind == "zero" else
+            _Plan("none") if b is None else _Plan("topk", keep=TopK(b[4], _EMPTY))
+            for (kind, _), b in zip(kinds, found)
+        ]
+        return found
+
+    def _tally_state(self, n_rows: int) -> dict:
+        numel = self.shape[0] * self.shape[1]
+        npd = _np_dtype(self.dtype)
+        as_s = np.dtype(npd).type
+        frac = max((4 * _Z[0] * math.sqrt(0.25 / b[3]) for b in self.single if b is not None), default=0.0)
+        rows_here = n_rows / self.shape[0]
+        cap = int(numel * rows_here * min(1.0, frac)) + 4096
+        ucap = min(int(cap * sum(b is not None for b in self.single)), int(numel * rows_here) + 1)
+        n = self.shape[1]
+        lam = self.resolved["lambda"]
+        return {
+            "lo": np.array([b[0] if b else math.inf for b in self.single], npd),
+            "hi": np.array([b[1] if b else math.inf for b in self.single], npd),
+            "active": np.array([b is not None for b in self.single]),
+            # provisional plans: keep |τ| > t̂ (kept whole: > −1; absent: zeros anyway)
+            "keep_t": np.array([b[4] if b else -1.0 for b in self.single], npd),
+            "c2": self.w.numpy(), "use_c2": np.array([w != 1.0 for w in self.weights]),
+            "vals": np.empty((self.n, cap), npd), "idx": np.empty((self.n, cap), np.int64),
+            "pos": np.zeros(self.n, np.int64), "above": np.zeros(self.n, np.int64),
+            "uidx": np.empty(ucap, np.int64), "uraw": np.empty((self.n, ucap), npd),
+            "upos": np.zeros(1, np.int64), "union": np.empty((n + 31) // 32, np.uint32),
+            "mix": (self.w.numpy(), bool(self.resolved["normalize"]), min(self.weights) > 0, as_s(lam),
+                    lam != 1, np.empty(n, npd), np.empty(n, npd), np.empty(n, npd)),
+        }
+
+    def _tally_mix(self, st: dict, ys: torch.Tensor, r0: int, r1: int, out: torch.Tensor) -> None:
+        """``kernels.tally_mix`` of one block; if a buffer was short, grow it and redo the block
+        (from the products: the kernel overwrote them)."""
+        from . import kernels
+
+        b = r1 - r0
+        while True:
+            saved = st["pos"].copy(), st["above"].copy(), st["upos"].copy()
+            kernels.tally_mix(ys.numpy(), b, r0 * self.shape[1], st["lo"], st["hi"], st["active"],
+                              st["keep_t"], st["c2"], st["use_c2"], st["vals"], st["idx"], st["pos"],
+                              st["above"], st["uidx"], st["uraw"], st["upos"], st["union"], out.numpy(),
+                              *st["mix"])
+            if st["pos"].max(initial=0) <= st["vals"].shape[1] and st["upos"][0] <= st["uidx"].size:
+                return
+            st["pos"][:], st["above"][:], st["upos"][:] = saved
+            cap = max(2 * st["vals"].shape[1], int(st["pos"].max()) + 4096)
+            ucap = max(2 * st["uidx"].size, int(st["upos"][0]) + 4096)
+            st["vals"], st["idx"] = _grow(st["vals"], cap), _grow(st["idx"], cap)
+            st["uidx"], st["uraw"] = _grow(st["uidx"][None], ucap)[0], _grow(st["uraw"], ucap)
+            for i in range(self.n):
+                self._product(i, r0, r1, ys[i, :b])
+
+    def resolve(self, tallies: list[dict]):
+        """After the single pass: the exact plans, and the uncertain positions (flat, ascending)
+        where the exact merged value differs from the provisional one, with both values.
+        None when a bracket missed (the caller then runs the two passes)."""
+        numel = self.shape[0] * self.shape[1]
+        exact = []
+        for i, b in enumerate(self.single):
+            if b is None:
+                exact.append(self.plans[i])
+                continue
+            above = sum(int(t["above"][i]) for t in tallies)
+            values = np.concatenate([t["vals"][i, : t["pos"][i]] for t in tallies])
+            index = np.concatenate([t["idx"][i, : t["pos"][i]] for t in tallies])
+            need = b[2] - above
+            if need < 0 or need > values.size:
+                return None
+            if need == 0:
+                exact.append(_Plan("topk", keep=TopK(b[1], _EMPTY)))
+            else:
+                t, ties, _ = _select_candidates(values, index, need, False)
+                exact.append(_Plan("topk", keep=TopK(t, ties)))
+        uidx = np.concatenate([t["uidx"][: t["upos"][0]] for t in tallies])
+        uraw = np.concatenate([t["uraw"][:, : t["upos"][0]] for t in tallies], 1)
+        provisional = self._mix_points(uraw.copy(), uidx, self.plans)
+        self.plans = exact
+        self._args = [self._kernel_args(i) for i in range(self.n)]
+        final = self._mix_points(uraw, uidx, exact)
+        changed = final != provisional  # entries between t̂ and the exact threshold, and ties
+        return torch.from_numpy(uidx)[changed], final[changed], provisional[changed]
+
+    def _mix_points(self, raw: np.ndarray, index: np.ndarray, plans: list[_Plan]) -> torch.Tensor:
+        """Mix the raw τ values ``raw[:, p]`` at flat positions ``index`` under ``plans`` with the
+        block path's very kernels (one row of P entries; ties mapped to their positions)."""
+        p = index.size
+        ys = torch.from_numpy(np.ascontiguousarray(raw)).reshape(self.n, 1, p)  # mixed in place
+        keep = self.plans, self._args
+        self.plans = plans
+        self._args = [self._kernel_args(i) for i in range(self.n)]
+        try:
+            out = torch.empty(1, p, dtype=self.dtype)
+            self._combine(ys, 1, out, lambda i: _positions(plans[i], index))
+        finally:
+            self.plans, self._args = keep
+        return out[0]
+
+    def two_pass(self) -> None:
+        """Leave the single pass: exact plans from a stats pass (``_stats``)."""
+        self.single = None
+        self.plans = self._stats(self.generators, self.exact_below)
+        self._args = [self._kernel_args(i) for i in range(self.n)]
 
     def _stats(self, generators, exact_below) -> list[_Plan]:
         numel = self.shape[0] * self.shape[1]
@@ -354,86 +573,102 @@ class _Stream:
         return _Plan("mask", mask=mask, scale=scale)
 
     # -- the mix pass -------------------------------------------------------------------------
-    def _sparsify(self, i: int, r0: int, r1: int, y: torch.Tensor) -> None:
-        """τ_i rows [r0, r1) → sparsified and weighted, in place in ``y``."""
-        plan, f = self.plans[i], self.factors[i]
-        if plan.kind == "zero":
-            y.zero_()
-            return
-        torch.matmul(f[0][r0:r1], f[1], out=y)
-        flat = y.view(-1)
-        base = r0 * self.shape[1]
-        if plan.kind in ("topk", "band"):
-            ties = _local(plan.keep.ties, base, y.numel())
-            kept_ties = flat[ties].clone() if ties.numel() else None
-            if plan.kind == "band" and not plan.drop.nothing:
-                # entries of the dropped top-k become exact zeros: x − x = 0, y − 0 = y
-                top = torch.ops.aten.hardshrink(y, plan.drop.t)
-                if not plan.keep.everything:
-                    torch.ops.aten.hardshrink.out(y, plan.keep.t, out=y)
-                y.sub_(top)
-                drop_ties = _local(plan.drop.ties, base, y.numel())
-            else:
-                torch.ops.aten.hardshrink.out(y, plan.keep.t, out=y)
-                drop_ties = _EMPTY
-            if kept_ties is not None:
-                flat[ties] = kept_ties
-            if drop_ties.numel():
-                flat[drop_ties] = 0
+    def _kernel_args(self, i: int) -> tuple | None:
+        """``kernels.select``'s per-adapter arguments (None: nothing to do after the product)."""
+        plan, npd = self.plans[i], _np_dtype(self.dtype)
+        as_s = lambda v: np.dtype(npd).type(v)  # noqa: E731
+        scale = plan.scale is not None and plan.divide is None
+        weight = self.weights[i] != 1.0 and plan.divide is None
+        mode, keep_t, drop_t = 0, -1.0, math.inf
+        if plan.kind == "topk":
+            mode, keep_t = 1, plan.keep.t
+        elif plan.kind == "band":
+            mode = 2
+            keep_t = -1.0 if plan.keep.everything else plan.keep.t
+            drop_t = math.inf if plan.drop.nothing else plan.drop.t
         elif plan.kind == "mask":
-            y.mul_(plan.mask[r0:r1])
-        if plan.divide is not None:
-            y.div_(plan.divide)
-        if plan.scale is not None:
-            y.mul_(plan.scale)
-        if self.weights[i] != 1.0:
-            y.mul_(self.w[i])
+            mode = 3
+        if mode == 0 and not scale and not weight:
+            return None
+        c1 = plan.scale.item() if plan.scale is not None else 1.0
+        return (mode, as_s(keep_t), as_s(drop_t), as_s(c1), scale, as_s(self.weights[i]), weight)
 
-    def mix_rows(self, blocks, sink: Callable[[int, int, torch.Tensor], None]) -> None:
-        """Mix the row blocks ``blocks`` and hand each merged block to ``sink(r0, r1, block)``."""
+    def _product(self, i: int, r0: int, r1: int, y: torch.Tensor) -> None:
+        """τ_i rows [r0, r1) into ``y`` (zeros for an absent adapter)."""
+        if self.plans[i].kind == "zero":
+            y.zero_()
+        else:
+            f = self.factors[i]
+            torch.matmul(f[0][r0:r1], f[1], out=y)
+
+    def _sparsify(self, i: int, y: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor],
+                  mask: torch.Tensor | None) -> None:
+        """τ_i (a block of ``y``) → sparsified and weighted, in place (``kernels.select``);
+        ``ties``: local flat positions of the kept and dropped threshold ties."""
+        from . import kernels
+
+        plan = self.plans[i]
+        if plan.kind == "zero":
+            return
+        args = self._args[i]
+        if args is not None:
+            mode, keep_t, drop_t, c1, use_c1, c2, use_c2 = args
+            kernels.select(y.numpy(), y.shape[0], mode, keep_t, drop_t, ties[0].numpy(), ties[1].numpy(),
+                           mask.numpy() if mode == 3 else _NO_MASK, c1, use_c1, c2, use_c2)
+        if plan.divide is not None:  # DARE's 1/p: eager, then the multiplications in order
+            y.div_(plan.divide)
+            if plan.scale is not None:
+                y.mul_(plan.scale)
+            if self.weights[i] != 1.0:
+                y.mul_(self.w[i])
+
+    def _block_ties(self, i: int, r0: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, base = self.plans[i], r0 * self.shape[1]
+        keep = _local(plan.keep.ties, base, size) if plan.keep is not None else _EMPTY
+        drop = _local(plan.drop.ties, base, size) if plan.drop is not None and not plan.drop.nothing else _EMPTY
+        return keep, drop
+
+    def _combine(self, ys: torch.Tensor, b: int, out: torch.Tensor, ties, masks=None) -> None:
+        """Sparsify each ``ys[i, :b]`` (raw τ) and mix them into ``out[:b]``."""
+        from . import kernels
+
+        for i in range(self.n):
+            self._sparsify(i, ys[i, :b], ties(i), masks(i) if masks else None)
+        yb, ob = ys[:, :b], out[:b]
+        if self.name == "linear":
+            torch.sum(yb, 0, out=ob)
+            if self.resolved["normalize"]:
+                ob.div_(self.w.sum())
+        elif self.name not in _CONSENSUS:
+            torch.sum(yb, 0, out=ob)
+            self._finish(ob, None)
+        else:
+            npd = _np_dtype(self.dtype)
+            lam = self.resolved["lambda"]
+            rowbufs = [np.empty(ys.shape[2], npd) for _ in range(3)]
+            kernels.consensus(ys.numpy(), b, out.numpy(), self.w.numpy(), bool(self.resolved["normalize"]),
+                              min(self.weights) > 0, np.dtype(npd).type(lam), lam != 1, *rowbufs)
+
+    def mix_rows(self, blocks, sink: Callable[[int, int, torch.Tensor], None]) -> dict | None:
+        """Mix the row blocks ``blocks`` and hand each merged block to ``sink(r0, r1, block)``.
+        In the single pass, also tally them: returns the tally for ``resolve``."""
         n_rows = max(r1 - r0 for r0, r1 in blocks)
         cols = self.shape[1]
         ys = torch.empty(self.n, n_rows, cols, dtype=self.dtype)  # [n_adapters, rows, in]
         out = torch.empty(n_rows, cols, dtype=self.dtype)
-        tmp = torch.empty(n_rows, cols, dtype=self.dtype)
-        z = torch.empty_like(ys)
-        consensus = self.name in _CONSENSUS
+        tally = self._tally_state(sum(r1 - r0 for r0, r1 in blocks)) if self.single else None
         for r0, r1 in blocks:
             b = r1 - r0
-            yb, ob = ys[:, :b], out[:b]
             for i in range(self.n):
-                self._sparsify(i, r0, r1, yb[i])
-            if self.name == "linear":
-                torch.sum(yb, 0, out=ob)
-                if self.resolved["normalize"]:
-                    ob.div_(self.w.sum())
-            elif not consensus:
-                torch.sum(yb, 0, out=ob)
-                self._finish(ob, None)
-            else:
-                self._elect_and_mix(yb, z[:, :b], ob, tmp[:b])
-            sink(r0, r1, ob)
-
-    def _elect_and_mix(self, yb, zb, ob, sign) -> None:
-        # majority = sign of Σ_i y_i (≥ 0 → +); entry i agrees when y_i · majority > 0.
-        torch.sum(yb, 0, out=sign)
-        _majority(sign)
-        torch.mul(yb, sign, out=zb)  # [n, rows, in]: |y_i| where agreeing, ≤ 0 otherwise
-        zb.clamp_min_(0)
-        torch.sum(zb, 0, out=ob)  # Σ over agreeing |y_i| (same order as the dense sum)
-        ob.mul_(sign)
-        if self.resolved["normalize"]:
-            torch.sign(zb, out=zb)  # 1 where agreeing, 0 elsewhere
-            divisor = sign.zero_()  # Σ_i w_i [agrees], summed in adapter order like mix()
-            for i in range(self.n):
-                divisor.add_(zb[i], alpha=self.weights[i])
-            if min(self.weights) > 0:  # divisor is 0 only where nothing agrees (mixed = 0 there)
-                divisor.clamp_min_(torch.finfo(divisor.dtype).tiny)
-            else:
-                divisor.masked_fill_(divisor == 0, 1.0)
-            ob.div_(divisor)
-        if self.resolved["lambda"] != 1:
-            ob.mul_(self.resolved["lambda"])
+                self._product(i, r0, r1, ys[i, :b])
+            if tally is not None:
+                self._tally_mix(tally, ys, r0, r1, out)
+                sink(r0, r1, out[:b])
+                continue
+            self._combine(ys, b, out, lambda i: self._block_ties(i, r0, b * cols),
+                          lambda i: None if self.plans[i].mask is None else self.plans[i].mask[r0:r1])
+            sink(r0, r1, out[:b])
+        return tally
 
     def _finish(self, ob, _):
         # _gta without consensus: ÷ Σw (guarded) when normalising, × λ
@@ -452,10 +687,13 @@ class _Stream:
         return [self.blocks[s:s + per] for s in range(0, len(self.blocks), per)]
 
 
-def _majority(s: torch.Tensor) -> None:
-    """In place: +1 where s ≥ 0, −1 elsewhere (``methods.sign_consensus``'s election)."""
-    neg = s < 0
-    s.fill_(1.0).masked_fill_(neg, -1.0)
+def _positions(plan: _Plan, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plan's kept threshold ties as positions in ``index`` (flat, ascending; all ties are
+    among them: they sit inside the bracket)."""
+    if plan.keep is None or plan.keep.ties.numel() == 0:
+        return _EMPTY, _EMPTY
+    ties = plan.keep.ties.numpy()
+    return torch.from_numpy(np.searchsorted(index, ties).astype(np.int64)), _EMPTY
 
 
 def _local(index: torch.Tensor, base: int, size: int) -> torch.Tensor:
@@ -485,7 +723,15 @@ def merge_dense(
         def sink(r0, r1, block):
             result[r0:r1].copy_(block)
 
-        _map([lambda run=run: st.mix_rows(run, sink) for run in st.split()], workers)
+        tallies = _map([lambda run=run: st.mix_rows(run, sink) for run in st.split()], workers)
+        if st.single is not None:
+            fixed = st.resolve(tallies)
+            if fixed is None:  # a bracket missed: the two passes
+                st.two_pass()
+                _map([lambda run=run: st.mix_rows(run, sink) for run in st.split()], workers)
+            else:
+                index, exact, _ = fixed
+                result.view(-1)[index] = exact
     return result
 
 
@@ -501,6 +747,7 @@ def merge_factors(
     Falls back to ``lowrank.refactor`` on the streamed dense D when the adapters' joint basis is
     too small to hold rank + ``oversample`` directions or D is small.
     """
+    from . import kernels
     from .lowrank import refactor
 
     m, n = shape
@@ -530,21 +777,47 @@ def merge_factors(
         st = _Stream(method_name, factors, shape, resolved, generators, workers=workers,
                      block_rows=block_rows, exact_below=exact_below)
 
+        # merged rows are staged until ~4 MB (≥ 64 rows) before Qᵀ D is accumulated: a thin
+        # block (13 rows of a 18944-wide down_proj) would re-read and re-write all of Qᵀ D
+        stage_rows = max(64, _STAGE_BYTES // (n * torch.finfo(dtype).bits // 8))
+
         def run_rows(run):
             proj = torch.zeros(q.shape[1], n, dtype=dtype)  # Qᵀ D of these rows
+            stage = torch.empty(stage_rows + max(r1 - r0 for r0, r1 in run), n, dtype=dtype)
+            held = [run[0][0], 0]  # first staged row, staged count
             norm2 = [0.0]
 
+            def flush():
+                if held[1]:
+                    proj.addmm_(q[held[0]:held[0] + held[1]].T, stage[: held[1]])
+                held[0], held[1] = held[0] + held[1], 0
+
             def sink(r0, r1, block):
-                proj.addmm_(q[r0:r1].T, block)
+                stage[held[1]: held[1] + r1 - r0].copy_(block)
+                held[1] += r1 - r0
                 flat = block.reshape(-1)
                 norm2[0] += float(torch.dot(flat, flat))
+                if held[1] >= stage_rows:
+                    flush()
 
-            st.mix_rows(run, sink)
-            return proj, norm2[0]
+            tally = st.mix_rows(run, sink)
+            flush()
+            return proj, norm2[0], tally
 
         parts = _map([lambda run=run: run_rows(run) for run in st.split()], workers)
-    proj = sum(p.double() for p, _ in parts)  # [q, in]
-    norm2 = sum(s for _, s in parts)
+        fixed = st.resolve([t for _, _, t in parts]) if st.single is not None else None
+        if st.single is not None and fixed is None:  # a bracket missed: the two passes
+            st.two_pass()
+            parts = _map([lambda run=run: run_rows(run) for run in st.split()], workers)
+    proj = sum(p.double() for p, _, _ in parts)  # [q, in]
+    norm2 = sum(s for _, s, _ in parts)
+    if fixed is not None:  # the uncertain positions: exact value − provisional value
+        index, exact, provisional = fixed
+        delta = exact.double() - provisional.double()
+        correction = np.zeros((n, q.shape[1]))
+        kernels.scatter_project(correction, q.numpy(), (index // n).numpy(), (index % n).numpy(), delta.numpy())
+        proj += torch.from_numpy(correction).T
+        norm2 += float((exact.double() ** 2).sum() - (provisional.double() ** 2).sum())
     if norm2 == 0.0:
         return torch.zeros(m, k, dtype=dtype), torch.zeros(k, n, dtype=dtype), 0.0
     # top-k of the small core from its Gram matrix: proj projᵀ = U S² Uᵀ

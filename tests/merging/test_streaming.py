@@ -110,11 +110,44 @@ def test_ties_at_the_threshold_follow_top_mask():
 
 
 def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
-    monkeypatch.setattr(S, "_bracket", lambda sample, n, k: (1e30, 1e30))
+    monkeypatch.setattr(S, "_bracket", lambda sample, n, k, z=4.0: (1e30, 1e30))
     factors = random_factors(4)
     resolved, ref = reference("ties", factors, dict(density=0.3))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
     assert_same_merge(got, ref, exact=True)
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
+    real = S._bracket
+    calls = []
+
+    def narrow_then_real(sample, n, k, z=4.0):
+        calls.append(z)
+        lo, hi = real(sample, n, k, z)
+        if z == S._Z[0]:  # a bracket entirely on one side of the threshold
+            return (hi * 1.5, hi * 2.0) if side == "above" else (lo / 4, lo / 2)
+        return lo, hi
+
+    monkeypatch.setattr(S, "_bracket", narrow_then_real)
+    monkeypatch.setattr(S, "_descriptor_dense", None)  # the dense fallback must not be needed
+    factors = random_factors(6)
+    resolved, ref = reference("ties", factors, dict(density=0.3))
+    got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
+    assert_same_merge(got, ref, exact=True)
+    assert S._Z[1] in calls
+
+
+def test_candidate_buffers_grow_when_the_estimate_is_short(monkeypatch):
+    real = S._count_pass
+    monkeypatch.setattr(S, "_count_pass", lambda L, R, blocks, brackets, sums, expect:
+                        real(L, R, blocks, brackets, sums, [1] * len(expect)))
+    factors = random_factors(7)
+    for name, params in (("ties", dict(density=0.45)), ("ties", dict(density=0.45, rescale=True)),
+                         ("breadcrumbs", dict(density=0.5, gamma=0.1))):
+        resolved, ref = reference(name, factors, params)
+        got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
+        assert_same_merge(got, ref, exact="rescale" not in params)
 
 
 def test_same_seed_same_bytes():
@@ -138,12 +171,13 @@ def test_row_blocks_cover_the_rows_without_one_row_products():
 @pytest.mark.parametrize("name,params", [
     ("ties", dict(density=0.5)), ("dare_ties", dict(density=0.5)), ("breadcrumbs", dict(density=0.6, gamma=0.05)),
 ])
-def test_factors_error_is_exact_and_close_to_refactor(name, params):
+@pytest.mark.parametrize("exact_below", [10**9, 0])  # 0: ties runs the single pass
+def test_factors_error_is_exact_and_close_to_refactor(name, params, exact_below):
     shape, ranks, k = (400, 260), (4, 8, 6, 10), 8
     factors = random_factors(6, ranks=ranks, shape=shape)
     resolved, dense = reference(name, factors, params, shape=shape)
     left, right, err = S.merge_factors(name, factors, shape, resolved, k, generators=generators(4),
-                                       block_rows=64)
+                                       block_rows=64, exact_below=exact_below)
     assert left.shape == (shape[0], k) and right.shape == (k, shape[1])
     actual = float(torch.linalg.matrix_norm(dense - left @ right) / torch.linalg.matrix_norm(dense))
     assert err == pytest.approx(actual, rel=1e-4)  # the projection identity, not an estimate
@@ -178,3 +212,56 @@ def test_bernoulli_draws_match_torch_bernoulli():
     a = torch.bernoulli(torch.full_like(t, 0.3), generator=torch.Generator().manual_seed(9))
     b = sp.bernoulli(t, 0.3, generator=torch.Generator().manual_seed(9), rescale=False)
     assert torch.equal(t * a, b)
+
+
+@pytest.mark.parametrize("name,params", [("ties", dict(density=0.35, weight=[1.0, 0.3, -0.5] * 3)),
+                                         ("breadcrumbs_ties", dict(density=0.5, gamma=0.05))])
+def test_many_adapters_sum_in_the_dense_order(name, params):
+    # the fused kernels add adapters one by one, in order; torch.sum over a [9, 203, 77] stack
+    # vectorises in another order, so values agree to rounding (the kept entries exactly)
+    factors = random_factors(8, ranks=(3, 8, 5, 16, 2, 7, 4, 1, 6))
+    resolved, ref = reference(name, factors, params)
+    got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
+    assert_same_merge(got, ref, exact=False)
+
+
+def test_plain_ties_takes_the_single_pass(monkeypatch):
+    # one pass, the uncertain positions re-mixed afterwards: equal to the dense merge, and
+    # equal (to rounding) to the two passes in the adapter output's projection
+    def no_second_pass(self):
+        raise AssertionError("the single pass fell back to two passes")
+
+    resolves = []
+    real_resolve, real_single = S._Stream.resolve, S._Stream._single_pass_brackets
+    monkeypatch.setattr(S._Stream, "resolve", lambda self, t: resolves.append(1) or real_resolve(self, t))
+    factors = random_factors(9, missing=(1,))
+    for params in (dict(density=0.4), dict(density=[0.2, 0.6, 1.0, 0.5], weight=[1.0, 2.0, 0.5, -1.0])):
+        resolved, ref = reference("ties", factors, params)
+        with monkeypatch.context() as mp:
+            mp.setattr(S._Stream, "two_pass", no_second_pass)
+            got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0, workers=2)
+            single = S.merge_factors("ties", factors, SHAPE, resolved, 6, block_rows=16, exact_below=0)
+        assert_same_merge(got, ref, exact=True)
+        assert len(resolves) == 2
+        monkeypatch.setattr(S._Stream, "_single_pass_brackets", lambda self: None)
+        double = S.merge_factors("ties", factors, SHAPE, resolved, 6, block_rows=16, exact_below=0)
+        monkeypatch.setattr(S._Stream, "_single_pass_brackets", real_single)
+        resolves.clear()
+        torch.testing.assert_close(single[0] @ single[1], double[0] @ double[1], rtol=1e-5, atol=1e-5)
+        assert single[2] == pytest.approx(double[2], rel=1e-5)
+
+
+def test_single_pass_buffers_grow_when_short(monkeypatch):
+    real = S._Stream._tally_state
+
+    def tiny(self, n_rows):
+        st = real(self, n_rows)
+        st["vals"], st["idx"] = st["vals"][:, :1].copy(), st["idx"][:, :1].copy()
+        st["uidx"], st["uraw"] = st["uidx"][:1].copy(), st["uraw"][:, :1].copy()
+        return st
+
+    monkeypatch.setattr(S._Stream, "_tally_state", tiny)
+    factors = random_factors(10)
+    resolved, ref = reference("ties", factors, dict(density=0.45, weight=[1.0, 0.5, 2.0, 1.5]))
+    got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0, workers=2)
+    assert_same_merge(got, ref, exact=True)
