@@ -1,7 +1,8 @@
 """The merge: adapters → task vectors → method → adapter or full weights + manifest.
 
-Streams one module at a time, so memory is bounded by the largest module × the number of adapters
-(plus, for full output, one output shard).
+Streams modules (two at a time on a multi-core machine), so memory is bounded by a few modules'
+work, not by the model: sparse methods never hold a dense ΔW per adapter (``streaming``), and
+outputs are written tensor by tensor (``output.SafetensorsWriter``).
 """
 
 from __future__ import annotations

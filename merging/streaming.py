@@ -5,7 +5,12 @@ random masks, mixing equal to float rounding — without ever holding a dense Δ
 each τ_i = L_i R_i is recomputed a row block at a time (``L_i[rows] @ R_i``, bit-identical to the
 full product's rows; MKL's 1-row product is a gemv that rounds differently, so no block is 1 row).
 
-Per module, at most two passes over the row blocks:
+Plain TIES (top-k trimming, no rescale, tensors above ``exact_below``) runs in **one** pass:
+each block is tallied and mixed with a provisional threshold by one fused kernel, and the few
+positions inside a threshold's bracket are re-mixed once the exact thresholds are known
+(``_Stream._single_pass_brackets``, ``resolve``). The element-wise work is done by the numba
+kernels of ``kernels.py``. Every other streamed method (and a missed bracket) takes at most two
+passes over the row blocks:
 
 1. **stats** (only when a sparsifier needs a global quantity), one task per adapter:
    - magnitude trimming (ties, breadcrumbs): the exact k-th largest |τ_i| without a sort. A
@@ -480,7 +485,6 @@ class _Stream:
         """After the single pass: the exact plans, and the uncertain positions (flat, ascending)
         where the exact merged value differs from the provisional one, with both values.
         None when a bracket missed (the caller then runs the two passes)."""
-        numel = self.shape[0] * self.shape[1]
         exact = []
         for i, b in enumerate(self.single):
             if b is None:
