@@ -97,6 +97,9 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+_AHEAD = 6  # finished modules held for in-order output (one layer's worth)
+
+
 class _Merger:
     """Computes the merged update of one module at a time."""
 
@@ -205,7 +208,9 @@ class _Merger:
         """``(path, factors(path))`` for each path, in order. With more than one core, modules
         are merged concurrently, one thread each (streamed merges then run single-threaded), so
         one module's serial steps (threshold selection, SVD of the core) overlap another's
-        passes; at most ``workers`` modules are in flight."""
+        passes. ``workers`` modules run at a time; finished ones wait for their turn in a window
+        of ``workers + _AHEAD`` (low-rank factors: small), so a short module finishing behind a
+        long one does not leave its core idle."""
         workers = streaming.default_workers()
         if workers <= 1 or len(paths) <= 1:
             for path in paths:
@@ -216,7 +221,8 @@ class _Merger:
             with streaming.single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 todo = iter(paths)
                 pending = collections.deque(
-                    (path, pool.submit(self.factors, path)) for path in itertools.islice(todo, workers))
+                    (path, pool.submit(self.factors, path))
+                    for path in itertools.islice(todo, workers + _AHEAD))
                 while pending:
                     path, future = pending.popleft()
                     result = future.result()

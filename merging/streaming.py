@@ -451,10 +451,10 @@ class _Stream:
             # provisional plans: keep |τ| > t̂ (kept whole: > −1; absent: zeros anyway)
             "keep_t": np.array([b[4] if b else -1.0 for b in self.single], npd),
             "c2": self.w.numpy(), "use_c2": np.array([w != 1.0 for w in self.weights]),
-            "vals": np.empty((self.n, cap), npd), "idx": np.empty((self.n, cap), np.int64),
-            "pos": np.zeros(self.n, np.int64), "above": np.zeros(self.n, np.int64),
+            "above": np.zeros(self.n, np.int64),
             "uidx": np.empty(ucap, np.int64), "uraw": np.empty((self.n, ucap), npd),
             "upos": np.zeros(1, np.int64), "union": np.empty((n + 31) // 32, np.uint32),
+            "flags": np.zeros((n + 7) // 8 * 8, np.uint8),
             "mix": (self.w.numpy(), bool(self.resolved["normalize"]), min(self.weights) > 0, as_s(lam),
                     lam != 1, np.empty(n, npd), np.empty(n, npd), np.empty(n, npd)),
         }
@@ -466,17 +466,14 @@ class _Stream:
 
         b = r1 - r0
         while True:
-            saved = st["pos"].copy(), st["above"].copy(), st["upos"].copy()
+            saved = st["above"].copy(), st["upos"].copy()
             kernels.tally_mix(ys.numpy(), b, r0 * self.shape[1], st["lo"], st["hi"], st["active"],
-                              st["keep_t"], st["c2"], st["use_c2"], st["vals"], st["idx"], st["pos"],
-                              st["above"], st["uidx"], st["uraw"], st["upos"], st["union"], out.numpy(),
-                              *st["mix"])
-            if st["pos"].max(initial=0) <= st["vals"].shape[1] and st["upos"][0] <= st["uidx"].size:
+                              st["keep_t"], st["c2"], st["use_c2"], st["above"], st["uidx"], st["uraw"],
+                              st["upos"], st["union"], st["flags"], out.numpy(), *st["mix"])
+            if st["upos"][0] <= st["uidx"].size:
                 return
-            st["pos"][:], st["above"][:], st["upos"][:] = saved
-            cap = max(2 * st["vals"].shape[1], int(st["pos"].max()) + 4096)
+            st["above"][:], st["upos"][:] = saved
             ucap = max(2 * st["uidx"].size, int(st["upos"][0]) + 4096)
-            st["vals"], st["idx"] = _grow(st["vals"], cap), _grow(st["idx"], cap)
             st["uidx"], st["uraw"] = _grow(st["uidx"][None], ucap)[0], _grow(st["uraw"], ucap)
             for i in range(self.n):
                 self._product(i, r0, r1, ys[i, :b])
@@ -484,15 +481,31 @@ class _Stream:
     def resolve(self, tallies: list[dict]):
         """After the single pass: the exact plans, and the uncertain positions (flat, ascending)
         where the exact merged value differs from the provisional one, with both values.
-        None when a bracket missed (the caller then runs the two passes)."""
+        None when a bracket missed (the caller then runs the two passes).
+
+        Only the positions where some adapter's keep decision can change
+        (``kernels.decisions_differ``: a small part of the brackets' union) are mixed again,
+        under both plans, with the block path's kernels."""
+        from . import kernels
+
+        # the uncertain positions: whole (C-contiguous) buffers and a count, so the kernels see
+        # contiguous rows (a column slice of [n, cap] would stop their vectorisation)
+        count = sum(int(t["upos"][0]) for t in tallies)
+        if len(tallies) == 1:
+            uidx, uraw = tallies[0]["uidx"], tallies[0]["uraw"]
+        else:
+            uidx = np.concatenate([t["uidx"][: t["upos"][0]] for t in tallies])
+            uraw = np.concatenate([t["uraw"][:, : t["upos"][0]] for t in tallies], axis=1)
         exact = []
         for i, b in enumerate(self.single):
             if b is None:
                 exact.append(self.plans[i])
                 continue
             above = sum(int(t["above"][i]) for t in tallies)
-            values = np.concatenate([t["vals"][i, : t["pos"][i]] for t in tallies])
-            index = np.concatenate([t["idx"][i, : t["pos"][i]] for t in tallies])
+            values, index = np.empty(count, uraw.dtype), np.empty(count, np.int64)
+            got = kernels.bracket_candidates(uraw[i], count, uraw.dtype.type(b[0]), uraw.dtype.type(b[1]),
+                                             uidx, values, index)  # this adapter's candidates
+            values, index = values[:got], index[:got]
             need = b[2] - above
             if need < 0 or need > values.size:
                 return None
@@ -501,8 +514,13 @@ class _Stream:
             else:
                 t, ties, _ = _select_candidates(values, index, need, False)
                 exact.append(_Plan("topk", keep=TopK(t, ties)))
-        uidx = np.concatenate([t["uidx"][: t["upos"][0]] for t in tallies])
-        uraw = np.concatenate([t["uraw"][:, : t["upos"][0]] for t in tallies], 1)
+        npd = _np_dtype(self.dtype)
+        active = np.array([b is not None for b in self.single])
+        provisional_t = np.array([p.keep.t if a else 0.0 for p, a in zip(self.plans, active)], npd)
+        exact_t = np.array([p.keep.t if a else 0.0 for p, a in zip(exact, active)], npd)
+        raw_out, index_out = np.empty((self.n, count), uraw.dtype), np.empty(count, np.int64)
+        got = kernels.decisions_differ(uraw, uidx, count, provisional_t, exact_t, active, raw_out, index_out)
+        uidx, uraw = index_out[:got], raw_out[:, :got]  # _mix_points mixes copies in place
         provisional = self._mix_points(uraw.copy(), uidx, self.plans)
         self.plans = exact
         self._args = [self._kernel_args(i) for i in range(self.n)]
@@ -653,25 +671,30 @@ class _Stream:
             kernels.consensus(ys.numpy(), b, out.numpy(), self.w.numpy(), bool(self.resolved["normalize"]),
                               min(self.weights) > 0, np.dtype(npd).type(lam), lam != 1, *rowbufs)
 
-    def mix_rows(self, blocks, sink: Callable[[int, int, torch.Tensor], None]) -> dict | None:
+    def mix_rows(self, blocks, sink: Callable[[int, int, torch.Tensor], None],
+                 target: Callable[[int, int], torch.Tensor] | None = None) -> dict | None:
         """Mix the row blocks ``blocks`` and hand each merged block to ``sink(r0, r1, block)``.
-        In the single pass, also tally them: returns the tally for ``resolve``."""
+        ``target(r0, r1)``: where to write a block (a contiguous ``[r1 - r0, in]`` view; default
+        a buffer of this call). In the single pass, also tally them: returns the tally for
+        ``resolve``."""
         n_rows = max(r1 - r0 for r0, r1 in blocks)
         cols = self.shape[1]
         ys = torch.empty(self.n, n_rows, cols, dtype=self.dtype)  # [n_adapters, rows, in]
-        out = torch.empty(n_rows, cols, dtype=self.dtype)
+        if target is None:
+            buffer = torch.empty(n_rows, cols, dtype=self.dtype)
+            target = lambda r0, r1: buffer[: r1 - r0]  # noqa: E731
         tally = self._tally_state(sum(r1 - r0 for r0, r1 in blocks)) if self.single else None
         for r0, r1 in blocks:
             b = r1 - r0
             for i in range(self.n):
                 self._product(i, r0, r1, ys[i, :b])
+            out = target(r0, r1)
             if tally is not None:
                 self._tally_mix(tally, ys, r0, r1, out)
-                sink(r0, r1, out[:b])
-                continue
-            self._combine(ys, b, out, lambda i: self._block_ties(i, r0, b * cols),
-                          lambda i: None if self.plans[i].mask is None else self.plans[i].mask[r0:r1])
-            sink(r0, r1, out[:b])
+            else:
+                self._combine(ys, b, out, lambda i: self._block_ties(i, r0, b * cols),
+                              lambda i: None if self.plans[i].mask is None else self.plans[i].mask[r0:r1])
+            sink(r0, r1, out)
         return tally
 
     def _finish(self, ob, _):
@@ -724,15 +747,18 @@ def merge_dense(
                      block_rows=block_rows, exact_below=exact_below)
         result = out if out is not None else torch.empty(shape, dtype=st.dtype)
 
-        def sink(r0, r1, block):
-            result[r0:r1].copy_(block)
+        def sink(r0, r1, block):  # the blocks are written in place
+            pass
 
-        tallies = _map([lambda run=run: st.mix_rows(run, sink) for run in st.split()], workers)
+        def target(r0, r1):
+            return result[r0:r1]
+
+        tallies = _map([lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers)
         if st.single is not None:
             fixed = st.resolve(tallies)
             if fixed is None:  # a bracket missed: the two passes
                 st.two_pass()
-                _map([lambda run=run: st.mix_rows(run, sink) for run in st.split()], workers)
+                _map([lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers)
             else:
                 index, exact, _ = fixed
                 result.view(-1)[index] = exact
@@ -796,15 +822,17 @@ def merge_factors(
                     proj.addmm_(q[held[0]:held[0] + held[1]].T, stage[: held[1]])
                 held[0], held[1] = held[0] + held[1], 0
 
+            def target(r0, r1):  # blocks are mixed straight into the stage
+                return stage[held[1]: held[1] + r1 - r0]
+
             def sink(r0, r1, block):
-                stage[held[1]: held[1] + r1 - r0].copy_(block)
                 held[1] += r1 - r0
                 flat = block.reshape(-1)
                 norm2[0] += float(torch.dot(flat, flat))
                 if held[1] >= stage_rows:
                     flush()
 
-            tally = st.mix_rows(run, sink)
+            tally = st.mix_rows(run, sink, target)
             flush()
             return proj, norm2[0], tally
 

@@ -104,9 +104,35 @@ def test_ties_at_the_threshold_follow_top_mask():
         resolved, ref = reference(name, factors, params)
         got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
         assert_same_merge(got, ref, exact=True)
+    single = S._Stream(  # the one-pass TIES resolves these ties too (no fallback)
+        "ties", factors, SHAPE, reference("ties", factors, dict(density=0.37))[0], None, workers=1,
+        block_rows=16, exact_below=0)
+    assert single.resolve([single.mix_rows(single.blocks, lambda *a: None)]) is not None
     tau = factors[0][0] @ factors[0][1]
     desc = S._stats_magnitude(*factors[0], [int(0.37 * tau.numel())], False, S.row_blocks(203, 16), 0)[0]
     assert desc.ties.numel() > 0  # the case really has kept ties
+
+
+@pytest.mark.parametrize("ranks,missing,params", [
+    ((3, 8, 5, 16), (), dict(density=0.4)),  # 4 unit weights: the fused kernel
+    ((3, 8, 5), (), dict(density=0.45, normalize=False)),  # 3: fused, padded
+    ((3, 8, 5, 16), (1,), dict(density=0.4)),  # an absent adapter
+    ((3, 8, 5, 16, 2), (), dict(density=0.4)),  # 5 adapters: the general kernel
+    ((3, 8, 5, 16), (), dict(density=0.4, weight=[1.0, 0.5, 2.0, 1.5])),  # weighted: general
+])
+def test_plain_ties_resolves_in_one_pass(monkeypatch, ranks, missing, params):
+    # the single pass's counts and candidates must give the exact thresholds by themselves: a
+    # wrong tally would fall back to the two passes and still be right, so forbid the fallback
+    def no_fallback(self):
+        raise AssertionError("the single pass fell back to two passes")
+
+    monkeypatch.setattr(S._Stream, "two_pass", no_fallback)
+    factors = random_factors(11, ranks=ranks, missing=missing)
+    resolved, ref = reference("ties", factors, params)
+    for block_rows, workers in ((16, 1), (101, 2)):
+        got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=block_rows, exact_below=0,
+                            workers=workers)
+        assert_same_merge(got, ref, exact=True)
 
 
 def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
@@ -251,17 +277,21 @@ def test_plain_ties_takes_the_single_pass(monkeypatch):
         assert single[2] == pytest.approx(double[2], rel=1e-5)
 
 
-def test_single_pass_buffers_grow_when_short(monkeypatch):
+@pytest.mark.parametrize("weight", [[1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 2.0, 1.5]])  # fused, general
+def test_single_pass_buffers_grow_when_short(monkeypatch, weight):
     real = S._Stream._tally_state
+    sizes = []
 
     def tiny(self, n_rows):
         st = real(self, n_rows)
-        st["vals"], st["idx"] = st["vals"][:, :1].copy(), st["idx"][:, :1].copy()
         st["uidx"], st["uraw"] = st["uidx"][:1].copy(), st["uraw"][:, :1].copy()
+        sizes.append(st)
         return st
 
     monkeypatch.setattr(S._Stream, "_tally_state", tiny)
+    monkeypatch.setattr(S._Stream, "two_pass", None)  # grown, not fallen back
     factors = random_factors(10)
-    resolved, ref = reference("ties", factors, dict(density=0.45, weight=[1.0, 0.5, 2.0, 1.5]))
+    resolved, ref = reference("ties", factors, dict(density=0.45, weight=weight))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0, workers=2)
+    assert all(st["uidx"].size > 1 for st in sizes)
     assert_same_merge(got, ref, exact=True)
