@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint import read_header, read_stored, stored_entry
 from .errors import MergeInputError
 from .lineage import StageMetadata, read_stage_metadata
 from .names import detect_layout, strip_peft_prefix, to_canonical
@@ -125,10 +126,10 @@ class LoraAdapter:
     def tensor(self, key: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[key]
-        if self._handle is None:
-            # One memory-mapped handle per adapter, kept for the whole merge.
-            self._handle = safe_open(self.weights_file, framework="pt")
-        return self._handle.get_tensor(key)
+        if self._handle is None:  # the parsed header, kept for the whole merge
+            self._handle = read_header(self.weights_file)
+        data_start, header = self._handle
+        return read_stored(stored_entry(self.weights_file, data_start, header, key))
 
     def factors(self, path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, R)`` with L @ R the weight-shaped update of module ``path`` (scale in L)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,69 @@ class Stored(NamedTuple):
     length: int
     dtype: str  #: safetensors dtype name (``F32``, ``BF16``, …)
     shape: tuple[int, ...]
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data buffer, parsed header without ``__metadata__``) of a safetensors
+    file, checked against the file's size."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 + n:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise MergeInputError(f"{path}: not a readable safetensors header ({exc})") from exc
+    if 8 + n + end != size:
+        raise MergeInputError(f"{path}: {size} bytes but its header indexes {8 + n + end} (truncated?)")
+    return 8 + n, header
+
+
+def stored_entry(path: Path, data_start: int, header: dict, key: str) -> Stored:
+    entry = header.get(key)
+    if entry is None:
+        raise MergeInputError(f"{path}: no tensor '{key}'")
+    begin, end = entry["data_offsets"]
+    return Stored(path, data_start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
+
+
+def read_stored(stored: Stored) -> torch.Tensor:
+    """The tensor at ``stored``, read with ``pread`` into memory of its own.
+
+    Not through a memory map: every page read through a map counts in the process's RSS while
+    the map is open (a handle kept per input would make the peak grow with the model's depth;
+    one opened per tensor still doubles a large tensor's footprint while it is copied).
+    """
+    dtype = _TORCH_DTYPES.get(stored.dtype)
+    if dtype is None:
+        raise MergeInputError(f"{stored.file}: tensor dtype {stored.dtype} is not supported")
+    count = 1
+    for d in stored.shape:
+        count *= d
+    if count * dtype.itemsize != stored.length:
+        raise MergeInputError(f"{stored.file}: a tensor of shape {list(stored.shape)} and dtype "
+                              f"{stored.dtype} cannot take {stored.length} bytes")
+    buf = torch.empty(stored.length, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    done = 0
+    with open(stored.file, "rb", buffering=0) as fh:
+        while done < stored.length:
+            n = os.preadv(fh.fileno(), [view[done:]], stored.offset + done)
+            if n <= 0:
+                raise MergeInputError(f"{stored.file}: ends inside a tensor (truncated?)")
+            done += n
+    return buf.view(dtype).reshape(stored.shape)
 
 
 class Checkpoint:
@@ -98,13 +162,8 @@ class Checkpoint:
         return self.stored(key).shape
 
     def tensor(self, key: str) -> torch.Tensor:
-        """``key`` as a tensor backed by a memory map of its shard that lives only as long as it.
-
-        A shard opened once and kept would keep every page read through it resident, so the
-        merge's peak RSS would grow with the number of layers.
-        """
-        with safe_open(self.path / self.weight_map[key], framework="pt") as fh:
-            return fh.get_tensor(key)
+        """``key`` read into memory of its own (``read_stored``: no memory map)."""
+        return read_stored(self.stored(key))
 
     def stored(self, key: str) -> Stored:
         """The raw location of ``key``, so an unchanged tensor can be copied byte for byte."""
@@ -118,25 +177,8 @@ class Checkpoint:
                       tuple(entry["shape"]))
 
     def _header(self, file: str) -> tuple[int, dict]:
-        """(offset of the data buffer, parsed header) of a shard, checked against its size."""
         if file not in self._headers:
-            path = self.path / file
-            size = path.stat().st_size
-            try:
-                with open(path, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    if size < 8 + n:
-                        raise ValueError(f"header length {n} exceeds the file size {size}")
-                    header = json.loads(fh.read(n))
-                header.pop("__metadata__", None)
-                end = max((e["data_offsets"][1] for e in header.values()), default=0)
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise MergeInputError(f"{path}: not a readable safetensors header ({exc})") from exc
-            if 8 + n + end != size:
-                raise MergeInputError(
-                    f"{path}: {size} bytes but its header indexes {8 + n + end} (truncated?)"
-                )
-            self._headers[file] = (8 + n, header)
+            self._headers[file] = read_header(self.path / file)
         return self._headers[file]
 
     def fingerprint(self) -> str:
