@@ -63,8 +63,9 @@ def stored_entry(path: Path, data_start: int, header: dict, key: str) -> Stored:
     return Stored(path, data_start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
 
 
-def read_stored(stored: Stored) -> torch.Tensor:
-    """The tensor at ``stored``, read with ``pread`` into memory of its own.
+def read_stored(stored: Stored, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor at ``stored``, read with ``pread`` into memory of its own (or into the start
+    of ``buffer``, a uint8 tensor of at least ``stored.length`` bytes, reused across reads).
 
     Not through a memory map: every page read through a map counts in the process's RSS while
     the map is open (a handle kept per input would make the peak grow with the model's depth;
@@ -79,7 +80,10 @@ def read_stored(stored: Stored) -> torch.Tensor:
     if count * dtype.itemsize != stored.length:
         raise MergeInputError(f"{stored.file}: a tensor of shape {list(stored.shape)} and dtype "
                               f"{stored.dtype} cannot take {stored.length} bytes")
-    buf = torch.empty(stored.length, dtype=torch.uint8)
+    if buffer is not None and buffer.numel() >= stored.length:
+        buf = buffer[: stored.length]
+    else:
+        buf = torch.empty(stored.length, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     done = 0
     with open(stored.file, "rb", buffering=0) as fh:
@@ -161,9 +165,9 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.stored(key).shape
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """``key`` read into memory of its own (``read_stored``: no memory map)."""
-        return read_stored(self.stored(key))
+    def tensor(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """``key`` read into memory of its own or into ``buffer`` (``read_stored``: no memory map)."""
+        return read_stored(self.stored(key), buffer)
 
     def stored(self, key: str) -> Stored:
         """The raw location of ``key``, so an unchanged tensor can be copied byte for byte."""

@@ -151,23 +151,27 @@ class _Merger:
             return "core"
         return space
 
-    def dense(self, path: str) -> torch.Tensor:
-        """The merged update of module ``path``, dense, weight-shaped."""
+    def dense(self, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged update of module ``path``, dense, weight-shaped; computed into ``out``
+        (weight-shaped, ``self.dtype``) where the method allows it (a reused buffer saves
+        faulting in fresh pages for every module)."""
         if self._native(path):
             left, right = self._in_space(path)
             return left @ right
         coeffs = self.coeffs(path)
         if coeffs is not None:
-            total = torch.zeros(self.tv.shapes[path], dtype=self.dtype)
-            for i, c in enumerate(coeffs):
-                factors = self.tv.lowrank(i, path, self.dtype)
-                if factors is not None and c != 0:
-                    total.addmm_(factors[0], factors[1], alpha=c)
-            return total
+            total = out if out is not None else torch.empty(self.tv.shapes[path], dtype=self.dtype)
+            terms = [(f[0], f[1], c) for i, c in enumerate(coeffs)
+                     if c != 0 and (f := self.tv.lowrank(i, path, self.dtype)) is not None]
+            if not terms:
+                return total.zero_()
+            # one product of the concatenated factors: a single pass over the output
+            return torch.mm(*concat(terms), out=total)
         if self._streamed(path):
             factors, gens = self._stream_inputs(path)
             return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
-                                         self.table[path], generators=gens, workers=self.stream_workers)
+                                         self.table[path], generators=gens, workers=self.stream_workers,
+                                         out=out)
         deltas = self.tv.stacked(path, self.dtype)
         return apply_method(self.method, deltas, self.table[path], seed=self.seed, module=path)
 
