@@ -11,7 +11,10 @@ and peak RSS is the child's own ``VmHWM`` (``/proc/self/status``). Legs:
   does not grow with depth) and at ``--full-layers`` (the PEFT comparison's inputs);
 - ``emomerge full``: full-model output at ``--full-layers`` into a random base
   (``make_adapters.py --base``, vocab ``--vocab``);
-- ``mergekit``: ``run_merge`` with ``lora_merge_cache`` on CPU, same base and adapters;
+- ``mergekit``: ``run_merge`` with ``lora_merge_cache`` on CPU, same base and adapters, on a
+  fresh cache (cold: mergekit first bakes every base+LoRA into a full model on disk), and for
+  ``--mergekit-warm`` methods once more on the baked cache (warm: repeated merges of the same
+  adapters);
 - ``peft``: ``add_weighted_adapter`` (ties → ties_svd, dare_ties → dare_ties_svd,
   task_arithmetic / linear → cat), adapter saved.
 emomerge legs run the engine as shipped (sparse methods streamed block by block;
@@ -29,6 +32,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -131,7 +135,9 @@ LEGS = {"emomerge": leg_emomerge, "mergekit": leg_mergekit, "peft": leg_peft, "b
 
 
 def run_leg(spec: dict, timeout: float) -> dict:
-    """Run one leg in a child process; its time and peak RSS."""
+    """Run one leg in a child process; its time and peak RSS. Dirty pages left by the previous
+    leg are flushed first (``os.sync``), so no leg pays for another's writeback."""
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--leg", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -238,6 +244,8 @@ def main(argv=None) -> None:
                     help="methods run at --layers/--rss-layers (default: all of --methods)")
     ap.add_argument("--peft-methods", default=None, help="methods with a PEFT leg (default: all)")
     ap.add_argument("--mergekit-methods", default=None, help="methods with a mergekit leg (default: all)")
+    ap.add_argument("--mergekit-warm", default="task_arithmetic,linear",
+                    help="methods whose mergekit leg is run a second time on its baked LoRA cache")
     ap.add_argument("--skip", default="", help="comma list of legs to skip: mergekit, peft, full, deep")
     ap.add_argument("--engine", default="streamed", choices=("streamed", "current"))
     ap.add_argument("--timeout", type=float, default=900.0, help="per leg, seconds")
@@ -261,6 +269,7 @@ def main(argv=None) -> None:
                     else args.peft_methods.split(","))
     mk_methods = ([m for m in methods if m in MERGEKIT] if args.mergekit_methods is None
                   else args.mergekit_methods.split(","))
+    mk_warm = [m for m in args.mergekit_warm.split(",") if m]
     tau = {d: args.count * sum(o * i for o, i in MA.module_shapes(dims, d).values())
            for d in {args.layers, args.rss_layers, args.full_layers} if d}
     started = dt.datetime.now(dt.timezone.utc)
@@ -307,10 +316,18 @@ def main(argv=None) -> None:
                 "leg": "emomerge", "method": method, "adapters": str(sets[f]), "output": "full",
                 "base": str(base), "out": str(ours_full), "engine": args.engine})
         if "mergekit" not in skip and method in mk_methods:
-            record(method, "mergekit run_merge", f, {
-                "leg": "mergekit", "method": method, "adapters": str(sets[f]), "base": str(base),
-                "cache": str(work / "lora_cache"), "out": str(work / f"out_{method}_mk_{f}")},
-                compare_to=ours_full if method != "dare_ties" and "full" not in skip else None)
+            # cold: a fresh LoRA cache, so mergekit bakes each base+LoRA into a full model first
+            # (what one merge costs); warm: the same leg again on that cache (repeated merges of
+            # the same adapters skip the bake)
+            cache = work / f"lora_cache_{method}_{f}"
+            shutil.rmtree(cache, ignore_errors=True)
+            spec = {"leg": "mergekit", "method": method, "adapters": str(sets[f]), "base": str(base),
+                    "cache": str(cache), "out": str(work / f"out_{method}_mk_{f}")}
+            compare = ours_full if method != "dare_ties" and "full" not in skip else None
+            record(method, "mergekit run_merge", f, spec, compare_to=compare)
+            if method in mk_warm:
+                record(method, "mergekit (warm cache)", f, spec)
+            shutil.rmtree(cache, ignore_errors=True)
         if "peft" not in skip and method in peft_methods:
             record(method, f"peft {PEFT_TYPES[method]}", f, {
                 "leg": "peft", "method": method, "adapters": str(sets[f]), "base": str(base),

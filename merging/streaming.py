@@ -6,8 +6,9 @@ each τ_i = L_i R_i is recomputed a row block at a time (``L_i[rows] @ R_i``, bi
 full product's rows; MKL's 1-row product is a gemv that rounds differently, so no block is 1 row).
 
 Plain TIES (top-k trimming, no rescale, tensors above ``exact_below``) runs in **one** pass:
-each block is tallied and mixed with a provisional threshold by one fused kernel, and the few
-positions inside a threshold's bracket are re-mixed once the exact thresholds are known
+each block is tallied and mixed with a provisional threshold by one fused kernel, the positions
+inside some threshold's bracket are recorded with their raw values, and once the exact
+thresholds are selected among them only those whose keep decision changes are re-mixed
 (``_Stream._single_pass_brackets``, ``resolve``). The element-wise work is done by the numba
 kernels of ``kernels.py``. Every other streamed method (and a missed bracket) takes at most two
 passes over the row blocks:
@@ -399,11 +400,11 @@ class _Stream:
         every adapter is trimmed by plain top-k (TIES without rescale) on a large tensor; else None.
 
         Then the mix runs once: each block is mixed with the provisional plans "keep |τ| > t̂"
-        (t̂: the bracket's middle)
-        while ``kernels.tally`` counts and collects the bracket's candidates and records every
-        position some adapter's bracket holds. After the pass the exact thresholds are
-        selected and only those positions are re-mixed (``resolve``): the same kept entries
-        and the same arithmetic as the two passes, without the first pass.
+        (t̂: the bracket's middle) while ``kernels.tally_mix`` counts the entries above each
+        bracket and records every position some adapter's bracket holds, with the raw values of
+        all adapters there. After the pass the exact thresholds are selected among those
+        positions and only the ones whose keep decision can change are re-mixed (``resolve``):
+        the same kept entries and the same arithmetic as the two passes, without the first pass.
         """
         numel = self.shape[0] * self.shape[1]
         if numel <= self.exact_below or self.name not in _CONSENSUS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
 import json
@@ -22,6 +23,17 @@ from . import tiny_models as T
 from .helpers import lm_modules, write_adapter
 
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "U8": 1, "BOOL": 1}
+
+
+@pytest.fixture(autouse=True, params=["direct", "buffered"])
+def write_mode(request, monkeypatch):
+    """Every test here runs with O_DIRECT data writes (through a bounce buffer made small, so
+    files span many flushes and end in a padded block) and with ordinary buffered writes."""
+    if request.param == "direct" and not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    monkeypatch.setattr(O, "_DIRECT_IO", request.param == "direct")
+    monkeypatch.setattr(O, "_BOUNCE", 3 * O._ALIGN)
+    return request.param
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -292,3 +304,25 @@ def test_sharded_full_output_of_a_real_model(tmp_path_factory, tmp_path):
             assert torch.equal(state[key], t), key
     model = T.load_model("qwen2_5_vl", tmp_path / "full")
     assert torch.equal(model.state_dict()["lm_head.weight"], state["lm_head.weight"])
+
+
+def test_direct_mode_is_used_and_falls_back_when_a_write_is_refused(tmp_path, monkeypatch, write_mode):
+    if write_mode != "direct":
+        pytest.skip("direct mode only")
+    with O.SafetensorsWriter(tmp_path / "probe.safetensors", {}) as writer:
+        if writer.direct is None:
+            pytest.skip("this file system refuses O_DIRECT")
+    real, refused = O.os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if not refused:  # the first direct write: refused as tmpfs or a network mount would
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(O.os, "pwrite", pwrite)
+    tensors = mixed_tensors()
+    write_streamed(tmp_path / "f.safetensors", tensors)
+    assert refused and assert_well_formed(tmp_path / "f.safetensors")
+    got = load_file(str(tmp_path / "f.safetensors"))
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
