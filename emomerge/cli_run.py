@@ -10,6 +10,7 @@ Thin shells over :func:`emomerge.evaluation.experiment.run_experiment` and
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
@@ -41,7 +42,8 @@ def run_cmd(
     from emomerge.evaluation.experiment_config import load_experiment
 
     if out is None:
-        out = Path("runs") / load_experiment(experiment, inline_dir=None).spec.name
+        with tempfile.TemporaryDirectory(prefix="emomerge-recipes-") as tmp:  # only the name is needed
+            out = Path("runs") / load_experiment(experiment, inline_dir=tmp).spec.name
     _print(run_experiment(experiment, out, progress=progress, echo=typer.echo))
 
 

@@ -10,9 +10,12 @@ up in the repository's ``merge_configs/``.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -305,15 +308,33 @@ def _check_recipe(path: Path, stage_names: list[str], source: Path, where: str,
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _inline_folder(inline_dir: str | Path | None) -> Callable[[], Path]:
+    """Where inline recipes are written, made on first use: ``inline_dir``, or a temporary
+    folder removed when the process exits (the recipes live as long as the loaded experiment
+    can be used)."""
+    made: list[Path] = []
+
+    def folder() -> Path:
+        if not made:
+            if inline_dir:
+                made.append(Path(inline_dir))
+                made[0].mkdir(parents=True, exist_ok=True)
+            else:
+                made.append(Path(tempfile.mkdtemp(prefix="emomerge-recipes-")))
+                atexit.register(shutil.rmtree, made[0], True)
+        return made[0]
+
+    return folder
+
+
 def _merges(exp: Experiment, source: Path, stage_names: list[str],
-            inline_dir: Path) -> list[ResolvedMerge]:
+            inline_dir: Callable[[], Path]) -> list[ResolvedMerge]:
     out: list[ResolvedMerge] = []
     for i, spec in enumerate(exp.merges):
         where = f"merges.{i}"
         if spec.inline is not None:
-            inline_dir.mkdir(parents=True, exist_ok=True)
             name = spec.name or str(spec.inline.get("merge_method", f"merge{i}"))
-            path = inline_dir / f"{name}.yaml"
+            path = inline_dir() / f"{name}.yaml"
             path.write_text(yaml.safe_dump(spec.inline, sort_keys=False), encoding="utf-8")
             raw = _check_recipe(path, stage_names, source, f"{where}.inline", name)
             out.append(ResolvedMerge(name, path, raw))
@@ -360,8 +381,7 @@ def parse_experiment(data: Any, source: str | Path = "<experiment>",
         raise InputError(f"{source}: key 'architectures': give each architecture a distinct "
                          "'name'")
     abl = exp.ablations.merge_without_stage
-    inline = Path(inline_dir) if inline_dir else Path(tempfile.mkdtemp(prefix="emomerge-recipes-"))
-    merges = _merges(exp, source, names, inline)
+    merges = _merges(exp, source, names, _inline_folder(inline_dir))
     if isinstance(abl, list):
         unknown = sorted(set(abl) - {m.name for m in merges})
         if unknown:

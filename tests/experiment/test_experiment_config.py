@@ -117,3 +117,26 @@ def test_the_paper_families_are_covered():
     families = {a.family for p in (REPO / "experiments").glob("*.yaml")
                 for a in load(p).spec.architectures}
     assert families == {"qwen2_5_vl", "qwen3_vl", "mllama", "llava", "llava_next", "pixtral"}
+
+
+def test_inline_recipes_without_a_folder_leave_nothing_behind(tmp_path):
+    # loaded without inline_dir (as `emomerge run` without --out does to learn the name), the
+    # inline recipes go to a temporary folder that exists while the process runs and is removed
+    # when it exits
+    import os
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, _good())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import sys; from emomerge.evaluation.experiment_config import load_experiment; "
+            "exp = load_experiment(sys.argv[1]); p = exp.merges[0].path; "
+            "assert p.is_file() and p.parent.parent.name == 'tmp', p; print(p)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(scratch)}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert list(scratch.iterdir()) == []
+    # an experiment without inline recipes makes no folder at all
+    no_inline = _good() | {"merges": []}
+    load_experiment(_write(tmp_path, no_inline))

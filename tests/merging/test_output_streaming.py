@@ -326,3 +326,11 @@ def test_direct_mode_is_used_and_falls_back_when_a_write_is_refused(tmp_path, mo
     assert refused and assert_well_formed(tmp_path / "f.safetensors")
     got = load_file(str(tmp_path / "f.safetensors"))
     assert all(torch.equal(got[k], t) for k, t in tensors.items())
+
+
+def test_direct_io_can_be_switched_off(tmp_path, monkeypatch, write_mode):
+    monkeypatch.setenv("EMOMERGE_DIRECT_IO", "0")
+    with O.SafetensorsWriter(tmp_path / "f.safetensors", {"a": 1}) as writer:
+        writer.add("a", torch.arange(5.0))
+        assert writer.direct is None
+    assert torch.equal(load_file(str(tmp_path / "f.safetensors"))["a"], torch.arange(5.0))
