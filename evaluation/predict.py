@@ -19,7 +19,14 @@ from emomerge.merging.errors import InputError
 from tqdm.auto import tqdm
 
 from .cache import PredictionCache
-from .scoring import continuation_ids, encode_prompts, load_images, render_prompt, score_labels
+from .scoring import (
+    answer_prefix,
+    continuation_ids,
+    encode_prompts,
+    load_images,
+    render_prompt,
+    score_labels,
+)
 from .variants import Variant
 
 #: Called after each flushed batch with the number of samples done so far (tests use it to
@@ -131,7 +138,8 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
             records = []
             for s in batch:
                 prompt = render_prompt(host.processor, s.messages)
-                conts = continuation_ids(tok, prompt, list(s.label_set), eot)
+                prefix = answer_prefix(host.processor, s.messages)  # as training encodes answers
+                conts = continuation_ids(tok, prompt, [prefix + lab for lab in s.label_set], eot)
                 inputs = encode_prompts(host.processor, host.family, [prompt],
                                         [load_images(s.images)])
                 scores = score_labels(model, inputs, conts, pad)

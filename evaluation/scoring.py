@@ -42,6 +42,14 @@ def load_images(images: list[Any]) -> list[Image.Image]:
     return rgb_images(images)
 
 
+def answer_prefix(processor: Any, messages: list[dict]) -> str:
+    """The whitespace the chat template puts between the prompt and an answer (training's
+    ``answer_prefix``: labels are scored as they were trained, e.g. LLaVA's `` Joy``)."""
+    from emomerge.training.batching import answer_prefix as prefix
+
+    return prefix(processor, messages)
+
+
 def render_prompt(processor: Any, messages: list[dict]) -> str:
     """The chat-template prompt up to where the assistant's answer starts."""
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

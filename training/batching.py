@@ -1,7 +1,8 @@
 """Samples → model inputs: the family's processor for images, loss on the answer tokens only.
 
-Each sample becomes ``prompt + target + answer_suffix``; the prompt is the processor's chat
-template with the generation prompt. The processor runs twice per batch — on the full texts and
+Each sample becomes ``prompt + answer_prefix + target + answer_suffix``; the prompt is the
+processor's chat template with the generation prompt, and the prefix is the whitespace the
+template puts between that prompt and an assistant answer (LLaVA's ``ASSISTANT: Joy``). The processor runs twice per batch — on the full texts and
 on the prompts alone — so every family's image batching (Qwen's flattened patches, Mllama's tiles
 and cross-attention mask, LLaVA-NeXT's any-resolution crops, Pixtral's variable sizes) stays the
 processor's job, and the prompt lengths (after image-token expansion) come out of the same code.
@@ -44,6 +45,34 @@ def render_prompt(processor: Any, sample: Sample) -> str:
                                          tokenize=False)
 
 
+_SENTINEL = "\u2063answer\u2063"  # invisible separators: text no template writes itself
+
+
+def answer_prefix(processor: Any, messages: list[dict]) -> str:
+    """What the chat template writes between the generation prompt and an assistant answer.
+
+    Most templates open the assistant turn completely in the generation prompt (Qwen:
+    ``<|im_start|>assistant\n``): "". LLaVA-1.5 ends it with ``ASSISTANT:`` but renders an
+    assistant turn as ``ASSISTANT: <answer>``, LLaVA-NeXT-Mistral as ``[/INST] <answer>``: " ".
+    Read off the template itself (the checkpoint's own where it has one) by rendering a
+    sentinel answer; only whitespace counts, anything else (a template that renders the turn
+    differently from its generation prompt) gives "".
+    """
+    import jinja2
+
+    answer = {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}
+    try:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template([*messages, answer], add_generation_prompt=False,
+                                             tokenize=False)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError):
+        return ""
+    if not isinstance(full, str) or not full.startswith(prompt) or _SENTINEL not in full[len(prompt):]:
+        return ""
+    prefix = full[len(prompt):].split(_SENTINEL, 1)[0]
+    return prefix if not prefix.strip() else ""
+
+
 def _process(processor: Any, family: str, texts: list[str], images: list[list[Image.Image]]):
     # Mllama wants one image list per sample; the others take a flat list in prompt order.
     imgs: Any = images if family == "mllama" else [im for per in images for im in per]
@@ -59,8 +88,9 @@ def encode_batch(processor: Any, family: str, samples: list[Sample]) -> dict[str
     tokenizer.padding_side = "right"
     prompts = [render_prompt(processor, s) for s in samples]
     images = [load_images(s) for s in samples]
-    full = _process(processor, family, [p + s.target + spec.answer_suffix
-                                        for p, s in zip(prompts, samples)], images)
+    full = _process(processor, family, [p + answer_prefix(processor, s.messages) + s.target
+                                        + spec.answer_suffix for p, s in zip(prompts, samples)],
+                    images)
     prompt_only = _process(processor, family, prompts, images)
     prompt_lens = prompt_only["attention_mask"].sum(dim=1)
     labels = full["input_ids"].clone()

@@ -77,3 +77,28 @@ def test_prompt_that_merges_with_the_label_is_refused(metaspace_tokenizer):
     assert full[: len(head)] != head                     # the premise of this test
     with pytest.raises(InputError, match="not a prefix"):
         continuation_ids(tok, "ASSISTANT:J", ["oy"])
+
+
+def test_labels_are_scored_as_trained_with_the_template_prefix(tmp_path):
+    # tiny LLaVA: training encodes "ASSISTANT: Joy</s>" (the template's answer prefix " "); the
+    # label-likelihood path must score exactly those tokens
+    from emomerge.evaluation.scoring import answer_prefix, render_prompt
+    from emomerge.training.batching import encode_batch
+    from emomerge.training.data import Sample
+    from emomerge.training.data.sample import user_message
+    from emomerge.training.families import get_family
+    from emomerge.training.models import load_vlm
+    from emomerge.training.tiny import build_tiny_vlm
+    from PIL import Image
+
+    _, processor, family = load_vlm(str(build_tiny_vlm("llava", tmp_path / "llava")))
+    messages = user_message(1, "Which emotion?")
+    sample = Sample(id="s", images=[Image.new("RGB", (40, 50))], messages=messages, target="Joy",
+                    labels=["Joy"], label_set=["Anger", "Joy"], group="s")
+    batch = encode_batch(processor, family, [sample])
+    trained = [int(t) for t in batch["labels"][0] if t != -100]
+    prompt = render_prompt(processor, messages)
+    prefix = answer_prefix(processor, messages)
+    assert prefix == " "
+    got = continuation_ids(processor.tokenizer, prompt, [prefix + "Joy"], get_family(family).answer_suffix)[0]
+    assert got == trained

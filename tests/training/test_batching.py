@@ -27,11 +27,59 @@ def test_labels_are_exactly_the_answer_tokens(tiny_model, family):
     samples = _samples()
     batch = encode_batch(processor, family, samples)
     suffix = FAMILIES[family].answer_suffix
+    # the whitespace the family's template writes before an assistant answer
+    prefix = {"llava": " ", "llava_next": " "}.get(family, "")
     for row, s in enumerate(samples):
         kept = batch["labels"][row] != IGNORE_INDEX
-        assert processor.tokenizer.decode(batch["input_ids"][row][kept]) == s.target + suffix
+        assert processor.tokenizer.decode(batch["input_ids"][row][kept]) == prefix + s.target + suffix
         # The answer is the last run of real tokens: nothing after it but padding.
         last = int(batch["attention_mask"][row].nonzero().max())
         assert bool(kept[last]) and kept.nonzero().min() > 0
     out = model(**batch)
     assert out.loss.isfinite() and out.loss.item() > 0
+
+
+# llava-hf/llava-1.5-7b-hf's own chat_template.jinja (as released): the generation prompt ends at
+# "ASSISTANT:" and an assistant turn is rendered "ASSISTANT: <text> ".
+LLAVA_HF = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("family,template,expected", [
+    ("llava", LLAVA_HF, " "),  # the released checkpoint's template
+    ("llava", None, " "),  # our fallback
+    ("llava_next", None, " "),
+    ("qwen2_5_vl", None, ""),
+    ("mllama", None, ""),
+    ("pixtral", None, ""),
+])
+def test_answer_prefix_is_read_off_the_template(tiny_model, family, template, expected):
+    from emomerge.training.batching import answer_prefix
+    from emomerge.training.data.sample import user_message
+
+    _, processor, _ = load_vlm(tiny_model(family))
+    if template is not None:
+        processor.chat_template = template
+    assert answer_prefix(processor, user_message(1, "Which emotion?")) == expected
+
+
+def test_answer_prefix_of_a_template_that_cannot_render_an_answer_is_empty():
+    from emomerge.training.batching import answer_prefix
+
+    class Refusing:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            if not add_generation_prompt:
+                raise ValueError("this template renders no assistant turns")
+            return "USER: hi ASSISTANT:"
+
+    assert answer_prefix(Refusing(), [{"role": "user", "content": "hi"}]) == ""
