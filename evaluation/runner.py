@@ -30,6 +30,7 @@ from .leaderboard import upsert_rows
 from .metrics import HEADLINE, Predictions, details
 from .outputs import ParseReport, from_generation, from_likelihood, label_values
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
+from .scoring import answer_prefix
 from .variants import Variant, default_baseline, heldout_books
 
 #: ``threshold_source`` of a row whose thresholds came from a validation split / were given.
@@ -114,6 +115,21 @@ def git_hash() -> str:
         return ""
 
 
+def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str) -> dict[str, Any]:
+    """What decides the cached outputs of a variant besides its weights: hashed into the cache
+    key, so outputs computed another way are never reused."""
+    infer: dict[str, Any] = {"mode": mode, "append_eot": cfg.append_eot,
+                             "max_new_tokens": cfg.max_new_tokens}
+    if mode == "likelihood":
+        # label tokens are encoded after the prompt since 0.x (scoring.continuation_ids): scores
+        # cached under the old standalone encoding must not be reused
+        infer["label_tokens"] = "after_prompt"
+        prefix = answer_prefix(processor, samples[0].messages)
+        if prefix:  # labels scored after the template's space (LLaVA " Joy"); others unchanged
+            infer["answer_prefix"] = prefix
+    return infer
+
+
 def split_hash(samples: list[Any]) -> str:
     """Content hash of a split (training's definition when available)."""
     try:
@@ -165,11 +181,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         raise InputError("multi-label threshold: no validation samples (hold out train books, "
                          "or pass --threshold / --multilabel topk)")
     vh = split_hash(val_samples or val_pool) if needs_val else ""
-    infer = {"mode": mode, "append_eot": cfg.append_eot, "max_new_tokens": cfg.max_new_tokens}
-    if mode == "likelihood":
-        # label tokens are encoded after the prompt since 0.x (scoring.continuation_ids): scores
-        # cached under the old standalone encoding must not be reused
-        infer["label_tokens"] = "after_prompt"
+    infer = inference_key(host.processor, samples, cfg, mode)
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
     config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,

@@ -134,9 +134,18 @@ def stage_settings(plan: StagePlan, cur: Curriculum, family: str,
     stage = plan.stage.model_dump(exclude={"name", "path", "eval_split", "options"})
     train = {k: v for k, v in cur.train.model_dump().items() if k != "device"}
     train["lr"] = plan.stage.lr or cur.train.lr
-    return {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),
-            "train": train, "lineage": cur.lineage, "seed": cur.seed, "family": family,
-            "base_hash": base_sha}
+    settings = {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),
+                "train": train, "lineage": cur.lineage, "seed": cur.seed, "family": family,
+                "base_hash": base_sha}
+    if family in ANSWER_AFTER_PREFIX:
+        # answers are encoded after the template's space (batching.answer_prefix): a stage
+        # trained before that ("ASSISTANT:Joy") must not be resumed as if it were the same
+        settings["answer"] = "after_template_prefix"
+    return settings
+
+
+#: families whose templates put whitespace before an assistant answer (LLaVA "ASSISTANT: Joy").
+ANSWER_AFTER_PREFIX = ("llava", "llava_next")
 
 
 def settings_sha256(settings: dict[str, Any]) -> str:

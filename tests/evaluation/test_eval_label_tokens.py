@@ -102,3 +102,24 @@ def test_labels_are_scored_as_trained_with_the_template_prefix(tmp_path):
     assert prefix == " "
     got = continuation_ids(processor.tokenizer, prompt, [prefix + "Joy"], get_family(family).answer_suffix)[0]
     assert got == trained
+
+
+def test_cached_scores_are_keyed_by_the_answer_prefix(tmp_path):
+    # LLaVA scores labels after the template's space: its cache key says so (scores from before
+    # are not reused); Qwen has no prefix and keeps the key it had
+    from types import SimpleNamespace
+
+    from emomerge.evaluation.runner import inference_key
+    from emomerge.training.data.sample import user_message
+    from emomerge.training.models import load_vlm
+    from emomerge.training.tiny import build_tiny_vlm
+
+    cfg = SimpleNamespace(append_eot=False, max_new_tokens=8)
+    samples = [SimpleNamespace(messages=user_message(1, "Which emotion?"))]
+    keys = {}
+    for family in ("llava", "qwen2_5_vl"):
+        _, processor, _ = load_vlm(str(build_tiny_vlm(family, tmp_path / family)))
+        keys[family] = inference_key(processor, samples, cfg, "likelihood")
+    assert keys["llava"]["answer_prefix"] == " "
+    assert keys["qwen2_5_vl"] == {"mode": "likelihood", "append_eot": False, "max_new_tokens": 8,
+                                  "label_tokens": "after_prompt"}

@@ -246,3 +246,25 @@ def test_continued_keeps_the_lora_stacked_starts_fresh(request, run):
     rel = max(float((second[k] - first[k]).norm() / first[k].norm()) for k in a_keys)
     # A few small steps move A by a fraction of its norm; a fresh draw is ~√2 away.
     assert rel < 0.5 if run == "continued" else rel > 1.0
+
+
+def test_llava_stage_trained_before_the_answer_prefix_is_not_resumed(stacked, continued, tmp_path):
+    # LLaVA stages record that answers follow the template's space ("ASSISTANT: Joy"); a stage
+    # recorded without it (trained as "ASSISTANT:Joy" by an older emomerge) is refused on
+    # resume, while Qwen's settings (no prefix) are unchanged
+    import json
+
+    from emomerge.training.stages import settings_sha256
+
+    cur, _, dirs, _ = stacked
+    meta = json.loads((dirs[0] / "emomerge.json").read_text())
+    assert meta["settings"]["answer"] == "after_template_prefix"
+    qwen = json.loads((continued[2][0] / "emomerge.json").read_text())
+    assert "answer" not in qwen["settings"]
+    old = tmp_path / "adapters" / dirs[0].name
+    shutil.copytree(dirs[0], old)
+    del meta["settings"]["answer"]
+    meta["settings_sha256"] = settings_sha256(meta["settings"])
+    (old / "emomerge.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="answer '<unset>' -> 'after_template_prefix'"):
+        train_curriculum(cur, tmp_path, progress=False)
