@@ -49,6 +49,23 @@ def _parse_rescale(value: Optional[str]):
     fail(f"--rescale must be true, false or density, got {value!r}")
 
 
+def _parse_rank(value: Optional[str]):
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"--rank must be a positive integer or auto, got {value!r}")
+
+
+def _report(result) -> None:
+    """The summary line on stdout; a warning line on stderr when the adapter is far from the merge."""
+    typer.echo(result.summary())
+    warning = result.warning()
+    if warning:
+        sys.stderr.write(warning + "\n")
+
+
 def _method_command(name: str):
     from emomerge.merging import METHODS
 
@@ -71,7 +88,8 @@ def _method_command(name: str):
         common_space_fraction: Optional[float] = typer.Option(None, "--common-space-fraction", help="Iso-CTS: share of the rank given to the common subspace."),
         output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
-        rank: Optional[int] = typer.Option(None, "--rank", help="Output LoRA rank (default: exact for linear methods, largest input rank otherwise)."),
+        rank: Optional[str] = typer.Option(None, "--rank", help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise)."),
+        max_error: Optional[float] = typer.Option(None, "--max-error", help="With --rank auto: per module the smallest rank whose relative Frobenius error is ≤ E, in (0, 1)."),
         seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."),
         reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
@@ -105,10 +123,10 @@ def _method_command(name: str):
             sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing is trimmed\n")
         result = merge(
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
-            rank=rank, seed=seed, reference=reference, dtype=dtype, layout=layout, force=force,
-            allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
+            rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
+            layout=layout, force=force, allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
         )
-        typer.echo(result.summary())
+        _report(result)
 
     command.__doc__ = f"{method.summary} ({method.paper})."
     return command
@@ -129,7 +147,7 @@ def merge_recipe(
 
     result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
                         progress=sys.stderr.isatty(), allow_pickle=allow_pickle)
-    typer.echo(result.summary())
+    _report(result)
 
 
 def methods() -> None:

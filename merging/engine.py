@@ -11,6 +11,7 @@ import collections
 import datetime as _dt
 import hashlib
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from emomerge import __version__
 
 from .checkpoint import Checkpoint
 from .errors import MergeInputError
-from .lowrank import compress, concat, refactor
+from .lowrank import compress, concat, refactor, refactor_auto
 from .methods import METHODS, MergeMethod
+from .names import from_canonical
 from .output import MANIFEST, atomic_folder, write_adapter_output, write_full_output, write_json
 from .params import resolve_params
 from . import streaming
@@ -34,6 +36,8 @@ from .taskvectors import TaskVectors, build_task_vectors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 OUTPUTS = ("adapter", "full")
+#: a re-factorised sparse merge whose mean relative error is above this gets a warning
+WARN_MEAN_ERROR = 0.10
 
 
 @dataclass
@@ -52,7 +56,29 @@ class MergeResult:
                 f"; re-factorised to rank ≤ {m['output_rank_max']}: relative error mean {mean:.2%}, "
                 f"max {self.errors[worst]:.2%} ({worst})"
             )
+            if m.get("max_error") is not None:
+                line += f" [rank auto, max_error {m['max_error']:g}]"
         return line
+
+    def warning(self) -> str | None:
+        """One line for stderr when a sparse merge's adapter is far from the merge it names: its
+        mean relative error is above ``WARN_MEAN_ERROR`` (not with ``--rank auto``, whose bound
+        the user chose). None otherwise."""
+        m = self.manifest
+        mean = m.get("errors", {}).get("mean", 0.0)
+        if (m.get("output") != "adapter" or not get_method(m["method"]).sparse
+                or m.get("max_error") is not None or mean <= WARN_MEAN_ERROR):
+            return None
+        if m.get("recipe") is not None:
+            fix = ("emomerge.output: full (or --output full --base PATH: exact), a larger emomerge.rank, "
+                   "or emomerge.rank: auto with emomerge.max_error: E")
+        else:
+            fix = "--output full --base PATH (exact), a larger --rank, or --rank auto --max-error E"
+        return (
+            f"warning: the {m['method']} adapter is re-factorised to rank ≤ {m['output_rank_max']} with a "
+            f"mean relative error of {mean:.1%} (max {m['errors']['max']:.1%}): it is not the exact "
+            f"{m['method']} merge; use {fix}"
+        )
 
 
 def get_method(name: str) -> MergeMethod:
@@ -105,9 +131,13 @@ class _Merger:
 
     def __init__(self, method: MergeMethod, tv: TaskVectors, params: dict, *, seed: int,
                  dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None,
-                 names: dict[str, str]):
+                 names: dict[str, str], max_error: float | None = None):
         self.method, self.tv = method, tv
         self.seed, self.dtype, self.rank = seed, dtype, rank
+        # --rank auto: re-factorised modules get the smallest rank with relative error ≤ max_error
+        # (``rank`` is then None; exact low-rank results stay exact)
+        self.max_error = max_error
+        self.refactored: dict[str, dict] = {}  # path → how it was re-factorised (lowrank/streaming info)
         self.saved_base = saved_base
         self.stream_workers: int | None = None  # None: all cores within a module
         # Parameters per module (mergekit filters match the tensor name, e.g. "...q_proj.weight"),
@@ -201,12 +231,17 @@ class _Merger:
             for combo in self.tv.combos for j in combo if path in self.tv.pool[j].modules
         )
         gen = torch.Generator().manual_seed(derive_seed(self.seed, path, -1))
+        info: dict = {}
+        self.refactored[path] = info
         if self._streamed(path):
             fs, gens = self._stream_inputs(path)
             return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
                                            rank, generators=gens, refactor_generator=gen,
-                                           workers=self.stream_workers)
-        return refactor(self.dense(path), rank, generator=gen)
+                                           workers=self.stream_workers, max_error=self.max_error,
+                                           info=info)
+        if self.max_error is not None:
+            return refactor_auto(self.dense(path), self.max_error, generator=gen, info=info)
+        return refactor(self.dense(path), rank, generator=gen, info=info)
 
     def factors_in_order(self, paths: Sequence[str]) -> Iterator[tuple[str, tuple]]:
         """``(path, factors(path))`` for each path, in order. With more than one core, modules
@@ -258,7 +293,8 @@ def merge(
     params: dict[str, Any] | None = None,
     output: str = "adapter",
     base: str | Path | None = None,
-    rank: int | None = None,
+    rank: int | str | None = None,
+    max_error: float | None = None,
     seed: int = 0,
     reference: str = "base",
     dtype: str = "float32",
@@ -272,7 +308,9 @@ def merge(
     """Merge stage adapters with a registered method; write ``out`` atomically.
 
     ``params`` holds the method's parameters by their recipe names (``density``, ``lambda``, …);
-    ``weights`` is a shortcut for ``params['weight']``. Everything is checked (files, bases,
+    ``weights`` is a shortcut for ``params['weight']``. ``rank="auto"`` with ``max_error`` E gives
+    each re-factorised module the smallest rank whose relative Frobenius error is ≤ E (exact
+    low-rank results stay exact). Everything is checked (files, bases,
     shapes, finiteness, parameter ranges) before any tensor is merged or written.
     """
     m = get_method(method)
@@ -283,8 +321,7 @@ def merge(
         raise MergeInputError(f"--output must be one of {OUTPUTS}, got {output!r}")
     if dtype not in DTYPES:
         raise MergeInputError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if rank is not None and rank < 1:
-        raise MergeInputError(f"--rank must be a positive integer, got {rank}")
+    _check_rank(rank, max_error)
     if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
         raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
     out = Path(out)
@@ -304,8 +341,9 @@ def merge(
     if ckpt is not None:
         _check_against_base(tv, ckpt, saved)
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
-    merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=rank, saved_base=ckpt,
-                     names=names)
+    auto = rank == "auto"
+    merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=None if auto else rank,
+                     saved_base=ckpt, names=names, max_error=max_error if auto else None)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     manifest: dict[str, Any] = {
@@ -318,6 +356,7 @@ def merge(
         "reference": reference,
         "output": output,
         "rank": rank,
+        "max_error": max_error,
         "dtype": dtype,
         "adapters": [_describe(a) for a in tv.inputs],
         "ancestors": [_describe(a) for a in tv.pool[tv.n:]],
@@ -338,7 +377,16 @@ def merge(
             manifest["output_rank_max"] = max(ranks.values(), default=0)
             if errors and rank is None:
                 manifest["rank_rule"] = "largest input rank of each module"
+            elif auto:
+                manifest["rank_rule"] = f"auto, max_error {max_error:g}"
             manifest["ranks"] = ranks
+            if merger.refactored:
+                # per module: projection | svd | randomized svd, the basis size and its
+                # out-of-span residual (--rank auto: minimality holds within that basis)
+                manifest["refactor"] = {
+                    from_canonical(path, out_layout): merger.refactored[path]
+                    for path in tv.modules if path in merger.refactored
+                }
         else:
             errors = {}
             write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
@@ -351,6 +399,25 @@ def merge(
         manifest["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3)
         write_json(tmp / MANIFEST, manifest)
     return MergeResult(out=out, manifest=manifest, errors=errors)
+
+
+def _check_rank(rank: int | str | None, max_error: float | None) -> None:
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise MergeInputError(f"--rank must be a positive integer or auto, got {rank!r}")
+        if max_error is None:
+            raise MergeInputError(
+                "--rank auto needs --max-error E (the largest relative Frobenius error per module, in (0, 1))"
+            )
+    elif rank is not None and (isinstance(rank, bool) or rank < 1):
+        raise MergeInputError(f"--rank must be a positive integer, got {rank}")
+    if max_error is not None:
+        if rank != "auto":
+            raise MergeInputError("--max-error needs --rank auto (with a fixed --rank the error is only reported)")
+        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not (
+            math.isfinite(max_error) and 0 < max_error < 1
+        ):
+            raise MergeInputError(f"--max-error must be a number in (0, 1), got {max_error!r}")
 
 
 def _describe(adapter) -> dict:

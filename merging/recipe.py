@@ -10,14 +10,16 @@ A recipe::
     parameters: {normalize: true, lambda: 1.0}
     dtype: float32
     emomerge: {output: adapter, rank: 16, seed: 0, reference: base}   # ours; dropped on export
+    # or rank: auto with max_error: 0.05 (per module the smallest rank with error ≤ 5%)
 
 Relative paths resolve against ``root`` (default: the current folder, as in mergekit).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,7 +43,8 @@ class EmomergeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     output: Literal["adapter", "full"] = "adapter"
-    rank: int | None = Field(default=None, ge=1)
+    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    max_error: float | None = None  # with rank: auto
     seed: int = 0
     reference: Literal["base", "previous"] = "base"
     layout: Literal["new", "qwen-legacy", "llava-legacy", "text"] | None = None
@@ -78,11 +81,15 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        # union members' tags ('constrained-int', "literal['auto']") are not keys
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
         msg = err["msg"][0].lower() + err["msg"][1:]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif loc == "emomerge.rank":
+            msg = f"must be a positive integer or auto, got {err.get('input')!r}"
         raise MergeInputError(f"{path}: key '{loc}': {msg}") from exc
+    _check_rank_options(recipe.emomerge, path)
     method = _method_or_error(recipe.merge_method, path)
     try:
         params = recipe_params(recipe, method)
@@ -90,6 +97,21 @@ def load_recipe(path: str | Path) -> Recipe:
         raise MergeInputError(f"{path}: {exc}") from exc
     resolve_params(method, len(recipe.models), params, source=str(path))
     return recipe
+
+
+def _check_rank_options(opts: EmomergeOptions, path: Path) -> None:
+    if opts.rank == "auto" and opts.max_error is None:
+        raise MergeInputError(
+            f"{path}: key 'emomerge.rank': auto needs emomerge.max_error (the largest relative "
+            "Frobenius error per module, in (0, 1))"
+        )
+    if opts.max_error is not None:
+        if opts.rank != "auto":
+            raise MergeInputError(f"{path}: key 'emomerge.max_error': needs emomerge.rank: auto")
+        if not (math.isfinite(opts.max_error) and 0 < opts.max_error < 1):
+            raise MergeInputError(
+                f"{path}: key 'emomerge.max_error': must be a number in (0, 1), got {opts.max_error!r}"
+            )
 
 
 def _method_or_error(name: str, path: Path):
@@ -157,6 +179,7 @@ def run_recipe(
         output=output or opts.output,
         base=base_dir,
         rank=opts.rank,
+        max_error=opts.max_error,
         seed=opts.seed,
         reference=opts.reference,
         layout=opts.layout,

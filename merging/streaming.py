@@ -32,6 +32,10 @@ projection P = (Q U_k)(Q U_k)ᵀ, so the relative error is exact without a secon
 ‖D − P D‖² = ‖D‖² − Σ_{j≤k} s_j². D's leading singular subspace lies (almost) in span(L) because
 trimming and sign election leave a low-rank signal plus a diffuse remainder; the tests and
 ``benchmarks/merge_speed.py`` compare the error with ``lowrank.refactor`` on the dense D.
+With ``--rank auto`` (``max_error``) D is streamed into a dense buffer and the rank chosen by
+error (``lowrank.auto_rank``): ‖D − P_k D‖² = ‖P⊥D‖² + Σ_{j>k} s_j², the out-of-span residual
+plus the in-basis tail; the basis is used only when ρ = ‖P⊥D‖/‖D‖ ≤ E/2, else D is re-factorised
+by ``lowrank.refactor_auto``.
 
 Worker threads run single-threaded torch ops on cache-sized blocks (a 2-core machine shared with
 other jobs loses more to OpenMP barriers on small ops than it gains).
@@ -768,20 +772,32 @@ def merge_dense(
 
 def merge_factors(
     method_name: str, factors: Sequence[Factors | None], shape: tuple[int, int], resolved: dict,
-    rank: int, *, generators: Sequence[torch.Generator] | None = None, workers: int | None = None,
+    rank: int | None, *, generators: Sequence[torch.Generator] | None = None, workers: int | None = None,
     block_rows: int | None = None, exact_below: int = _EXACT_BELOW, oversample: int = 8,
-    refactor_generator: torch.Generator | None = None,
+    refactor_generator: torch.Generator | None = None, max_error: float | None = None,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-``rank`` factors ``(L', R')`` of the merged update and the exact relative error
     ‖D − L'R'‖_F / ‖D‖_F, without forming D (see the module docstring).
 
     Falls back to ``lowrank.refactor`` on the streamed dense D when the adapters' joint basis is
     too small to hold rank + ``oversample`` directions or D is small.
+
+    ``max_error`` (``--rank auto``; ``rank`` is then ignored): the smallest rank whose error is
+    ≤ E (``lowrank.auto_rank``). D is streamed into a dense buffer (one pass) and projected on the
+    adapters' joint basis; that basis is used when its out-of-span residual ρ is ≤
+    ``lowrank.AUTO_SPAN``·E, else ``lowrank.refactor_auto`` re-factorises D (randomized or exact
+    SVD). ``info`` (if given) receives ``refactor`` (``projection`` | ``svd`` | ``randomized
+    svd``), ``basis`` (its size) and ``out_of_span`` (ρ).
     """
     from . import kernels
     from .lowrank import refactor
 
     m, n = shape
+    if max_error is not None:
+        return _merge_factors_auto(method_name, factors, shape, resolved, max_error, generators=generators,
+                                   workers=workers, block_rows=block_rows, exact_below=exact_below,
+                                   refactor_generator=refactor_generator, info=info)
     k = min(rank, m, n)
     present = [f for f in factors if f is not None]
     basis_cols = sum(f[0].shape[1] for f in present)
@@ -791,19 +807,13 @@ def merge_factors(
     if basis_cols < k + oversample or basis_cols >= min(m, n) // 2:
         dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
                             workers=workers, block_rows=block_rows, exact_below=exact_below)
-        return refactor(dense, rank, generator=refactor_generator)
+        return refactor(dense, rank, generator=refactor_generator, info=info)
     workers = workers or default_workers()
-    # Orthonormal basis Q = L_all W of the joint column space, W from the Gram matrix (float64;
-    # dependent columns — shared lineage factors — are dropped): Qᵀ D = Wᵀ (L_allᵀ D).
-    l_all = torch.cat([f[0] for f in present], dim=1)  # [out, Σr]
-    lam, vec = torch.linalg.eigh(l_all.T.double() @ l_all.double())
-    keep = lam > lam.max() * 1e-10
-    w = vec[:, keep] / lam[keep].sqrt()  # [Σr, q]
-    if int(keep.sum()) < k + oversample:
+    q = _joint_basis(present, dtype)
+    if q.shape[1] < k + oversample:
         dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
                             workers=workers, block_rows=block_rows, exact_below=exact_below)
-        return refactor(dense, rank, generator=refactor_generator)
-    q = (l_all.double() @ w).to(dtype)  # [out, q]
+        return refactor(dense, rank, generator=refactor_generator, info=info)
     with _single_threaded_ops():
         st = _Stream(method_name, factors, shape, resolved, generators, workers=workers,
                      block_rows=block_rows, exact_below=exact_below)
@@ -854,13 +864,76 @@ def merge_factors(
     if norm2 == 0.0:
         return torch.zeros(m, k, dtype=dtype), torch.zeros(k, n, dtype=dtype), 0.0
     # top-k of the small core from its Gram matrix: proj projᵀ = U S² Uᵀ
+    s2, u = _core(proj)
+    from .lowrank import out_of_span
+
+    _note(info, "projection", q.shape[1], out_of_span(s2, norm2))
+    return _projected_factors(q, proj, s2, u, norm2, k, dtype)
+
+
+def _joint_basis(present: Sequence[Factors], dtype: torch.dtype) -> torch.Tensor:
+    """Orthonormal basis Q = L_all W of the adapters' joint column space, W from the Gram matrix
+    (float64; dependent columns — shared lineage factors — are dropped): Qᵀ D = Wᵀ (L_allᵀ D)."""
+    l_all = torch.cat([f[0] for f in present], dim=1)  # [out, Σr]
+    lam, vec = torch.linalg.eigh(l_all.T.double() @ l_all.double())
+    keep = lam > lam.max() * 1e-10
+    w = vec[:, keep] / lam[keep].sqrt()  # [Σr, q]
+    return (l_all.double() @ w).to(dtype)  # [out, q]
+
+
+def _core(proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values (descending, ≥ 0) and left singular vectors of ``proj`` = Qᵀ D
+    (float64), from its Gram matrix."""
     s2, u = torch.linalg.eigh(proj @ proj.T)
-    s2, u = s2.flip(0)[:k].clamp_min(0), u.flip(1)[:, :k]
+    return s2.flip(0).clamp_min(0), u.flip(1)
+
+
+def _projected_factors(q, proj, s2, u, norm2: float, k: int, dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """L' = Q U_k S_k, R' = V_kᵀ = S_k⁻¹ U_kᵀ (Qᵀ D), and the exact error ‖D‖² − Σ_{j≤k} s_j²."""
+    n = proj.shape[1]
+    s2, u = s2[:k], u[:, :k]
     sv = s2.sqrt()
     nz = sv > 0
     right = torch.zeros(k, n, dtype=torch.float64)
-    right[nz] = (u[:, nz].T @ proj) / sv[nz, None]  # V_kᵀ = S_k⁻¹ U_kᵀ (Qᵀ D)
+    right[nz] = (u[:, nz].T @ proj) / sv[nz, None]
     left = (q.double() @ (u * sv)).to(dtype)
     right = right.to(dtype)
     err2 = max(0.0, norm2 - float(s2.sum()))
     return left, right, math.sqrt(err2 / norm2)
+
+
+def _note(info: dict | None, how: str, basis: int | None, rho: float | None) -> None:
+    if info is not None:
+        info["refactor"] = how
+        info.update({k: v for k, v in (("basis", basis), ("out_of_span", rho)) if v is not None})
+
+
+def _merge_factors_auto(
+    method_name: str, factors: Sequence[Factors | None], shape: tuple[int, int], resolved: dict,
+    max_error: float, *, generators, workers, block_rows, exact_below, refactor_generator, info,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``merge_factors`` with ``--rank auto``: the smallest rank with error ≤ ``max_error``."""
+    from .lowrank import AUTO_SPAN, auto_rank, out_of_span, refactor_auto
+
+    m, n = shape
+    present = [f for f in factors if f is not None]
+    dtype = present[0][0].dtype if present else torch.float32
+    if not present:
+        _note(info, "svd", 0, 0.0)
+        return torch.zeros(m, 1, dtype=dtype), torch.zeros(1, n, dtype=dtype), 0.0
+    dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
+                        workers=workers, block_rows=block_rows, exact_below=exact_below)
+    if sum(f[0].shape[1] for f in present) < min(m, n) // 2:
+        q = _joint_basis(present, dtype)
+        proj = (q.T @ dense).double()  # [q, in]
+        norm2 = float(torch.linalg.vector_norm(dense, dtype=torch.float64)) ** 2
+        if norm2 == 0.0:
+            _note(info, "projection", q.shape[1], 0.0)
+            return torch.zeros(m, 1, dtype=dtype), torch.zeros(1, n, dtype=dtype), 0.0
+        s2, u = _core(proj)
+        rho = out_of_span(s2, norm2)
+        k = auto_rank(s2, norm2, max_error) if rho <= AUTO_SPAN * max_error else None
+        if k is not None:
+            _note(info, "projection", q.shape[1], rho)
+            return _projected_factors(q, proj, s2, u, norm2, k, dtype)
+    return refactor_auto(dense, max_error, generator=refactor_generator, info=info)

@@ -168,3 +168,78 @@ def test_console_script_end_to_end(ab):
                            "--adapters", str(ab / "a"), "--density", "7", "--out", str(ab / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_rank_auto_and_max_error_checked(ab):
+    adapters = ["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "out"]
+    r = run(adapters + ["--max-error", "0.1"])
+    assert_one_line_error(r, "--max-error needs --rank auto", out=ab / "out")
+    r = run(adapters + ["--rank", "8", "--max-error", "0.1"])
+    assert_one_line_error(r, "--max-error needs --rank auto", out=ab / "out")
+    r = run(adapters + ["--rank", "auto"])
+    assert_one_line_error(r, "--rank auto needs --max-error", out=ab / "out")
+    for bad in ("0", "1", "1.5", "-0.1", "nan", "inf"):
+        r = run(adapters + ["--rank", "auto", "--max-error", bad])
+        assert_one_line_error(r, "--max-error must be a number in (0, 1)", out=ab / "out")
+    r = run(adapters + ["--rank", "sixteen"])
+    assert_one_line_error(r, "--rank must be a positive integer or auto", "'sixteen'", out=ab / "out")
+    r = run(adapters + ["--rank", "0"])
+    assert_one_line_error(r, "--rank must be a positive integer", out=ab / "out")
+
+
+def _dense_ties(ab, density, path):
+    """TIES of the two test adapters' ΔW, from the plain method (the reference of the warning)."""
+    from safetensors.torch import load_file
+
+    from emomerge.merging.engine import apply_method, get_method, resolve_params
+
+    deltas = []
+    for name in ("a", "b"):
+        t = load_file(str(ab / name / "adapter_model.safetensors"))
+        cfg = json.loads((ab / name / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"]
+        deltas.append(scale * t[f"base_model.model.{path}.lora_B.weight"].double()
+                      @ t[f"base_model.model.{path}.lora_A.weight"].double())
+    m = get_method("ties")
+    return apply_method(m, torch.stack(deltas), resolve_params(m, 2, {"density": density}), seed=0, module=path)
+
+
+def test_warning_when_the_adapter_is_far_from_the_merge(ab):
+    """TIES at density 0.5 re-factorised to the input rank (4) is far from TIES: one warning
+    line naming the mean error (recomputed here from the written factors and the dense TIES)."""
+    from safetensors.torch import load_file
+
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "m"])
+    assert r.exit_code == 0, r.output
+    t = load_file(str(ab / "m" / "adapter_model.safetensors"))
+    errors = []
+    for path in SHAPES:
+        got = t[f"base_model.model.{path}.lora_B.weight"].double() @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        d = _dense_ties(ab, 0.5, path)
+        errors.append(float(torch.linalg.matrix_norm(got - d) / torch.linalg.matrix_norm(d)))
+    mean = sum(errors) / len(errors)
+    assert mean > 0.10
+    lines = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(lines) == 1, r.stderr
+    assert f"mean relative error of {mean:.1%}" in lines[0]
+    assert "--output full" in lines[0] and "--rank auto --max-error" in lines[0]
+    assert not [l for l in r.stdout.splitlines() if l.startswith("warning:")]
+
+
+def test_no_warning_when_the_adapter_is_close(ab):
+    """High density at a rank as large as the module: the error is ~0, no warning."""
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.99", "--rank", "8", "--out", ab / "m"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((ab / "m" / "emomerge.json").read_text())
+    assert manifest["errors"]["mean"] < 1e-5
+    assert "warning:" not in r.stderr
+    # --rank auto: the user chose the bound, no warning even above 10 %
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--rank", "auto",
+             "--max-error", "0.4", "--out", ab / "auto"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((ab / "auto" / "emomerge.json").read_text())
+    assert manifest["rank_rule"] == "auto, max_error 0.4" and 0.1 < manifest["errors"]["mean"] <= 0.4
+    assert "warning:" not in r.stderr and "max_error 0.4" in r.stdout
+    # linear methods are exact: never a warning
+    r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "lin"])
+    assert r.exit_code == 0 and "warning:" not in r.stderr

@@ -95,6 +95,20 @@ def test_per_tensor_filters(run_root, tmp_path):
     ({"merge_method": "frankenmerge", "models": [{"model": "adapters/emoart"}]}, "key 'merge_method'"),
     ({"merge_method": "ties", "models": []}, "key 'models'"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"output": "gguf"}}, "key 'emomerge.output'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": "auto"}},
+     "key 'emomerge.rank': auto needs emomerge.max_error"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": 8, "max_error": 0.1}},
+     "key 'emomerge.max_error': needs emomerge.rank: auto"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"max_error": 0.1}},
+     "key 'emomerge.max_error': needs emomerge.rank: auto"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": "auto", "max_error": 1.0}},
+     "key 'emomerge.max_error': must be a number in (0, 1)"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": "auto", "max_error": float("nan")}},
+     "key 'emomerge.max_error': must be a number in (0, 1)"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": "full"}},
+     "key 'emomerge.rank': must be a positive integer or auto, got 'full'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "emomerge": {"rank": 0}},
+     "key 'emomerge.rank': must be a positive integer or auto, got 0"),
 ])
 def test_bad_recipes_fail_with_one_line(tmp_path, body, needle):
     recipe = tmp_path / "bad.yaml"
@@ -129,3 +143,65 @@ def test_export_writes_a_local_base_as_an_absolute_path(run_root, tmp_path, monk
     assert all(m["model"].startswith(str(tmp_path / "demo" / "tiny") + "+/") for m in doc["models"])
     hub = yaml.safe_load(export_mergekit(recipe, base_model="Qwen/Qwen2.5-VL-7B-Instruct", root=root))
     assert hub["base_model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def _ties_recipe(path, emomerge=None):
+    body = {"merge_method": "ties", "models": [{"model": f"adapters/{s}"} for s in STAGES],
+            "parameters": {"density": 0.5}}
+    if emomerge is not None:
+        body["emomerge"] = emomerge
+    return _write(path, body)
+
+
+def _dense_ties(dense, path):
+    from emomerge.merging.engine import apply_method, resolve_params
+
+    m = get_method("ties")
+    resolved = resolve_params(m, len(dense), {"density": 0.5})
+    return apply_method(m, torch.stack([d[path] for d in dense]), resolved, seed=0, module=path)
+
+
+def _errors(out, dense):
+    t = load_file(str(out / "adapter_model.safetensors"))
+    errs = {}
+    for path in SHAPES:
+        got = t[f"base_model.model.{path}.lora_B.weight"].double() @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        d = _dense_ties(dense, path)
+        errs[path] = float(torch.linalg.matrix_norm(got - d) / torch.linalg.matrix_norm(d))
+    return errs
+
+
+def test_merge_warns_when_the_recipe_adapter_is_far_from_the_merge(run_root, tmp_path):
+    root, dense = run_root
+    recipe = _ties_recipe(tmp_path / "t.yaml")
+    r = CliRunner().invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o"), "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    errs = _errors(tmp_path / "o", dense)
+    mean = sum(errs.values()) / len(errs)
+    assert mean > 0.10
+    lines = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(lines) == 1, r.stderr
+    assert f"{mean:.1%}" in lines[0] and "emomerge.output: full" in lines[0]
+    assert "emomerge.rank: auto with emomerge.max_error" in lines[0]
+
+
+def test_recipe_rank_auto(run_root, tmp_path):
+    """rank: auto + max_error: every module within E, no warning, the rule in the manifest."""
+    root, dense = run_root
+    recipe = _ties_recipe(tmp_path / "t.yaml", {"rank": "auto", "max_error": 0.25})
+    r = CliRunner().invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o"), "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "warning:" not in r.stderr
+    import json
+
+    man = json.loads((tmp_path / "o" / "emomerge.json").read_text())
+    assert man["rank_rule"] == "auto, max_error 0.25" and man["recipe"]["emomerge"]["rank"] == "auto"
+    errs = _errors(tmp_path / "o", dense)
+    for path, err in errs.items():
+        assert err <= 0.25 + 1e-6
+        assert err == pytest.approx(man["errors"]["relative_frobenius"][path], abs=1e-5)
+        # these modules are small: the exact SVD, so rank − 1 of the dense TIES exceeds E
+        assert man["refactor"][path]["refactor"] == "svd"
+        s2 = torch.linalg.svd(_dense_ties(dense, path)).S.square()
+        k = man["ranks"][path]
+        assert float(s2[k - 1:].sum() / s2.sum()) ** 0.5 > 0.25
