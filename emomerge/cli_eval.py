@@ -102,10 +102,24 @@ def show_cmd(
     path: Annotated[Path, typer.Argument(help="A leaderboard CSV.")],
     by: str = typer.Option(None, "--by", help="Sort by this column, best first."),
     fmt: str = typer.Option("markdown", "--format", help="markdown or csv."),
+    by_book: bool = typer.Option(False, "--by-book", help="Variants × books of one metric, "
+                                 "from the by_book.csv beside the leaderboard."),
+    metric: str = typer.Option(None, "--metric", help="With --by-book: the metric shown "
+                               "(default macro_f1)."),
 ) -> None:
-    """Print a leaderboard (metrics with their 95% intervals and p-values)."""
+    """Print a leaderboard (metrics with their 95% intervals, raw and Holm-adjusted p-values;
+    * marks a Holm-adjusted p < 0.05)."""
+    if by_book:
+        from emomerge.evaluation.bybook import FILENAME, show_by_book
+
+        if by is not None:
+            raise InputError("--by: not available with --by-book (rows are variants)")
+        typer.echo(show_by_book(path.parent / FILENAME, metric=metric, fmt=fmt), nl=False)
+        return
     from emomerge.evaluation.leaderboard import show
 
+    if metric is not None:
+        raise InputError("--metric: only with --by-book")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     typer.echo(show(path, by=by, fmt=fmt), nl=False)

@@ -10,12 +10,17 @@ samples of every drawn group; the metric is recomputed on that multiset of sampl
   p-value is the share of centred replicate differences at least as extreme as the observed one,
   ``(1 + #{|δ* − δ̂| ≥ |δ̂|}) / (B + 1)`` (the add-one keeps p > 0 for a finite B).
 - McNemar: exact binomial test on the discordant pairs of per-sample correctness (scipy).
+- Holm: the p-values of all variants tested against one baseline in one evaluation form a
+  family; :func:`add_holm` adjusts them (Holm's step-down) so "significant" on the leaderboard
+  controls the family-wise error rate, not the per-comparison one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
@@ -125,3 +130,62 @@ def mcnemar(a: Predictions, b: Predictions) -> float:
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+# ---------------------------------------------------------------- multiple comparisons
+
+#: The columns whose equal values make one family of tests for :func:`add_holm`: the variants
+#: of one evaluation (same data, seed, settings) each tested against the same baseline.
+HOLM_FAMILY = ("architecture", "dataset", "split", "seed", "baseline", "config_hash")
+
+
+def _as_p(value: Any) -> float | None:
+    # a number, or a leaderboard cell ("0.0123"); None / "" / NaN: no test was made
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(p) else p
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order.
+
+    With the m non-NaN p-values sorted ascending, the i-th (0-based) becomes
+    ``min(1, max_{j<=i} (m - j) p_(j))``: monotone in the raw p and capped at 1. NaN entries
+    (a test that could not be made) stay NaN and do not count in m. statsmodels'
+    ``multipletests(method="holm")`` computes the same; it is not a dependency of emomerge.
+    """
+    values = [float(p) for p in pvalues]
+    order = sorted((i for i, p in enumerate(values) if not math.isnan(p)),
+                   key=lambda i: values[i])
+    m = len(order)
+    out = [float("nan")] * len(values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * values[i]))
+        out[i] = running
+    return out
+
+
+def add_holm(rows: list[dict[str, Any]]) -> None:
+    """Fill ``{m}_p_holm`` from ``{m}_p`` in place, one Holm family per :data:`HOLM_FAMILY` key
+    and metric.
+
+    A family holds the rows of that key with a p-value for the metric; trivial-baseline rows
+    (``kind == "trivial"``) are sanity checks, not candidates, so they neither enter a family nor
+    get an adjusted p (their raw p stays). Rows without a p (the baseline's own row, McNemar's
+    untested metrics) get none.
+    """
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("kind") == "trivial":
+            continue
+        families.setdefault(tuple(row.get(k) for k in HOLM_FAMILY), []).append(row)
+    for members in families.values():
+        for m in METRICS:
+            tested = [(r, p) for r in members if (p := _as_p(r.get(f"{m}_p"))) is not None]
+            for (r, _), adjusted in zip(tested, holm([p for _, p in tested])):
+                r[f"{m}_p_holm"] = adjusted

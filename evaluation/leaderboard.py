@@ -4,9 +4,14 @@ One row per (architecture, base, variant, dataset, split, evaluation config). A 
 its own rows: rows are keyed by :data:`ROW_KEY`, whose ``config_hash`` covers the evaluation
 settings (dataset, split content, mode, scoring options, seed, bootstrap size, baseline) but not
 the variant list, so adding a variant later appends and re-running the same command replaces.
-Each metric ``m`` has ``m_lo``/``m_hi`` (95% bootstrap interval) and ``m_p``: the paired test of
-the variant against the row's ``baseline``. With the paired bootstrap every metric has its own p;
-with McNemar (exact correctness) only accuracy / subset_accuracy / exact_match carry it.
+Each metric ``m`` has ``m_lo``/``m_hi`` (95% bootstrap interval), ``m_p``: the paired test of
+the variant against the row's ``baseline``, and ``m_p_holm``: that p adjusted (Holm) over the
+variants tested against the same baseline in the same evaluation, which is what ``show`` marks
+significant. With the paired bootstrap every metric has its own p; with McNemar (exact
+correctness) only accuracy / subset_accuracy / exact_match carry it. Macro-F1 averages over the
+dataset's declared ``label_set`` for every row alike; ``per_label_f1`` holds its terms.
+``kind`` is base / stage / merged, or trivial for the label-frequency baselines of
+:mod:`.trivial` (sanity checks: their p stays raw, outside every Holm family).
 The file is rewritten through a temporary file in the same folder and ``os.replace``, so a reader
 never sees half a file and a crash leaves the previous version intact.
 """
@@ -27,18 +32,27 @@ from emomerge.merging.errors import InputError
 METRIC_COLUMNS = ("accuracy", "macro_f1", "subset_accuracy", "example_f1", "micro_f1",
                   "single_accuracy", "single_macro_f1", "exact_match", "char_f1", "judge_score")
 
+#: Values of ``representation``: how the row's weights relate to the adapters evaluated —
+#: the exact merged update, a low-rank (truncated) one, the base model alone, or no model at all.
+REPRESENTATIONS = ("exact", "lowrank", "base", "trivial")
+
 COLUMNS: tuple[str, ...] = (
     "architecture", "base_id", "variant", "kind", "stage_index", "lineage", "method",
-    "method_params", "stages_merged", "dataset", "split", "task", "mode", "n", "n_groups",
-    "baseline",
-    *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p")),
-    "parse_failures", "threshold_source", "seed", "n_boot", "emomerge_version", "git_hash", "date", "config_hash",
-    "variant_hash", "split_hash",
+    "method_params", "stages_merged", "representation", "represented_rank",
+    "lowrank_error_mean", "lowrank_error_max", "dataset", "split", "task", "mode", "label_set",
+    "n", "n_groups", "n_books", "baseline",
+    *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
+    "per_label_f1", "parse_failures", "scoring", "threshold", "threshold_source", "seed", "n_boot",
+    "emomerge_version", "git_hash", "date", "config_hash", "variant_hash", "split_hash",
 )
 
-#: Columns added after the first release: a leaderboard written before them is read with them
-#: empty (and rewritten with them on the next upsert) rather than refused.
-LATER_COLUMNS = ("threshold_source",)
+#: Columns added after the first release: a leaderboard written before any of them is read with
+#: them empty (and rewritten with all of them on the next upsert) rather than refused.
+LATER_COLUMNS: tuple[str, ...] = (
+    "threshold_source", "representation", "represented_rank", "lowrank_error_mean",
+    "lowrank_error_max", "label_set", "n_books", *(f"{m}_p_holm" for m in METRIC_COLUMNS),
+    "per_label_f1", "scoring", "threshold",
+)
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
 ROW_KEY = ("architecture", "base_id", "variant", "dataset", "split", "config_hash")
@@ -55,21 +69,48 @@ def fmt_value(value: object) -> str:
     return str(value)
 
 
+def format_label_set(labels: Sequence[str]) -> str:
+    """The ``label_set`` cell: the dataset's labels in their declared order, ``;``-joined."""
+    return ";".join(labels)
+
+
+def format_per_label(d: dict[str, float]) -> str:
+    """The ``per_label_f1`` cell: ``"Anger=0.4123;Disgust=0;..."`` in the dict's (label-set)
+    order, 4 significant digits (NaN → ``nan``)."""
+    return ";".join(f"{lab}={'nan' if math.isnan(v) else format(v, '.4g')}"
+                    for lab, v in d.items())
+
+
+def parse_per_label(cell: str) -> dict[str, float]:
+    """The inverse of :func:`format_per_label` (``{}`` for an empty cell)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (cell or "").split(";")):
+        lab, _, value = item.rpartition("=")
+        out[lab] = float(value)
+    return out
+
+
+def check_header(path: Path, header: Sequence[str]) -> None:
+    """Refuse a CSV that is not a leaderboard: every column known, each once, and only
+    :data:`LATER_COLUMNS` may be missing (a file from an earlier release)."""
+    missing = [c for c in COLUMNS if c not in header and c not in LATER_COLUMNS]
+    extra = [c for c in header if c not in COLUMNS]
+    if missing or extra or len(set(header)) != len(header) or not header:
+        raise InputError(
+            f"{path}: not an emomerge leaderboard (missing columns {missing[:3]}, "
+            f"unknown {extra[:3]})"
+        )
+
+
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a leaderboard CSV (``[]`` when the file does not exist yet)."""
+    """The rows of a leaderboard CSV (``[]`` when the file does not exist yet); the columns a
+    file from an earlier release lacks are read as empty cells."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        header = tuple(reader.fieldnames or ())
-        if header != COLUMNS and header != tuple(c for c in COLUMNS if c not in LATER_COLUMNS):
-            missing = [c for c in COLUMNS if c not in header]
-            extra = [c for c in header if c not in COLUMNS]
-            raise InputError(
-                f"{path}: not an emomerge leaderboard (missing columns {missing[:3]}, "
-                f"unknown {extra[:3]})"
-            )
+        check_header(path, tuple(reader.fieldnames or ()))
         return [{c: r.get(c) or "" for c in COLUMNS} for r in reader]
 
 
@@ -95,6 +136,9 @@ def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]]) -> Path
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ValueError(f"leaderboard row has unknown columns {sorted(unknown)}")
+        if row.get("representation") not in (None, "", *REPRESENTATIONS):
+            raise ValueError(f"leaderboard row: representation {row['representation']!r} is "
+                             f"not one of {REPRESENTATIONS}")
         cells.append({c: fmt_value(row.get(c)) for c in COLUMNS})
     keys = {tuple(r[k] for k in ROW_KEY) for r in cells}
     kept = [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
@@ -117,7 +161,8 @@ def metrics_present(rows: Sequence[dict[str, str]]) -> list[str]:
     return [m for m in METRIC_COLUMNS if any(r.get(m) for r in rows)]
 
 
-def _table(header: list[str], body: list[list[str]], fmt: str) -> str:
+def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
+    """``body`` under ``header`` as a markdown table or CSV text (``--format``)."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -140,8 +185,48 @@ def _with_interval(row: dict[str, str], m: str) -> str:
     return value
 
 
+def _floor_p(row: dict[str, str]) -> float | None:
+    """The smallest p the row's paired bootstrap can give, ``1 / (n_boot + 1)`` (None without
+    ``n_boot``)."""
+    n_boot = _num(row.get("n_boot", ""))
+    return None if math.isnan(n_boot) or n_boot < 1 else 1.0 / (n_boot + 1)
+
+
+def _at_floor(p: float, floor: float) -> bool:
+    # The row does not record which test made its p, so only a p *equal* to the bootstrap floor
+    # is read as "no replicate as extreme": an exact (McNemar) p is shown as it is, even a
+    # smaller one. The cell holds the floor with 6 significant digits (fmt_value), so compare
+    # with both the exact and the written value.
+    return any(abs(p - f) <= 1e-12 * f for f in (floor, float(f"{floor:.6g}")))
+
+
+def format_p(row: dict[str, str], column: str) -> str:
+    """A p-value cell: 3 significant digits, or ``< 0.001`` (``< 1/(n_boot+1)``, 2 digits) when
+    it sits at the bootstrap floor, where the true p is only known to be below it."""
+    if not row.get(column):
+        return ""
+    p, floor = _num(row[column]), _floor_p(row)
+    if math.isnan(p):
+        return ""
+    if floor is not None and _at_floor(p, floor):
+        return f"< {floor:.2g}"
+    return f"{p:.3g}"
+
+
+def significant(row: dict[str, str], m: str, alpha: float = 0.05) -> bool:
+    """Whether metric ``m`` of the row differs from the baseline after the Holm adjustment."""
+    return bool(row.get(f"{m}_p_holm")) and _num(row[f"{m}_p_holm"]) < alpha
+
+
 def _p(row: dict[str, str], m: str) -> str:
-    return f"{_num(row[m + '_p']):.3g}" if row.get(f"{m}_p") else ""
+    return format_p(row, f"{m}_p")
+
+
+#: Columns sorted as numbers by ``--by`` (the others as text).
+NUMERIC_COLUMNS = frozenset(
+    {*(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
+     "n", "n_groups", "n_books", "parse_failures", "represented_rank", "lowrank_error_mean",
+     "lowrank_error_max"})
 
 
 def sort_rows(rows: list[dict[str, str]], by: str | None) -> list[dict[str, str]]:
@@ -150,7 +235,7 @@ def sort_rows(rows: list[dict[str, str]], by: str | None) -> list[dict[str, str]
         return rows
     if by not in COLUMNS:
         raise InputError(f"--by: unknown column '{by}' (e.g. {', '.join(METRIC_COLUMNS[:4])})")
-    if by in METRIC_COLUMNS or by in ("n", "parse_failures"):
+    if by in NUMERIC_COLUMNS:
         def key(r: dict[str, str]) -> tuple[bool, float]:
             v = _num(r[by])
             return (math.isnan(v), 0.0 if math.isnan(v) else -v)
@@ -159,21 +244,38 @@ def sort_rows(rows: list[dict[str, str]], by: str | None) -> list[dict[str, str]
     return sorted(rows, key=lambda r: r[by])
 
 
+#: Columns ``show`` adds after the metrics when at least one row has a value in them.
+OPTIONAL_SHOWN = ("representation", "threshold", "threshold_source")
+
+
 def show(path: str | Path, *, by: str | None = None, fmt: str = "markdown") -> str:
-    """The leaderboard as a table: identity, each metric with its interval, p-value, failures."""
+    """The leaderboard as a table: identity, each metric with its interval, raw and
+    Holm-adjusted p-value, failures.
+
+    A ``*`` follows a metric whose Holm-adjusted p is below 0.05: the family is every variant
+    tested against the same baseline in the same evaluation, so the star does not multiply with
+    the number of merges tried.
+    """
     rows = sort_rows(read_rows(path), by)
     if fmt == "csv":
-        return _table(list(COLUMNS), [[r[c] for c in COLUMNS] for r in rows], "csv")
+        return format_table(list(COLUMNS), [[r[c] for c in COLUMNS] for r in rows], "csv")
     metrics = metrics_present(rows)
     header = ["architecture", "variant", "kind", "method", "dataset", "split", "n"]
-    header += [h for m in metrics for h in (m, f"p({m})")] + ["parse_failures"]
-    # where multi-label thresholds were chosen, when any row has one (held out or not)
-    sources = ["threshold_source"] if any(r.get("threshold_source") for r in rows) else []
-    header += sources
+    header += [h for m in metrics for h in (m, f"p({m})", f"p_adj({m})")] + ["parse_failures"]
+    # e.g. where multi-label thresholds were chosen, when any row has one (held out or not)
+    extra = [c for c in OPTIONAL_SHOWN if any(r.get(c) for r in rows)]
+    header += extra
+
+    def metric_cells(r: dict[str, str], m: str) -> list[str]:
+        value = _with_interval(r, m)
+        if value and significant(r, m):
+            value += " *"
+        return [value, _p(r, m), format_p(r, f"{m}_p_holm")]
+
     body = [[r["architecture"], r["variant"], r["kind"], r["method"], r["dataset"], r["split"],
-             r["n"]] + [c for m in metrics for c in (_with_interval(r, m), _p(r, m))]
-            + [r["parse_failures"]] + [r[c] for c in sources] for r in rows]
-    return _table(header, body, fmt)
+             r["n"]] + [c for m in metrics for c in metric_cells(r, m)]
+            + [r["parse_failures"]] + [r[c] for c in extra] for r in rows]
+    return format_table(header, body, fmt)
 
 
 def compare(path_a: str | Path, path_b: str | Path, *, fmt: str = "markdown") -> str:
@@ -197,4 +299,4 @@ def compare(path_a: str | Path, path_b: str | Path, *, fmt: str = "markdown") ->
             delta = vb - va
             cells += [fmt_value(va), fmt_value(vb), "" if math.isnan(delta) else f"{delta:+.4f}"]
         body.append(cells)
-    return _table(header, body, fmt)
+    return format_table(header, body, fmt)

@@ -67,23 +67,19 @@ def accuracy(gold: Sequence[str], pred: Sequence[Any]) -> float:
     return float(accuracy_score(list(gold), _single_pred(pred)))
 
 
-def _present(labels: Sequence[str], *rows: Sequence[Any]) -> list[str]:
-    # sklearn's own default averages over the classes seen in gold or prediction; we keep that
-    # rule but must pass ``labels`` to keep INVALID out, so rebuild it here. A class absent from
-    # both would otherwise score F1 = 0 and drag the macro mean down in small resamples.
-    seen = {x for row in rows for x in row}
-    return [lab for lab in labels if lab in seen]
-
-
 def macro_f1(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) -> float:
-    """Unweighted mean of the per-class F1 over the classes of ``labels`` in gold or prediction."""
-    y_pred = _single_pred(pred)
-    present = _present(labels, gold, y_pred)
-    if not present:
+    """Unweighted mean of the per-class F1 over *every* class of ``labels`` (zero_division=0).
+
+    The label set is the dataset's declared one, the same for every variant: averaging over the
+    classes present in gold or prediction would average two variants over different sets, and a
+    variant that never predicts a rare class would drop its F1 of 0 from its mean. A class absent
+    from both gold and prediction (possible in a small resample) scores 0, as sklearn's
+    ``zero_division=0`` says. INVALID is no class of ``labels``: a miss, nobody's credit.
+    """
+    if not labels:
         return float("nan")
-    return float(
-        f1_score(list(gold), y_pred, labels=present, average="macro", zero_division=0)
-    )
+    return float(f1_score(list(gold), _single_pred(pred), labels=list(labels), average="macro",
+                          zero_division=0))
 
 
 def per_class(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) -> dict:
@@ -138,19 +134,18 @@ def example_f1(gold, pred, labels) -> float:
 
 
 def multilabel_f1(gold, pred, labels, average: str) -> float:
-    """Macro (mean over labels) or micro (pooled counts) F1 over the label columns.
+    """Macro (mean over the label set) or micro (pooled counts) F1 of the binarized problem.
 
-    Macro averages over the labels that occur in gold or prediction (as :func:`macro_f1`); the
+    Macro averages over every label of ``labels`` (as :func:`macro_f1`, zero_division=0); the
     invalid column is no label and stays out of it. Micro pools it in: out-of-set answers are
     false positives.
     """
     y_true, y_pred = _binarize(gold, pred, labels)
     if average == "macro":
+        if not labels:
+            return float("nan")
         y_true, y_pred = y_true[:, :-1], y_pred[:, :-1]
-    cols = (y_true.sum(0) + y_pred.sum(0)) > 0
-    if not cols.any():
-        return float("nan")
-    return float(f1_score(y_true[:, cols], y_pred[:, cols], average=average, zero_division=0))
+    return float(f1_score(y_true, y_pred, average=average, zero_division=0))
 
 
 def per_label(gold, pred, labels) -> dict:
@@ -163,6 +158,21 @@ def per_label(gold, pred, labels) -> dict:
               "support": int(s[i])}
         for i, lab in enumerate(labels)
     }
+
+
+def per_label_f1(p: Predictions) -> dict[str, float]:
+    """F1 of every label of ``p.label_set``, in label-set order: per class for single-label
+    tasks, per binarized label column for multi-label ones (``{}`` for MangaVQA answers).
+
+    These are the terms whose mean is ``macro_f1``; the leaderboard keeps them so a macro-F1
+    gain can be traced to the labels that made it.
+    """
+    if p.task == "single":
+        return {lab: d["f1"] for lab, d in
+                per_class([g[0] for g in p.gold], p.pred, p.label_set).items()}
+    if p.task == "multi":
+        return {lab: d["f1"] for lab, d in per_label(p.gold, p.pred, p.label_set).items()}
+    return {}
 
 
 def single_view(preds: Predictions) -> np.ndarray:

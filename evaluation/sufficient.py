@@ -5,12 +5,16 @@ TP/FP/FN counts for the F1s, a correctness bit and a 1 for accuracies. A bootstr
 draws sample i w_i times therefore has sums ``w @ S``; all B replicates are ``W @ S`` with
 W = [B, n]. Calling sklearn 1000 times per metric per variant cost minutes; this costs
 milliseconds. The formulas here mirror sklearn's definitions (zero_division=0; macro averages
-over the classes present in gold or prediction) and the test suite checks every metric against
-the sklearn-based :data:`metrics.METRICS` on random predictions and random resamples.
+over the dataset's whole label set, a class absent from a replicate scoring 0) and the test suite
+checks every metric against the sklearn-based :data:`metrics.METRICS` on random predictions and
+random resamples.
 
 The encoding is :func:`metrics._binarize`'s: C label columns plus a last *invalid* column that a
 prediction sets when it holds anything outside the label set (gold never does). Count blocks are
 therefore [n, C + 1] each; macro averages skip the invalid column, micro pools it (an FP).
+The F1 statistics end with one more column, the count of samples that take part (all of them,
+or those with one gold label for the single-label view): a replicate that drew none of them has
+no value (NaN), as the sklearn-based definition says, rather than an F1 of 0.
 """
 
 from __future__ import annotations
@@ -39,29 +43,34 @@ def _onehot(rows: list[list[str]], labels: list[str], *, gold: bool = False) -> 
 
 
 def _counts(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    # [n, C] each -> [n, 3C]: TP | FP | FN per class
-    return np.concatenate([gold * pred, (1 - gold) * pred, gold * (1 - pred)], axis=1)
+    # [n, C] each -> [n, 3C + 1]: TP | FP | FN per class | 1 (the sample takes part)
+    return np.concatenate([gold * pred, (1 - gold) * pred, gold * (1 - pred),
+                           np.ones((len(gold), 1))], axis=1)
 
 
-def _split(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    c = sums.shape[1] // 3
-    return sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:]
+def _split(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    c = (sums.shape[1] - 1) // 3
+    return sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:3 * c], sums[:, -1]
 
 
 def _macro(sums: np.ndarray) -> np.ndarray:
-    tp, fp, fn = (x[:, :-1] for x in _split(sums))  # the invalid column is no class
+    tp, fp, fn, n = _split(sums)
+    tp, fp, fn = tp[:, :-1], fp[:, :-1], fn[:, :-1]  # the invalid column is no class
     denom = 2 * tp + fp + fn
-    present = denom > 0
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
-    n_present = present.sum(axis=1)
-    return np.divide(f1.sum(axis=1), n_present, out=np.full(len(sums), np.nan),
-                     where=n_present > 0)
+    # zero_division=0: a class with no gold and no predicted instance scores 0 and still counts
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    n_labels = tp.shape[1]
+    if n_labels == 0:
+        return np.full(len(sums), np.nan)
+    return np.where(n > 0, f1.sum(axis=1) / n_labels, np.nan)
 
 
 def _micro(sums: np.ndarray) -> np.ndarray:
-    tp, fp, fn = (x.sum(axis=1) for x in _split(sums))
+    tp, fp, fn, n = _split(sums)
+    tp, fp, fn = tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1)
     denom = 2 * tp + fp + fn
-    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return np.where(n > 0, f1, np.nan)
 
 
 def _ratio(sums: np.ndarray) -> np.ndarray:

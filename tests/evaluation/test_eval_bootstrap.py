@@ -117,3 +117,31 @@ def test_fast_replicates_equal_sklearn_on_resamples(task):
         fast = replicate_values(p, name, weights)
         slow = np.array([METRICS[name].fn(p, idx) for idx in reps])
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_fast_replicates_fixed_label_set_and_empty_single_view():
+    """Replicates that miss whole labels (they still count, F1 0) or every single-gold sample
+    (single-view metrics undefined: NaN on both paths) agree with the sklearn definitions."""
+    from emomerge.evaluation.bootstrap import weight_matrix
+    from emomerge.evaluation.metrics import HEADLINE, METRICS
+    from emomerge.evaluation.sufficient import replicate_values
+
+    labels = ["A", "B", "C", "D"]
+    # page g0: two two-label utterances (no single-gold sample); g1: one A; g2: one C, wrong
+    p = Predictions("multi", ["u0", "u1", "u2", "u3"], ["g0", "g0", "g1", "g2"],
+                    [["A", "B"], ["B", "C"], ["A"], ["C"]],
+                    [["A"], ["B", "C", "Shock"], ["A"], ["D"]], labels,
+                    top1=["A", "B", "A", "D"])
+    reps = [np.array([0, 1, 0, 1]), np.array([2, 2]), np.array([3, 0, 1]),
+            np.array([0, 1, 2, 3])]
+    weights = weight_matrix(reps, len(p))
+    for name in HEADLINE["multi"]:
+        fast = replicate_values(p, name, weights)
+        slow = np.array([METRICS[name].fn(p, idx) for idx in reps])
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12, err_msg=name)
+    # by hand: replicate 0 holds no single-gold sample; replicate 1 only u2 (A right):
+    # single macro = (1 + 0 + 0 + 0) / 4 over the fixed set A B C D
+    single = replicate_values(p, "single_macro_f1", weights)
+    assert np.isnan(single[0]) and single[1] == pytest.approx(1 / 4)
+    # replicate 1, multi macro: A TP 2 -> 1, B C D absent -> 0 -> 1/4
+    assert replicate_values(p, "macro_f1", weights)[1] == pytest.approx(1 / 4)
