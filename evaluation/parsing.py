@@ -12,6 +12,15 @@ structure, and no item that is itself a label): "The speaker is clearly angry." 
 ``lenient``. A list with an unknown item ("Shock, Joy") is never rescued by scanning. In a
 scanned sentence, emotion words outside the set ("I feel shock but also joy") are out of set, and
 a negated label ("not angry") is ``ambiguous``: a failure, never the label it negates.
+
+Before any of that, the answer is trimmed to what is meant as the label: a leading
+``Emotion:``/``Emotions:``/``Label(s):``/``Answer:`` (anywhere in the text: "Sure! Emotion: Joy")
+is dropped, an ``Explanation:``/``Reason:`` line and what follows it is cut, and a single-label
+answer is read from its first line only ("Joy\nThe speaker smiles" is Joy, not a sentence to
+scan). "and" separates items only between two emotion words ("angry and scared" → Anger, Fear);
+elsewhere ("she is angry and the boy is scared") it is part of a sentence. Japanese emotion words
+(喜び, 怒り, 悲しい, 怖い ...) belong to the same synonym groups as their English counterparts, so
+they map under the same one-candidate rule.
 """
 
 from __future__ import annotations
@@ -26,16 +35,19 @@ from typing import Any
 #: exactly one word of the group *is* a label of the task's set: "happy" means Joy for EmoComics35,
 #: but nothing for EmoArt, whose set has both Happy and Glad (a synonym must never choose between
 #: two real classes). "shock" is deliberately in no group: it is out of set.
+#: Japanese words (MangaVQA-trained adapters often answer in Japanese) sit in the group of their
+#: English meaning, in dictionary form: "嬉しくない" (not happy) contains none of them.
 SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in (
-    {"joy", "happy", "happiness", "joyful", "glad", "joyous"},
-    {"anger", "angry", "furious", "rage", "enraged"},
-    {"sadness", "sad", "sorrow", "sorrowful", "unhappy"},
-    {"fear", "afraid", "scared", "fearful", "frightened"},
-    {"surprise", "surprised", "astonished", "astonishment"},
-    {"disgust", "disgusted", "disgusting"},
-    {"neutral", "neutrality"},
-    {"excitement", "excited"},
-    {"contentment", "content", "contented"},
+    {"joy", "happy", "happiness", "joyful", "glad", "joyous",
+     "喜び", "嬉しい", "うれしい", "楽しい", "幸せ", "喜んでいる"},
+    {"anger", "angry", "furious", "rage", "enraged", "怒り", "怒っている", "怒った"},
+    {"sadness", "sad", "sorrow", "sorrowful", "unhappy", "悲しみ", "悲しい"},
+    {"fear", "afraid", "scared", "fearful", "frightened", "恐怖", "怖い", "こわい", "恐れ"},
+    {"surprise", "surprised", "astonished", "astonishment", "驚き", "驚いた", "びっくり"},
+    {"disgust", "disgusted", "disgusting", "嫌悪", "嫌悪感"},
+    {"neutral", "neutrality", "中立", "ニュートラル"},
+    {"excitement", "excited", "興奮"},
+    {"contentment", "content", "contented", "満足"},
 ))
 
 #: Emotion words that are labels of none of our tasks' usual sets. Together with the synonym
@@ -51,6 +63,7 @@ OTHER_EMOTION_WORDS: frozenset[str] = frozenset({
     "alarmed", "aroused", "despair", "panic", "terror", "terrified", "horror", "horrified",
     "grief", "melancholy", "irritated", "irritation", "admiration", "gratitude", "trust",
     "anticipation", "disappointed", "disappointment",
+    "不安", "困惑", "恥ずかしい", "悔しい", "愛", "安心", "穏やか", "退屈",
 })
 EMOTION_WORDS: frozenset[str] = frozenset().union(*SYNONYM_GROUPS, OTHER_EMOTION_WORDS)
 
@@ -59,8 +72,20 @@ _NEGATED = re.compile(r"(?:\b(?:not|no|never|without|hardly|neither|nor)|n't)\W+
                       re.IGNORECASE)
 
 _FENCE = re.compile(r"```[\w+-]*\s*\n?(.*?)```", re.DOTALL)
-_SPLIT = re.compile(r"\s*(?:[,;/|\n]|\band\b)\s*", re.IGNORECASE)
-_STRIP = " \t\r\n\"'`.!?*()"
+#: Separators that always split a list (ASCII and Japanese punctuation).
+_SPLIT = re.compile(r"\s*[,;/|\n、，；・]\s*")
+#: "and" (or Japanese と/および) between two items: a separator only when every part it leaves is
+#: an emotion word (:func:`_split_and`).
+_AND = re.compile(r"(?:^|\s+)and\s+|\s*(?:および|と)\s*", re.IGNORECASE)
+#: "Emotion:" / "Labels:" / "Answer:" before the answer, at a line start or inside a line.
+_PREFIX = re.compile(r"(?<![\w\"'])(?:emotions?|labels?|answers?)\s*[:：]\s*", re.IGNORECASE)
+#: The same prefix repeated at later line starts ("Emotion: Joy\nEmotion: Fear").
+_LINE_PREFIX = re.compile(r"^[ \t]*(?:emotions?|labels?|answers?)[ \t]*[:：][ \t]*",
+                          re.IGNORECASE | re.MULTILINE)
+#: An explanation after the answer: everything from it on is not part of the label list.
+_EXPLANATION = re.compile(r"(?<!\w)(?:explanation|reason(?:ing)?|rationale|理由|説明)\s*[:：]",
+                          re.IGNORECASE)
+_STRIP = " \t\r\n\"'`.!?*()。！？「」『』【】"
 
 
 @dataclass
@@ -116,8 +141,43 @@ def _from_dict(obj: dict) -> Any:
     return None
 
 
-def _items(text: str) -> tuple[list[str] | None, bool]:
-    """(answer items, structured?) of one answer; items None when it has no usable shape."""
+def _trim(body: str, multi: bool) -> str:
+    """The part of a free-form answer that is meant as the label(s).
+
+    Drops everything up to a label prefix ("Sure! Emotion: Joy" → "Joy"; further prefixes at
+    line starts go too), cuts an explanation that follows the answer, and keeps a single-label
+    answer's first line: the lines after it explain, they are not more labels (and scanning
+    them would find the explanation's emotion words).
+    """
+    m = _PREFIX.search(body)
+    if m:
+        body = _LINE_PREFIX.sub("", body[m.end():])
+    m = _EXPLANATION.search(body)
+    if m and body[:m.start()].strip(_STRIP):
+        body = body[:m.start()]
+    body = body.strip()
+    if not multi:
+        body = next((line for line in body.splitlines() if line.strip(_STRIP)), "")
+    return body.strip()
+
+
+def _split_and(piece: str, vocab: set[str]) -> list[str]:
+    """``piece`` split at "and" when every part is an emotion word ("angry and scared", "and
+    Fear" after an Oxford comma), else whole: "and" inside a sentence joins clauses, and
+    splitting there would turn the sentence into unreadable fragments."""
+    raw = _AND.split(piece)
+    parts = [x.strip(_STRIP) for x in raw]
+    parts = [x for x in parts if x]
+    if len(raw) > 1 and parts and all(x.lower() in vocab for x in parts):
+        return parts
+    return [piece]
+
+
+def _items(text: str, vocab: set[str]) -> tuple[list[str] | None, bool]:
+    """(answer items, structured?) of one answer; items None when it has no usable shape.
+
+    ``vocab`` (lower-case label and emotion words) decides where "and" separates items.
+    """
     obj = _structured(text)
     if isinstance(obj, dict):
         obj = _from_dict(obj)
@@ -135,7 +195,8 @@ def _items(text: str) -> tuple[list[str] | None, bool]:
     if inner.startswith("[") and inner.endswith("]"):
         # An unquoted list such as [Neutral] or [Joy, Fear].
         inner = inner[1:-1]
-    return [x for x in _SPLIT.split(inner) if x.strip(_STRIP)], False
+    items = [part for piece in _SPLIT.split(inner) for part in _split_and(piece, vocab)]
+    return [x for x in items if x.strip(_STRIP)], False
 
 
 def _word_hits(text: str, words: object) -> list[tuple[int, str]]:
@@ -173,7 +234,9 @@ def parse_labels(text: str, label_set: list[str], *, multi: bool) -> Parsed:
     """Labels of one answer; ``multi=False`` asks for exactly one label."""
     lookup = label_lookup(label_set)
     body = strip_fences(text)
-    items, structured = _items(body)
+    if _structured(body) is None:
+        body = _trim(body, multi)
+    items, structured = _items(body, set(lookup) | EMOTION_WORDS)
     if items is None:
         return Parsed(failure="unparsable", invalid=[body[:80]])
     labels: list[str] = []

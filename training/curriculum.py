@@ -85,9 +85,18 @@ class Stage(_Strict):
     dataset: str
     path: str
     split: str = "train"
-    #: The split the stage is evaluated on; "auto" = "test" when the dataset has one. Training
-    #: is refused when it overlaps the training split (never train on the evaluation split).
+    #: The split the stage is evaluated on; "auto" = "test" when the dataset has one (with
+    #: ``eval_path``: "test", or the file's only split). Training is refused when it overlaps the
+    #: training split (never train on the evaluation split); MangaVQA is compared by manga page
+    #: (title + page number), as a page seen in training leaks its test answers. ``null``: the
+    #: stage has no evaluation split, nothing is compared (recorded in ``emomerge.json``).
     eval_split: str | None = "auto"
+    #: Where the evaluation split lives, when it is not beside the training data (relative to
+    #: the curriculum file, like ``path``): e.g. MangaVQA's test parquet (hal-utokyo/MangaVQA)
+    #: for a ``path`` holding only the training set (hal-utokyo/MangaVQA-train). A MangaVQA
+    #: stage with neither this nor a test split beside ``path`` trains with a warning, and
+    #: ``dataset.overlap_check`` in its ``emomerge.json`` says its pages were never checked.
+    eval_path: str | None = None
     task: str | None = None
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, ge=1)
@@ -126,13 +135,22 @@ class Stage(_Strict):
             raise ValueError("give exactly one of 'epochs' or 'steps'")
         return self
 
+    @model_validator(mode="after")
+    def _eval_path_needs_a_split(self) -> Stage:
+        if self.eval_path is not None and self.eval_split is None:
+            raise ValueError("'eval_path' names an evaluation file but 'eval_split' is null; "
+                             "drop one of them")
+        return self
+
     @model_serializer(mode="wrap")
-    def _omit_no_holdout(self, handler: Any) -> dict[str, Any]:
-        # A stage without a holdout dumps as it did before the option existed, so content hashes
-        # of stages (the experiment runner's reuse keys) stay valid for existing runs.
+    def _omit_unset_options(self, handler: Any) -> dict[str, Any]:
+        # A stage without a holdout / eval_path dumps as it did before those options existed,
+        # so content hashes of stages (the experiment runner's reuse keys) stay valid for
+        # existing runs.
         data = handler(self)
-        if data.get("holdout") is None:
-            data.pop("holdout", None)
+        for key in ("holdout", "eval_path"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 

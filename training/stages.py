@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class StagePlan:
     out_dir: Path
     #: ``{"books": [...], "fraction": f, "seed": s}`` when the stage holds books out.
     holdout: dict[str, Any] | None = field(default=None)
+    #: What the train/evaluation overlap check compared, or why it compared nothing
+    #: (:func:`check_no_overlap`).
+    overlap_check: dict[str, Any] | None = field(default=None)
 
     def dataset_record(self, cur: Curriculum) -> dict[str, Any]:
         """The ``dataset`` block of the stage's ``emomerge.json``."""
@@ -47,31 +51,87 @@ class StagePlan:
         if self.holdout is not None:
             # Evaluation reads meta.dataset["holdout"]["books"] to pick its threshold on them.
             record["holdout"] = self.holdout
+        if self.overlap_check is not None:
+            # Whether (and how) the training data was checked against the evaluation split.
+            record["overlap_check"] = self.overlap_check
         return record
 
 
-def _eval_split(stage: Stage, path: Path) -> str | None:
+#: Datasets whose samples name the page their image is (``meta["page_id"]``): their overlap
+#: check compares pages, and a stage of them with no evaluation split to compare is warned about.
+PAGE_LEVEL = ("mangavqa",)
+
+
+def _eval_split(stage: Stage, source: Path, explicit: bool, where: str) -> str | None:
+    """The evaluation split's name in ``source``; None when there is none to compare."""
     if stage.eval_split != "auto":
         return stage.eval_split
-    splits = {s.lower(): s for s in list_splits(stage.dataset, path, stage.task)}
-    return splits.get("test")
+    splits = {s.lower(): s for s in list_splits(stage.dataset, source, stage.task)}
+    if "test" in splits:
+        return splits["test"]
+    if explicit:
+        if len(splits) == 1:  # a file holding the evaluation set alone, whatever its name
+            return next(iter(splits.values()))
+        raise InputError(f"{where}: key 'eval_path': {source} has no 'test' split (splits: "
+                         f"{', '.join(sorted(splits.values()))}); name one with 'eval_split'")
+    return None
 
 
-def check_no_overlap(stage: Stage, path: Path, train: list[Sample], where: str) -> None:
-    """Refuse a stage whose training split is (or shares samples with) its evaluation split."""
-    eval_split = _eval_split(stage, path)
+def _page(sample: Sample) -> str | None:
+    """The manga page a sample's image is (the reader's ``meta["page_id"]``), or None."""
+    page = sample.meta.get("page_id")
+    return str(page) if page is not None else None
+
+
+def check_no_overlap(stage: Stage, path: Path, train: list[Sample], where: str,
+                     eval_path: Path | None = None) -> dict[str, Any]:
+    """Refuse a stage whose training split is (or shares inputs with) its evaluation split.
+
+    The evaluation split is read from ``eval_path`` (the stage key, resolved) or else from
+    beside the training data. Samples are compared by content (ids built from row positions
+    never collide across splits) and, for datasets naming their page (:data:`PAGE_LEVEL`), by
+    page: another question about a test page still shows the model that page. Returns the
+    record of what was compared (``dataset.overlap_check`` in the stage's ``emomerge.json``).
+    A MangaVQA stage with nothing to compare trains, with a warning and an ``unchecked`` record:
+    refusing would stop the shipped curricula, whose MangaVQA path holds the training set only.
+    """
+    source = eval_path if eval_path is not None else path
+    if stage.eval_split is None:
+        return {"status": "unchecked", "reason": "eval_split is null"}
+    eval_split = _eval_split(stage, source, eval_path is not None, where)
     if eval_split is None:
-        return
-    if eval_split.lower() == stage.split.lower():
+        if stage.dataset in PAGE_LEVEL:
+            warnings.warn(
+                f"{where}: no evaluation split beside {path} and none named, so its training "
+                f"pages were NOT checked against the {stage.dataset} test pages; add "
+                "'eval_path: <the test parquet file or folder>' to the stage", stacklevel=2)
+        return {"status": "unchecked", "reason": f"no 'test' split beside {path} and no "
+                                                 "eval_path"}
+    if eval_path is None and eval_split.lower() == stage.split.lower():
         raise InputError(f"{where}: trains on split '{stage.split}', which is its evaluation "
                          "split; never train on the evaluation split")
     opts = {**stage.options, "allow_missing_images": True}
-    held_out = read_dataset(stage.dataset, path, eval_split, stage.task, **opts)
-    # Content identities, not ids: ids built from row positions never collide across splits.
+    held_out = read_dataset(stage.dataset, source, eval_split, stage.task, **opts)
+    shown = f"'{eval_split}'" if eval_path is None else f"'{eval_split}' of {source}"
+    record: dict[str, Any] = {"status": "checked", "eval_path": str(source.resolve()),
+                              "eval_split": eval_split, "eval_samples": len(held_out),
+                              "level": "content"}
+    if stage.dataset in PAGE_LEVEL:
+        test_pages = {p for p in map(_page, held_out) if p is not None}
+        on_test = [s for s in train if _page(s) in test_pages]
+        if on_test:
+            pages = sorted({_page(s) for s in on_test})
+            raise InputError(f"{where}: split '{stage.split}' shares {len(pages)} manga pages "
+                             f"with the evaluation split {shown} ({len(on_test)} training "
+                             f"samples on them, e.g. page {pages[0]}); a page seen in training "
+                             "leaks its evaluation answers, drop those rows from the training "
+                             "data")
+        record.update(level="page", eval_pages=len(test_pages))
     shared = {content_id(s) for s in train} & {content_id(s) for s in held_out}
     if shared:
         raise InputError(f"{where}: split '{stage.split}' shares {len(shared)} samples with the "
-                         f"evaluation split '{eval_split}' (e.g. {min(shared)})")
+                         f"evaluation split {shown} (e.g. {min(shared)})")
+    return record
 
 
 def plan_stages(cur: Curriculum, out: Path) -> list[StagePlan]:
@@ -89,12 +149,17 @@ def plan_stages(cur: Curriculum, out: Path) -> list[StagePlan]:
         holdout = None
         if stage.holdout is not None:
             samples, holdout = hold_out_books(stage, samples, where)
-        check_no_overlap(stage, path, samples, where)
+        eval_path = None
+        if stage.eval_path is not None:
+            eval_path = cur.resolve(stage.eval_path)
+            if not eval_path.exists():
+                raise InputError(f"{where}: key 'eval_path': {eval_path} not found")
+        overlap = check_no_overlap(stage, path, samples, where, eval_path)
         if stage.max_samples and len(samples) > stage.max_samples:
             keep = sorted(random.Random(cur.seed).sample(range(len(samples)), stage.max_samples))
             samples = [samples[k] for k in keep]
         plans.append(StagePlan(i, stage, samples, samples_sha256(samples),
-                               out / "adapters" / stage.name, holdout))
+                               out / "adapters" / stage.name, holdout, overlap))
     return plans
 
 
@@ -131,7 +196,7 @@ def stage_settings(plan: StagePlan, cur: Curriculum, family: str,
     The data is fingerprinted apart (``dataset.sha256``); the device is left out, as it does not
     change the update; the stage's position is in, as stage k is seeded with seed + k.
     """
-    stage = plan.stage.model_dump(exclude={"name", "path", "eval_split", "options"})
+    stage = plan.stage.model_dump(exclude={"name", "path", "eval_split", "eval_path", "options"})
     train = {k: v for k, v in cur.train.model_dump().items() if k != "device"}
     train["lr"] = plan.stage.lr or cur.train.lr
     settings = {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),

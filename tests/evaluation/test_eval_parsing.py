@@ -118,3 +118,102 @@ def test_page_answer_as_unquoted_nested_list():
     # text between the groups: not this shape, stays unparsable
     per, _ = parse_page("[[Neutral] then [Joy]]", 2, EC)
     assert [p.failure for p in per] == ["unparsable", "unparsable"]
+
+
+EMOART = ["Calm", "Excited", "Contentment", "Frustrated", "Sad", "Aroused", "Alarmed", "Bored",
+          "Happy", "Annoyed", "Tired", "Glad"]
+
+
+@pytest.mark.parametrize("text, multi, labels", [
+    ("Emotions: Joy, Fear", True, ["Joy", "Fear"]),
+    ("emotion: joy", False, ["Joy"]),
+    ("LABEL: Sadness", False, ["Sadness"]),
+    ("Labels: anger; fear", True, ["Anger", "Fear"]),
+    ("Answer: Surprise", False, ["Surprise"]),
+    ("Sure! Emotion: Joy", False, ["Joy"]),                  # the prefix inside a line
+    ("Emotion:\nNeutral", False, ["Neutral"]),
+    ('Emotions: ["Joy", "Fear"]', True, ["Joy", "Fear"]),    # a prefixed JSON list
+    ("Emotion: Joy\nEmotion: Fear", True, ["Joy", "Fear"]),  # repeated at line starts
+])
+def test_label_prefix_is_dropped(text, multi, labels):
+    got = parse_labels(text, EC, multi=multi)
+    assert got.ok, got
+    assert got.labels == labels and not got.lenient and got.invalid == []
+
+
+@pytest.mark.parametrize("text, labels", [
+    ("angry and scared", ["Anger", "Fear"]),
+    ("Joy, Fear and Sadness", ["Joy", "Fear", "Sadness"]),
+    ("Joy, Fear, and Sadness", ["Joy", "Fear", "Sadness"]),   # Oxford comma
+    ("happy AND surprised", ["Joy", "Surprise"]),
+])
+def test_and_splits_between_label_words(text, labels):
+    got = parse_labels(text, EC, multi=True)
+    assert got.ok and got.labels == labels and not got.lenient
+
+
+def test_and_inside_a_sentence_does_not_split_it_into_fragments():
+    # "and" joins two clauses here: splitting would give "The speaker is angry" and "the boy
+    # is scared." as list items, both unreadable; as one sentence its label words are read.
+    got = parse_labels("The speaker is angry and the boy is scared.", EC, multi=True)
+    assert got.ok and got.labels == ["Anger", "Fear"] and got.lenient and got.invalid == []
+    # "and" between a label word and a non-emotion word: no split either, the whole answer
+    # is one sentence, and its one label word is read
+    one = parse_labels("Joy and a big smile", EC, multi=True)
+    assert one.ok and one.lenient and one.labels == ["Joy"] and one.invalid == []
+
+
+def test_single_label_reads_the_first_line_only():
+    got = parse_labels("Joy\nExplanation: the speaker smiles", EC, multi=False)
+    assert got.ok and got.labels == ["Joy"] and not got.lenient
+    # the explanation's own emotion words are not read as more labels
+    got = parse_labels("Joy\nShe is smiling, though her friend looks sad.", EC, multi=False)
+    assert got.ok and got.labels == ["Joy"]
+    # a multi-label answer stops at the explanation, its label lines are all kept
+    got = parse_labels("Joy\nFear\nExplanation: she smiles but is scared", EC, multi=True)
+    assert got.ok and got.labels == ["Joy", "Fear"]
+    got = parse_labels("Anger. Reason: he shouts and is scared", EC, multi=True)
+    assert got.ok and got.labels == ["Anger"]
+
+
+@pytest.mark.parametrize("text, labels", [
+    ("喜び", ["Joy"]), ("嬉しい", ["Joy"]), ("うれしい", ["Joy"]), ("楽しい", ["Joy"]),
+    ("怒り", ["Anger"]), ("怒っている", ["Anger"]), ("悲しみ", ["Sadness"]),
+    ("悲しい。", ["Sadness"]), ("恐怖", ["Fear"]), ("怖い", ["Fear"]), ("こわい", ["Fear"]),
+    ("驚き", ["Surprise"]), ("驚いた", ["Surprise"]), ("嫌悪", ["Disgust"]),
+    ("中立", ["Neutral"]), ("「喜び」", ["Joy"]), ("Emotion: 悲しみ", ["Sadness"]),
+])
+def test_japanese_emotion_words_map_through_their_group(text, labels):
+    got = parse_labels(text, EC, multi=False)
+    assert got.ok, got
+    assert got.labels == labels
+
+
+def test_japanese_lists_and_the_one_candidate_rule():
+    got = parse_labels("怒り、恐怖", EC, multi=True)
+    assert got.ok and got.labels == ["Anger", "Fear"]
+    got = parse_labels("喜びと驚き", EC, multi=True)                  # と between two words
+    assert got.ok and got.labels == ["Joy", "Surprise"]
+    # EmoArt has Happy and Glad, both in the joy group: 喜び must not choose between them
+    joy = parse_labels("喜び", EMOART, multi=False)
+    assert joy.failure == "out_of_set" and joy.invalid == ["喜び"] and joy.labels == []
+    assert parse_labels("悲しい", EMOART, multi=False).labels == ["Sad"]
+    assert parse_labels("興奮", EMOART, multi=False).labels == ["Excited"]
+    # a Japanese emotion word of no task label is out of set (counted), not silently dropped
+    other = parse_labels("喜び、不安", EC, multi=True)
+    assert other.failure == "out_of_set" and other.labels == ["Joy"] and other.invalid == ["不安"]
+    # a Japanese sentence is not scanned: out of set, kept as written
+    sent = parse_labels("彼は怒っている", EC, multi=False)
+    assert sent.failure == "out_of_set" and sent.labels == []
+
+
+def test_new_rules_keep_the_old_failures():
+    # negation after a prefix is still ambiguous, a prefixed list with an unknown item is
+    # still not rescued by scanning
+    neg = parse_labels("Emotion: not angry", EC, multi=False)
+    assert neg.failure == "ambiguous" and neg.labels == [] and neg.invalid == ["not angry"]
+    mixed = parse_labels("Emotions: Shock and joy", EC, multi=True)
+    assert mixed.failure == "out_of_set" and not mixed.lenient
+    assert mixed.labels == ["Joy"] and mixed.invalid == ["Shock"]
+    several = parse_labels("Emotions: angry and scared", EC, multi=False)
+    assert several.failure == "several_labels" and several.labels == ["Anger", "Fear"]

@@ -48,6 +48,10 @@ def test_shipped_curricula_exist():
      "stages.0.holdout.sed", "Extra inputs"),
     ({"base_model": "m", "stages": [_stage(holdout={"fraction": 1.0})]},
      "stages.0.holdout.fraction", "less than 1"),
+    ({"base_model": "m", "stages": [_stage(eval_paht="t")]}, "stages.0.eval_paht",
+     "Extra inputs"),
+    ({"base_model": "m", "stages": [_stage(eval_path="t", eval_split=None)]}, "stages.0",
+     "'eval_path' names an evaluation file but 'eval_split' is null"),
 ])
 def test_bad_curriculum_names_file_and_key(tmp_path, data, key, msg):
     path = tmp_path / "cur.yaml"
@@ -94,7 +98,10 @@ def test_overlapping_splits_are_refused(synthetic, tmp_path):
                 root / "data" / "train-00001-of-00002.parquet")
     cur = parse_curriculum({"base_model": "m", "stages": [
         {"name": "vqa", "dataset": "mangavqa", "path": str(root), "steps": 1}]})
-    with pytest.raises(InputError, match="shares 8 samples with the evaluation split 'test'"):
+    # MangaVQA is compared by page: the 8 repeated rows are 8 test pages
+    with pytest.raises(InputError, match=r"shares 8 manga pages with the evaluation split 'test' "
+                                         r"\(8 training samples on them, e\.g\. page "
+                                         r"TestTitle/000\)"):
         plan_stages(cur, tmp_path / "out")
 
 
@@ -126,3 +133,25 @@ def test_plan_reads_and_limits_samples(synthetic, tmp_path):
     again = plan_stages(cur, tmp_path)[0]
     assert len(plan.samples) == 5 and plan.data_sha256 == again.data_sha256
     assert plan.out_dir == Path(tmp_path) / "adapters" / "a"
+
+
+def test_eval_path_resolves_against_the_file_and_is_left_out_of_unset_dumps(tmp_path):
+    path = tmp_path / "cur.yaml"
+    path.write_text(yaml.safe_dump({"base_model": "m", "stages": [
+        _stage(eval_path="../data/test.parquet"), _stage(name="s2")]}))
+    cur = load_curriculum(path)
+    assert cur.stages[0].eval_path == "../data/test.parquet"
+    assert cur.resolve(cur.stages[0].eval_path) == tmp_path / "../data/test.parquet"
+    # a stage without it dumps as before the key existed (the experiment runner's stage hashes)
+    assert "eval_path" not in cur.stages[1].model_dump()
+    assert cur.stages[0].model_dump()["eval_path"] == "../data/test.parquet"
+
+
+def test_missing_eval_path_names_stage_and_key(synthetic, tmp_path):
+    cur = parse_curriculum({"base_model": "m", "stages": [
+        {"name": "vqa", "dataset": "mangavqa", "path": str(synthetic["mangavqa"]), "steps": 1,
+         "eval_path": str(tmp_path / "nowhere")}]})
+    with pytest.raises(InputError) as exc:
+        plan_stages(cur, tmp_path / "out")
+    assert str(exc.value) == (f"<curriculum>: stages.0 (vqa): key 'eval_path': "
+                              f"{tmp_path / 'nowhere'} not found")

@@ -154,6 +154,19 @@ def test_mangavqa_both_type_columns_and_japanese(synthetic):
     assert not ({x.id for x in train} & {x.id for x in test})
 
 
+def test_mangavqa_names_the_page_and_keeps_the_question(synthetic):
+    train = read_dataset("mangavqa", synthetic["mangavqa"], "train")
+    test = read_dataset("mangavqa", synthetic["mangavqa"], "test")
+    s = train[5]
+    # the page is the Manga109 image file below images/, without its extension
+    assert s.meta["page_id"] == f"SyntheticManga/{s.meta['image_number']:03d}" == "SyntheticManga/005"
+    assert s.images[0].endswith(f"images/{s.meta['page_id']}.jpg")
+    assert [t.meta["page_id"] for t in test] == [f"TestTitle/{i:03d}" for i in range(8)]
+    # the question as asked; the prompt appends the answer instruction to it
+    assert s.meta["question"] in ("このページの図形は何色ですか？", "このページの図形はどんな形ですか？")
+    assert s.prompt_text == f"{s.meta['question']}\n簡潔に日本語で答えてください。"
+
+
 def test_mangavqa_separate_manga109_root(tmp_path, synthetic):
     data = tmp_path / "vqa"
     shutil.copytree(synthetic["mangavqa"] / "data", data / "data")

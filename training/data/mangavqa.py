@@ -2,6 +2,13 @@
 
 Two column spellings occur in the published files: ``answer_type`` (train) and
 ``understanding_type`` (test); both are kept in ``meta["type"]``.
+
+Each sample names the manga page its image is: ``meta["page_id"]`` = ``{title}/{image_number:03d}``
+(the Manga109 image file, independent of where the images are stored). The train/evaluation
+overlap check compares these pages, not rows: a training question about a test page (another
+question, same page) still shows the model the page and the text its test answers are read from.
+``meta["question"]`` keeps the question as asked (the prompt appends an answer instruction), for
+the MangaVQA judge's published prompt.
 """
 
 from __future__ import annotations
@@ -42,8 +49,8 @@ def read_mangavqa(
                              f"({row['image_number']!r})") from exc
         qhash = hashlib.sha1(str(row["question"]).encode()).hexdigest()[:10]
         # The same question on the same page can recur with another gold answer: the row's
-        # position in the split makes the id unique; the content id (page + question) is what
-        # the train/evaluation overlap check compares.
+        # position in the split makes the id unique; the content id (page + question) says two
+        # rows are the same input, and the page id what the train/evaluation check compares.
         content = f"{title}-{num:03d}-{qhash}"
         sid = f"{content}-r{index:06d}"
         qtype = row.get("answer_type") or row.get("understanding_type")
@@ -58,11 +65,19 @@ def read_mangavqa(
             target=answer, labels=[answer], label_set=[], group=sid,
             meta={"title": title, "image_number": num, "type": qtype,
                   "required_info": row.get("required_info"), "w5h1": row.get("w5h1"),
-                  "content_id": content},
+                  "content_id": content, "page_id": page_id(title, num),
+                  "question": str(row["question"])},
         ))
     images.warn_if_dropped()
     report.samples = len(samples)
     return samples, report
+
+
+def page_id(title: str, image_number: int) -> str:
+    """The Manga109 page an item is about: ``{title}/{image_number:03d}``, the image file's path
+    below ``images/`` without its extension (title stripped: a stray space must not hide a
+    shared page)."""
+    return f"{title.strip()}/{int(image_number):03d}"
 
 
 def list_splits(path: Path) -> list[str]:
