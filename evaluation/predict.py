@@ -67,6 +67,8 @@ class ModelHost:
     family: str
     peft: Any = None
     _loaded: dict[Path, str] = field(default_factory=dict)
+    #: The base's local folder (exact merged weights of modules_to_save need it), if any.
+    base_path: str | None = None
 
     @classmethod
     def load(cls, base: str | Path, family: str | None = None, dtype: str | None = None,
@@ -75,7 +77,8 @@ class ModelHost:
         from emomerge.training.models import load_vlm
 
         model, processor, family = load_vlm(base, family=family, dtype=dtype, device=device)
-        return cls(model.eval(), processor, family)
+        local = str(base) if Path(base, "config.json").is_file() else None
+        return cls(model.eval(), processor, family, base_path=local)
 
     def _adapter_name(self, folder: Path) -> str:
         if folder not in self._loaded:
@@ -92,7 +95,15 @@ class ModelHost:
 
     @contextlib.contextmanager
     def activate(self, variant: Variant) -> Iterator[Any]:
-        """The model to run for ``variant`` (adapters of its chain active, or none for the base)."""
+        """The model to run for ``variant`` (adapters of its chain active, or none for the base;
+        a variant with exact weights has them written into the base for the duration)."""
+        if variant.exact:
+            from .inplace import exact_variant
+
+            off = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+            with off, exact_variant(self.model, variant, self.base_path):
+                yield self.peft if self.peft is not None else self.model
+            return
         if not variant.chain:
             if self.peft is None:
                 yield self.model

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE, read_stage_metadata, resolve_parent
+from emomerge.merging.updates import is_full_folder, is_refactorised, read_manifest
+
+from .inplace import FULL, STREAMED
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -38,11 +41,80 @@ class Variant:
     stages_merged: str = ""
     #: sha256 over the chain's adapter files (the base identity is added by the runner).
     content_hash: str = ""
+    #: How the variant's weights are represented when scored: "exact" (the base, PEFT adapters
+    #: of exact low-rank updates, or a merge's exact weights written in place) or "lowrank" (a
+    #: re-factorised adapter: ``represented_rank`` and the manifest's relative errors).
+    representation: str = "exact"
+    represented_rank: int | None = None
+    lowrank_error_mean: float | None = None
+    lowrank_error_max: float | None = None
+    #: Where exact weights written in place come from (``inplace.STREAMED`` / ``inplace.FULL``);
+    #: None: the chain's adapters (or nothing, for the base) are used as they are.
+    exact: str | None = None
+    #: Why a requested exact evaluation fell back to the low-rank adapter ("" when it did not).
+    note: str = ""
 
 
 def is_adapter_dir(path: Path) -> bool:
     """A PEFT adapter folder (has adapter_config.json)."""
     return (path / "adapter_config.json").is_file()
+
+
+def is_variant_dir(path: Path) -> bool:
+    """A folder that can be evaluated: a PEFT adapter or a full (``--output full``) checkpoint."""
+    return is_adapter_dir(path) or is_full_folder(path)
+
+
+def _merge_fields(raw: dict, manifest: Path) -> dict:
+    for key in ("method", "params", "adapters"):
+        if key not in raw:
+            raise InputError(f"{manifest}: key '{key}' missing from the merge manifest")
+    inputs = [a.get("stage") or Path(str(a.get("path", "?"))).name
+              if isinstance(a, dict) else Path(str(a)).name for a in raw["adapters"]]
+    return {"method": str(raw["method"]), "method_params": json.dumps(raw["params"], sort_keys=True),
+            "stages_merged": ";".join(str(i) for i in inputs)}
+
+
+def _manifest_hash(raw: dict, how: str) -> str:
+    # what decides the merged weights (inputs by sha256, method, parameters, seed, dtype), not
+    # when or how fast the merge ran
+    keep = {k: raw.get(k) for k in ("method", "params", "seed", "reference", "dtype", "rank")}
+    keep["inputs"] = [a.get("sha256") if isinstance(a, dict) else str(a)
+                      for a in raw.get("adapters", [])]
+    keep["how"] = how
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _exact_inputs_problem(raw: dict) -> str:
+    """Why the merge cannot be recomputed from its inputs ("" when it can)."""
+    from emomerge.merging.adapters import sha256_file
+
+    for a in raw.get("adapters", []):
+        if not isinstance(a, dict) or "path" not in a or "sha256" not in a:
+            return "its manifest does not record its inputs"
+        weights = Path(a["path"]) / "adapter_model.safetensors"
+        if not weights.is_file():
+            return f"input adapter {a['path']} is gone"
+        if sha256_file(weights) != a["sha256"]:
+            return f"input adapter {a['path']} changed since the merge"
+    return ""
+
+
+def _full_variant(path: Path, name: str) -> Variant:
+    """A ``--output full`` folder (or any full checkpoint of the base's architecture)."""
+    from emomerge.merging.checkpoint import Checkpoint
+
+    raw = read_manifest(path)
+    v = Variant(name, "merged" if raw and raw.get("kind") == "merge" else "full", path, [],
+                lineage="merge" if raw else "full", exact=FULL)
+    if raw and raw.get("kind") == "merge":
+        fields = _merge_fields(raw, path / LINEAGE_FILE)
+        v.method, v.method_params, v.stages_merged = (fields["method"], fields["method_params"],
+                                                      fields["stages_merged"])
+    # content-bound and cheap: config, headers and samples of every weight file
+    v.content_hash = hashlib.sha256(
+        ("full:" + Checkpoint(path).fingerprint()).encode()).hexdigest()
+    return v
 
 
 def files_sha256(folders: list[Path]) -> str:
@@ -82,25 +154,42 @@ def _stage_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
     return _stage_chain(parent, seen + (path,)) + [path]
 
 
-def variant_from_dir(path: str | Path, name: str | None = None) -> Variant:
-    """Describe one adapter folder as a :class:`Variant`."""
+def variant_from_dir(path: str | Path, name: str | None = None, *, exact: bool = True) -> Variant:
+    """Describe one adapter folder or full-output folder as a :class:`Variant`.
+
+    A merge written as an adapter whose factors approximate it (a re-factorised sparse merge) is
+    evaluated exactly by default: recomputed from its input adapters and written into the loaded
+    base (:mod:`.inplace`). ``exact=False``, or inputs that are gone or changed, score the adapter
+    as it is; the row then says ``lowrank`` with its rank and errors (``note`` says why).
+    """
     path = Path(path).resolve()
-    if not is_adapter_dir(path):
-        raise InputError(f"{path}: not an adapter folder (no adapter_config.json)")
     name = name or path.name
+    if not is_adapter_dir(path):
+        if is_full_folder(path):
+            return _full_variant(path, name)
+        raise InputError(f"{path}: neither an adapter folder (no adapter_config.json) nor a "
+                         "full model folder (config.json + safetensors)")
     manifest = path / LINEAGE_FILE
     raw = _read_json(manifest) if manifest.is_file() else None
     if raw is None:
         v = Variant(name, "stage", path, [path], lineage="unknown")
     elif raw.get("kind") == "merge":
-        for key in ("method", "params", "adapters"):
-            if key not in raw:
-                raise InputError(f"{manifest}: key '{key}' missing from the merge manifest")
-        inputs = [a.get("stage") or Path(str(a.get("path", "?"))).name
-                  if isinstance(a, dict) else Path(str(a)).name for a in raw["adapters"]]
-        v = Variant(name, "merged", path, [path], lineage="merge", method=str(raw["method"]),
-                    method_params=json.dumps(raw["params"], sort_keys=True),
-                    stages_merged=";".join(str(i) for i in inputs))
+        v = Variant(name, "merged", path, [path], lineage="merge", **_merge_fields(raw, manifest))
+        if is_refactorised(raw):
+            problem = _exact_inputs_problem(raw) if exact else ""
+            if exact and not problem:
+                v.exact, v.chain = STREAMED, []
+                v.content_hash = _manifest_hash(raw, "exact")
+                return v
+            errors = raw.get("errors") or {}
+            v.representation = "lowrank"
+            v.represented_rank = raw.get("output_rank_max")
+            v.lowrank_error_mean = errors.get("mean")
+            v.lowrank_error_max = errors.get("max")
+            if problem:
+                v.note = (f"{path}: scored as its rank-{v.represented_rank} adapter "
+                          f"(mean error {float(errors.get('mean') or 0):.1%}), not exactly: "
+                          f"{problem}")
     else:
         meta = read_stage_metadata(path)
         assert meta is not None  # kind is stage_adapter (or absent) here
@@ -110,8 +199,8 @@ def variant_from_dir(path: str | Path, name: str | None = None) -> Variant:
     return v
 
 
-def discover(dirs: list[str | Path]) -> list[Variant]:
-    """Variants from folders: an adapter folder itself, or a folder of adapter folders.
+def discover(dirs: list[str | Path], *, exact: bool = True) -> list[Variant]:
+    """Variants from folders: an adapter or full-output folder itself, or a folder of them.
 
     Within a folder of adapters, stages come in curriculum order (``stage_index``, then name).
     Names are the folder names; a clash gets the parent folder prefixed (``merges/ties``).
@@ -121,14 +210,15 @@ def discover(dirs: list[str | Path]) -> list[Variant]:
         d = Path(d)
         if not d.exists():
             raise InputError(f"{d}: no such file or directory")
-        if is_adapter_dir(d):
+        if is_variant_dir(d):
             found.append(d)
             continue
-        subs = sorted(p for p in d.iterdir() if p.is_dir() and is_adapter_dir(p))
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and is_variant_dir(p))
         if not subs:
-            raise InputError(f"{d}: neither an adapter folder nor a folder of adapter folders")
+            raise InputError(f"{d}: neither an adapter or full-output folder nor a folder of "
+                             "them")
         found += subs
-    variants = [variant_from_dir(p) for p in found]
+    variants = [variant_from_dir(p, exact=exact) for p in found]
     names = [v.name for v in variants]
     for v, p in zip(variants, found):
         if names.count(v.name) > 1:

@@ -1,0 +1,158 @@
+"""Exact evaluation of sparse merges: merged weights written into the loaded base, then removed.
+
+Oracles: the ``--output full`` folder loaded as a plain model by transformers (its logits must
+equal the in-place ones bit for bit), and a sha256 of every base tensor taken before (equal
+afterwards). The rank-limited adapter of the same merge must differ and say ``lowrank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from emomerge.evaluation.inplace import FULL, STREAMED, check_exact
+from emomerge.evaluation.predict import ModelHost, base_fingerprint
+from emomerge.evaluation.variants import discover, variant_from_dir
+from emomerge.merging import merge
+from emomerge.merging.errors import InputError
+
+DENSITY = {"density": 0.5}
+
+
+def state_sha256(model) -> str:
+    """sha256 of every base tensor (LoRA factors of adapters loaded meanwhile left out)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def last_logits(model, processor, samples) -> torch.Tensor:
+    """Next-token logits after each sample's prompt (images through the processor)."""
+    from emomerge.training.batching import rgb_images
+
+    out = []
+    with torch.inference_mode():
+        for s in samples:
+            prompt = processor.apply_chat_template(s.messages, add_generation_prompt=True,
+                                                   tokenize=False)
+            images = rgb_images(s.images)
+            inputs = processor(text=[prompt], images=images or None, return_tensors="pt",
+                               add_special_tokens=False)
+            out.append(model(**inputs).logits[0, -1].float())
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def samples(emocomics_dir):
+    from emomerge.training.data import read_dataset
+
+    return read_dataset("emocomics35", emocomics_dir, "test", "utterance")[:4]
+
+
+@pytest.fixture(scope="module")
+def ties(stage_dirs, tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exact")
+    low = merge("ties", stage_dirs, root / "ties", params=DENSITY, rank=2).out
+    full = merge("ties", stage_dirs, root / "ties-full", params=DENSITY, output="full",
+                 base=tiny_base).out
+    return Path(low), Path(full)
+
+
+def test_in_place_equals_full_folder_and_restores_the_base(host, stage_dirs, ties, samples):
+    low_dir, full_dir = ties
+    # a stage first, so the base is wrapped by PEFT (base_layer names) as in a real run
+    with host.activate(variant_from_dir(stage_dirs[0])) as m:
+        stage = last_logits(m, host.processor, samples)
+    before = state_sha256(host.model)
+
+    exact = variant_from_dir(low_dir)
+    full = variant_from_dir(full_dir)
+    low = variant_from_dir(low_dir, exact=False)
+    assert (exact.exact, exact.representation) == (STREAMED, "exact")
+    assert (full.exact, full.kind, full.method) == (FULL, "merged", "ties")
+    assert (low.exact, low.representation, low.represented_rank) == (None, "lowrank", 2)
+    assert low.lowrank_error_mean > 0.05 and low.lowrank_error_max >= low.lowrank_error_mean
+
+    got = {}
+    for v in (exact, full, low):
+        with host.activate(v) as m:
+            got[v.exact or "lowrank"] = last_logits(m, host.processor, samples)
+    assert state_sha256(host.model) == before  # restored bit for bit
+
+    plain = ModelHost.load(full_dir)  # the full folder as an ordinary model
+    oracle = last_logits(plain.model, plain.processor, samples)
+    assert torch.equal(got[STREAMED], oracle)
+    assert torch.equal(got[FULL], oracle)
+    assert (got["lowrank"] - oracle).abs().max() > 1e-4  # the re-factorised adapter is not TIES
+    with host.activate(variant_from_dir(stage_dirs[0])) as m:  # adapters still switch right
+        assert torch.equal(last_logits(m, host.processor, samples), stage)
+
+
+def test_content_hashes_tell_exact_and_lowrank_apart(ties):
+    low_dir, full_dir = ties
+    hashes = {variant_from_dir(low_dir).content_hash,
+              variant_from_dir(low_dir, exact=False).content_hash,
+              variant_from_dir(full_dir).content_hash}
+    assert len(hashes) == 3
+
+
+def test_discover_takes_full_folders(ties):
+    low_dir, full_dir = ties
+    found = {v.name: v for v in discover([low_dir.parent])}
+    assert found["ties-full"].exact == FULL and found["ties"].exact == STREAMED
+
+
+def test_changed_input_falls_back_to_lowrank_and_says_why(stage_dirs, tmp_path):
+    a, b = (shutil.copytree(d, tmp_path / d.name) for d in stage_dirs)
+    out = merge("ties", [a, b], tmp_path / "m", params=DENSITY, rank=2).out
+    weights = Path(b) / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    v = variant_from_dir(out)
+    assert v.exact is None and v.representation == "lowrank"
+    assert "changed since the merge" in v.note
+
+
+def test_full_folder_of_another_base_is_refused(host, stage_dirs, tmp_path):
+    from emomerge.training.tiny import build_tiny_vlm
+
+    other = build_tiny_vlm("qwen2_5_vl", tmp_path / "other-base", seed=1)
+    out = merge("ties", stage_dirs, tmp_path / "full-other", params=DENSITY, output="full",
+                base=other).out
+    v = variant_from_dir(out)
+    with pytest.raises(InputError, match="merged into another base"):
+        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+
+
+def _rewrite(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.pop(next(k for k in sorted(t) if "layers.1.mlp.up_proj" in k)),
+     "of the base's tensors are missing"),
+    (lambda t: t.__setitem__(next(k for k in sorted(t) if "layers.0.mlp.down_proj" in k),
+                             torch.zeros(3, 3)), "but the base's is"),
+])
+def test_incomplete_full_folder_is_refused(host, ties, tmp_path, damage, message):
+    folder = shutil.copytree(ties[1], tmp_path / "broken")
+    _rewrite(Path(folder), damage)
+    v = variant_from_dir(folder)
+    before = state_sha256(host.model)
+    with pytest.raises(InputError, match=message):
+        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+    assert state_sha256(host.model) == before
