@@ -29,8 +29,8 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Option("--data", help="The dataset's files (folder or file).")],
     base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
     variants: Annotated[list[Path], typer.Option(
-        "--variants", help="Adapter folders, or folders of adapter folders (several may "
-        "follow one --variants).")] = [],  # noqa: B006 (typer reads, never mutates, it)
+        "--variants", help="Adapter folders, --output full merge folders, or folders of them "
+        "(several may follow one --variants).")] = [],  # noqa: B006 (typer reads, never mutates, it)
     dataset: str = typer.Option(..., "--dataset", help="emocomics35, emoart, emid or mangavqa."),
     split: str = typer.Option("test", "--split"),
     out: Annotated[Path, typer.Option("--out", help="Results folder (leaderboard.csv, "
@@ -50,8 +50,17 @@ def evaluate_cmd(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train books drawn "
                                        "for the threshold when no stage recorded a hold-out."),
     holdout_seed: int = typer.Option(0, "--holdout-seed", help="Seed of that draw."),
-    length_norm: bool = typer.Option(True, "--length-norm/--no-length-norm"),
+    scoring: str = typer.Option("auto", "--scoring", help="Multi-label likelihood: label_set "
+                                "(every label set scored as a whole answer; each label decided "
+                                "on its presence probability; the default) or first_label."),
+    max_labels: int = typer.Option(3, "--max-labels", min=1, help="label_set: the largest "
+                                   "label set scored."),
+    length_norm: bool = typer.Option(False, "--length-norm/--no-length-norm",
+                                     help="Mean log-prob per token instead of the sum."),
     append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot"),
+    lowrank_merges: bool = typer.Option(False, "--lowrank-merges", help="Score re-factorised "
+                                        "sparse merges as their rank-limited adapters instead "
+                                        "of exactly (rows say lowrank with the error)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     include_base: bool = typer.Option(True, "--include-base/--no-base"),
@@ -59,6 +68,8 @@ def evaluate_cmd(
     judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint "
                                   "(MangaVQA judge; off by default)."),
     judge_model: str = typer.Option(None, "--judge-model"),
+    judge_protocol: str = typer.Option("binary", "--judge-protocol", help="binary, or "
+                                       "mangavqa-1-10 (the published MangaVQA 1-10 prompt)."),
     image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
     allow_missing_images: bool = typer.Option(False, "--allow-missing-images"),
     family: str = typer.Option(None, "--family"),
@@ -76,6 +87,7 @@ def evaluate_cmd(
     choices = {"--mode": (mode, ("auto", "likelihood", "generate")),
                "--paired-test": (paired_test, ("bootstrap", "mcnemar")),
                "--multilabel": (multilabel, ("threshold", "topk")),
+               "--scoring": (scoring, ("auto", "label_set", "first_label")),
                "--task-type": (task_type, (None, "single", "multi", "vqa"))}
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -85,14 +97,15 @@ def evaluate_cmd(
                      threshold=threshold, val_fraction=val_fraction, holdout_seed=holdout_seed,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, n_boot=n_boot,
                      seed=seed, baseline=baseline, paired_test=paired_test, judge_url=judge_url,
-                     judge_model=judge_model)
+                     judge_model=judge_model, judge_protocol=judge_protocol, scoring=scoring,
+                     max_labels=max_labels)
     opts = {"allow_missing_images": allow_missing_images}
     if image_root is not None:
         opts["image_root"] = image_root
     result = evaluate_paths(base, [*variants, *map(Path, extra)], data, out, cfg,
                             reader_task=reader_task, reader_opts=opts, include_base=include_base,
                             leave_one_stage_out_=leave_one_stage_out, family=family, dtype=dtype,
-                            device=device)
+                            device=device, exact=not lowrank_merges)
     typer.echo(f"{len(result.rows)} rows → {result.leaderboard}")
     typer.echo(show(result.leaderboard, fmt="markdown").rstrip())
 

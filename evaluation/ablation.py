@@ -69,8 +69,10 @@ def ablation_names(merged: Variant) -> list[str]:
     return [f"{merged.name}-without-{d}" for d in names] if len(inputs) >= 2 else []
 
 
-def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
-    """The merges of ``merged``'s inputs without one stage each, as variants (built if needed)."""
+def leave_one_stage_out(merged: Variant, out_root: str | Path, *,
+                        exact: bool = True) -> list[Variant]:
+    """The merges of ``merged``'s inputs without one stage each, as variants (built if needed;
+    ``exact``: see :func:`variants.variant_from_dir`)."""
     from emomerge.merging import merge
 
     raw, inputs, names = _inputs(merged)
@@ -86,7 +88,9 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
         out = Path(out_root) / f"{merged.name.replace('/', '_')}-without-{dropped}"
         kept_params = _drop(params, i, len(inputs))
         seed, reference = int(raw.get("seed") or 0), raw.get("reference") or "base"
-        rank = raw.get("rank") if isinstance(raw.get("rank"), int) else None
+        rank = raw.get("rank") if isinstance(raw.get("rank"), int) or raw.get("rank") == "auto" \
+            else None
+        max_error = raw.get("max_error") if rank == "auto" else None
         expected = ([_weights_sha256(p) for p in keep], raw["method"], kept_params, seed, reference, rank)
         reuse = out.is_dir() and (out / LINEAGE_FILE).is_file()
         if reuse:
@@ -96,7 +100,7 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path) -> list[Variant]:
                 reuse = False
         if not reuse:
             merge(raw["method"], keep, out, params=kept_params, seed=seed, reference=reference,
-                  rank=rank, force=True)
-        v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}")
+                  rank=rank, max_error=max_error, force=True)
+        v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}", exact=exact)
         variants.append(v)
     return variants

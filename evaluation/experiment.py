@@ -214,7 +214,7 @@ def build_merges(exp: LoadedExperiment, main: Chain, root: Path,
 
 
 def merge_ablations(merges: list[tuple[str, Path, str]], wanted: bool | list[str],
-                    root: Path, stage_names: list[str]) -> list[Variant]:
+                    root: Path, stage_names: list[str], exact: bool = True) -> list[Variant]:
     """Each selected merge without each of its input stages (evaluation's leave-one-stage-out).
 
     Keyed by the full merge's hash, so an edited recipe never reuses a stale ablation.
@@ -225,8 +225,8 @@ def merge_ablations(merges: list[tuple[str, Path, str]], wanted: bool | list[str
     for name, folder, key in merges:
         if wanted is False or (isinstance(wanted, list) and name not in wanted):
             continue
-        merged = variant_from_dir(folder, name=name)
-        for v in leave_one_stage_out(merged, root / f"{name}-{_short(key)}"):
+        merged = variant_from_dir(folder, name=name, exact=exact)
+        for v in leave_one_stage_out(merged, root / f"{name}-{_short(key)}", exact=exact):
             v.kind = "merge-ablation"
             variants.append(v)
     return variants
@@ -246,6 +246,7 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
     ev = exp.spec.evaluation
     return EvalConfig(dataset=s.dataset, split=s.split, mode=s.mode, multilabel=s.multilabel,
                       threshold=s.threshold, max_new_tokens=s.max_new_tokens,
+                      scoring=s.scoring, max_labels=s.max_labels, length_norm=s.length_norm,
                       batch_size=ev.batch_size, n_boot=ev.n_boot, seed=seed, baseline=baseline,
                       paired_test=ev.paired_test)
 
@@ -253,7 +254,7 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
 def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: list[Variant],
                       root: Path, seed: int, progress: bool) -> tuple[list[dict], list[str]]:
     """Score ``variants`` (plus the base) on every evaluation set; rows and names scored now."""
-    from .pipeline import load_split, needs_validation, validation_data
+    from .pipeline import load_split, needs_validation, train_labels, validation_data
     from .runner import evaluate
 
     rows, scored = [], []
@@ -264,8 +265,10 @@ def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: lis
         val = pool = None
         if needs_validation(cfg):
             val, pool = validation_data(s.dataset, s.path, s.task, **s.options)
+        labels = train_labels(s.dataset, s.path, s.task, pool, **s.options) \
+            if cfg.resolved_task() != "vqa" else None
         res = evaluate(host, base, variants, samples, root / s.label, cfg, val_samples=val,
-                       val_pool=pool, include_base=True, progress=progress)
+                       val_pool=pool, train_labels=labels, include_base=True, progress=progress)
         for row in res.rows:
             row["dataset"] = s.dataset
         rows += res.rows
@@ -284,7 +287,8 @@ def _variants(exp: LoadedExperiment, chains: dict[str, Chain],
         v = variant_from_dir(chains["single-stage"].adapter(last), name="single-stage")
         v.kind = "single-stage"
         out.insert(0, v)
-    out += [variant_from_dir(folder, name=name) for name, folder, _ in merges]
+    exact = exp.spec.evaluation.exact_merges
+    out += [variant_from_dir(folder, name=name, exact=exact) for name, folder, _ in merges]
     for name, chain in chains.items():
         if name.startswith("without-"):
             v = variant_from_dir(chain.adapter(last), name=f"chain-{name}")
@@ -338,7 +342,8 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
             merges, built = build_merges(exp, chains["main"], mroot, echo)
             result.built["merges"] += [f"{label}/seed{seed}/{m}" for m in built]
             abl = merge_ablations(merges, exp.spec.ablations.merge_without_stage,
-                                  mroot / "ablations", exp.stage_names)
+                                  mroot / "ablations", exp.stage_names,
+                                  exact=exp.spec.evaluation.exact_merges)
             echo(f"[merge] {tag}: {len(merges)} merges ({len(built)} built), "
                  f"{len(abl)} leave-one-stage-out merges")
             variants = _variants(exp, chains, merges, abl)

@@ -116,6 +116,10 @@ class EvalSet(_Strict):
     multilabel: Literal["threshold", "topk"] = "threshold"
     threshold: float | None = Field(None, ge=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
+    # multi-label likelihood: whole label sets (presence probabilities) or the first label only
+    scoring: Literal["auto", "label_set", "first_label"] = "auto"
+    max_labels: int = Field(3, ge=1)  # label_set: largest label set scored
+    length_norm: bool = False  # mean log-prob per token instead of the sum
 
     _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
 
@@ -140,6 +144,9 @@ class Evaluation(_Strict):
     n_boot: int = Field(1000, ge=10)
     batch_size: int = Field(8, ge=1)
     paired_test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    #: Re-factorised sparse merges scored exactly (recomputed from their inputs and written into
+    #: the loaded base); false scores their rank-limited adapters (rows say lowrank).
+    exact_merges: bool = True
 
     @model_validator(mode="after")
     def _unique_sets(self) -> Evaluation:

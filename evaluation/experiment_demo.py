@@ -1,8 +1,15 @@
 """The embedded demo: a tiny Qwen2.5-VL, the synthetic curriculum in the four datasets' real
 formats, and the full experiment — offline, CPU only.
 
-    emomerge demo            # ./emomerge-demo/: 4 stages, every recipe in merge_configs/
-    emomerge demo --quick    # the CI variant: less data, fewer steps, 3 merges
+    emomerge demo            # ./emomerge-demo/: 4 stages, every recipe in merge_configs/,
+                             # every variant scored on all four test splits
+    emomerge demo --quick    # the CI variant: less data, fewer steps, 3 merges, 2 test splits
+
+Every variant is scored on each dataset's own test split with that dataset's task: EmoArt
+(single-label dominant emotion: accuracy, macro-F1 over its 12 labels), EMID (the single-label
+emotion-matching answer), MangaVQA (generated answers: NFKC exact match, character F1) and
+EmoComics35 (multi-label utterances), so the leaderboard shows what each stage and merge keeps
+(forgetting) and gains (transfer) on every domain, against the last stage (the baseline).
 
 The demo writes ``experiment.yaml`` into its folder, so ``emomerge run emomerge-demo/experiment.yaml
 --out emomerge-demo`` reproduces (and resumes) it. Model and data are written to temporary
@@ -26,6 +33,9 @@ STAGES = (("emoart", "emoart", "dominant_emotion"), ("emid", "emid", "matching")
           ("mangavqa", "mangavqa", None), ("emocomics35", "emocomics35", "utterance"))
 #: The quick variant's merges (one exact low-rank, one sparse + re-factorised, one SVD-based).
 QUICK_MERGES = ("linear", "ties", "tsv")
+#: The quick variant's evaluation sets: the target, and the first stage (the one most exposed to
+#: forgetting) as the single-label set.
+QUICK_EVAL = ("emoart", "emocomics35")
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,15 @@ class DemoSize:
     n_boot: int
     merges: tuple[str, ...] | None  # None: every recipe in merge_configs/
     merge_ablations: list[str] | bool
+    eval_sets: tuple[str, ...] | None = None  # stages whose test split is scored; None: all
 
 
 FULL = DemoSize(items={"emoart": 60, "emid": 40, "mangavqa": 40, "emocomics35": 64},
                 steps=30, n_boot=1000, merges=None, merge_ablations=["linear", "ties"])
-QUICK = DemoSize(items={"emoart": 24, "emid": 16, "mangavqa": 16, "emocomics35": 24},
-                 steps=4, n_boot=200, merges=QUICK_MERGES, merge_ablations=["ties"])
+# EmoArt's test split is a 10 % hash of the records: 32 give 6 test items (24 gave 4).
+QUICK = DemoSize(items={"emoart": 32, "emid": 16, "mangavqa": 16, "emocomics35": 24},
+                 steps=4, n_boot=200, merges=QUICK_MERGES, merge_ablations=["ties"],
+                 eval_sets=QUICK_EVAL)
 
 
 def _atomic(target: Path, build: Any) -> Path:
@@ -60,6 +73,24 @@ def _atomic(target: Path, build: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def eval_sets(size: DemoSize) -> list[dict[str, Any]]:
+    """Each selected stage's test split, read with the stage's own task (curriculum order).
+
+    The readers pick the metrics from the dataset: EmoArt and EMID single-label, MangaVQA
+    generated answers, EmoComics35 multi-label (threshold chosen on its held-out train books).
+    """
+    sets = []
+    for name, dataset, task in STAGES:
+        if size.eval_sets is not None and name not in size.eval_sets:
+            continue
+        s: dict[str, Any] = {"name": name, "dataset": dataset, "path": f"data/{name}",
+                             "split": "test"}
+        if task:
+            s["task"] = task
+        sets.append(s)
+    return sets
 
 
 def demo_experiment(size: DemoSize) -> dict[str, Any]:
@@ -94,8 +125,7 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
         },
         "merges": [str(MERGE_CONFIGS / f"{r}.yaml") for r in recipes],
         "evaluation": {
-            "sets": [{"name": "emocomics35", "dataset": "emocomics35",
-                      "path": "data/emocomics35", "split": "test", "task": "utterance"}],
+            "sets": eval_sets(size),
             "baseline": "last_stage",
             "n_boot": size.n_boot,
         },

@@ -148,6 +148,45 @@ def exact_variant(model: Any, variant: Any, base_path: str | Path | None) -> Ite
         yield n
 
 
+def check_against_base_folder(variants: Iterable[Any], base_path: str | Path) -> None:
+    """The checks of :func:`check_exact` done on the base's files, before the base is loaded
+    (minutes at 7B): a full folder stores exactly the base's tensors with their shapes and was
+    merged into this base; a streamed merge's inputs are present, unchanged and fit the base."""
+    from emomerge.merging.checkpoint import Checkpoint
+
+    base = Checkpoint(base_path)
+    shapes = {name: tuple(base.shape(key)) for name, key in base.canonical.items()}
+    fingerprint = None
+    for v in variants:
+        if v.exact == FULL:
+            folder = Path(v.path)
+            weights = FullWeights(folder)
+            recorded = (((read_manifest(folder) or {}).get("base") or {}).get("fingerprint"))
+            if recorded:
+                fingerprint = fingerprint or base.fingerprint()
+                if recorded != fingerprint:
+                    raise InputError(f"{folder}: merged into another base (its manifest's base "
+                                     f"fingerprint {recorded[:12]} is not {base_path}'s "
+                                     f"{fingerprint[:12]})")
+            missing = [n for n in shapes if n not in weights.names]
+            if missing:
+                raise InputError(f"{folder}: {len(missing)} of the base's tensors are missing "
+                                 f"(e.g. '{missing[0]}'); not a complete checkpoint of this base")
+            for name, key in weights.names.items():
+                if name not in shapes:
+                    raise InputError(f"{folder}: '{key}' is not a tensor of the base {base_path} "
+                                     "(another architecture?)")
+                if weights.shape(name) != shapes[name]:
+                    raise InputError(f"{folder}: '{key}' is {list(weights.shape(name))} but the "
+                                     f"base's is {list(shapes[name])} (another model?)")
+        elif v.exact == STREAMED:
+            for name, shape in _streamed(v, base_path).shapes().items():
+                if shapes.get(name) != tuple(shape):
+                    have = "does not have" if name not in shapes else f"has as {list(shapes[name])}"
+                    raise InputError(f"{v.path}: the merge updates '{name}' {list(shape)}, which "
+                                     f"the base {base_path} {have} (another base?)")
+
+
 def check_exact(model: Any, variant: Any, base_path: str | Path | None,
                 base_fingerprint: str | None) -> None:
     """What can be checked before scoring: complete full folders of this base; a streamed

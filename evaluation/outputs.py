@@ -1,6 +1,7 @@
 """Cached raw outputs → per-sample predictions, with parse failures counted.
 
-Likelihood records become labels by the decision rules of :mod:`.decide`; generated texts go
+Likelihood records (one score per label, or per candidate label set with its ``sets``) become
+labels by the decision rules of :mod:`.decide`; generated texts go
 through :mod:`.parsing`. Page-level EmoComics35 samples (``meta["utterance_labels"]``) expand to
 one prediction per utterance, grouped by page, so page answers and utterance answers are scored
 the same way.
@@ -9,9 +10,11 @@ the same way.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from emomerge.merging.errors import InputError
 
 from . import decide
@@ -37,8 +40,16 @@ class ParseReport:
 
 
 def label_values(record: dict[str, Any], length_norm: bool) -> list[float]:
-    """Per-label scores of a likelihood record (per-token mean when ``length_norm``)."""
+    """Per-candidate scores of a likelihood record (per-token mean when ``length_norm``)."""
     return [lp / n if length_norm else lp for lp, n in record["scores"]]
+
+
+def presence(record: dict[str, Any], n_labels: int, length_norm: bool = False) -> np.ndarray:
+    """Per-label presence probabilities of a label-set record (its ``sets`` are the candidates'
+    label indices; :func:`decide.set_marginals`)."""
+    if "sets" not in record:
+        raise RuntimeError(f"record {record.get('id')}: not a label-set record")  # a runner bug
+    return decide.set_marginals(label_values(record, length_norm), record["sets"], n_labels)
 
 
 def _record(cache: PredictionCache, split_hash: str, sample: Any) -> dict[str, Any]:
@@ -50,8 +61,15 @@ def _record(cache: PredictionCache, split_hash: str, sample: Any) -> dict[str, A
 
 def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split_hash: str, *,
                     length_norm: bool, multilabel: str = "threshold",
-                    threshold: float | None = None) -> Predictions:
-    """Predictions by argmax (single) or threshold / gold-count top-k (multi)."""
+                    threshold: float | None = None,
+                    thresholds: Sequence[float] | None = None) -> Predictions:
+    """Predictions by argmax (single) or threshold / gold-count top-k (multi).
+
+    Records of label-set scoring (they hold ``sets``) are decided on presence probabilities:
+    per-label ``thresholds`` (label-set order), else ``threshold`` for every label; ``top1`` is
+    the most probable label. Records of one score per label use the softmax over labels
+    (first-label scoring) and the single ``threshold``.
+    """
     if task == "vqa":
         raise InputError("--mode likelihood: MangaVQA answers are free text, use --mode generate")
     gold, pred, top1 = [], [], []
@@ -59,7 +77,11 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
         if "utterance_labels" in s.meta:
             raise InputError(f"sample {s.id}: page-level samples need --mode generate "
                              "(use the utterance task for label likelihood)")
-        values = label_values(_record(cache, split_hash, s), length_norm)
+        rec = _record(cache, split_hash, s)
+        if "sets" in rec:
+            values = list(presence(rec, len(s.label_set), length_norm))
+        else:
+            values = label_values(rec, length_norm)
         best = decide.argmax_label(values, s.label_set)
         gold.append(list(s.labels))
         top1.append(best)
@@ -67,6 +89,12 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
             pred.append(best)
         elif multilabel == "topk":
             pred.append(decide.topk_labels(values, s.label_set, len(s.labels)))
+        elif "sets" in rec:
+            per = thresholds if thresholds is not None else (
+                None if threshold is None else [threshold] * len(s.label_set))
+            if per is None:
+                raise ValueError("multi-label threshold decision without a threshold")
+            pred.append(decide.presence_labels(values, s.label_set, per))
         else:
             if threshold is None:
                 raise ValueError("multi-label threshold decision without a threshold")

@@ -44,6 +44,25 @@ def validation_data(dataset: str, data: str | Path, reader_task: str | None,
     return None, load_split(dataset, data, names[train_split.lower()], reader_task, **reader_opts)
 
 
+def train_labels(dataset: str, data: str | Path, reader_task: str | None,
+                 pool: list[Any] | None = None, **reader_opts: Any) -> list[list[str]] | None:
+    """The gold labels of the dataset's train split, which the trivial majority baseline counts
+    (``pool``, when the train split is already read); None when there is no train split or it
+    cannot be read (the baseline then counts the evaluated split, and its row says so)."""
+    if pool:
+        return [list(s.labels) for s in pool]
+    from emomerge.training.data import list_splits
+
+    try:
+        names = {s.lower(): s for s in list_splits(dataset, data, reader_task)}
+        if "train" not in names:
+            return None
+        return [list(s.labels) for s in load_split(dataset, data, names["train"], reader_task,
+                                                   **reader_opts)]
+    except InputError:
+        return None
+
+
 def needs_validation(cfg: EvalConfig) -> bool:
     """Whether ``cfg`` chooses a multi-label threshold on validation data."""
     return (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
@@ -55,12 +74,16 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
                    reader_opts: dict[str, Any] | None = None, include_base: bool = True,
                    leave_one_stage_out_: bool = False, family: str | None = None,
                    dtype: str | None = None, device: str = "cpu", progress: bool = True,
-                   host: ModelHost | None = None) -> EvalResult:
-    """Evaluate the base and every variant under ``variant_dirs`` on one split of ``data``."""
+                   host: ModelHost | None = None, exact: bool = True) -> EvalResult:
+    """Evaluate the base and every variant under ``variant_dirs`` on one split of ``data``.
+
+    ``exact``: re-factorised sparse merges are scored exactly (recomputed from their inputs and
+    written into the loaded base); False scores their adapters as written (rows say lowrank).
+    """
     cfg.check()
     opts = dict(reader_opts or {})
     samples = load_split(cfg.dataset, data, cfg.split, reader_task, **opts)
-    variants: list[Variant] = discover(list(variant_dirs)) if variant_dirs else []
+    variants: list[Variant] = discover(list(variant_dirs), exact=exact) if variant_dirs else []
     merged = [v for v in variants if v.kind == "merged"] if leave_one_stage_out_ else []
     if leave_one_stage_out_ and not merged:
         raise InputError("--leave-one-stage-out: no merged variant among --variants")
@@ -72,10 +95,16 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
     if baseline not in names:
         raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
     for v in merged:
-        variants += leave_one_stage_out(v, Path(out) / "ablations")
+        variants += leave_one_stage_out(v, Path(out) / "ablations", exact=exact)
     val = pool = None
     if needs_validation(cfg):
         val, pool = validation_data(cfg.dataset, data, reader_task, **opts)
+    labels = train_labels(cfg.dataset, data, reader_task, pool, **opts) \
+        if cfg.resolved_task() != "vqa" else None
+    if host is None and (Path(base) / "config.json").is_file():
+        from .inplace import check_against_base_folder
+
+        check_against_base_folder([v for v in variants if v.exact], base)  # before loading it
     host = host or ModelHost.load(base, family=family, dtype=dtype, device=device)
     return evaluate(host, base, variants, samples, out, cfg, val_samples=val, val_pool=pool,
-                    include_base=include_base, progress=progress)
+                    train_labels=labels, include_base=include_base, progress=progress)

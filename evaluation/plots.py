@@ -1,9 +1,15 @@
-"""Figures from a leaderboard: stage-wise lines with merged bars, and confusion matrices.
+"""Figures from a leaderboard: stage-wise lines with merged bars, the experiment's variant ×
+dataset forest plot, and confusion matrices.
 
 Layout of :func:`plot_leaderboard`: one panel per (dataset, architecture); x = 0 is the base,
 x = 1..S the stage adapters in curriculum order (a line: how the score moves through the
 curriculum), then one bar per merged variant to the right. Error bars are the bootstrap 95%
-intervals from the CSV; the dashed line is the last stage, the default baseline of the paired test.
+intervals from the CSV; the dashed line is the last stage, the default baseline of the paired test;
+constant predictors (``kind`` trivial) are dotted grey lines, a floor rather than a contender.
+
+Layout of :func:`plot_grid` (the experiment's ``plot.png``): one panel per evaluation set (columns)
+and architecture (rows), each variant's headline metric with its interval on the same row in every
+panel, coloured by kind, ``*`` beside the significant ones, a dashed line at the baseline's score.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -21,6 +28,11 @@ import numpy as np
 from emomerge.merging.errors import InputError
 
 from .leaderboard import read_rows
+
+#: Colour of each variant kind in :func:`plot_grid` (trivial: a neutral, hollow reference).
+KIND_COLOURS = {"base": "grey", "trivial": "0.6", "single-stage": "tab:green",
+                "stage": "tab:blue", "merged": "tab:orange", "chain-ablation": "tab:purple",
+                "merge-ablation": "tab:brown"}
 
 #: Preferred metric for the figure when the user names none (first one present wins).
 DEFAULT_METRICS = ("macro_f1", "example_f1", "char_f1", "exact_match", "accuracy")
@@ -97,6 +109,13 @@ def _panel(ax, rows: list[dict[str, str]], metric: str, title: str) -> None:
         if not math.isnan(v):  # the number itself: a zero bar is otherwise invisible
             ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=6)
+    for r in (r for r in rows if r["kind"] == "trivial"):
+        v = _num(r[metric])
+        if not math.isnan(v):  # a constant predictor: the floor a model has to clear
+            ax.axhline(v, ls=":", lw=0.9, color=KIND_COLOURS["trivial"])
+            ax.annotate(f"{r['variant']} {v:.3f}", (1.0, v), xycoords=("axes fraction", "data"),
+                        xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=6,
+                        color="0.4")
     ax.set_xticks(list(xs) + list(bx))
     ax.set_xticklabels([r["variant"] for r in line + merged], rotation=35, ha="right",
                        fontsize=8)
@@ -104,6 +123,89 @@ def _panel(ax, rows: list[dict[str, str]], metric: str, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, loc="best")
+
+
+def grid_figure(rows: list[dict], baseline: str) -> Any:
+    """The figure of :func:`plot_grid` (the caller closes it): axes ``[architecture][set]``."""
+    from .experiment_report import aggregate, grid, headline, significance
+
+    grids = grid(rows)
+    sets = list(dict.fromkeys(s for sets, _ in grids.values() for s in sets))
+    n_max = max(len(variants) for _, variants in grids.values())
+    fig, axes = plt.subplots(len(grids), len(sets), squeeze=False, sharey="row",
+                             figsize=(1.8 + 4.2 * len(sets),
+                                      (1.0 + 0.26 * n_max) * len(grids) + 0.4))
+    kinds: set[str] = set()
+    sources: set[str] = set()  # which p the marks read: "holm", "raw", "" (no p)
+    for i, (arch, (_, variants)) in enumerate(grids.items()):
+        names = list(variants)
+        for j, (ds, task) in enumerate(sets):
+            ax = axes[i][j]
+            metric, header = headline(task)
+            seeds = {len(by_ds[ds]) for by_ds in variants.values() if ds in by_ds}
+            for y, name in enumerate(names):
+                rs = variants[name].get(ds)
+                if not rs:
+                    continue
+                mean, std = aggregate([_num(r.get(metric)) for r in rs])
+                if math.isnan(mean):
+                    continue
+                kind = str(rs[0].get("kind") or "")
+                kinds.add(kind)
+                if len(rs) == 1:
+                    lo, hi = _num(rs[0].get(f"{metric}_lo")), _num(rs[0].get(f"{metric}_hi"))
+                    err = None if math.isnan(lo) or math.isnan(hi) else \
+                        [[max(mean - lo, 0)], [max(hi - mean, 0)]]
+                else:
+                    err = [[std or 0], [std or 0]]
+                colour = KIND_COLOURS.get(kind, "black")
+                trivial = kind == "trivial"
+                ax.errorbar([mean], [y], xerr=err, fmt="D" if trivial else "o", capsize=3,
+                            color=colour, mfc="none" if trivial else colour, ms=4)
+                sig, source = significance(rs, metric) if name != baseline else (False, "")
+                sources.add(source)
+                if sig:
+                    right = mean + (err[1][0] if err else 0)
+                    ax.annotate("*", (right, y), xytext=(3, -4), textcoords="offset points",
+                                fontsize=9, color=colour)
+            if baseline in variants and ds in variants[baseline]:
+                ref, _ = aggregate([_num(r.get(metric)) for r in variants[baseline][ds]])
+                if not math.isnan(ref):
+                    ax.axvline(ref, ls="--", lw=0.8, color="tab:blue")
+            lo, hi = ax.get_xlim()  # scores are >= 0: no negative axis when all sit at 0
+            ax.set_xlim(max(lo, -0.02 * max(hi, 0.1)), max(hi, 0.1))
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_ylim(len(names) - 0.5, -0.5)  # first variant on top
+            ax.grid(axis="x", alpha=0.3)
+            ax.grid(axis="y", alpha=0.12)  # guides the eye along a variant's row across panels
+            ax.set_xlabel(header + (" (95% CI)" if seeds == {1} else " (mean ± std over seeds)"),
+                          fontsize=8)
+            ax.set_title(f"{arch} — {ds}", fontsize=9)
+    handles = [plt.Line2D([], [], marker="D" if k == "trivial" else "o", ls="", color=c,
+                          mfc="none" if k == "trivial" else c, label=k)
+               for k, c in KIND_COLOURS.items() if k in kinds]
+    handles.append(plt.Line2D([], [], ls="--", lw=0.8, color="tab:blue",
+                              label=f"{baseline} (baseline)"))
+    marked = frozenset(sources - {""})
+    which = {frozenset({"holm"}): " (Holm-adjusted)", frozenset({"raw"}): " (raw p)",
+             frozenset(): ""}.get(marked, " (Holm-adjusted, else raw p)")
+    handles.append(plt.Line2D([], [], marker="$*$", ls="", color="black",
+                              label=f"p < 0.05 vs baseline{which}"))
+    ncol = min(len(handles), 5)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    legend_inches = 0.1 + 0.18 * math.ceil(len(handles) / ncol)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot_grid(rows: list[dict], out: str | Path, baseline: str) -> Path:
+    """Write :func:`grid_figure` of the leaderboard ``rows`` (as read back) to ``out``."""
+    fig = grid_figure(rows, baseline)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def plot_confusions(details_dir: str | Path, out_dir: str | Path) -> list[Path]:

@@ -23,9 +23,11 @@ from .scoring import (
     answer_prefix,
     continuation_ids,
     encode_prompts,
+    label_sets,
     load_images,
     render_prompt,
     score_labels,
+    set_text,
 )
 from .variants import Variant
 
@@ -132,15 +134,31 @@ def _uncached(cache: PredictionCache, split_hash: str, samples: list[Any]) -> li
     return [s for s in samples if s.id in missing]
 
 
+def candidate_answers(label_set: list[str], max_labels: int | None) -> tuple[list[str], list[tuple[int, ...]] | None]:
+    """The answers scored for one sample: each label (``max_labels`` None), else every label set
+    of up to ``max_labels`` labels in training's target spelling, with their label indices."""
+    if max_labels is None:
+        return list(label_set), None
+    sets = label_sets(label_set, max_labels)
+    return [set_text([label_set[i] for i in c]) for c in sets], sets
+
+
 def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
-                   split_hash: str, *, append_eot: bool = False, batch_size: int = 8,
-                   progress: bool = True, on_batch: BatchHook | None = None) -> int:
-    """Score every label of every uncached sample; returns how many samples were scored."""
+                   split_hash: str, *, append_eot: bool = False, max_labels: int | None = None,
+                   batch_size: int = 8, progress: bool = True,
+                   on_batch: BatchHook | None = None) -> int:
+    """Score every candidate answer of every uncached sample; returns how many were scored.
+
+    ``max_labels`` None scores each label as the whole answer (end-of-turn text after it when
+    ``append_eot``); an integer scores every label set up to that size (:mod:`.scoring`), always
+    closed by the end-of-turn text (a complete "Fear" is not the prefix of "Fear, Surprise"), and
+    records the candidates' label indices as ``sets``.
+    """
     todo = _uncached(cache, split_hash, samples)
     if not todo:
         return 0
     tok = host.tokenizer
-    eot = answer_suffix(host.family, tok) if append_eot else None
+    eot = answer_suffix(host.family, tok) if append_eot or max_labels is not None else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     done = 0
     with host.activate(variant) as model, tqdm(total=len(todo), desc=variant.name,
@@ -150,11 +168,16 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
             for s in batch:
                 prompt = render_prompt(host.processor, s.messages)
                 prefix = answer_prefix(host.processor, s.messages)  # as training encodes answers
-                conts = continuation_ids(tok, prompt, [prefix + lab for lab in s.label_set], eot)
+                answers, sets = candidate_answers(list(s.label_set), max_labels)
+                conts = continuation_ids(tok, prompt, [prefix + a for a in answers], eot)
                 inputs = encode_prompts(host.processor, host.family, [prompt],
                                         [load_images(s.images)])
                 scores = score_labels(model, inputs, conts, pad)
-                records.append({"id": s.id, "scores": [[x.logprob, x.n_tokens] for x in scores]})
+                rec: dict[str, Any] = {"id": s.id,
+                                       "scores": [[x.logprob, x.n_tokens] for x in scores]}
+                if sets is not None:
+                    rec["sets"] = [list(c) for c in sets]
+                records.append(rec)
             cache.add(split_hash, records)
             done += len(batch)
             bar.update(len(batch))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,14 +24,17 @@ from emomerge.merging.errors import InputError
 from emomerge import __version__
 
 from . import decide
-from .bootstrap import bootstrap, mcnemar, paired_bootstrap, replicate_indices
+from .bootstrap import add_holm, bootstrap, mcnemar, paired_bootstrap, replicate_indices
+from .bybook import book_map, by_book_rows, title_map, write_by_book
 from .cache import PredictionCache, stable_hash
 from .holdout import book_of, holdout_by_book
-from .leaderboard import upsert_rows
-from .metrics import HEADLINE, Predictions, details
-from .outputs import ParseReport, from_generation, from_likelihood, label_values
+from .inplace import check_exact
+from .leaderboard import format_label_set, format_per_label, upsert_rows
+from .metrics import HEADLINE, Predictions, details, per_label_f1
+from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
 from .scoring import answer_prefix
+from .trivial import trivial_predictions
 from .variants import Variant, default_baseline, heldout_books
 
 #: ``threshold_source`` of a row whose thresholds came from a validation split / were given.
@@ -54,8 +58,13 @@ class EvalConfig:
     split: str = "test"
     task: Literal["single", "multi", "vqa"] | None = None  # None: from the dataset name
     mode: Literal["auto", "likelihood", "generate"] = "auto"  # auto: likelihood unless vqa
-    length_norm: bool = True
-    append_eot: bool = False
+    # summed log-probs by default: a per-token mean favours labels of more tokens
+    length_norm: bool = False
+    append_eot: bool = False  # per-label scoring only; label sets always end with it
+    # multi-label likelihood: "label_set" scores whole answers (presence probabilities),
+    # "first_label" each label as the whole/first answer; single-label always scores each label
+    scoring: Literal["auto", "label_set", "first_label"] = "auto"
+    max_labels: int = 3  # label_set: largest label set scored (3 covers 99.8% of EmoComics35)
     multilabel: Literal["threshold", "topk"] = "threshold"
     threshold: float | None = None  # fixed threshold: skips the validation search
     val_fraction: float = 0.1  # fallback draw of train books when no stage recorded a hold-out
@@ -68,6 +77,7 @@ class EvalConfig:
     paired_test: Literal["bootstrap", "mcnemar"] = "bootstrap"
     judge_url: str | None = None  # MangaVQA only: an OpenAI-compatible endpoint (off by default)
     judge_model: str | None = None
+    judge_protocol: str = "binary"  # judge.PROTOCOLS: "binary" or the published "mangavqa-1-10"
 
     def resolved_task(self) -> str:
         task = self.task or TASK_OF_DATASET.get(self.dataset)
@@ -81,11 +91,32 @@ class EvalConfig:
         self.resolved_task()
         if self.judge_url and not self.judge_model:
             raise InputError("--judge-url needs --judge-model (the model name the endpoint serves)")
+        if self.judge_url:
+            from .judge import get_protocol
+
+            get_protocol(self.judge_protocol)
+        if self.scoring not in ("auto", "label_set", "first_label"):
+            raise InputError(f"--scoring: expected auto, label_set or first_label, got "
+                             f"'{self.scoring}'")
+        if self.max_labels < 1:
+            raise InputError(f"--max-labels: must be at least 1, got {self.max_labels}")
+        if self.scoring != "auto" and self.resolved_task() != "multi":
+            raise InputError(f"--scoring {self.scoring}: only multi-label tasks have a choice "
+                             f"(task '{self.resolved_task()}' scores each label as the answer)")
 
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
         return "generate" if self.resolved_task() == "vqa" else "likelihood"
+
+    def resolved_scoring(self) -> str:
+        """``label`` (each label as the whole answer: single-label), ``first_label`` or
+        ``label_set`` (multi-label; the default), empty without label likelihood."""
+        if self.resolved_mode() != "likelihood":
+            return ""
+        if self.resolved_task() != "multi":
+            return "label"
+        return "label_set" if self.scoring == "auto" else self.scoring
 
 
 @dataclass
@@ -96,6 +127,11 @@ class VariantResult:
     threshold: float | None
     scored: int  # samples run through the model (0: all from the cache)
     threshold_source: str = ""  # where the threshold was chosen (empty: no threshold)
+    scoring: str = ""  # EvalConfig.resolved_scoring(): label, first_label or label_set
+    # label_set decisions: each label's threshold and whether it is its own or the shared one
+    # (``threshold`` then holds the shared one)
+    thresholds: decide.LabelThresholds | None = None
+    judge: Any = None  # judge.JudgeReport of a judged MangaVQA variant
 
 
 @dataclass
@@ -115,11 +151,19 @@ def git_hash() -> str:
         return ""
 
 
-def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str) -> dict[str, Any]:
+def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
+                  scoring: str = "label") -> dict[str, Any]:
     """What decides the cached outputs of a variant besides its weights: hashed into the cache
-    key, so outputs computed another way are never reused."""
+    key, so outputs computed another way are never reused.
+
+    Label-set scoring adds ``scoring`` and ``max_labels`` (its records hold other candidates);
+    per-label scoring (``label``, ``first_label``: the same records, decided differently) keeps
+    the key it had, so caches written before label sets existed stay valid.
+    """
     infer: dict[str, Any] = {"mode": mode, "append_eot": cfg.append_eot,
                              "max_new_tokens": cfg.max_new_tokens}
+    if mode == "likelihood" and scoring == "label_set":
+        infer.update(scoring="label_set", max_labels=cfg.max_labels)
     if mode == "likelihood":
         # label tokens are encoded after the prompt since 0.x (scoring.continuation_ids): scores
         # cached under the old standalone encoding must not be reused
@@ -143,7 +187,9 @@ def split_hash(samples: list[Any]) -> str:
 def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCache, sh: str,
            cfg: EvalConfig, mode: str, progress: bool, on_batch: BatchHook | None) -> int:
     if mode == "likelihood":
+        sets = cfg.resolved_scoring() == "label_set"
         return run_likelihood(host, v, samples, cache, sh, append_eot=cfg.append_eot,
+                              max_labels=cfg.max_labels if sets else None,
                               batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
     return run_generation(host, v, samples, cache, sh, max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
@@ -151,17 +197,28 @@ def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCac
 
 def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samples: list[Any],
              out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
-             val_pool: list[Any] | None = None, include_base: bool = True, progress: bool = True,
+             val_pool: list[Any] | None = None, train_labels: list[list[str]] | None = None,
+             include_base: bool = True, progress: bool = True,
              on_batch: BatchHook | None = None) -> EvalResult:
     """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
 
-    Multi-label thresholds are chosen on ``val_samples`` (a validation split, the same for every
+    Multi-label likelihood scores label sets by default (``cfg.scoring``, :mod:`.scoring`) and
+    decides each label on its presence probability with per-label thresholds (the result's
+    ``thresholds``); first-label scoring keeps one threshold. Multi-label thresholds are chosen
+    on ``val_samples`` (a validation split, the same for every
     variant) or, without it, on ``val_pool`` (the train split): each variant on the books its
     training stages recorded as held out (:func:`variants.heldout_books`), else on a seeded draw
     of books (``cfg.val_fraction``, ``cfg.holdout_seed``). Each row's ``threshold_source`` says
     which.
     Raw outputs are cached under ``out/predictions``; details (per-class scores, confusion
-    matrices, parse failures) go to ``out/details``.
+    matrices, parse failures) go to ``out/details``; per-book metrics to ``out/by_book.csv``.
+
+    Variants with exact weights (re-factorised sparse merges, full-output folders) are checked
+    against the loaded base before anything is scored, then written into it while scored
+    (:mod:`.inplace`). Classification leaderboards also get the trivial baselines' rows (majority
+    label(s) and all labels, counted on ``train_labels``, else on ``val_pool``'s labels, else on
+    the evaluated split itself — the row's ``scoring`` says which). Every row carries a Holm
+    adjusted p over the variants compared against the same baseline.
     """
     if not samples:
         raise InputError(f"{cfg.dataset}/{cfg.split}: no samples to evaluate")
@@ -169,7 +226,13 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     task, mode = cfg.resolved_task(), cfg.resolved_mode()
     out = Path(out)
     base_fp = base_fingerprint(base_id)
-    all_variants = ([Variant("base", "base", lineage="base")] if include_base else []) + variants
+    all_variants = ([Variant("base", "base", lineage="base", representation="base")]
+                    if include_base else []) + variants
+    for v in all_variants:  # before any scoring: a bad folder costs nothing
+        if v.exact:
+            check_exact(host.model, v, host.base_path, base_fp)
+        if v.note:
+            print(f"warning: {v.note}", file=sys.stderr)
     names = [v.name for v in all_variants]
     baseline = cfg.baseline or default_baseline(all_variants)
     if baseline not in names:
@@ -181,7 +244,8 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         raise InputError("multi-label threshold: no validation samples (hold out train books, "
                          "or pass --threshold / --multilabel topk)")
     vh = split_hash(val_samples or val_pool) if needs_val else ""
-    infer = inference_key(host.processor, samples, cfg, mode)
+    scoring = cfg.resolved_scoring()
+    infer = inference_key(host.processor, samples, cfg, mode, scoring)
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
     config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
@@ -192,7 +256,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         vhash = stable_hash([base_fp, v.content_hash, infer])
         cache = PredictionCache(out / "predictions", v.name, vhash)
         scored = _score(host, v, samples, cache, sh, cfg, mode, progress, on_batch)
-        threshold, rep = cfg.threshold, ParseReport()
+        threshold, rep, per_label = cfg.threshold, ParseReport(), None
         source = FIXED if (threshold is not None and task == "multi" and mode == "likelihood"
                            and cfg.multilabel == "threshold") else ""
         if mode == "likelihood":
@@ -200,22 +264,64 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
                 val, source = validation_for(v, cfg, val_samples, val_pool)
                 h = split_hash(val)
                 scored += _score(host, v, val, cache, h, cfg, mode, progress, None)
-                threshold = decide.choose_threshold(
-                    [label_values(cache.get(h, s.id), cfg.length_norm) for s in val],
-                    [s.labels for s in val], val[0].label_set)
-            preds = from_likelihood(task, samples, cache, sh, length_norm=cfg.length_norm,
-                                    multilabel=cfg.multilabel, threshold=threshold)
+                threshold, per_label = _thresholds(cache, h, val, cfg, scoring)
+            elif source == FIXED and scoring == "label_set":
+                per_label = decide.LabelThresholds.fixed(threshold, samples[0].label_set)
+            preds = from_likelihood(
+                task, samples, cache, sh, length_norm=cfg.length_norm, multilabel=cfg.multilabel,
+                threshold=threshold,
+                thresholds=per_label.values(samples[0].label_set) if per_label else None)
         else:
             preds, rep = from_generation(task, samples, cache, sh)
+            judged = None
             if task == "vqa" and cfg.judge_url:
-                preds = _judged(preds, samples, cfg)
-        results.append(VariantResult(v, preds, rep, threshold, scored, source))
+                preds, judged = _judged(preds, samples, cfg)
+        results.append(VariantResult(v, preds, rep, threshold, scored, source, scoring,
+                                     per_label, judged if mode != "likelihood" else None))
+
+    if train_labels is None and val_pool:
+        train_labels = [list(s.labels) for s in val_pool]
+    trivial = trivial_predictions(task, samples, train_labels)
+    for name, p in trivial:
+        results.append(VariantResult(
+            Variant(name, "trivial", lineage="trivial", representation="trivial"), p,
+            ParseReport(), None, 0, scoring=trivial.scoring.get(name, trivial.source)))
 
     rows = _rows(results, baseline, cfg, task, mode, host.family, str(base_id), config_hash,
                  sh, base_fp)
+    books = book_map(samples)
+    for row in rows:
+        row["n_books"] = len(set(books.values())) if books else None
+    add_holm(rows)
     _write_details(out / "details", results, rows, cfg)
     path = upsert_rows(out / "leaderboard.csv", rows)
+    if books:
+        common = {k: rows[0][k] for k in ("architecture", "dataset", "split", "seed",
+                                          "config_hash")}
+        metrics = [m for m in HEADLINE[task] if m != "judge_score"]
+        write_by_book(out / "by_book.csv", by_book_rows(
+            [(r.variant.name, r.preds) for r in results], books, None, metrics,
+            titles=title_map(samples), **common))
     return EvalResult(rows, results, path)
+
+
+def _thresholds(cache: PredictionCache, h: str, val: list[Any], cfg: EvalConfig,
+                scoring: str) -> tuple[float, decide.LabelThresholds | None]:
+    """The multi-label threshold(s) chosen on the validation samples ``val`` (cached under ``h``).
+
+    Label sets: per-label thresholds on presence probabilities for macro-F1, each label's own or
+    the shared one, compared out of fold by book (:func:`decide.choose_label_thresholds`).
+    First-label scoring keeps its one threshold on the softmax over labels for example-F1.
+    """
+    if scoring == "label_set":
+        labels = list(val[0].label_set)
+        probs = [presence(cache.get(h, s.id), len(labels), cfg.length_norm) for s in val]
+        lt = decide.choose_label_thresholds(probs, [s.labels for s in val], labels,
+                                            groups=[book_of(s) for s in val])
+        return lt.global_threshold, lt
+    return decide.choose_threshold([label_values(cache.get(h, s.id), cfg.length_norm)
+                                    for s in val], [s.labels for s in val],
+                                   val[0].label_set), None
 
 
 def validation_for(v: Variant, cfg: EvalConfig, val_samples: list[Any] | None,
@@ -235,12 +341,40 @@ def validation_for(v: Variant, cfg: EvalConfig, val_samples: list[Any] | None,
     return val, source
 
 
-def _judged(preds: Predictions, samples: list[Any], cfg: EvalConfig) -> Predictions:
-    from .judge import judge_all
+def _judged(preds: Predictions, samples: list[Any], cfg: EvalConfig) -> tuple[Predictions, Any]:
+    from .judge import judge_report
 
-    assert cfg.judge_model  # EvalConfig.check ran before any generation
-    verdicts = judge_all(cfg.judge_url, cfg.judge_model, samples, list(preds.pred))
-    return Predictions(**{**preds.__dict__, "judge": verdicts})
+    assert cfg.judge_model and cfg.judge_url  # EvalConfig.check ran before any generation
+    report = judge_report(cfg.judge_url, cfg.judge_model, samples, list(preds.pred),
+                          protocol=cfg.judge_protocol)
+    return Predictions(**{**preds.__dict__, "judge": report.values}), report
+
+
+def _scoring_text(r: VariantResult, mode: str) -> str:
+    """The row's ``scoring`` cell: how its predictions were made."""
+    if r.variant.kind == "trivial":
+        return r.scoring
+    if mode != "likelihood":
+        text = "generation"
+        if r.judge is not None:
+            from .judge import provenance
+
+            prov = provenance(r.judge.protocol, r.judge.model)
+            text += (f"; judge {r.judge.protocol} ({r.judge.model}, prompt sha256 "
+                     f"{str(prov.get('prompt_sha256', ''))[:12]}, {r.judge.unscored} unscored)")
+        return text
+    return r.scoring
+
+
+def _threshold_text(r: VariantResult) -> str:
+    """The row's ``threshold`` cell: per-label thresholds (and whether each is its own or the
+    shared one), or the one threshold."""
+    if r.thresholds is not None:
+        # "*" marks a label decided with the shared threshold rather than its own
+        return ";".join(f"{lab}={t:.4g}" + ("*" if r.thresholds.choice.get(lab) == "global"
+                                             else "")
+                        for lab, t in r.thresholds.thresholds.items())
+    return "" if r.threshold is None else f"{r.threshold:.4g}"
 
 
 def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: str, mode: str,
@@ -265,7 +399,13 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
             "stages_merged": v.stages_merged, "n": len(r.preds),
             "n_groups": len(set(r.preds.groups)), "parse_failures": r.parse.failures,
             "threshold_source": r.threshold_source,
-            "variant_hash": stable_hash([base_fp, v.content_hash])[:16]}
+            "variant_hash": stable_hash([base_fp, v.content_hash])[:16],
+            "representation": v.representation, "represented_rank": v.represented_rank,
+            "lowrank_error_mean": v.lowrank_error_mean, "lowrank_error_max": v.lowrank_error_max,
+            "scoring": _scoring_text(r, mode), "threshold": _threshold_text(r)}
+        if task != "vqa":
+            row["label_set"] = format_label_set(r.preds.label_set)
+            row["per_label_f1"] = format_per_label(per_label_f1(r.preds))
         for m, e in est.items():
             row[m], row[f"{m}_lo"], row[f"{m}_hi"] = e.value, e.lo, e.hi
             if v.name != baseline:
@@ -284,7 +424,11 @@ def _write_details(folder: Path, results: list[VariantResult], rows: list[dict],
     for r, row in zip(results, rows):
         safe = r.variant.name.replace("/", "_")
         info = {"variant": r.variant.name, "dataset": cfg.dataset, "split": cfg.split,
-                "threshold": r.threshold, "row": row, "parse": r.parse.to_dict(),
+                "scoring": r.scoring, "threshold": r.threshold,
+                "thresholds": r.thresholds.thresholds if r.thresholds else None,
+                "threshold_choice": r.thresholds.choice if r.thresholds else None,
+                "judge": r.judge.to_dict() if r.judge is not None else None,
+                "row": row, "parse": r.parse.to_dict(),
                 "details": details(r.preds)}
         (folder / f"{cfg.dataset}__{cfg.split}__{safe}.json").write_text(
             json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n")

@@ -25,11 +25,22 @@ def test_evaluate_writes_rows_for_every_variant(results):
     names = [r["variant"] for r in rows]
     assert names[:5] == ["base", "s1_emoart", "s2_emocomics35", "linear", "ties"]
     # leave-one-stage-out: each merge rebuilt without each of its two stages
-    assert sorted(names[5:]) == ["linear-without-emoart", "linear-without-emocomics35",
-                                 "ties-without-emoart", "ties-without-emocomics35"]
-    abl = {r["variant"]: r for r in rows}["ties-without-emoart"]
+    assert sorted(names[5:-1]) == ["linear-without-emoart", "linear-without-emocomics35",
+                                   "ties-without-emoart", "ties-without-emocomics35"]
+    assert names[-1] == "trivial-majority"  # a constant predictor, counted on the train split
+    by = {r["variant"]: r for r in rows}
+    abl = by["ties-without-emoart"]
     assert abl["kind"] == "merged" and abl["method"] == "ties"
     assert abl["stages_merged"] == "emocomics35"
+    # the re-factorised TIES adapter (rank 4) is scored exactly; every row says how
+    assert [by[n]["representation"] for n in ("base", "s1_emoart", "linear", "ties",
+                                              "trivial-majority")] == \
+        ["base", "exact", "exact", "exact", "trivial"]
+    assert by["trivial-majority"]["kind"] == "trivial" and by["trivial-majority"]["macro_f1_p"]
+    assert by["trivial-majority"]["macro_f1_p_holm"] == ""  # not in the family
+    assert all(by[n]["macro_f1_p_holm"] for n in names if n not in ("s2_emocomics35",
+                                                                    "trivial-majority"))
+    assert by["ties"]["label_set"].count(";") == len(by["ties"]["per_label_f1"].split(";")) - 1
     assert all(r["baseline"] == "s2_emocomics35" for r in rows)
     assert all(r["git_hash"] is not None and r["emomerge_version"] for r in rows)
 
@@ -50,7 +61,7 @@ def test_leaderboard_show_compare_plot(results, tmp_path):
     assert res.exit_code == 0, res.output
     assert fig.read_bytes()[:4] == b"\x89PNG"
     cms = sorted((tmp_path / "fig_confusion").glob("*.png"))
-    assert len(cms) == 9
+    assert len(cms) == 10  # 9 model variants and the trivial majority row
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_base, emoart_dir, tmp_path):

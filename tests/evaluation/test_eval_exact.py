@@ -156,3 +156,56 @@ def test_incomplete_full_folder_is_refused(host, ties, tmp_path, damage, message
     with pytest.raises(InputError, match=message):
         check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
     assert state_sha256(host.model) == before
+
+
+def test_rows_say_how_each_merge_was_represented(host, tiny_base, ties, emocomics_dir,
+                                                 tmp_path):
+    """Through the runner: exact (streamed) and full-folder rows give identical per-example
+    scores; the rank-2 adapter of the same merge differs and its row says lowrank + error."""
+    import json
+
+    from emomerge.evaluation.pipeline import load_split
+    from emomerge.evaluation.runner import EvalConfig, evaluate
+
+    low_dir, full_dir = ties
+    test = load_split("emocomics35", emocomics_dir, "test", "utterance")[:6]
+    exact, low = variant_from_dir(low_dir, name="ties"), variant_from_dir(low_dir, exact=False,
+                                                                         name="ties-rank2")
+    full = variant_from_dir(full_dir, name="ties-full")
+    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20,
+                     baseline="base")
+    res = evaluate(host, tiny_base, [exact, full, low], test, tmp_path, cfg, progress=False)
+    rows = {r["variant"]: r for r in res.rows}
+
+    def records(name):
+        path = next((tmp_path / "predictions").glob(f"{name}.*.jsonl"))
+        return sorted(((r["id"], r["scores"]) for r in map(json.loads, path.open())))
+
+    assert records("ties") == records("ties-full")  # same scores, bit for bit
+    assert records("ties") != records("ties-rank2")
+    assert (rows["ties"]["representation"], rows["ties-full"]["representation"]) == \
+        ("exact", "exact")
+    low_row = rows["ties-rank2"]
+    assert low_row["representation"] == "lowrank" and low_row["represented_rank"] == 2
+    manifest = json.loads((low_dir / "emomerge.json").read_text())
+    assert low_row["lowrank_error_mean"] == manifest["errors"]["mean"] > 0
+
+
+def test_cli_refuses_a_broken_full_folder_before_scoring(tiny_base, ties, emocomics_dir,
+                                                        tmp_path):
+    from typer.testing import CliRunner
+
+    from emomerge.cli import app
+
+    folder = Path(shutil.copytree(ties[1], tmp_path / "broken"))
+    _rewrite(folder, lambda t: t.pop(next(k for k in sorted(t) if "layers.1.mlp.up_proj" in k)))
+    out = tmp_path / "results"
+    res = CliRunner().invoke(app, [
+        "evaluate", "--base", str(tiny_base), "--variants", str(folder), "--dataset",
+        "emocomics35", "--data", str(emocomics_dir), "--task", "utterance", "--threshold", "0.3",
+        "--out", str(out), "--n-boot", "20"])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and str(folder) in lines[0]
+    assert not (out / "predictions").exists()  # refused before anything was scored
+    assert "Loading weights" not in res.output  # ... before the base was even loaded

@@ -123,3 +123,11 @@ def test_cached_scores_are_keyed_by_the_answer_prefix(tmp_path):
     assert keys["llava"]["answer_prefix"] == " "
     assert keys["qwen2_5_vl"] == {"mode": "likelihood", "append_eot": False, "max_new_tokens": 8,
                                   "label_tokens": "after_prompt"}
+    # label-set scoring records other candidates: its key names the mode and the set size, so
+    # neither per-label scores nor sets of another size are reused
+    cfg3 = SimpleNamespace(append_eot=False, max_new_tokens=8, max_labels=3)
+    k3 = inference_key(processor, samples, cfg3, "likelihood", "label_set")
+    k2 = inference_key(processor, samples, SimpleNamespace(**{**vars(cfg3), "max_labels": 2}),
+                       "likelihood", "label_set")
+    assert k3 == {**keys["qwen2_5_vl"], "scoring": "label_set", "max_labels": 3}
+    assert k2["max_labels"] == 2

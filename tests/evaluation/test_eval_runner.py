@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from emomerge.evaluation.holdout import holdout_by_book
 from emomerge.evaluation.leaderboard import compare, read_rows, show
@@ -48,16 +49,31 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
                    progress=False)
     rows = res.rows
     assert [r["variant"] for r in rows] == ["base", "s1_emoart", "s2_emocomics35", "linear",
-                                            "ties"]
-    assert [r["kind"] for r in rows] == ["base", "stage", "stage", "merged", "merged"]
+                                            "ties", "trivial-majority", "trivial-all-labels"]
+    assert [r["kind"] for r in rows] == ["base", "stage", "stage", "merged", "merged",
+                                         "trivial", "trivial"]
+    # the all-labels row predicts every label for every utterance: its per-label recall is 1,
+    # so each label's F1 is 2·support / (support + n), checked against the gold labels here
+    lab_set = list(test[0].label_set)
+    f1 = {lab: 2 * sum(lab in s.labels for s in test) / (sum(lab in s.labels for s in test)
+                                                          + len(test)) for lab in lab_set}
+    assert rows[-1]["macro_f1"] == pytest.approx(sum(f1.values()) / len(lab_set))
+    rows = rows[:5]
     for r in rows:
         assert r["n"] == len(test) and r["n_groups"] == len({s.group for s in test})
         for m in ("subset_accuracy", "example_f1", "macro_f1", "micro_f1"):
             assert 0.0 <= r[f"{m}_lo"] <= r[m] <= r[f"{m}_hi"] <= 1.0
         # the default baseline is the last stage: no p-value on its own row
         assert ("example_f1_p" not in r) == (r["variant"] == "s2_emocomics35")
-    assert all(r.threshold is not None for r in res.results)
+    assert all(r.threshold is not None for r in res.results if r.variant.kind != "trivial")
     assert {r["threshold_source"] for r in rows} == {"validation-split"}
+    # multi-label default: label sets, one threshold per label on presence probabilities
+    assert {r.scoring for r in res.results if r.variant.kind != "trivial"} == {"label_set"}
+    info = json.loads((tmp_path / "details" / "emocomics35__test__ties.json").read_text())
+    assert info["scoring"] == "label_set" and set(info["thresholds"]) == set(test[0].label_set)
+    assert set(info["threshold_choice"].values()) <= {"label", "global"}
+    ties = next(r for r in res.results if r.variant.name == "ties")
+    assert info["threshold"] == ties.thresholds.global_threshold
 
     art = read_dataset("emoart", emoart_dir, "test")
     cfg2 = EvalConfig(dataset="emoart", split="test", n_boot=50, paired_test="mcnemar")
@@ -69,12 +85,12 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
     assert others and all("accuracy_p" in r and "macro_f1_p" not in r for r in others)
 
     board = read_rows(tmp_path / "leaderboard.csv")
-    assert len(board) == 10
+    assert len(board) == 13  # 5 variants + 2 trivial rows (multi-label), 5 + 1 (single-label)
     # Re-running the same command replaces its rows instead of appending duplicates.
     evaluate(host, tiny_base, variants, art, tmp_path, cfg2, progress=False)
-    assert len(read_rows(tmp_path / "leaderboard.csv")) == 10
+    assert len(read_rows(tmp_path / "leaderboard.csv")) == 13
     table = show(tmp_path / "leaderboard.csv", by="macro_f1")
-    assert table.count("\n") == 12 and "ties" in table
+    assert table.count("\n") == 15 and "ties" in table
     assert "Δ macro_f1" in compare(tmp_path / "leaderboard.csv", tmp_path / "leaderboard.csv")
     details = sorted(p.name for p in (tmp_path / "details").iterdir())
     assert "emoart__test__ties.json" in details
@@ -98,7 +114,7 @@ def test_killed_evaluation_reuses_its_cache(host, tiny_base, variants, ec35, tmp
     cached = list((tmp_path / "run" / "predictions").glob("base.*.jsonl"))
     assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 6
     again = evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False)
-    scored = {r.variant.name: r.scored for r in again.results}
+    scored = {r.variant.name: r.scored for r in again.results if r.variant.kind != "trivial"}
     assert scored == {"base": len(test) - 6, "s1_emoart": len(test), "s2_emocomics35": len(test)}
     # A third run scores nothing and gives the same numbers as an uninterrupted run.
     third = evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False)
@@ -114,6 +130,8 @@ def test_generation_mode_counts_parse_failures(host, tiny_base, variants, emoart
                      n_boot=20, batch_size=4, baseline="base")
     res = evaluate(host, tiny_base, variants[:1], art, tmp_path, cfg, progress=False)
     for r, row in zip(res.results, res.rows):
+        if r.variant.kind == "trivial":
+            continue
         texts = [json.loads(line)["text"] for line in
                  next((tmp_path / "predictions").glob(f"{r.variant.name}.*.jsonl")).open()]
         assert len(texts) == len(art)
@@ -123,3 +141,41 @@ def test_generation_mode_counts_parse_failures(host, tiny_base, variants, emoart
         info = json.loads((tmp_path / "details" / f"emoart__test__{r.variant.name}.json")
                           .read_text())
         assert info["parse"]["failures"] == n_invalid
+
+
+def test_scoring_settings_are_checked():
+    from emomerge.merging.errors import InputError
+
+    assert EvalConfig(dataset="emocomics35").resolved_scoring() == "label_set"
+    assert EvalConfig(dataset="emocomics35", scoring="first_label").resolved_scoring() \
+        == "first_label"
+    assert EvalConfig(dataset="emoart").resolved_scoring() == "label"
+    assert EvalConfig(dataset="emocomics35", mode="generate").resolved_scoring() == ""
+    with pytest.raises(InputError, match="--scoring label_set: only multi-label"):
+        EvalConfig(dataset="emoart", scoring="label_set").check()
+    with pytest.raises(InputError, match="--max-labels"):
+        EvalConfig(dataset="emocomics35", max_labels=0).check()
+
+
+def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, tmp_path):
+    from emomerge.evaluation.cache import PredictionCache, stable_hash
+    from emomerge.evaluation.outputs import presence
+    from emomerge.evaluation.predict import base_fingerprint
+    from emomerge.evaluation.runner import inference_key, split_hash
+
+    test = ec35[0][:6]
+    cfg = EvalConfig(dataset="emocomics35", threshold=0.2, n_boot=10)
+    r = evaluate(host, tiny_base, [], test, tmp_path, cfg, progress=False).results[0]
+    assert r.threshold_source == "fixed (--threshold)"
+    assert r.thresholds.thresholds == {lab: 0.2 for lab in test[0].label_set}
+    # the predictions are the labels whose presence probability clears 0.2 (argmax if none)
+    infer = inference_key(host.processor, test, cfg, "likelihood", "label_set")
+    cache = PredictionCache(tmp_path / "predictions", "base",
+                            stable_hash([base_fingerprint(tiny_base), "", infer]))
+    sh = split_hash(test)
+    for s, pred in zip(test, r.preds.pred):
+        m = presence(cache.get(sh, s.id), 7)
+        assert len(cache.get(sh, s.id)["sets"]) == 63 and m.sum() > 1 - 1e-9
+        want = [lab for lab, q in zip(s.label_set, m) if q >= 0.2] or \
+            [s.label_set[int(np.argmax(m))]]
+        assert pred == want

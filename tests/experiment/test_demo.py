@@ -1,5 +1,6 @@
 """The quick demo end to end, in a real subprocess killed mid-run and resumed; then an edited
-recipe recomputes only its merge and its scores."""
+recipe recomputes only its merge and its scores. The full demo's evaluation sets: every dataset's
+test split, read and kept apart from training."""
 
 from __future__ import annotations
 
@@ -76,6 +77,70 @@ def test_resumed_demo_completes_and_prints_the_leaderboard(killed_then_resumed):
                     "ties-without-emocomics35"):
         assert f"| {variant} |" in res.stdout
     assert "macro-F1 [95% CI]" in res.stdout and "p vs emocomics35" in res.stdout
+
+
+def test_quick_demo_scores_its_two_datasets(killed_then_resumed):
+    from emomerge.evaluation.leaderboard import read_rows
+
+    out, _, res, _ = killed_then_resumed
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(out / "leaderboard.csv")
+    variants: dict[tuple[str, str, str], set[str]] = {}
+    for r in rows:  # constant predictors (kind trivial, where the runner adds them) aside
+        if r["kind"] != "trivial":
+            variants.setdefault((r["dataset"], r["task"], r["n"]), set()).add(r["variant"])
+    # EmoArt's 6 test items (single-label), EmoComics35's 19 test utterances (multi-label)
+    assert set(variants) == {("emoart", "single", "6"), ("emocomics35", "multi", "19")}
+    # every model variant scored on both
+    assert variants[("emoart", "single", "6")] == variants[("emocomics35", "multi", "19")]
+    assert len(variants[("emoart", "single", "6")]) == 16
+    assert {r["baseline"] for r in rows} == {"emocomics35"}
+    emoart = [r for r in rows if r["dataset"] == "emoart"]
+    assert all(r["accuracy"] and r["macro_f1"] and not r["example_f1"] for r in emoart)
+    # the grid: one column per dataset, before the per-set tables
+    grid = ("| variant | kind | method | emoart/test macro-F1 [95% CI] "
+            "| emocomics35/test macro-F1 [95% CI] |")
+    assert grid in res.stdout
+    assert res.stdout.index(grid) < res.stdout.index("### tiny-qwen2_5_vl — emoart/test")
+    assert "n = 19 utterances on 6 pages" in res.stdout
+
+
+def test_full_demo_scores_every_test_split(tmp_path):
+    """The full demo's four evaluation sets read their test splits with their own task, and the
+    chain's stages (the overlap guard) accept them."""
+    from emomerge.evaluation.experiment import curriculum_of
+    from emomerge.evaluation.experiment_config import parse_experiment
+    from emomerge.evaluation.experiment_demo import FULL, QUICK, STAGES, demo_experiment
+    from emomerge.evaluation.runner import TASK_OF_DATASET
+    from emomerge.training.curriculum import parse_curriculum
+    from emomerge.training.data import read_dataset
+    from emomerge.training.data.emoart import LABELS as EMOART_LABELS
+    from emomerge.training.data.synthetic import write_synthetic
+    from emomerge.training.stages import plan_stages
+
+    for name, dataset, _ in STAGES:
+        write_synthetic(dataset, tmp_path / "data" / name, n=FULL.items[dataset], seed=0)
+    exp = parse_experiment(demo_experiment(FULL), tmp_path / "experiment.yaml")
+    sets = exp.spec.evaluation.sets
+    assert [(s.label, s.split, s.task) for s in sets] == [
+        ("emoart", "test", "dominant_emotion"), ("emid", "test", "matching"),
+        ("mangavqa", "test", None), ("emocomics35", "test", "utterance")]
+    assert exp.spec.evaluation.baseline == "last_stage"
+    found = {}
+    for s in sets:
+        samples = read_dataset(s.dataset, s.path, s.split, s.task, **s.options)
+        found[s.dataset] = (TASK_OF_DATASET[s.dataset], len(samples), samples[0].label_set)
+    assert found == {"emoart": ("single", 10, EMOART_LABELS),
+                     "emid": ("single", 13, ["yes", "no"]),
+                     "mangavqa": ("vqa", 13, []),
+                     "emocomics35": ("multi", 47, found["emocomics35"][2])}
+    assert len(found["emocomics35"][2]) == 7
+    # training reads each stage's test split and refuses any overlap with its train split
+    cur = curriculum_of(exp, exp.spec.architectures[0], "model", 0, exp.stages)
+    plans = plan_stages(parse_curriculum(cur, "<demo>"), tmp_path / "scratch")
+    assert [p.stage.name for p in plans] == [name for name, _, _ in STAGES]
+    quick = demo_experiment(QUICK)["evaluation"]["sets"]
+    assert [s["dataset"] for s in quick] == ["emoart", "emocomics35"]
 
 
 def test_finished_stages_are_not_redone(killed_then_resumed):

@@ -58,6 +58,18 @@ def test_a_good_experiment_loads(tmp_path):
     assert exp.spec.seeds == [0, 1] and exp.lineage == "continued"
 
 
+def test_evaluation_set_scoring_keys(tmp_path):
+    data = _good()
+    exp = load_experiment(_write(tmp_path, data), inline_dir=tmp_path / "recipes")
+    s = exp.spec.evaluation.sets[0]
+    # defaults: label-set scoring up to 3 labels, summed log-probs
+    assert (s.scoring, s.max_labels, s.length_norm) == ("auto", 3, False)
+    data["evaluation"]["sets"][0].update(scoring="first_label", max_labels=2, length_norm=True)
+    exp = load_experiment(_write(tmp_path, data), inline_dir=tmp_path / "recipes")
+    s = exp.spec.evaluation.sets[0]
+    assert (s.scoring, s.max_labels, s.length_norm) == ("first_label", 2, True)
+
+
 @pytest.mark.parametrize("dotted, value, key", [
     ("architectures", [], "architectures"),
     ("seeds", [1, 1], "seeds"),
@@ -74,6 +86,8 @@ def test_a_good_experiment_loads(tmp_path):
     ("merges.0.name", "emoart", "merges"),
     ("merges.0", {"recipe": "no_such_recipe.yaml"}, "merges.0.recipe"),
     ("threads", 0, "threads"),
+    ("evaluation.sets.0.scoring", "presence", "evaluation.sets.0.scoring"),
+    ("evaluation.sets.0.max_labels", 0, "evaluation.sets.0.max_labels"),
     ("bogus", 1, "bogus"),
 ])
 def test_errors_name_the_key(tmp_path, dotted, value, key):
