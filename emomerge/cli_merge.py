@@ -18,6 +18,19 @@ VARIADIC = ("--adapters", "--weights", "--density", "--gamma", "--epsilon")
 
 Adapters = typer.Option(..., "--adapters", help="Adapter folders, in stage order: --adapters A B C.")
 Out = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
+Force = typer.Option(
+    False, "--force",
+    help="Replace an earlier emomerge output (or empty folder) at --out, never an input or anything "
+         "else. Also still allows adapters of different bases, as before: prefer --allow-base-mismatch.",
+)
+AllowBaseMismatch = typer.Option(
+    False, "--allow-base-mismatch",
+    help="Merge adapters recorded on different bases, or fold them into a --base of another model type.",
+)
+AllowLineageMismatch = typer.Option(
+    False, "--allow-lineage-mismatch",
+    help="Use a lineage parent whose sha256 differs from the one its child recorded (recorded in the manifest).",
+)
 
 
 def expand_variadic(argv: list[str]) -> list[str]:
@@ -94,7 +107,9 @@ def _method_command(name: str):
         reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
         layout: Optional[str] = typer.Option(None, "--layout", help="Adapter key layout: new, qwen-legacy, llava-legacy (default: the inputs' own, new if mixed)."),
-        force: bool = typer.Option(False, "--force", help="Replace an existing --out; merge adapters of different bases."),
+        force: bool = Force,
+        allow_base_mismatch: bool = AllowBaseMismatch,
+        allow_lineage_mismatch: bool = AllowLineageMismatch,
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."),
     ) -> None:
         from emomerge.merging import merge
@@ -125,6 +140,7 @@ def _method_command(name: str):
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
             rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
             layout=layout, force=force, allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
+            allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
         )
         _report(result)
 
@@ -139,14 +155,18 @@ def merge_recipe(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against (default: current)."),
     output: Optional[str] = typer.Option(None, "--output", help="Override the recipe's output: adapter or full."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (overrides base_model for full output)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    force: bool = Force,
+    allow_base_mismatch: bool = AllowBaseMismatch,
+    allow_lineage_mismatch: bool = AllowLineageMismatch,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
 ) -> None:
     """Run a merge recipe (mergekit's YAML schema) natively."""
     from emomerge.merging.recipe import run_recipe
 
     result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
-                        progress=sys.stderr.isatty(), allow_pickle=allow_pickle)
+                        progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
+                        allow_base_mismatch=allow_base_mismatch,
+                        allow_lineage_mismatch=allow_lineage_mismatch)
     _report(result)
 
 
@@ -170,13 +190,15 @@ def inspect(
     adapters: list[Path] = typer.Argument(..., help="Adapter folders."),
     reference: str = typer.Option("base", "--reference", help="base or previous."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    force: bool = typer.Option(False, "--force", help="Inspect adapters of different bases together."),
+    force: bool = typer.Option(False, "--force", help="Inspect adapters of different bases together (as --allow-base-mismatch)."),
+    allow_base_mismatch: bool = AllowBaseMismatch,
 ) -> None:
-    """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage, and the
-    pairwise cosine similarity of the task vectors."""
+    """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage (and any
+    parent whose sha256 differs from the recorded one), and the pairwise cosine similarity of
+    the task vectors."""
     from emomerge.merging.inspect import inspect_adapters
 
-    report = inspect_adapters(adapters, reference=reference, force=force)
+    report = inspect_adapters(adapters, reference=reference, force=force or allow_base_mismatch)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -190,9 +212,13 @@ def inspect(
             str(i), a["path"], str(a["base"]), a["layout"], str(a["modules"]),
             ",".join(map(str, a["ranks"])), ",".join(f"{s:g}" for s in a["scales"]),
             f"{a['task_vector_norm']:.4g}",
-            "—" if lin is None else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}",
+            "—" if lin is None else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}"
+            + (" [parent changed: sha256 differs]" if lin and lin.get("parent_sha256_ok") is False else ""),
         )
     console.print(table)
+    for m in report["lineage_mismatches"]:
+        sys.stderr.write(f"warning: {m['parent']}: sha256 differs from the parent_sha256 recorded "
+                         f"in {m['child']}/emomerge.json (the parent changed after its child was trained)\n")
     cos = Table(title="cosine similarity of task vectors")
     cos.add_column("")
     for i in range(len(report["adapters"])):
@@ -212,12 +238,15 @@ def export_mergekit(
     weights: Optional[list[float]] = typer.Option(None, "--weights"),
     density: Optional[list[float]] = typer.Option(None, "--density"),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out (never an input or another file)."),
 ) -> None:
     """Write the mergekit YAML of the same merge (base+adapter references)."""
     from emomerge.merging.errors import MergeInputError
     from emomerge.merging.recipe import Recipe, load_recipe
     from emomerge.merging.recipe import export_mergekit as export
+
+    from emomerge.merging.recipe import adapter_path
+    from emomerge.merging.safeout import write_text_output
 
     if recipe is not None:
         parsed = load_recipe(recipe)
@@ -233,15 +262,14 @@ def export_mergekit(
                 p["density"] = density[i] if len(density) > 1 else density[0]
             models.append({"model": str(a.resolve()), "parameters": p})
         parsed = Recipe.model_validate({"merge_method": method, "models": models})
-    text = export(parsed, base_model=base, root=(root or Path.cwd()).resolve())
+    root_dir = (root or Path.cwd()).resolve()
+    text = export(parsed, base_model=base, root=root_dir)
     if out is None:
         typer.echo(text, nl=False)
         return
-    if out.exists() and not force:
-        raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    inputs = [adapter_path(m.model, parsed.base_model, root_dir) for m in parsed.models]
+    inputs += [recipe] if recipe is not None else []
+    write_text_output(out, text, force=force, inputs=inputs)
     typer.echo(f"wrote {out}")
 
 

@@ -97,6 +97,9 @@ def written_into(model: Any, updates: Iterable[tuple[str, Update]], what: str, *
     the current one untouched (a full folder stores every tensor; most are the base's own).
     """
     params = canonical_parameters(model)
+    shared: dict[int, list[str]] = {}
+    for name, p in params.items():
+        shared.setdefault(id(p), []).append(name)
     saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
     try:
         with torch.no_grad():
@@ -112,6 +115,12 @@ def written_into(model: Any, updates: Iterable[tuple[str, Update]], what: str, *
                                      f"{list(p.shape)} (another model?)")
                 if only_changed and torch.equal(new, p.data):
                     continue
+                if len(shared[id(p)]) > 1:
+                    # a tied weight: changing it here would change every name it is tied to
+                    raise InputError(f"{what}: changes '{name}', which the loaded base ties to "
+                                     f"{[n for n in shared[id(p)] if n != name]}; exact "
+                                     "evaluation cannot untie it in place (evaluate the merge's "
+                                     "adapter, or load an untied base)")
                 if id(p) not in saved:
                     saved[id(p)] = (p, p.data.to("cpu", copy=True))
                 p.data.copy_(new)

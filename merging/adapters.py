@@ -98,6 +98,8 @@ class LoraAdapter:
     weights_file: Path
     metadata: StageMetadata | None
     _pickled: dict[str, torch.Tensor] | None = None
+    #: detect_layout() of the names as stored, kept after ``layout`` is resolved (base checks)
+    stored_layout: str = "plain"
     _sha256: str | None = field(default=None, repr=False)
     _handle: object | None = field(default=None, repr=False)
 
@@ -220,6 +222,12 @@ def _read_keys(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, tuple]
     raise MergeInputError(f"{folder}: no {WEIGHTS_FILE} (or {PICKLE_FILE}) in the adapter folder")
 
 
+def _has_lora(shapes: dict, base_layer_key: str) -> bool:
+    module = base_layer_key[: -len(".base_layer.weight")]
+    return any(f"{module}.{which}" in shapes
+               for which in ("lora_A.weight", "lora_embedding_A", "lora_A"))
+
+
 def _safetensors_data_end(path: Path) -> int | None:
     """Total file size the header promises (8 + header + largest data offset)."""
     with open(path, "rb") as fh:
@@ -253,6 +261,10 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapt
             if marker in key:
                 raise MergeInputError(f"{weights_file}: tensor '{key}': {why}")
         match = _LORA_KEY.match(key)
+        if match is None and key.endswith(".base_layer.weight") and _has_lora(shapes, key):
+            # PEFT's default save_embedding_layers="auto" stores the frozen base weight of a LoRA'd
+            # embed_tokens / lm_head beside its factors: a copy of the base, not an update.
+            continue
         if match is None:
             if ".lora_" in key:
                 raise MergeInputError(f"{weights_file}: tensor '{key}' is not a LoRA A/B factor")
@@ -302,6 +314,7 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapt
         weights_file=weights_file,
         metadata=read_stage_metadata(folder),
         _pickled=pickled,
+        stored_layout=layout,
     )
     adapter.relayout(layout)  # canonical names now; a "plain" layout is decided per merge
     return adapter

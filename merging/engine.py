@@ -28,8 +28,10 @@ from .errors import MergeInputError
 from .lowrank import compress, concat, refactor, refactor_auto
 from .methods import METHODS, MergeMethod
 from .names import from_canonical
-from .output import MANIFEST, atomic_folder, write_adapter_output, write_full_output, write_json
-from .params import resolve_params
+from .basecheck import check_base_identity
+from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
+from .params import effective_gamma, resolve_params
+from .safeout import atomic_folder, check_folder_target
 from . import streaming
 from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
@@ -304,6 +306,9 @@ def merge(
     max_shard_size: int = 2 << 30,
     progress: bool = False,
     recipe: dict | None = None,
+    allow_base_mismatch: bool = False,
+    allow_lineage_mismatch: bool = False,
+    protect: Sequence[str | Path] = (),
 ) -> MergeResult:
     """Merge stage adapters with a registered method; write ``out`` atomically.
 
@@ -311,7 +316,11 @@ def merge(
     ``weights`` is a shortcut for ``params['weight']``. ``rank="auto"`` with ``max_error`` E gives
     each re-factorised module the smallest rank whose relative Frobenius error is ≤ E (exact
     low-rank results stay exact). Everything is checked (files, bases,
-    shapes, finiteness, parameter ranges) before any tensor is merged or written.
+    shapes, finiteness, parameter ranges, lineage hashes) before any tensor is merged or written.
+
+    ``force`` replaces an earlier emomerge output at ``out`` (never an input, never anything
+    else: ``safeout``); for compatibility it also implies ``allow_base_mismatch``. ``protect``:
+    further files the command reads (a recipe), which ``out`` must not be.
     """
     m = get_method(method)
     params = dict(params or {})
@@ -325,20 +334,23 @@ def merge(
     if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
         raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
+    given_inputs = [*adapters, *([base] if base is not None else []), *protect]
+    check_folder_target(out, given_inputs, force=force)
+    allow_base_mismatch = allow_base_mismatch or force
     if output == "full" and base is None:
         raise MergeInputError("--output full needs --base PATH (the base model folder)")
     resolved = resolve_params(m, len(adapters), params)  # names and ranges, before any I/O
     ckpt = Checkpoint(base) if base is not None else None
     tv = build_task_vectors(
-        list(adapters), reference=reference, allow_pickle=allow_pickle, force=force,
-        base_flavour=ckpt.vlm_flavour if ckpt else None,
+        list(adapters), reference=reference, allow_pickle=allow_pickle, force=allow_base_mismatch,
+        base_flavour=ckpt.vlm_flavour if ckpt else None, allow_lineage_mismatch=allow_lineage_mismatch,
     )
     saved = sorted({name for a in tv.inputs for name in a.saved})
     if saved:
         _check_saved(tv, saved, ckpt)
     if ckpt is not None:
+        if not allow_base_mismatch:
+            check_base_identity(tv.pool, ckpt)
         _check_against_base(tv, ckpt, saved)
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
     auto = rank == "auto"
@@ -367,9 +379,18 @@ def merge(
                                            "layout": ckpt.layout},
         "n_modules": len(tv.modules),
         "recipe": recipe,
+        "allow_base_mismatch": allow_base_mismatch,
+        "allow_lineage_mismatch": allow_lineage_mismatch,
+        "lineage_mismatches": tv.lineage_mismatches,
+        "lineage_assumed": tv.lineage_assumed,
         "created": started.isoformat(timespec="seconds"),
     }
-    with atomic_folder(out, force=force) as tmp, _progress(progress) as bar:
+    if m.param("gamma") is not None:
+        manifest["gamma_effective"] = effective_gamma(resolved)
+    inputs = [*given_inputs, *(a.path for a in tv.pool)]
+    needed = _needed_bytes(tv, ckpt, saved, output, rank)
+    with atomic_folder(out, force=force, inputs=inputs, needed_bytes=needed) as tmp, \
+            _progress(progress) as bar:
         task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
         if output == "adapter":
             errors, out_layout, ranks = write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task)
@@ -389,7 +410,7 @@ def merge(
                 }
         else:
             errors = {}
-            write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
+            manifest["untied_lm_head"] = write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
             manifest["layout"] = ckpt.layout
         manifest["errors"] = {
             "relative_frobenius": errors,
@@ -399,6 +420,19 @@ def merge(
         manifest["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3)
         write_json(tmp / MANIFEST, manifest)
     return MergeResult(out=out, manifest=manifest, errors=errors)
+
+
+def _needed_bytes(tv: TaskVectors, ckpt: Checkpoint | None, saved: list[str], output: str,
+                  rank: int | str | None) -> int:
+    """About how many bytes the output takes (for the message when the disk is full)."""
+    if output == "full" and ckpt is not None:
+        return sum(ckpt.stored(key).length for file in ckpt.files() for key in ckpt.keys_in(file))
+    total = sum(ckpt.stored(ckpt.canonical[name]).length for name in saved) if ckpt else 0
+    for path, (rows, cols) in tv.shapes.items():
+        r = rank if isinstance(rank, int) else sum(
+            a.modules[path].rank for a in tv.pool if path in a.modules)
+        total += 4 * r * (rows + cols)
+    return total
 
 
 def _check_rank(rank: int | str | None, max_error: float | None) -> None:
@@ -451,8 +485,11 @@ def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> 
 
 
 def _check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:
+    tied = tied_head(ckpt, tv.modules)
     for path in tv.modules:
         key = ckpt.canonical.get(path + ".weight")
+        if key is None and tied is not None and path == "lm_head":
+            key = tied[1]  # a tied head: the embedding is its weight
         if key is None:
             owner = next(a for a in tv.pool if path in a.modules)
             raise MergeInputError(

@@ -22,7 +22,10 @@ def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force:
                      allow_pickle: bool = False) -> dict:
     """A JSON-ready report: per adapter base, layout, modules, ranks, scales, norms, lineage;
     pairwise cosine similarities of the task vectors."""
-    tv = build_task_vectors(list(paths), reference=reference, force=force, allow_pickle=allow_pickle)
+    # a changed lineage parent is shown, not refused: inspect is where one looks for it
+    tv = build_task_vectors(list(paths), reference=reference, force=force, allow_pickle=allow_pickle,
+                            allow_lineage_mismatch=True)
+    changed = {m["child"] for m in tv.lineage_mismatches}
     n = tv.n
     gram = torch.zeros(n, n, dtype=torch.float64)
     per_module_norms: list[dict[str, float]] = [{} for _ in range(n)]
@@ -42,7 +45,8 @@ def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force:
                     per_module_norms[i][path] = value ** 0.5
     norms = gram.diagonal().clamp_min(0).sqrt()
     cosine = gram / torch.outer(norms, norms).clamp_min(1e-300)
-    report = {"reference": reference, "adapters": [], "cosine": cosine.tolist()}
+    report = {"reference": reference, "adapters": [], "cosine": cosine.tolist(),
+              "lineage_mismatches": tv.lineage_mismatches, "lineage_assumed": tv.lineage_assumed}
     for i, adapter in enumerate(tv.inputs):
         ranks = sorted({m.rank for m in adapter.modules.values()})
         scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
@@ -61,6 +65,9 @@ def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force:
             "largest_modules": [{"module": k, "norm": v} for k, v in top],
             "lineage": None if meta is None else {
                 "stage": meta.stage, "mode": meta.lineage.mode, "parent": meta.lineage.parent,
+                # False: the parent on disk is not the one this adapter was trained on
+                "parent_sha256_ok": (None if not meta.lineage.parent_sha256 or meta.lineage.mode is None
+                                     else str(adapter.path) not in changed),
             },
             "task_vector": {tv.pool[j].name: c for j, c in tv.combos[i].items()},
         })

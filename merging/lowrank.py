@@ -46,6 +46,7 @@ def compress(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.
 
 
 def _tail_error(s: torch.Tensor, k: int) -> float:
+    s = s.double()
     total = float(s.square().sum())
     return (float(s[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
 
@@ -78,7 +79,9 @@ def refactor(
         u, s, vh = torch.linalg.svd(small, full_matrices=False)
         left = (basis @ u[:, :k]) * s[:k]
         right = vh[:k]
-    error = float(torch.linalg.matrix_norm(dense - left @ right) / norm)
+    # float64 sums: a float32 norm of a 2^20-element tensor is off by ~1e-5 of itself
+    error = float(torch.linalg.vector_norm(dense - left @ right, dtype=torch.float64)
+                  / torch.linalg.vector_norm(dense, dtype=torch.float64))
     return left, right, error
 
 

@@ -295,7 +295,7 @@ def _rescale(default: bool, dare: bool = False) -> Param:
     return Param("rescale", bool, default, "rescale survivors to keep the L1 norm")
 
 
-_GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude outliers dropped", per_adapter=True, low=0.0, high=1.0, low_inclusive=True)
+_GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude outliers dropped (at most 1 − density: as mergekit, the cut shrinks so density is kept; the manifest records gamma_effective)", per_adapter=True, low=0.0, high=1.0, low_inclusive=True)
 _EPSILON = Param("epsilon", float, 0.15, "spread of keep probabilities around density", per_adapter=True, low=0.0, high=1.0)
 
 _SPACE = Param(

@@ -8,8 +8,6 @@ import json
 import mmap
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,36 +15,11 @@ import torch
 from .checkpoint import Stored
 from .errors import MergeInputError
 from .names import PEFT_PREFIX, from_canonical, to_canonical
+from .safeout import atomic_folder  # noqa: F401  (re-exported: the writers' atomic output folder)
 
 MANIFEST = "emomerge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST}
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it into place only on success.
-
-    A failure (or Ctrl-C) removes the temporary folder, so nothing half-written is left. An
-    existing ``out`` is refused unless ``force``, and then replaced only once the new one is whole.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise MergeInputError(f"{out}: already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(trash / out.name)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -392,15 +365,51 @@ class _Scratch:
         return buf[:numel]
 
 
+_EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+
+
+def tied_head(ckpt, modules) -> tuple[str, str] | None:
+    """``(lm_head key to write, embedding key it is tied to)`` when the base ties its output
+    head to the input embedding (no ``lm_head`` weight stored) and the merge updates either.
+
+    Folding into the shared weight would change both (what PEFT's merge does); the adapted
+    model computes embeddings with W + ΔW_embed and logits with W + ΔW_head, so the output
+    unties them: ``lm_head`` is written as a tensor of its own and the config says
+    ``tie_word_embeddings: false``.
+    """
+    if "lm_head.weight" in ckpt.canonical:
+        return None
+    embed = next((name for name in _EMBEDDINGS if name in ckpt.canonical), None)
+    if embed is None or not ({"lm_head", embed[: -len(".weight")]} & set(modules)):
+        return None
+    return from_canonical("lm_head.weight", ckpt.layout), ckpt.canonical[embed]
+
+
+def untie_config(folder: Path) -> None:
+    """``tie_word_embeddings: false`` in the written config (top level and text_config)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    write_json(path, config)
+
+
 def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
     """The base with the merged updates folded in, sharded like ``save_pretrained``.
 
     Every key's size comes from the base headers, so the shards are planned before anything is
-    written. Merged tensors are computed and streamed; all others are copied as raw bytes.
+    written. Merged tensors are computed and streamed; all others are copied as raw bytes. A
+    tied output head is untied (``tied_head``). Returns whether it was.
     """
     modules = set(tv.modules)
     saved_set = set(saved)
     stored = {key: ckpt.stored(key) for file in ckpt.files() for key in ckpt.keys_in(file)}
+    source = {key: key for key in stored}  # output key → the base tensor it starts from
+    tied = tied_head(ckpt, modules)
+    if tied is not None:
+        source[tied[0]] = tied[1]
+        stored[tied[0]] = stored[tied[1]]
     scratch = _Scratch()
     shards = plan_shards({key: s.length for key, s in stored.items()}, max_shard_size)
     files = shard_names(len(shards))
@@ -414,7 +423,7 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
                 if path in modules:
                     bar.update(task, module=path)
                     # W + ΔW as (ΔW += W): the same sum, in two buffers reused for every module
-                    base = ckpt.tensor(key, scratch.get("base", stored[key].length, torch.uint8))
+                    base = ckpt.tensor(source[key], scratch.get("base", stored[key].length, torch.uint8))
                     delta = merger.dense(path, out=scratch.get("delta", base.numel(), merger.dtype).view(base.shape))
                     tensor = delta.add_(base).to(base.dtype)
                     bar.advance(task)
@@ -436,3 +445,6 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
             },
         )
     copy_side_files(ckpt.path, tmp)
+    if tied is not None:
+        untie_config(tmp)
+    return tied is not None

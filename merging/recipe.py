@@ -68,7 +68,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise MergeInputError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MergeInputError(
+            f"{path}: not UTF-8 text (undecodable byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -160,7 +164,7 @@ def adapter_path(model: str, base_model: str | None, root: Path) -> Path:
 def run_recipe(
     path: str | Path, out: str | Path, *, root: str | Path | None = None, force: bool = False,
     output: str | None = None, base: str | Path | None = None, progress: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_base_mismatch: bool = False, allow_lineage_mismatch: bool = False,
 ) -> MergeResult:
     """Run a recipe natively (command-line ``output``/``base`` override the recipe's)."""
     path = Path(path)
@@ -188,6 +192,9 @@ def run_recipe(
         allow_pickle=allow_pickle,
         progress=progress,
         recipe=recipe.model_dump(mode="json", exclude_none=True),
+        allow_base_mismatch=allow_base_mismatch,
+        allow_lineage_mismatch=allow_lineage_mismatch,
+        protect=[path],
     )
 
 

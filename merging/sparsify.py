@@ -62,6 +62,8 @@ def magnitude_outliers(
     Ascending by magnitude, entries of rank ``[n_bot, n_bot + target)`` survive, with
     ``target = int(density·n)``, ``n_top = int(gamma·n)``, ``n_bot = max(0, n − target − n_top)``
     (mergekit ≥ 0.1's rule; the old ``[n_bot:-n_top]`` slice zeroed the tensor when gamma = 0).
+    When density + gamma > 1 the cut shrinks to the ``n − target`` largest entries: density is
+    kept and the effective gamma is 1 − density (mergekit's rule; ``params.effective_gamma``).
     """
     if density >= 1:
         return t

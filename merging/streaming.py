@@ -822,15 +822,20 @@ def merge_factors(
         # block (13 rows of a 18944-wide down_proj) would re-read and re-write all of Qᵀ D
         stage_rows = max(64, _STAGE_BYTES // (n * torch.finfo(dtype).bits // 8))
 
+        # The error is ‖D‖² − Σ s_j² (a difference of two large numbers when it is small), so
+        # both terms are accumulated in float64: in float32 the sum of squares of a 2^20-element
+        # tensor loses ~1e-5 of its value, which read as an error below the best rank-k one.
+        q64 = q.double()
+
         def run_rows(run):
-            proj = torch.zeros(q.shape[1], n, dtype=dtype)  # Qᵀ D of these rows
+            proj = torch.zeros(q.shape[1], n, dtype=torch.float64)  # Qᵀ D of these rows
             stage = torch.empty(stage_rows + max(r1 - r0 for r0, r1 in run), n, dtype=dtype)
             held = [run[0][0], 0]  # first staged row, staged count
             norm2 = [0.0]
 
             def flush():
                 if held[1]:
-                    proj.addmm_(q[held[0]:held[0] + held[1]].T, stage[: held[1]])
+                    proj.addmm_(q64[held[0]:held[0] + held[1]].T, stage[: held[1]].double())
                 held[0], held[1] = held[0] + held[1], 0
 
             def target(r0, r1):  # blocks are mixed straight into the stage
@@ -838,8 +843,7 @@ def merge_factors(
 
             def sink(r0, r1, block):
                 held[1] += r1 - r0
-                flat = block.reshape(-1)
-                norm2[0] += float(torch.dot(flat, flat))
+                norm2[0] += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
                 if held[1] >= stage_rows:
                     flush()
 
@@ -852,7 +856,7 @@ def merge_factors(
         if st.single is not None and fixed is None:  # a bracket missed: the two passes
             st.two_pass()
             parts = _map([lambda run=run: run_rows(run) for run in st.split()], workers)
-    proj = sum(p.double() for p, _, _ in parts)  # [q, in]
+    proj = sum(p for p, _, _ in parts)  # [q, in], float64
     norm2 = sum(s for _, s, _ in parts)
     if fixed is not None:  # the uncertain positions: exact value − provisional value
         index, exact, provisional = fixed

@@ -15,7 +15,7 @@ built until a method needs it, and then one module at a time.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,10 @@ class TaskVectors:
     reference: str
     modules: list[str]  # canonical module paths touched by any task vector
     shapes: dict[str, tuple[int, int]]
+    #: lineage links whose parent's sha256 differs from the recorded one (when allowed)
+    lineage_mismatches: list[dict] = field(default_factory=list)
+    #: assumptions made about ancestors not on disk (continued chains, reference base)
+    lineage_assumed: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -76,43 +80,89 @@ class TaskVectors:
         return out
 
 
-def _cumulative(idx: int, pool: list[LoraAdapter], index_of: dict[Path, int], allow_pickle: bool,
-                memo: dict[int, Combo], stack: tuple[int, ...] = ()) -> Combo:
-    """U_idx as a combination of the adapters' own updates (loads ancestors into ``pool``)."""
-    if idx in memo:
-        return memo[idx]
+@dataclass
+class _Chain:
+    """What following the lineage of one merge's inputs collects (ancestors, notes)."""
+
+    pool: list[LoraAdapter]
+    index_of: dict[Path, int]
+    allow_pickle: bool
+    #: continued stages whose parent is not on disk are taken as cumulative from the base
+    #: (reference base only: U_i = U_parent − ΔW_parent + ΔW_i = ΔW_i along a continued chain)
+    allow_missing_continued: bool
+    allow_lineage_mismatch: bool
+    memo: dict[int, Combo] = field(default_factory=dict)
+    mismatches: list[dict] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)
+
+
+def _cumulative(idx: int, chain: _Chain, stack: tuple[int, ...] = ()) -> Combo:
+    """U_idx as a combination of the adapters' own updates (loads ancestors into the pool)."""
+    if idx in chain.memo:
+        return chain.memo[idx]
     if idx in stack:
-        raise MergeInputError(f"{pool[idx].path}: lineage has a cycle")
-    adapter = pool[idx]
+        raise MergeInputError(f"{chain.pool[idx].path}: lineage has a cycle")
+    adapter = chain.pool[idx]
     meta = adapter.metadata
     parent_dir = resolve_parent(adapter.path, meta)
     combo: Combo = defaultdict(float)
     if parent_dir is None or meta is None or meta.lineage.mode is None:
         combo[idx] += 1.0
+    elif (meta.lineage.mode == "continued" and chain.allow_missing_continued
+          and parent_dir not in chain.index_of and not parent_dir.exists()):
+        # The parent's update cancels (U_parent − ΔW_parent) when the chain above it is
+        # continued too, which is what training writes; recorded, since it is not checked.
+        chain.assumed.append(
+            f"{adapter.path}: continued parent {meta.lineage.parent} not on disk; its chain taken "
+            "as continued from the base (task vector = this adapter's update)"
+        )
+        combo[idx] += 1.0
     else:
-        p = _pool_index(parent_dir, adapter, pool, index_of, allow_pickle)
-        parent_u = _cumulative(p, pool, index_of, allow_pickle, memo, stack + (idx,))
+        p = _pool_index(parent_dir, adapter, chain)
+        _check_parent(adapter, chain.pool[p], chain)
+        parent_u = _cumulative(p, chain, stack + (idx,))
         for j, c in parent_u.items():
             combo[j] += c
         if meta.lineage.mode == "continued":
             combo[p] -= 1.0
         combo[idx] += 1.0
-    memo[idx] = {j: c for j, c in combo.items() if c != 0.0}
-    return memo[idx]
+    chain.memo[idx] = {j: c for j, c in combo.items() if c != 0.0}
+    return chain.memo[idx]
 
 
-def _pool_index(parent_dir: Path, child: LoraAdapter, pool: list[LoraAdapter],
-                index_of: dict[Path, int], allow_pickle: bool) -> int:
-    if parent_dir in index_of:
-        return index_of[parent_dir]
+def _check_parent(child: LoraAdapter, parent: LoraAdapter, chain: _Chain) -> None:
+    """The parent's weights are the ones the child was trained on (``lineage.parent_sha256``).
+
+    A parent retrained or overwritten after its child was trained makes every chained task
+    vector silently wrong, so a mismatch is refused unless allowed (then it is recorded).
+    """
+    recorded = child.metadata.lineage.parent_sha256 if child.metadata else None
+    if not recorded or any(m["child"] == str(child.path) for m in chain.mismatches):
+        return
+    found = parent.sha256
+    if found == recorded:
+        return
+    chain.mismatches.append({"child": str(child.path), "parent": str(parent.weights_file),
+                             "recorded_sha256": recorded, "found_sha256": found})
+    if not chain.allow_lineage_mismatch:
+        raise MergeInputError(
+            f"{parent.weights_file}: sha256 {found[:12]}… differs from the parent_sha256 "
+            f"{recorded[:12]}… recorded in {child.path / 'emomerge.json'} (the parent changed after "
+            "its child was trained; pass --allow-lineage-mismatch to merge anyway)"
+        )
+
+
+def _pool_index(parent_dir: Path, child: LoraAdapter, chain: _Chain) -> int:
+    if parent_dir in chain.index_of:
+        return chain.index_of[parent_dir]
     if not parent_dir.exists():
         raise MergeInputError(
             f"{child.path / 'emomerge.json'}: lineage parent '{child.metadata.lineage.parent}' "
             f"not found at {parent_dir} (chained task vectors need every ancestor adapter)"
         )
-    pool.append(load_adapter(parent_dir, allow_pickle=allow_pickle))
-    index_of[parent_dir] = len(pool) - 1
-    return len(pool) - 1
+    chain.pool.append(load_adapter(parent_dir, allow_pickle=chain.allow_pickle))
+    chain.index_of[parent_dir] = len(chain.pool) - 1
+    return len(chain.pool) - 1
 
 
 def _parent_index(idx: int, pool, index_of) -> int | None:
@@ -131,12 +181,15 @@ def build_task_vectors(
     force: bool = False,
     base_flavour: str | None = None,
     base_name: str | None = None,
+    allow_lineage_mismatch: bool = False,
 ) -> TaskVectors:
     """Read the adapters, follow their lineage and check everything before any merge work.
 
     ``base_flavour``: the VLM layout family of the base checkpoint (when one is given), used to
     decide what an ambiguous ``model.layers.N`` adapter is. ``base_name``: identity to check the
-    adapters against (besides each other).
+    adapters against (besides each other). Every lineage link read is checked against the
+    ``parent_sha256`` the child recorded (``allow_lineage_mismatch``: go on, listed in
+    ``lineage_mismatches``).
     """
     if reference not in ("base", "previous"):
         raise MergeInputError(f"--reference must be 'base' or 'previous', got {reference!r}")
@@ -147,17 +200,18 @@ def build_task_vectors(
     if len(set(resolved)) != len(resolved):
         dup = next(p for p in resolved if resolved.count(p) > 1)
         raise MergeInputError(f"{dup}: the same adapter is given twice")
-    pool = list(inputs)
-    index_of = {p: i for i, p in enumerate(resolved)}
+    chain = _Chain(list(inputs), {p: i for i, p in enumerate(resolved)}, allow_pickle,
+                   allow_missing_continued=reference == "base",
+                   allow_lineage_mismatch=allow_lineage_mismatch)
+    pool, index_of = chain.pool, chain.index_of
 
-    memo: dict[int, Combo] = {}
     combos: list[Combo] = []
     for i in range(len(inputs)):
-        u_i = _cumulative(i, pool, index_of, allow_pickle, memo)
+        u_i = _cumulative(i, chain)
         p = _parent_index(i, pool, index_of) if reference == "previous" else None
         if p is not None:
             diff: Combo = defaultdict(float, u_i)
-            for j, c in _cumulative(p, pool, index_of, allow_pickle, memo).items():
+            for j, c in _cumulative(p, chain).items():
                 diff[j] -= c
             u_i = {j: c for j, c in diff.items() if c != 0.0}
         combos.append(dict(u_i))
@@ -169,7 +223,8 @@ def build_task_vectors(
         check_finite(adapter)
     used = {j for combo in combos for j in combo}
     modules = sorted({m for j in used for m in pool[j].modules}, key=_natural_key)
-    return TaskVectors(inputs, pool, combos, reference, modules, {m: shapes[m] for m in modules})
+    return TaskVectors(inputs, pool, combos, reference, modules, {m: shapes[m] for m in modules},
+                       lineage_mismatches=chain.mismatches, lineage_assumed=chain.assumed)
 
 
 def _natural_key(path: str):

@@ -105,7 +105,8 @@ class StreamedMerge:
         if m["dtype"] not in DTYPES:
             raise MergeInputError(f"{where}: key 'dtype': unknown dtype {m['dtype']!r}")
         tv = build_task_vectors(paths, reference=str(m["reference"]),
-                                base_flavour=self.base.vlm_flavour if self.base else None)
+                                base_flavour=self.base.vlm_flavour if self.base else None,
+                                allow_lineage_mismatch=bool(m.get("allow_lineage_mismatch")))
         saved = sorted({name for a in tv.inputs for name in a.saved})
         if saved and self.base is None:
             raise MergeInputError(f"{where}: the merge has modules_to_save tensors; their exact "

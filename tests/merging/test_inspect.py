@@ -29,7 +29,8 @@ def test_inspect_reports_geometry_and_lineage(tmp_path):
     np.testing.assert_allclose([a["task_vector_norm"] for a in report["adapters"]], norms, rtol=1e-6)
     cos = tau[0] @ tau[1] / (norms[0] * norms[1])
     np.testing.assert_allclose(report["cosine"], [[1, cos], [cos, 1]], rtol=1e-6)
-    assert report["adapters"][1]["lineage"] == {"stage": None, "mode": "stacked", "parent": "../s1"}
+    assert report["adapters"][1]["lineage"] == {"stage": None, "mode": "stacked", "parent": "../s1",
+                                                "parent_sha256_ok": None}
     assert report["adapters"][1]["ranks"] == [5] and report["adapters"][1]["rslora"] is True
     # the table form prints too
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "s1"), str(tmp_path / "s2")])
