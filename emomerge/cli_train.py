@@ -13,10 +13,11 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect or generate datasets.
 
 
 @user_errors
-def _train(curriculum: Path, out: Path, progress: bool) -> None:
+def _train(curriculum: Path, out: Path, progress: bool, max_bad_image_share: float | None) -> None:
     from emomerge.training.trainer import train_curriculum
 
-    for folder in train_curriculum(curriculum, out, progress=progress):
+    for folder in train_curriculum(curriculum, out, progress=progress,
+                                   max_bad_image_share=max_bad_image_share):
         typer.echo(str(folder))
 
 
@@ -24,12 +25,18 @@ def train(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML."),
     out: Path = typer.Option(..., "--out", help="Run folder (adapters/<stage>/ inside)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    max_bad_image_share: float = typer.Option(
+        None, "--max-bad-image-share", min=0.0, max=1.0,
+        help="Share of a stage's image files that may be unreadable (skipped with a warning, "
+             "counted in emomerge.json as dataset.skipped_images) before training stops "
+             "[default: 0.05]."),
 ) -> None:
     """Train every stage of a curriculum (finished stages in --out are kept, not redone).
 
     A finished stage with other data, settings or parent adapter is refused, naming what differs.
+    The same curriculum and seed give byte-identical adapters on CPU, also across a resume.
     """
-    _train(curriculum, out, progress)
+    _train(curriculum, out, progress, max_bad_image_share)
 
 
 def _print_inspect(report: dict) -> None:

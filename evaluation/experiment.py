@@ -120,7 +120,8 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
     # the same identity whatever the device / thread count (they do not change the update)
     head = {"base": base_identity, "family": cur.get("family"), "lineage": cur["lineage"],
             "seed": cur["seed"], "lora": parsed.lora.model_dump(),
-            "train": {k: v for k, v in parsed.train.model_dump().items() if k != "device"}}
+            "train": {k: v for k, v in parsed.train.model_dump().items()
+                      if k not in ("device", "max_bad_image_share")}}
     keys, prev = [], stable_hash(head)
     for plan in plans:
         stage = plan.stage.model_dump()
@@ -254,21 +255,22 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
 def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: list[Variant],
                       root: Path, seed: int, progress: bool) -> tuple[list[dict], list[str]]:
     """Score ``variants`` (plus the base) on every evaluation set; rows and names scored now."""
-    from .pipeline import load_split, needs_validation, train_labels, validation_data
+    from .pipeline import load_checked, needs_validation, train_labels, validation_data
     from .runner import evaluate
 
     rows, scored = [], []
     baseline = resolve_baseline(exp)
     for s in exp.spec.evaluation.sets:
         cfg = _eval_config(exp, s, seed, baseline)
-        samples = load_split(s.dataset, s.path, s.split, s.task, **s.options)
+        samples, skipped = load_checked(s.dataset, s.path, s.split, s.task, **s.options)
         val = pool = None
         if needs_validation(cfg):
             val, pool = validation_data(s.dataset, s.path, s.task, **s.options)
         labels = train_labels(s.dataset, s.path, s.task, pool, **s.options) \
             if cfg.resolved_task() != "vqa" else None
         res = evaluate(host, base, variants, samples, root / s.label, cfg, val_samples=val,
-                       val_pool=pool, train_labels=labels, include_base=True, progress=progress)
+                       val_pool=pool, train_labels=labels, include_base=True, progress=progress,
+                       skipped_images=skipped)
         for row in res.rows:
             row["dataset"] = s.dataset
         rows += res.rows
@@ -308,6 +310,7 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
                    progress: bool = True, echo: Echo = print) -> ExperimentResult:
     """Run (or resume) an experiment into ``out``; return the rows, table and file paths."""
     from emomerge.training.families import detect_family
+    from emomerge.training.models import resolve_model
     from emomerge.training.stages import base_hash
 
     from .experiment_report import write_reports
@@ -322,6 +325,9 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
     labels = []
     for arch in exp.spec.architectures:
         base = exp.model_path(arch)
+        i = exp.spec.architectures.index(arch)
+        base = resolve_model(base, where=f"{exp.source}: key 'architectures.{i}.model'",
+                             relative_to=exp.source.parent)
         family = arch.family or detect_family(base)
         label = arch_label(arch, family)
         labels.append(label)

@@ -42,7 +42,8 @@ COLUMNS: tuple[str, ...] = (
     "lowrank_error_mean", "lowrank_error_max", "dataset", "split", "task", "mode", "label_set",
     "n", "n_groups", "n_books", "baseline",
     *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
-    "per_label_f1", "parse_failures", "scoring", "threshold", "threshold_source", "seed", "n_boot",
+    "per_label_f1", "parse_failures", "skipped_images", "scoring", "threshold",
+    "threshold_source", "seed", "n_boot",
     "emomerge_version", "git_hash", "date", "config_hash", "variant_hash", "split_hash",
 )
 
@@ -51,7 +52,7 @@ COLUMNS: tuple[str, ...] = (
 LATER_COLUMNS: tuple[str, ...] = (
     "threshold_source", "representation", "represented_rank", "lowrank_error_mean",
     "lowrank_error_max", "label_set", "n_books", *(f"{m}_p_holm" for m in METRIC_COLUMNS),
-    "per_label_f1", "scoring", "threshold",
+    "per_label_f1", "scoring", "threshold", "skipped_images",
 )
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.

@@ -19,6 +19,15 @@ from .runner import EvalConfig, EvalResult, evaluate
 from .variants import Variant, default_baseline, discover
 
 
+def load_checked(dataset: str, data: str | Path, split: str, reader_task: str | None = None,
+                 **reader_opts: Any) -> tuple[list[Any], int]:
+    """The split without samples whose images do not decode, and how many image files were
+    skipped (``skipped_images`` in the rows); more than 5 % unreadable is one line."""
+    from emomerge.training.data import read_checked
+
+    return read_checked(dataset, data, split, reader_task, **reader_opts)
+
+
 def load_split(dataset: str, data: str | Path, split: str, reader_task: str | None = None,
                **reader_opts: Any) -> list[Any]:
     """One split as samples, through ``emomerge.training.data.read_dataset``."""
@@ -38,10 +47,11 @@ def validation_data(dataset: str, data: str | Path, reader_task: str | None,
     names = {s.lower(): s for s in list_splits(dataset, data, reader_task)}
     for cand in ("val", "validation", "dev"):
         if cand in names:  # a dataset with its own validation split uses it
-            return load_split(dataset, data, names[cand], reader_task, **reader_opts), None
+            return load_checked(dataset, data, names[cand], reader_task, **reader_opts)[0], None
     if train_split.lower() not in names:
         raise InputError(f"{data}: no '{train_split}' split to hold validation books out of")
-    return None, load_split(dataset, data, names[train_split.lower()], reader_task, **reader_opts)
+    return None, load_checked(dataset, data, names[train_split.lower()], reader_task,
+                              **reader_opts)[0]
 
 
 def train_labels(dataset: str, data: str | Path, reader_task: str | None,
@@ -82,7 +92,7 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
     """
     cfg.check()
     opts = dict(reader_opts or {})
-    samples = load_split(cfg.dataset, data, cfg.split, reader_task, **opts)
+    samples, skipped = load_checked(cfg.dataset, data, cfg.split, reader_task, **opts)
     variants: list[Variant] = discover(list(variant_dirs), exact=exact) if variant_dirs else []
     merged = [v for v in variants if v.kind == "merged"] if leave_one_stage_out_ else []
     if leave_one_stage_out_ and not merged:
@@ -107,4 +117,5 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
         check_against_base_folder([v for v in variants if v.exact], base)  # before loading it
     host = host or ModelHost.load(base, family=family, dtype=dtype, device=device)
     return evaluate(host, base, variants, samples, out, cfg, val_samples=val, val_pool=pool,
-                    train_labels=labels, include_base=include_base, progress=progress)
+                    train_labels=labels, include_base=include_base, progress=progress,
+                    skipped_images=skipped)

@@ -199,7 +199,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
              out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
              val_pool: list[Any] | None = None, train_labels: list[list[str]] | None = None,
              include_base: bool = True, progress: bool = True,
-             on_batch: BatchHook | None = None) -> EvalResult:
+             on_batch: BatchHook | None = None, skipped_images: int = 0) -> EvalResult:
     """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
 
     Multi-label likelihood scores label sets by default (``cfg.scoring``, :mod:`.scoring`) and
@@ -292,6 +292,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     books = book_map(samples)
     for row in rows:
         row["n_books"] = len(set(books.values())) if books else None
+        row["skipped_images"] = skipped_images  # unreadable image files left out of the split
     add_holm(rows)
     _write_details(out / "details", results, rows, cfg)
     path = upsert_rows(out / "leaderboard.csv", rows)

@@ -64,6 +64,9 @@ class TrainSettings(_Strict):
     device: str | None = None
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    #: Share of a split's image files that may be unreadable (skipped with a counted warning,
+    #: ``dataset.skipped_images``); more stops the run with one line.
+    max_bad_image_share: float = Field(0.05, ge=0, le=1)
 
 
 class HoldoutSettings(_Strict):

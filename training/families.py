@@ -119,6 +119,10 @@ def detect_family(name_or_path_or_config: str | Path | Any) -> str:
             raise InputError(f"{path}/config.json: unsupported model_type '{cfg.get('model_type')}'"
                              f" (supported families: {sorted(FAMILIES)})")
         return fam
+    from .models import looks_local  # models imports this module
+
+    if not path.exists() and looks_local(obj):
+        raise InputError(f"model folder {path} not found (a hub id is exactly owner/name)")
     for name, spec in FAMILIES.items():
         if re.search(spec.hub_pattern, str(obj), flags=re.IGNORECASE):
             return name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,57 @@ def machine_precision(quantize_4bit: bool = False, dtype: str | None = None,
                           bnb_available=importlib.util.find_spec("bitsandbytes") is not None)
 
 
+#: A hub id is exactly ``owner/name``: letters, digits, ``_ . -``, neither part starting with a
+#: dot or a dash (the hub's own rule, minus its legacy owner-less names such as ``gpt2``).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def looks_local(name: str | Path, relative_to: Path | None = None) -> bool:
+    """Whether a model reference is a local path rather than a hub id.
+
+    Local: a ``Path``; anything starting with ``.``, ``/``, ``~`` or a drive (``C:``); a
+    backslash; other than exactly one ``/``; a trailing ``/``; a ``.``/``..`` part; or an
+    ``owner/name`` whose ``owner`` is a folder here (or beside the curriculum,
+    ``relative_to``) — the user meant that folder, so a missing ``name`` in it is a typo, not a
+    hub repository.
+    """
+    if isinstance(name, Path):
+        return True
+    text = str(name)
+    if (text.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:", text) or "\\" in text
+            or text.count("/") != 1 or text.endswith("/")
+            or any(part in (".", "..") for part in text.split("/"))):
+        return True
+    owner = text.split("/", 1)[0]
+    return any((folder / owner).is_dir() for folder in (Path.cwd(), relative_to) if folder)
+
+
+def resolve_model(name_or_path: str | Path, *, where: str | None = None,
+                  relative_to: Path | None = None) -> str:
+    """The model reference to load: an existing local path, or a hub id (``owner/name``).
+
+    A reference that looks local (:func:`looks_local`) and does not exist is an
+    :class:`InputError` at once, never a hub lookup (which retries the network for a minute and
+    ends in a traceback). ``where`` prefixes the message (the curriculum file and key).
+    """
+    text = str(name_or_path)
+    head = f"{where}: " if where else ""
+    if Path(text).is_dir() and not (Path(text) / "config.json").is_file():
+        raise InputError(f"{head}{text}: no config.json (not a model checkpoint folder)")
+    if Path(text).exists():
+        return text
+    if text.startswith("~") and Path(text).expanduser().exists():
+        return str(Path(text).expanduser())
+    if looks_local(name_or_path, relative_to):
+        shown = Path(text).expanduser()
+        if relative_to is not None and not shown.is_absolute():
+            shown = relative_to / shown
+        raise InputError(f"{head}model folder {shown} not found (a hub id is exactly owner/name)")
+    if not HUB_ID.match(text) or ".." in text or "--" in text:
+        raise InputError(f"{head}{text}: not a local folder nor a hub id (owner/name)")
+    return text
+
+
 def load_processor(name_or_path: str | Path, family: str) -> Any:
     """The checkpoint's processor, with the family's chat template when it ships none."""
     from transformers import AutoProcessor
@@ -73,8 +125,10 @@ def load_vlm(name_or_path: str | Path, family: str | None = None, dtype: str | N
     """Load ``(model, processor, family)`` from a hub id or a local folder.
 
     Offline use (tests) reads local folders only; nothing is downloaded unless the user passes a
-    hub id on a connected machine.
+    hub id on a connected machine. A missing local path is refused before anything is imported
+    (:func:`resolve_model`); a checkpoint transformers cannot open is one line naming it.
     """
+    name_or_path = resolve_model(name_or_path)
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -89,10 +143,12 @@ def load_vlm(name_or_path: str | Path, family: str | None = None, dtype: str | N
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": plan.device}
-    local = Path(name_or_path)
-    if not local.exists() and "/" not in str(name_or_path):
-        raise InputError(f"{name_or_path}: not a local folder nor a hub id (owner/name)")
-    model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        processor = load_processor(name_or_path, family)
+    except OSError as exc:  # transformers' "not found / no config.json / cannot connect"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{name_or_path}: cannot load the model ({first})") from exc
     if not plan.quantize_4bit:
         model.to(plan.device)
-    return model, load_processor(name_or_path, family), family
+    return model, processor, family

@@ -197,7 +197,10 @@ def stage_settings(plan: StagePlan, cur: Curriculum, family: str,
     change the update; the stage's position is in, as stage k is seeded with seed + k.
     """
     stage = plan.stage.model_dump(exclude={"name", "path", "eval_split", "eval_path", "options"})
-    train = {k: v for k, v in cur.train.model_dump().items() if k != "device"}
+    # neither the device nor the unreadable-image tolerance changes the update (skipped images
+    # change the data, which its sha256 covers)
+    train = {k: v for k, v in cur.train.model_dump().items()
+             if k not in ("device", "max_bad_image_share")}
     train["lr"] = plan.stage.lr or cur.train.lr
     settings = {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),
                 "train": train, "lineage": cur.lineage, "seed": cur.seed, "family": family,

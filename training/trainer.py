@@ -24,11 +24,12 @@ from typing import Any
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
 
-from .batching import encode_batch
+from .batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .curriculum import Curriculum, load_curriculum, parse_curriculum
+from .data import samples_sha256
 from .families import detect_family, get_family
 from .fsutil import publish_permissions
-from .models import load_vlm, machine_precision
+from .models import load_vlm, machine_precision, resolve_model
 from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
 
 
@@ -130,6 +131,35 @@ def _write_stage(model: Any, plan: StagePlan, meta: Any) -> None:
         raise
 
 
+def check_stage_images(cur: Curriculum, plans: list[StagePlan],
+                       max_bad_share: float | None = None) -> dict[int, int]:
+    """Drop the samples with unreadable images from every stage before any training starts.
+
+    Returns ``{stage index: skipped image files}`` (``dataset.skipped_images`` in each stage's
+    ``emomerge.json``); a stage whose images are unreadable beyond ``max_bad_share`` (default:
+    the curriculum's ``train.max_bad_image_share`` when it has one, else 5 %) stops the run with
+    one line. The checked split is what the stage trains on (after ``max_samples``), so its
+    ``dataset.sha256`` is recomputed when files were skipped: a resumed run that sees the same
+    files skips the same ones and matches; one that sees another set (a file repaired or newly
+    broken) is refused as other data by ``check_resumable``.
+    """
+    share = (max_bad_share if max_bad_share is not None
+             else getattr(cur.train, "max_bad_image_share", MAX_BAD_IMAGE_SHARE))
+    skipped = {}
+    for plan in plans:
+        where = f"{cur.source}: stages.{plan.index} ({plan.stage.name})"
+        plan.samples, skipped[plan.index] = check_images(plan.samples, max_bad_share=share,
+                                                         where=where)
+        if skipped[plan.index]:
+            plan.data_sha256 = samples_sha256(plan.samples)
+    return skipped
+
+
+def _source_dir(cur: Curriculum) -> Path | None:
+    """The curriculum file's folder (relative paths in it resolve there), if it came from one."""
+    return Path(cur.source).parent if cur.source and Path(cur.source).is_file() else None
+
+
 def _as_curriculum(obj: Curriculum | dict | str | Path) -> Curriculum:
     if isinstance(obj, Curriculum):
         return obj
@@ -139,22 +169,31 @@ def _as_curriculum(obj: Curriculum | dict | str | Path) -> Curriculum:
 
 
 def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out_dir: str | Path,
-                     *, progress: bool = True, max_stages: int | None = None) -> list[Path]:
+                     *, progress: bool = True, max_stages: int | None = None,
+                     max_bad_image_share: float | None = None) -> list[Path]:
     """Train every stage of a curriculum into ``out_dir/adapters/<stage>/``; return those folders.
 
     Finished stages (complete folders from an earlier, interrupted run with the same curriculum)
     are skipped. ``max_stages`` stops after that many stages in total (a deliberate interruption).
+    ``max_bad_image_share``: see :func:`check_stage_images`.
     Runs unchanged under ``accelerate launch`` (the main process writes, the others wait).
+
+    Deterministic on CPU: the same curriculum and seed give byte-identical adapter files, in
+    one run or across a kill and resume (stage k is seeded with ``seed + k`` before its model is
+    built, and its data order comes from a generator seeded the same way).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cur = _as_curriculum(curriculum_yaml_or_obj)
     out = Path(out_dir)
-    base = cur.resolved_base()
+    # A missing local base is one line now, not a hub lookup after the data is read.
+    base = resolve_model(cur.resolved_base(), where=f"{cur.source}: key 'base_model'",
+                         relative_to=_source_dir(cur))
     family = cur.family or detect_family(base)
     plan = machine_precision(cur.train.quantize_4bit, cur.train.dtype, cur.train.device)
     plans = plan_stages(cur, out)
+    skipped = check_stage_images(cur, plans, max_bad_image_share)
     accelerator = Accelerator(gradient_accumulation_steps=cur.train.grad_accum,
                               cpu=plan.device == "cpu")
     if accelerator.is_main_process:
@@ -182,6 +221,7 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
             prev = plans[i - 1] if i else None
             meta = stage_metadata(stage_plan, cur, prev, base, family, base_sha, steps, losses,
                                   accelerator.num_processes)
+            meta.dataset["skipped_images"] = skipped[i]
             _write_stage(model, stage_plan, meta)
         accelerator.wait_for_everyone()
         accelerator.free_memory()

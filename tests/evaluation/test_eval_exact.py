@@ -209,3 +209,25 @@ def test_cli_refuses_a_broken_full_folder_before_scoring(tiny_base, ties, emocom
     assert len(lines) == 1 and "missing" in lines[0] and str(folder) in lines[0]
     assert not (out / "predictions").exists()  # refused before anything was scored
     assert "Loading weights" not in res.output  # ... before the base was even loaded
+
+
+def test_an_unreadable_image_is_skipped_and_counted(tiny_base, tmp_path):
+    """A corrupt page image: its utterances leave the split, the row counts the file (one bad
+    file in at least 20 is under the 5 % tolerance)."""
+    from emomerge.evaluation.pipeline import evaluate_paths, load_split
+    from emomerge.evaluation.runner import EvalConfig
+    from emomerge.training.data.synthetic import write_synthetic
+
+    data = write_synthetic("emocomics35", tmp_path / "data", n=96, seed=0)
+    test = load_split("emocomics35", data, "test", "utterance")
+    assert len({s.images[0] for s in test}) >= 20
+    page = Path(test[0].images[0])
+    on_page = sum(Path(s.images[0]) == page for s in test)
+    page.write_bytes(b"not an image")
+    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20,
+                     baseline="base")
+    with pytest.warns(UserWarning):
+        res = evaluate_paths(tiny_base, [], data, tmp_path / "out", cfg, reader_task="utterance",
+                             progress=False)
+    row = res.rows[0]
+    assert (row["variant"], row["skipped_images"], row["n"]) == ("base", 1, len(test) - on_page)

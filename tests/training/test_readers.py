@@ -199,3 +199,113 @@ def test_mangavqa_repeated_question_on_a_page_gets_its_own_stable_id(tmp_path, s
     # both rows are the same input, which the train/evaluation overlap check must still see
     assert samples[2].meta["content_id"] == samples[3].meta["content_id"]
     assert samples[2].target != samples[3].target
+
+
+# --- image paths stay inside the dataset root ------------------------------------------------
+
+@pytest.mark.parametrize("raw,want", [
+    ("Images\\Style\\a.jpg", "Images/Style/a.jpg"),
+    ("Images/Style/./a.jpg", "Images/Style/a.jpg"),
+    ("Images\\Other\\..\\Style\\a.jpg", "Images/Style/a.jpg"),  # '..' that stays inside
+    ("C:\\EmoArt\\Images\\a.jpg", "EmoArt/Images/a.jpg"),      # anchors are dropped
+    ("/EmoArt/Images/a.jpg", "EmoArt/Images/a.jpg"),
+])
+def test_relative_inside_cleans_the_path(tmp_path, raw, want):
+    from emomerge.training.data.sample import relative_inside
+
+    assert relative_inside(tmp_path, raw, "f").as_posix() == want
+
+
+@pytest.mark.parametrize("raw", ["..\\..\\etc\\passwd", "../x.jpg", "Images/../../x.jpg",
+                                 "C:\\..\\x.jpg"])
+def test_relative_inside_refuses_an_escape(tmp_path, raw):
+    from emomerge.training.data.sample import relative_inside
+
+    with pytest.raises(InputError) as exc:
+        relative_inside(tmp_path, raw, "Annotation.json record 3")
+    assert str(exc.value) == (f"Annotation.json record 3: image path {raw!r} resolves outside "
+                              f"the dataset root {tmp_path}")
+
+
+def test_emoart_escaping_image_path_names_the_record(tmp_path, synthetic):
+    root = tmp_path / "emoart"
+    shutil.copytree(synthetic["emoart"], root)
+    (tmp_path / "secret.jpg").write_bytes((root / "Images").rglob("*.jpg").__next__().read_bytes())
+    records = json.loads((root / "Annotation.json").read_text())
+    records[4]["image_path"] = "..\\secret.jpg"  # exists, but outside the root
+    (root / "Annotation.json").write_text(json.dumps(records))
+    with pytest.raises(InputError, match=r"Annotation.json record 4 \(req-[0-9a-f]+\) key "
+                                         r"'image_path': image path '\.\.\\\\secret\.jpg' "
+                                         r"resolves outside the dataset root"):
+        read_dataset("emoart", root, "train")
+
+
+def test_emoart_symlinked_image_folder_inside_the_root_is_allowed(tmp_path, synthetic):
+    """The check is lexical: a link the user placed in the root is theirs to make."""
+    store = tmp_path / "big_disk"
+    shutil.copytree(synthetic["emoart"] / "Images", store)
+    root = tmp_path / "emoart"
+    root.mkdir()
+    shutil.copy(synthetic["emoart"] / "Annotation.json", root)
+    (root / "Images").symlink_to(store, target_is_directory=True)
+    assert len(read_dataset("emoart", root, "train")) == len(
+        read_dataset("emoart", synthetic["emoart"], "train"))
+
+
+def test_emid_csv_escaping_file_name_names_the_line(tmp_path, synthetic):
+    root = tmp_path / "emid"
+    shutil.copytree(synthetic["emid"], root)
+    path = root / "EMID_data.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = lines[3].split(",")
+    first[4] = "../../x.jpg"  # Image1_filename of the third data row
+    lines[3] = ",".join(first)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"EMID_data.csv:4 column Image1_filename: image path "
+                                         r"'\.\./\.\./x\.jpg' resolves outside"):
+        read_dataset("emid", root, "train", task="image_emotion")
+
+
+# --- undecodable and mis-shaped data files ----------------------------------------------------
+
+def test_csv_with_a_byte_order_mark_reads_like_without(tmp_path, synthetic):
+    root = tmp_path / "ec"
+    shutil.copytree(synthetic["emocomics35"], root)
+    path = next(root.glob("*.csv"))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Excel saves "UTF-8 CSV"
+    assert len(read_dataset("emocomics35", root, "TRAIN")) == len(
+        read_dataset("emocomics35", synthetic["emocomics35"], "TRAIN"))
+
+
+def test_parquet_string_column_with_invalid_utf8_names_column_and_row(tmp_path, synthetic):
+    root = tmp_path / "vqa"
+    shutil.copytree(synthetic["mangavqa"], root)
+    shard = root / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(shard)
+    raw = [q.encode() for q in table.column("question").to_pylist()]
+    raw[7] = b"\xff\xfe broken"
+    column = pa.array(raw, pa.binary()).view(pa.string())  # parquet stores it unchecked
+    pq.write_table(table.set_column(table.schema.get_field_index("question"), "question",
+                                    column), shard)
+    with pytest.raises(InputError) as exc:
+        read_dataset("mangavqa", root, "train")
+    assert str(exc.value) == (f"{shard}: column question row 7 is not valid UTF-8 "
+                              "(byte b'\\xff')")
+
+
+def test_emid_csv_without_the_image_columns_is_refused(tmp_path):
+    (tmp_path / "EMID_data.csv").write_text("Audio_Filename,emotion\nclip.wav,awe\n")
+    with pytest.raises(InputError, match=r"EMID_data.csv: missing columns \['Image1_filename'"):
+        read_dataset("emid", tmp_path, "train", task="image_emotion")
+
+
+def test_emid_image_column_of_the_wrong_type_names_file_and_row(tmp_path, synthetic):
+    table = pq.read_table(synthetic["emid"] / "data" / "train-00000-of-00001.parquet")
+    wrong = table.set_column(table.schema.get_field_index("image"), "image",
+                             pa.array(range(len(table)), pa.int64()))
+    (tmp_path / "data").mkdir()
+    shard = tmp_path / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(wrong, shard)
+    with pytest.raises(InputError, match=rf"^{shard} row 0: column image holds int, not image "
+                                         r"bytes \(wrong schema\?\)$"):
+        read_dataset("emid", tmp_path, "train", task="matching")

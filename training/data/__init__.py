@@ -3,6 +3,8 @@
 ``read_dataset(name, path, split, task=None, **opts)`` is the one entry point; ``opts`` are
 ``image_root`` (where images live), ``manga109_root`` (MangaVQA) and ``allow_missing_images``
 (a grey placeholder instead of dropping samples whose image file is absent).
+``read_checked`` also decodes every image once and drops the samples of unreadable ones
+(training and evaluation both read their splits through it, or through ``check_images``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .sample import ReadReport, Sample, content_id, samples_sha256
 
 __all__ = [
     "DATASETS", "DatasetSpec", "ReadReport", "Sample", "content_id", "inspect_dataset",
-    "list_splits", "read_dataset", "read_with_report", "samples_sha256",
+    "list_splits", "read_checked", "read_dataset", "read_with_report", "samples_sha256",
 ]
 
 
@@ -60,6 +62,22 @@ def read_dataset(name: str, path: str | Path, split: str, task: str | None = Non
                  **opts: Any) -> list[Sample]:
     """Read one split of ``name`` ("emocomics35", "emoart", "emid", "mangavqa") as samples."""
     return read_with_report(name, path, split, task, **opts)[0]
+
+
+def read_checked(name: str, path: str | Path, split: str, task: str | None = None, *,
+                 max_bad_image_share: float | None = None,
+                 **opts: Any) -> tuple[list[Sample], int]:
+    """``read_dataset`` without the samples whose images do not decode, and how many image
+    files were skipped (the ``skipped_images`` a leaderboard row or stage metadata reports).
+
+    More than ``max_bad_image_share`` (default 5 %) unreadable is an :class:`InputError`
+    naming ``path`` and ``split`` (``training.batching.check_images``).
+    """
+    from ..batching import MAX_BAD_IMAGE_SHARE, check_images  # batching imports this package
+
+    share = MAX_BAD_IMAGE_SHARE if max_bad_image_share is None else max_bad_image_share
+    samples = read_dataset(name, path, split, task, **opts)
+    return check_images(samples, max_bad_share=share, where=f"{path} split '{split}'")
 
 
 def list_splits(name: str, path: str | Path, task: str | None = None) -> list[str]:

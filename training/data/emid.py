@@ -25,6 +25,7 @@ from .sample import (
     Sample,
     image_from_bytes,
     normalize_split,
+    relative_inside,
     user_message,
 )
 
@@ -32,6 +33,8 @@ LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "
 TASKS = ("matching", "image_emotion")
 MATCH_COLUMNS = ["image", "same", "emotion", "question", "answer"]
 CSV_NAME = "EMID_data.csv"
+#: The columns of ``EMID_data.csv`` the image-emotion task reads.
+CSV_COLUMNS = [f"Image{k}_{part}" for k in (1, 2, 3) for part in ("filename", "tag")]
 
 
 def _default_task(path: Path) -> str:
@@ -44,6 +47,10 @@ def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
     wanted = normalize_split(split, list(shards), path)
     samples = []
     for i, (file, row_in_file, row) in enumerate(iter_rows(shards[wanted], MATCH_COLUMNS)):
+        cell = row["image"]
+        if cell is not None and not isinstance(cell, (dict, bytes)):
+            raise InputError(f"{file} row {row_in_file}: column image holds "
+                             f"{type(cell).__name__}, not image bytes (wrong schema?)")
         try:
             img = image_from_bytes(row["image"])
         except (OSError, TypeError, ValueError) as exc:  # PIL's UnidentifiedImageError: OSError
@@ -81,7 +88,7 @@ def _content_id(row: dict[str, Any]) -> str:
 
 
 def _collect_tags(row: dict[str, Any], where: str, report: ReadReport,
-                  seen: dict[str, str]) -> None:
+                  seen: dict[str, str], root: Path) -> None:
     """Record each image's Mikels tag from one CSV row (the first tag wins on a conflict)."""
     for k in (1, 2, 3):
         name, tag = row.get(f"Image{k}_filename"), row.get(f"Image{k}_tag")
@@ -90,6 +97,7 @@ def _collect_tags(row: dict[str, Any], where: str, report: ReadReport,
         label = tag.strip().lower()
         if label not in LABELS:
             raise InputError(f"{where}: Image{k}_tag {tag!r} not in {LABELS}")
+        name = relative_inside(root, name, f"{where} column Image{k}_filename").as_posix()
         if seen.setdefault(name, label) != label:
             report.repairs["conflicting_tag_first_kept"] += 1
 
@@ -101,17 +109,20 @@ def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
         raise InputError(f"{path}: no {CSV_NAME} (the original EMID layout)")
     wanted = normalize_split(split, ["train", "val", "test"], csv_path)
     seen: dict[str, str] = {}
-    with csv_path.open(newline="", encoding="utf-8") as fh:
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         try:
+            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{csv_path}: missing columns {missing}")
             for row in reader:
-                _collect_tags(row, f"{csv_path}:{reader.line_num}", report, seen)
+                _collect_tags(row, f"{csv_path}:{reader.line_num}", report, seen, root)
         except UnicodeDecodeError as exc:
             raise InputError(f"{csv_path}: not a UTF-8 text file (near line "
                              f"{reader.line_num + 1})") from exc
         except csv.Error as exc:
             raise InputError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc})") from exc
-    images = ImageResolver(report, allow_missing)
+    images = ImageResolver(report, allow_missing, root)
     prompt = ("Which emotion does this image evoke? Choose one of: "
               f"{', '.join(LABELS)}. Answer with the emotion only.")
     samples = []

@@ -11,12 +11,19 @@ import hashlib
 import json
 import re
 from collections import Counter
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from emomerge.merging.errors import InputError
 
-from .sample import ImageResolver, ReadReport, Sample, normalize_split, user_message
+from .sample import (
+    ImageResolver,
+    ReadReport,
+    Sample,
+    normalize_split,
+    relative_inside,
+    user_message,
+)
 
 LABELS = ["Calm", "Excited", "Contentment", "Frustrated", "Sad", "Aroused", "Alarmed", "Bored",
           "Happy", "Annoyed", "Tired", "Glad"]
@@ -60,7 +67,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     """The raw records of ``Annotation.json`` (a JSON list, or JSON lines)."""
     ann = find_annotation(path)
     try:
-        text = ann.read_text(encoding="utf-8")
+        text = ann.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{ann}: not a UTF-8 text file (byte {exc.start})") from exc
     try:
@@ -120,15 +127,17 @@ def read_emoart(
             raise InputError(f"{where}: description.third_section is not an object")
         if not isinstance(rec.get("image_path"), str) or not rec["image_path"].strip():
             raise InputError(f"{where}: key 'image_path' missing or not a string")
-        parsed.append((rec, third, repairs))
+        # Windows separators in the published paths: rebuilt portably, and kept below the root.
+        rel = relative_inside(root, rec["image_path"], f"{where} key 'image_path'")
+        parsed.append((rec, third, repairs, rel))
     if task == "dominant_emotion":
         label_set = list(LABELS)
     else:
         key = f"emotional_{task}" + ("_level" if task == "arousal" else "")
-        label_set = sorted({str(t.get(key, "")).strip().lower() for _, t, _ in parsed} - {""})
-    images = ImageResolver(report, allow_missing_images)
+        label_set = sorted({str(t.get(key, "")).strip().lower() for _, t, _, _ in parsed} - {""})
+    images = ImageResolver(report, allow_missing_images, root)
     samples: list[Sample] = []
-    for rec, third, repairs in parsed:
+    for rec, third, repairs, rel in parsed:
         rid = str(rec.get("request_id") or rec.get("image_path"))
         if str(rec.get("split") or hash_split(rid)).lower() != wanted:
             continue
@@ -148,8 +157,6 @@ def read_emoart(
                 continue
         report.label_counts[label] += 1
         report.labels_per_item[1] += 1
-        # Windows separators in the published paths: rebuild them portably.
-        rel = Path(*PureWindowsPath(str(rec["image_path"])).parts)
         img = images.resolve([root / rel, root / Path(*rel.parts[1:]), root / rel.name])
         if img is None:
             continue

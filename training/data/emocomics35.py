@@ -103,7 +103,7 @@ def _literal_list(text: str | None, where: str) -> list[Any]:
 @contextmanager
 def _open_csv(csv_path: Path) -> Iterator[Iterator[tuple[int, dict[str, Any]]]]:
     """(line number, row) pairs, header checked; decoding and CSV errors name the line."""
-    with csv_path.open(newline="", encoding="utf-8") as fh:
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
 
         def rows() -> Iterator[tuple[int, dict[str, Any]]]:
@@ -198,7 +198,7 @@ def read_emocomics35(
     pages = list(iter_pages(csv_path))
     wanted = normalize_split(split, sorted({p["split"] for p in pages}), csv_path)
     report = ReadReport("emocomics35", wanted)
-    images = ImageResolver(report, allow_missing_images)
+    images = ImageResolver(report, allow_missing_images, root)
     samples: list[Sample] = []
     n_pages = n_utts = 0
     for pg in (p for p in pages if p["split"] == wanted):

@@ -38,7 +38,7 @@ def read_mangavqa(
     root_arg = manga109_root or image_root
     root = Path(root_arg) if root_arg else (path if path.is_dir() else path.parent)
     report = ReadReport("mangavqa", wanted)
-    images = ImageResolver(report, allow_missing_images)
+    images = ImageResolver(report, allow_missing_images, root)
     samples = []
     for index, (file, i, row) in enumerate(iter_rows(shards[wanted], COLUMNS, OPTIONAL)):
         title = str(row["title"])
@@ -56,7 +56,7 @@ def read_mangavqa(
         qtype = row.get("answer_type") or row.get("understanding_type")
         report.label_counts[str(qtype or "unknown")] += 1
         img = images.resolve([root / "images" / title / f"{num:03d}.jpg",
-                              root / title / f"{num:03d}.jpg"])
+                              root / title / f"{num:03d}.jpg"], where=f"{file} row {i}")
         if img is None:
             continue
         answer = str(row["answer"]).strip()

@@ -56,8 +56,27 @@ def iter_rows(files: list[Path], wanted: list[str],
             if missing:
                 raise InputError(f"{f}: missing columns {missing} (has {names})")
             cols = list(wanted) + [c for c in optional if c in names]
-            rows = pq.read_table(f, columns=cols).to_pylist()
+            table = pq.read_table(f, columns=cols)
+            rows = table.to_pylist()
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{f}: not a readable parquet file ({exc})") from exc
+            raise InputError(f"{f}: not a readable parquet file "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                             ) from exc
+        except UnicodeDecodeError as exc:  # parquet does not check the UTF-8 of string columns
+            raise InputError(f"{f}: {_bad_utf8(table)} is not valid UTF-8 (byte "
+                             f"{exc.object[exc.start:exc.start + 1]!r})") from exc
         out.extend((f, i, row) for i, row in enumerate(rows))
     return out
+
+
+def _bad_utf8(table: pa.Table) -> str:
+    """``column X row N``: the first string cell that does not decode."""
+    for name in table.column_names:
+        if not pa.types.is_string(table.schema.field(name).type):
+            continue
+        for i, value in enumerate(table.column(name).cast(pa.binary()).to_pylist()):
+            try:
+                (value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                return f"column {name} row {i}"
+    return "a string column"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,15 +96,54 @@ def placeholder_image() -> Image.Image:
     return Image.new("RGB", (PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), (128, 128, 128))
 
 
-class ImageResolver:
-    """Find image files; count the missing ones and substitute placeholders when allowed."""
+def _inside(root: str | Path, path: str | Path) -> bool:
+    base = os.path.normpath(os.path.abspath(root))
+    return Path(os.path.normpath(os.path.abspath(path))).is_relative_to(base)
 
-    def __init__(self, report: ReadReport, allow_missing: bool) -> None:
+
+def relative_inside(root: Path, relative: str, where: str) -> Path:
+    """``relative`` as a clean path below ``root`` (no ``..``), or an :class:`InputError`.
+
+    Backslashes count as separators (EmoArt's paths are Windows paths), so ``..\\..\\x.jpg``
+    and ``../x.jpg`` are both caught. An anchor (``/``, ``C:\\``) is dropped, as the readers
+    always looked such paths up below the root. The check is lexical, not ``resolve()``: a
+    symlink the user placed inside the root (``images -> /mnt/big/images``) is theirs to
+    make, a ``..`` written in a data file is not.
+    """
+    parts: list[str] = []
+    for i, part in enumerate(str(relative).replace("\\", "/").split("/")):
+        if part in ("", ".") or (i == 0 and re.fullmatch(r"[A-Za-z]:", part)):
+            continue
+        if part == "..":
+            if not parts:
+                raise InputError(f"{where}: image path {relative!r} resolves outside the "
+                                 f"dataset root {root}")
+            parts.pop()
+        else:
+            parts.append(part)
+    if not parts:
+        raise InputError(f"{where}: image path {relative!r} names no file")
+    return Path(*parts)
+
+
+class ImageResolver:
+    """Find image files; count the missing ones and substitute placeholders when allowed.
+
+    With ``root``, a candidate outside it (a ``..`` or an absolute path from a data row) is
+    refused, naming ``where`` (the file and row), before anything is looked up.
+    """
+
+    def __init__(self, report: ReadReport, allow_missing: bool, root: Path | None = None) -> None:
         self.report = report
         self.allow_missing = allow_missing
+        self.root = root
 
-    def resolve(self, candidates: list[Path]) -> str | Image.Image | None:
+    def resolve(self, candidates: list[Path], where: str = "") -> str | Image.Image | None:
         """The first existing candidate path; a placeholder or ``None`` when none exists."""
+        for cand in candidates:
+            if self.root is not None and not _inside(self.root, cand):
+                raise InputError(f"{where or self.report.dataset}: image path {str(cand)!r} "
+                                 f"resolves outside the dataset root {self.root}")
         for cand in candidates:
             if cand.is_file():
                 return str(cand)
