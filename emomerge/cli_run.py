@@ -32,6 +32,11 @@ def run_cmd(
     experiment: Path = typer.Argument(..., help="Experiment YAML (see experiments/)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<name>)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    plan: bool = typer.Option(False, "--plan", help="Print what would be trained, merged and "
+                              "scored, and the projected scoring cost; run nothing."),
+    seconds_per_example: float = typer.Option(
+        1.18, "--seconds-per-example", help="With --plan: seconds of one scored example "
+        "(default: a Qwen2.5-VL-7B page prompt on an H200)."),
 ) -> None:
     """Train what is missing, merge, evaluate every variant; print the leaderboard.
 
@@ -40,6 +45,14 @@ def run_cmd(
     """
     from emomerge.evaluation.experiment import run_experiment
     from emomerge.evaluation.experiment_config import load_experiment
+
+    if plan:
+        from emomerge.evaluation.experiment_plan import plan_experiment
+
+        with tempfile.TemporaryDirectory(prefix="emomerge-recipes-") as tmp:
+            exp = load_experiment(experiment, inline_dir=tmp)
+            typer.echo(plan_experiment(exp, seconds_per_example).table(), nl=False)
+        return
 
     if out is None:
         with tempfile.TemporaryDirectory(prefix="emomerge-recipes-") as tmp:  # only the name is needed

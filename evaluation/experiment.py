@@ -42,6 +42,8 @@ from .variants import Variant, variant_from_dir
 
 Echo = Callable[[str], None]
 ADAPTER_FILE = "adapter_model.safetensors"
+#: Variant kinds that ``ablations.evaluation_sets`` can keep off an evaluation set.
+ABLATION_KINDS = ("chain-ablation", "merge-ablation")
 CHAIN_FILE = "chain.json"
 
 
@@ -260,7 +262,10 @@ def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: lis
 
     rows, scored = [], []
     baseline = resolve_baseline(exp)
+    on = exp.spec.ablations.evaluation_sets
     for s in exp.spec.evaluation.sets:
+        scored_here = variants if on is None or s.label in on else \
+            [v for v in variants if v.kind not in ABLATION_KINDS]
         cfg = _eval_config(exp, s, seed, baseline)
         samples, skipped = load_checked(s.dataset, s.path, s.split, s.task, **s.options)
         val = pool = None
@@ -268,7 +273,7 @@ def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: lis
             val, pool = validation_data(s.dataset, s.path, s.task, **s.options)
         labels = train_labels(s.dataset, s.path, s.task, pool, **s.options) \
             if cfg.resolved_task() != "vqa" else None
-        res = evaluate(host, base, variants, samples, root / s.label, cfg, val_samples=val,
+        res = evaluate(host, base, scored_here, samples, root / s.label, cfg, val_samples=val,
                        val_pool=pool, train_labels=labels, include_base=True, progress=progress,
                        skipped_images=skipped)
         for row in res.rows:

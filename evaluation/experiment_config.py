@@ -165,6 +165,9 @@ class Ablations(_Strict):
     chain_without_stage: bool = True  # the chain retrained without each auxiliary stage
     #: merges rebuilt without each input stage: true (every merge), false, or merge names
     merge_without_stage: bool | list[str] = True
+    #: the evaluation sets (by name) that score the ablation variants (chains and merges without
+    #: a stage); null: every set. Sizing a study: e.g. [emocomics35], the target only.
+    evaluation_sets: list[str] | None = None
 
 
 class Experiment(_Strict):
@@ -187,6 +190,15 @@ class Experiment(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be unique (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _known_ablation_sets(self) -> Experiment:
+        names = [s.label for s in self.evaluation.sets]
+        unknown = [n for n in self.ablations.evaluation_sets or [] if n not in names]
+        if unknown:
+            raise ValueError(f"ablations.evaluation_sets: {unknown} are not evaluation sets "
+                             f"(sets: {names})")
+        return self
 
 
 # ---------------------------------------------------------------- resolved form
