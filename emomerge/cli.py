@@ -7,8 +7,10 @@ Each area registers its commands from its own module (``cli_merge``, ``cli_train
 import typer
 
 from emomerge import __version__, cli_eval, cli_merge, cli_run, cli_train
+from emomerge._cli_common import OneLineErrors
 
 app = typer.Typer(
+    cls=OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     help="emomerge: train, merge and evaluate LoRA adapters of vision-language models.",
@@ -25,6 +27,7 @@ cli_merge.register(app)
 cli_train.register(app)
 cli_eval.register(app)
 cli_run.register(app)
+app.add_typer(cli_merge.lineage_app, name="lineage")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,8 @@ Each command parses, calls one library function of ``emomerge.evaluation`` and p
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +23,60 @@ from emomerge.merging.errors import InputError
 
 leaderboard_app = typer.Typer(no_args_is_help=True, add_completion=False,
                               help="Show, compare and plot leaderboard CSVs.")
+
+
+def check_numbers(limits: dict[str, tuple[int, int, int | None]]) -> None:
+    """Every integer option within its bounds (``{flag: (value, low, high or None)}``)."""
+    for flag, (value, low, high) in limits.items():
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise InputError(f"{flag}: must be {bound}, got {value}")
+
+
+#: Files and folders only a results folder holds (what ``evaluate`` writes and re-reads).
+RESULTS_ENTRIES = ("leaderboard.csv", "by_book.csv", "predictions", "details", "ablations")
+#: Files that make a folder a model, an adapter or an emomerge output of another kind.
+OTHER_KINDS = {"adapter_config.json": "an adapter folder", "config.json": "a model folder",
+               "emomerge.json": "an emomerge output (stage, merge or run)"}
+
+
+def _is_run(manifest: Path) -> bool:
+    # an `emomerge run` folder holds its own leaderboard: evaluating into it adds rows
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == "run"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def check_results_folder(out: Path, inputs: list) -> None:
+    """Refuse an ``--out`` that ``evaluate`` must not write into, before anything runs: a file,
+    one of the inputs (or a folder inside one), a model / adapter / merge folder, or a folder
+    whose leaderboard or by-book CSV is not one (it would only fail after the scoring).
+    A missing folder, an empty one or an earlier results folder (a re-run resumes) are fine."""
+    from emomerge.evaluation.bybook import FILENAME, read_by_book
+    from emomerge.evaluation.leaderboard import read_rows
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a results folder")
+    existing = next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+    target = out.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if src.exists() and (target == src or src in target.parents):
+            raise InputError(f"--out {out}: is inside the input {given}; results go elsewhere")
+    if not out.is_dir():
+        return
+    for name, kind in OTHER_KINDS.items():
+        if (out / name).exists() and not (name == "emomerge.json" and _is_run(out / name)):
+            raise InputError(f"--out {out}: is {kind} ({name}), not a results folder")
+    for name in RESULTS_ENTRIES[:2]:
+        if (out / name).exists() and not (out / name).is_file():
+            raise InputError(f"--out {out}: {name} is a folder, not a CSV")
+    read_rows(out / "leaderboard.csv")  # one line naming it if it is not a leaderboard
+    if (out / FILENAME).is_file():
+        read_by_book(out / FILENAME)
 
 
 @user_errors
@@ -42,18 +98,19 @@ def evaluate_cmd(
     baseline: str = typer.Option(None, "--baseline", help="Variant the paired test compares "
                                  "against (default: the last stage adapter)."),
     paired_test: str = typer.Option("bootstrap", "--paired-test", help="bootstrap or mcnemar."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=10),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (at least 10)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed (>= 0)."),
     multilabel: str = typer.Option("threshold", "--multilabel", help="threshold (chosen on "
                                    "train books held out) or topk (k = gold count)."),
-    threshold: float = typer.Option(None, "--threshold", help="Fixed multi-label threshold."),
+    threshold: float = typer.Option(None, "--threshold", help="Fixed multi-label threshold, "
+                                    "in [0, 1]."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train books drawn "
                                        "for the threshold when no stage recorded a hold-out."),
     holdout_seed: int = typer.Option(0, "--holdout-seed", help="Seed of that draw."),
     scoring: str = typer.Option("auto", "--scoring", help="Multi-label likelihood: label_set "
                                 "(every label set scored as a whole answer; each label decided "
                                 "on its presence probability; the default) or first_label."),
-    max_labels: int = typer.Option(3, "--max-labels", min=1, help="label_set: the largest "
+    max_labels: int = typer.Option(3, "--max-labels", help="label_set: the largest "
                                    "label set scored."),
     length_norm: bool = typer.Option(False, "--length-norm/--no-length-norm",
                                      help="Mean log-prob per token instead of the sum."),
@@ -62,7 +119,7 @@ def evaluate_cmd(
                                         "sparse merges as their rank-limited adapters instead "
                                         "of exactly (rows say lowrank with the error)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size"),
     include_base: bool = typer.Option(True, "--include-base/--no-base"),
     leave_one_stage_out: bool = typer.Option(False, "--leave-one-stage-out"),
     judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint "
@@ -75,8 +132,14 @@ def evaluate_cmd(
     family: str = typer.Option(None, "--family"),
     dtype: str = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device"),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Score "
+                                             "variants recorded as trained on another base "
+                                             "than --base."),
 ) -> None:
-    """Score the base, every stage adapter and every merge; append rows to the leaderboard."""
+    """Score the base, every stage adapter and every merge; append rows to the leaderboard.
+
+    Bad input (a number out of range, a variant trained on another base, with non-finite or
+    truncated tensors, an --out that is a file or a model folder) stops before any scoring."""
     from emomerge.evaluation.leaderboard import show
     from emomerge.evaluation.pipeline import evaluate_paths
     from emomerge.evaluation.runner import EvalConfig
@@ -92,6 +155,16 @@ def evaluate_cmd(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise InputError(f"{flag}: expected one of {[a for a in allowed if a]}, got '{value}'")
+    check_numbers({"--n-boot": (n_boot, 10, None), "--seed": (seed, 0, None),
+                   "--holdout-seed": (holdout_seed, 0, None), "--max-labels": (max_labels, 1, None),
+                   "--max-new-tokens": (max_new_tokens, 1, None),
+                   "--batch-size": (batch_size, 1, None)})
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise InputError(f"--threshold: must be a number in [0, 1], got {threshold}")
+    if not (math.isfinite(val_fraction) and 0.0 < val_fraction < 1.0):
+        raise InputError(f"--val-fraction: must be a number in (0, 1), got {val_fraction}")
+    check_results_folder(out, [Path(base), data, *variants, *map(Path, extra),
+                               *([image_root] if image_root else [])])
     cfg = EvalConfig(dataset=dataset, split=split, task=task_type, mode=mode,
                      length_norm=length_norm, append_eot=append_eot, multilabel=multilabel,
                      threshold=threshold, val_fraction=val_fraction, holdout_seed=holdout_seed,
@@ -105,7 +178,8 @@ def evaluate_cmd(
     result = evaluate_paths(base, [*variants, *map(Path, extra)], data, out, cfg,
                             reader_task=reader_task, reader_opts=opts, include_base=include_base,
                             leave_one_stage_out_=leave_one_stage_out, family=family, dtype=dtype,
-                            device=device, exact=not lowrank_merges)
+                            device=device, exact=not lowrank_merges,
+                            allow_base_mismatch=allow_base_mismatch)
     typer.echo(f"{len(result.rows)} rows → {result.leaderboard}")
     typer.echo(show(result.leaderboard, fmt="markdown").rstrip())
 
@@ -122,19 +196,20 @@ def show_cmd(
 ) -> None:
     """Print a leaderboard (metrics with their 95% intervals, raw and Holm-adjusted p-values;
     * marks a Holm-adjusted p < 0.05)."""
+    from emomerge.evaluation.leaderboard import read_rows, show
+
     if by_book:
         from emomerge.evaluation.bybook import FILENAME, show_by_book
 
         if by is not None:
             raise InputError("--by: not available with --by-book (rows are variants)")
+        read_rows(path)  # need not exist, but a file there must be a leaderboard
         typer.echo(show_by_book(path.parent / FILENAME, metric=metric, fmt=fmt), nl=False)
         return
-    from emomerge.evaluation.leaderboard import show
-
-    if metric is not None:
-        raise InputError("--metric: only with --by-book")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if metric is not None:
+        raise InputError("--metric: only with --by-book")
     typer.echo(show(path, by=by, fmt=fmt), nl=False)
 
 
@@ -153,6 +228,34 @@ def compare_cmd(
     typer.echo(compare(a, b, fmt=fmt), nl=False)
 
 
+#: What ``leaderboard plot --out`` may write (matplotlib picks the format by the suffix).
+PLOT_SUFFIXES = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
+
+
+def check_plot_target(out: Path, inputs: list[Path]) -> None:
+    """Refuse a plot ``--out`` before reading anything: a suffix matplotlib would not write, a
+    folder, one of the leaderboards, or an existing file that is not a plot of that format
+    (an earlier plot is replaced); the confusion-matrix folder beside it must not be a file."""
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise InputError(f"--out {out}: expected a .png, .pdf or .svg file name")
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder, not a plot file")
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise InputError(f"--out {out}: is one of the leaderboards read")
+    if out.exists():
+        with out.open("rb") as fh:
+            head = fh.read(8)
+        if not head.startswith(PLOT_SUFFIXES[out.suffix.lower()]):
+            raise InputError(f"--out {out}: exists and is not a {out.suffix.lower()[1:]} plot "
+                             "(only an earlier plot is replaced)")
+    cm_dir = out.with_name(out.stem + "_confusion")
+    if cm_dir.exists() and not cm_dir.is_dir():
+        raise InputError(f"--out {out}: {cm_dir} (where confusion matrices go) is a file")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+
+
 @user_errors
 def plot_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Leaderboard CSV(s).")],
@@ -168,6 +271,7 @@ def plot_cmd(
     for p in paths:
         if not p.is_file():
             raise InputError(f"{p}: no such file")
+    check_plot_target(out, paths)
     fig = plot_leaderboard(paths, out, metric=metric, dataset=dataset)
     typer.echo(f"wrote {fig}")
     if confusion:

@@ -106,6 +106,7 @@ def _method_command(name: str):
         seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."),
         reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
+        out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Stored dtype of the written weights: float32, bfloat16, float16 or float64 (default: the base's own for --output full, float32 factors for adapters)."),
         layout: Optional[str] = typer.Option(None, "--layout", help="Adapter key layout: new, qwen-legacy, llava-legacy (default: the inputs' own, new if mixed)."),
         force: bool = Force,
         allow_base_mismatch: bool = AllowBaseMismatch,
@@ -139,6 +140,7 @@ def _method_command(name: str):
         result = merge(
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
             rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
+            out_dtype=out_dtype,
             layout=layout, force=force, allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
             allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
         )
@@ -226,6 +228,25 @@ def inspect(
     for i, row in enumerate(report["cosine"]):
         cos.add_row(str(i), *(f"{v:+.3f}" for v in row))
     console.print(cos)
+    typer.echo(_rank_line(report["output_rank"]))
+
+
+def _rank_line(ranks: dict) -> str:
+    """What rank a merged adapter of these inputs has, and what vLLM then needs."""
+    from emomerge.merging.serving import VLLM_DEFAULT_MAX_LORA_RANK
+
+    parts = []
+    for key, what in (("exact_linear", "linear / task arithmetic (exact)"),
+                      ("sparse_default", "sparse methods (default --rank)")):
+        rank, needed = ranks[key], ranks["vllm_max_lora_rank"][key]
+        if rank <= VLLM_DEFAULT_MAX_LORA_RANK:
+            vllm = "vLLM's default max_lora_rank 16 serves it"
+        elif needed is None:
+            vllm = "above vLLM's largest --max-lora-rank 512: use --rank"
+        else:
+            vllm = f"vLLM needs --max-lora-rank {needed}"
+        parts.append(f"{what}: rank {rank} ({vllm})")
+    return "merged adapter rank: " + "; ".join(parts)
 
 
 @user_errors
@@ -271,6 +292,55 @@ def export_mergekit(
     inputs += [recipe] if recipe is not None else []
     write_text_output(out, text, force=force, inputs=inputs)
     typer.echo(f"wrote {out}")
+
+
+lineage_app = typer.Typer(
+    no_args_is_help=True,
+    help="Record or show the lineage (emomerge.json) of stage adapters trained elsewhere.",
+)
+
+
+@lineage_app.command("set")
+@user_errors
+def lineage_set(
+    adapter: Path = typer.Argument(..., help="The adapter folder to record the lineage of."),
+    mode: str = typer.Option(..., "--mode", help="continued (the parent's LoRA kept training) or stacked (the parent folded into the base, a fresh LoRA on top)."),
+    parent: Optional[Path] = typer.Option(None, "--parent", help="The parent stage adapter folder (omit for a first stage trained on the base)."),
+    force: bool = typer.Option(False, "--force", help="Replace a lineage recorded by training."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
+) -> None:
+    """Write ADAPTER/emomerge.json: its parent (relative path), the parent's sha256 and the mode,
+    as training records them, so --reference previous and stacked chains work for it."""
+    from emomerge.merging.lineage_edit import set_lineage
+
+    doc = set_lineage(adapter, mode=mode, parent=parent, force=force, allow_pickle=allow_pickle)
+    lin = doc["lineage"]
+    typer.echo(f"{adapter / 'emomerge.json'}: {lin['mode']} ← {lin['parent'] or 'base'}"
+               + (f" (parent sha256 {lin['parent_sha256'][:12]}…)" if lin.get("parent_sha256") else ""))
+
+
+@lineage_app.command("show")
+@user_errors
+def lineage_show(
+    adapter: Path = typer.Argument(..., help="Adapter folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The adapter's lineage up to the base: mode, parent, sha256 check, who recorded it."""
+    from emomerge.merging.lineage_edit import show_lineage
+
+    report = show_lineage(adapter)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for link in report["chain"]:
+        if link.get("note"):
+            typer.echo(f"{link['adapter']}: {link['note']}")
+            continue
+        sha = {True: ", parent sha256 ok", False: ", parent sha256 DIFFERS from the recorded one",
+               None: ""}[link.get("parent_sha256_ok")]
+        missing = ", parent not on disk" if link.get("parent_on_disk") is False else ""
+        typer.echo(f"{link['adapter']}: {link['mode'] or 'independent'} ← {link['parent'] or 'base'}"
+                   f"{sha}{missing} [recorded by {link['recorded_by']}]")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,8 +14,14 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect or generate datasets.
 
 @user_errors
 def _train(curriculum: Path, out: Path, progress: bool, max_bad_image_share: float | None) -> None:
+    import math
+
+    from emomerge.merging.errors import InputError
     from emomerge.training.trainer import train_curriculum
 
+    if max_bad_image_share is not None and not math.isfinite(max_bad_image_share):
+        raise InputError(f"--max-bad-image-share: must be a number in [0, 1], got "
+                         f"{max_bad_image_share}")
     for folder in train_curriculum(curriculum, out, progress=progress,
                                    max_bad_image_share=max_bad_image_share):
         typer.echo(str(folder))

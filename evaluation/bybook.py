@@ -27,7 +27,7 @@ from emomerge.merging.errors import InputError
 from emomerge.training.data.holdout import book_of as _book_of
 from emomerge.training.data.holdout import has_book
 
-from .leaderboard import METRIC_COLUMNS, fmt_value, format_table
+from .leaderboard import METRIC_COLUMNS, fmt_value, format_table, read_csv
 from .metrics import METRICS, Predictions
 
 FILENAME = "by_book.csv"
@@ -129,11 +129,10 @@ def read_by_book(path: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file (per-book rows are written by "
                          "`emomerge evaluate` beside the leaderboard)")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != BY_BOOK_COLUMNS:
-            raise InputError(f"{path}: not an emomerge by-book table (header differs)")
-        return [{c: r.get(c) or "" for c in BY_BOOK_COLUMNS} for r in reader]
+    header, rows = read_csv(path, "an emomerge by-book table")
+    if header != BY_BOOK_COLUMNS:
+        raise InputError(f"{path}: not an emomerge by-book table (header differs)")
+    return [{c: r.get(c) or "" for c in BY_BOOK_COLUMNS} for r in rows]
 
 
 def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -429,6 +429,9 @@ def load_experiment(path: str | Path, inline_dir: str | Path | None = None) -> L
         raise InputError(f"{path}: experiment file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} "
+                         f"at offset {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     return parse_experiment(data, path, inline_dir)

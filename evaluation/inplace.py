@@ -157,10 +157,12 @@ def exact_variant(model: Any, variant: Any, base_path: str | Path | None) -> Ite
         yield n
 
 
-def check_against_base_folder(variants: Iterable[Any], base_path: str | Path) -> None:
+def check_against_base_folder(variants: Iterable[Any], base_path: str | Path, *,
+                              allow_base_mismatch: bool = False) -> None:
     """The checks of :func:`check_exact` done on the base's files, before the base is loaded
     (minutes at 7B): a full folder stores exactly the base's tensors with their shapes and was
-    merged into this base; a streamed merge's inputs are present, unchanged and fit the base."""
+    merged into this base (``allow_base_mismatch`` skips only that last check); a streamed
+    merge's inputs are present, unchanged and fit the base."""
     from emomerge.merging.checkpoint import Checkpoint
 
     base = Checkpoint(base_path)
@@ -171,7 +173,7 @@ def check_against_base_folder(variants: Iterable[Any], base_path: str | Path) ->
             folder = Path(v.path)
             weights = FullWeights(folder)
             recorded = (((read_manifest(folder) or {}).get("base") or {}).get("fingerprint"))
-            if recorded:
+            if recorded and not allow_base_mismatch:
                 fingerprint = fingerprint or base.fingerprint()
                 if recorded != fingerprint:
                     raise InputError(f"{folder}: merged into another base (its manifest's base "

@@ -103,16 +103,39 @@ def check_header(path: Path, header: Sequence[str]) -> None:
         )
 
 
+def read_csv(path: Path, what: str) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """The header and rows of a CSV file, every problem one :class:`InputError` naming the file:
+    a folder, bytes that are not UTF-8, text the csv module cannot parse (a NUL byte, a field
+    past its size limit), or a row with more cells than the header has columns."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not {what}")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = tuple(next(reader, ()))
+            rows = []
+            for line in reader:
+                if len(line) > len(header):
+                    raise InputError(f"{path}:{reader.line_num}: {len(line)} cells but the "
+                                     f"header has {len(header)} columns (not {what}?)")
+                rows.append(dict(zip(header, line)))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {exc.start}; not {what})") from exc
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc}; not {what})") from exc
+    return header, rows
+
+
 def read_rows(path: str | Path) -> list[dict[str, str]]:
     """The rows of a leaderboard CSV (``[]`` when the file does not exist yet); the columns a
-    file from an earlier release lacks are read as empty cells."""
+    file from an earlier release lacks are read as empty cells. Anything that is not a
+    leaderboard CSV is an :class:`InputError` naming the file."""
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        check_header(path, tuple(reader.fieldnames or ()))
-        return [{c: r.get(c) or "" for c in COLUMNS} for r in reader]
+    header, rows = read_csv(path, "an emomerge leaderboard")
+    check_header(path, header)
+    return [{c: r.get(c) or "" for c in COLUMNS} for r in rows]
 
 
 def _write_atomic(path: Path, rows: Iterable[dict[str, str]]) -> None:

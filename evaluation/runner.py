@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,22 @@ class EvalConfig:
         if self.scoring != "auto" and self.resolved_task() != "multi":
             raise InputError(f"--scoring {self.scoring}: only multi-label tasks have a choice "
                              f"(task '{self.resolved_task()}' scores each label as the answer)")
+        # the CLI checks these too; library callers and experiments get the same one line
+        ranges = {"threshold": (self.threshold, 0.0, 1.0, True),
+                  "val-fraction": (self.val_fraction, 0.0, 1.0, False)}
+        for flag, (value, lo, hi, closed) in ranges.items():
+            if value is None:
+                continue
+            inside = lo <= value <= hi if closed else lo < value < hi
+            if not (math.isfinite(value) and inside):
+                bounds = f"[{lo:g}, {hi:g}]" if closed else f"({lo:g}, {hi:g})"
+                raise InputError(f"--{flag}: must be a number in {bounds}, got {value}")
+        minimums = {"n-boot": (self.n_boot, 10), "batch-size": (self.batch_size, 1),
+                    "max-new-tokens": (self.max_new_tokens, 1), "seed": (self.seed, 0),
+                    "holdout-seed": (self.holdout_seed, 0)}
+        for flag, (value, lo) in minimums.items():
+            if value < lo:
+                raise InputError(f"--{flag}: must be at least {lo}, got {value}")
 
     def resolved_mode(self) -> str:
         if self.mode != "auto":
@@ -199,7 +216,8 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
              out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
              val_pool: list[Any] | None = None, train_labels: list[list[str]] | None = None,
              include_base: bool = True, progress: bool = True,
-             on_batch: BatchHook | None = None, skipped_images: int = 0) -> EvalResult:
+             on_batch: BatchHook | None = None, skipped_images: int = 0,
+             allow_base_mismatch: bool = False) -> EvalResult:
     """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
 
     Multi-label likelihood scores label sets by default (``cfg.scoring``, :mod:`.scoring`) and
@@ -230,7 +248,8 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
                     if include_base else []) + variants
     for v in all_variants:  # before any scoring: a bad folder costs nothing
         if v.exact:
-            check_exact(host.model, v, host.base_path, base_fp)
+            check_exact(host.model, v, host.base_path,
+                        None if allow_base_mismatch else base_fp)
         if v.note:
             print(f"warning: {v.note}", file=sys.stderr)
     names = [v.name for v in all_variants]

@@ -32,11 +32,15 @@ from .basecheck import check_base_identity
 from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
 from .params import effective_gamma, resolve_params
 from .safeout import atomic_folder, check_folder_target
+from .serving import vllm_max_lora_rank, vllm_note
 from . import streaming
 from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: dtypes the written weights may be stored in (``out_dtype``); merges are computed in DTYPES
+OUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}
 OUTPUTS = ("adapter", "full")
 #: a re-factorised sparse merge whose mean relative error is above this gets a warning
 WARN_MEAN_ERROR = 0.10
@@ -51,11 +55,16 @@ class MergeResult:
     def summary(self) -> str:
         m = self.manifest
         line = f"{m['method']}: {len(m['adapters'])} adapters, {m['n_modules']} modules → {self.out} ({m['output']})"
+        if m["output"] == "adapter":
+            line += f", rank {m['output_rank_max']}" + vllm_note(
+                m["output_rank_max"], modules_to_save=bool(m.get("modules_to_save")))
+        else:
+            line += ", full weights: serve as a model of its own"
         if self.errors:
             worst = max(self.errors, key=self.errors.get)
             mean = sum(self.errors.values()) / len(self.errors)
             line += (
-                f"; re-factorised to rank ≤ {m['output_rank_max']}: relative error mean {mean:.2%}, "
+                f"; re-factorised: relative error mean {mean:.2%}, "
                 f"max {self.errors[worst]:.2%} ({worst})"
             )
             if m.get("max_error") is not None:
@@ -133,8 +142,10 @@ class _Merger:
 
     def __init__(self, method: MergeMethod, tv: TaskVectors, params: dict, *, seed: int,
                  dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None,
-                 names: dict[str, str], max_error: float | None = None):
+                 names: dict[str, str], max_error: float | None = None,
+                 out_dtype: torch.dtype | None = None):
         self.method, self.tv = method, tv
+        self.out_dtype = out_dtype  # None: the base's dtype (full), float32 (adapter factors)
         self.seed, self.dtype, self.rank = seed, dtype, rank
         # --rank auto: re-factorised modules get the smallest rank with relative error ≤ max_error
         # (``rank`` is then None; exact low-rank results stay exact)
@@ -300,6 +311,7 @@ def merge(
     seed: int = 0,
     reference: str = "base",
     dtype: str = "float32",
+    out_dtype: str | None = None,
     layout: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
@@ -318,6 +330,11 @@ def merge(
     low-rank results stay exact). Everything is checked (files, bases,
     shapes, finiteness, parameter ranges, lineage hashes) before any tensor is merged or written.
 
+    ``dtype`` is the compute dtype (float32 or float64, never narrower: a bf16 merge would round
+    every partial sum); ``out_dtype`` the dtype the written weights are stored in (default: the
+    base's own for full output, float32 for adapter factors) — mergekit's ``dtype`` /
+    ``out_dtype`` pair, so the exported YAML computes the same thing.
+
     ``force`` replaces an earlier emomerge output at ``out`` (never an input, never anything
     else: ``safeout``); for compatibility it also implies ``allow_base_mismatch``. ``protect``:
     further files the command reads (a recipe), which ``out`` must not be.
@@ -330,6 +347,8 @@ def merge(
         raise MergeInputError(f"--output must be one of {OUTPUTS}, got {output!r}")
     if dtype not in DTYPES:
         raise MergeInputError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise MergeInputError(f"--out-dtype must be one of {list(OUT_DTYPES)}, got {out_dtype!r}")
     _check_rank(rank, max_error)
     if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
         raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
@@ -355,7 +374,8 @@ def merge(
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
     auto = rank == "auto"
     merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=None if auto else rank,
-                     saved_base=ckpt, names=names, max_error=max_error if auto else None)
+                     saved_base=ckpt, names=names, max_error=max_error if auto else None,
+                     out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     manifest: dict[str, Any] = {
@@ -370,6 +390,7 @@ def merge(
         "rank": rank,
         "max_error": max_error,
         "dtype": dtype,
+        "out_dtype": out_dtype,
         "adapters": [_describe(a) for a in tv.inputs],
         "ancestors": [_describe(a) for a in tv.pool[tv.n:]],
         "task_vectors": [
@@ -383,6 +404,7 @@ def merge(
         "allow_lineage_mismatch": allow_lineage_mismatch,
         "lineage_mismatches": tv.lineage_mismatches,
         "lineage_assumed": tv.lineage_assumed,
+        "lineage_missing": tv.lineage_missing,
         "created": started.isoformat(timespec="seconds"),
     }
     if m.param("gamma") is not None:
@@ -396,6 +418,8 @@ def merge(
             errors, out_layout, ranks = write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task)
             manifest["layout"] = out_layout
             manifest["output_rank_max"] = max(ranks.values(), default=0)
+            manifest["vllm_max_lora_rank"] = vllm_max_lora_rank(manifest["output_rank_max"])
+            manifest["modules_to_save"] = saved
             if errors and rank is None:
                 manifest["rank_rule"] = "largest input rank of each module"
             elif auto:

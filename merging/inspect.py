@@ -10,7 +10,24 @@ from pathlib import Path
 
 import torch
 
-from .taskvectors import build_task_vectors
+from .serving import vllm_max_lora_rank
+from .taskvectors import TaskVectors, build_task_vectors
+
+
+def output_ranks(tv: TaskVectors) -> dict:
+    """The rank of a merged adapter of these task vectors, largest over modules: exact linear /
+    task arithmetic concatenate every τᵢ's terms (Σ over inputs and their lineage terms); sparse
+    methods re-factorise to the largest input rank (their default ``--rank``)."""
+    exact = sparse = 0
+    for path in tv.modules:
+        terms = [tv.pool[j].modules[path].rank for combo in tv.combos for j in combo
+                 if path in tv.pool[j].modules]
+        exact, sparse = max(exact, sum(terms)), max(sparse, max(terms, default=0))
+    return {
+        "exact_linear": exact, "sparse_default": sparse,
+        "vllm_max_lora_rank": {"exact_linear": vllm_max_lora_rank(exact),
+                               "sparse_default": vllm_max_lora_rank(sparse)},
+    }
 
 
 def _inner(f1, f2) -> float:
@@ -46,7 +63,8 @@ def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force:
     norms = gram.diagonal().clamp_min(0).sqrt()
     cosine = gram / torch.outer(norms, norms).clamp_min(1e-300)
     report = {"reference": reference, "adapters": [], "cosine": cosine.tolist(),
-              "lineage_mismatches": tv.lineage_mismatches, "lineage_assumed": tv.lineage_assumed}
+              "lineage_mismatches": tv.lineage_mismatches, "lineage_assumed": tv.lineage_assumed,
+              "lineage_missing": tv.lineage_missing, "output_rank": output_ranks(tv)}
     for i, adapter in enumerate(tv.inputs):
         ranks = sorted({m.rank for m in adapter.modules.values()})
         scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import mmap
 import os
 import shutil
@@ -89,6 +90,17 @@ _DTYPE_NAMES = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in _DTYPE_NAMES.items()}
+_TORCH_OF = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def written_dtype(stored: str, out_dtype: torch.dtype | None) -> str:
+    """The safetensors dtype a base tensor stored as ``stored`` is written in: ``out_dtype`` for
+    floating tensors when one is asked (mergekit casts every tensor to its ``out_dtype``), else
+    as stored. Integer and float8 tensors keep their dtype."""
+    return _DTYPE_NAMES[out_dtype] if out_dtype is not None and stored in _FLOATS else stored
+
+
 _U64_MAX = (1 << 64) - 1
 _WIDEST_DTYPE = "X" * 16  # longer than any safetensors dtype name
 _COPY_CHUNK = 8 << 20
@@ -321,8 +333,10 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
     base = {name: ckpt.stored(ckpt.canonical[name]) for name in saved}
     for name in saved:
         ndims["base_model.model." + names[name]] = len(base[name].shape)
-    # Wider dtypes first keeps every tensor's data aligned to its element size (factors are F32).
-    saved = sorted(saved, key=lambda name: -_ITEMSIZE.get(base[name].dtype, 1))
+    factor_dtype = merger.out_dtype or torch.float32
+    # Wider dtypes first keeps every tensor's data aligned to its element size (the factors are
+    # out_dtype or F32, as wide as any saved floating tensor written after them).
+    saved = sorted(saved, key=lambda name: -_ITEMSIZE.get(written_dtype(base[name].dtype, merger.out_dtype), 1))
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     saved_modules = []
@@ -331,8 +345,8 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
             bar.update(task, module=path)
             a, b = peft_factors(left, right, transpose=specs[path].transpose)
             key_a, key_b = adapter_keys(names[path], specs[path].kind)
-            writer.add(key_a, a.float())
-            writer.add(key_b, b.float())
+            writer.add(key_a, a.to(factor_dtype))
+            writer.add(key_b, b.to(factor_dtype))
             ranks[names[path]] = a.shape[0]
             if err is not None:
                 errors[names[path]] = err
@@ -340,7 +354,8 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
         for name in saved:
             bar.update(task, module=name)
             base_t = ckpt.tensor(ckpt.canonical[name])
-            merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(base_t.dtype)
+            merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(
+                _TORCH_OF[written_dtype(base[name].dtype, merger.out_dtype)])
             writer.add("base_model.model." + names[name], merged)
             saved_modules.append(names[name].rsplit(".", 1)[0].rsplit(".", 1)[-1])
             bar.advance(task)
@@ -410,14 +425,18 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
     if tied is not None:
         source[tied[0]] = tied[1]
         stored[tied[0]] = stored[tied[1]]
+    # what each key is written as: out_dtype for floating tensors when asked, else as stored
+    target = {key: written_dtype(s.dtype, merger.out_dtype) for key, s in stored.items()}
+    sizes = {key: s.length if target[key] == s.dtype else math.prod(s.shape) * _ITEMSIZE[target[key]]
+             for key, s in stored.items()}
     scratch = _Scratch()
-    shards = plan_shards({key: s.length for key, s in stored.items()}, max_shard_size)
+    shards = plan_shards(sizes, max_shard_size)
     files = shard_names(len(shards))
     for file, keys in zip(files, shards):
         ndims = {key: len(stored[key].shape) for key in keys}
         with SafetensorsWriter(tmp / file, ndims, {"format": "pt"}) as writer:
             # Wider dtypes first keeps every tensor's data aligned to its element size.
-            for key in sorted(keys, key=lambda k: -_ITEMSIZE.get(stored[k].dtype, 1)):
+            for key in sorted(keys, key=lambda k: -_ITEMSIZE.get(target[k], 1)):
                 canon = to_canonical(key, ckpt.layout)
                 path = canon[: -len(".weight")] if canon.endswith(".weight") else None
                 if path in modules:
@@ -425,13 +444,15 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
                     # W + ΔW as (ΔW += W): the same sum, in two buffers reused for every module
                     base = ckpt.tensor(source[key], scratch.get("base", stored[key].length, torch.uint8))
                     delta = merger.dense(path, out=scratch.get("delta", base.numel(), merger.dtype).view(base.shape))
-                    tensor = delta.add_(base).to(base.dtype)
+                    tensor = delta.add_(base).to(_TORCH_OF[target[key]])
                     bar.advance(task)
                 elif canon in saved_set:
                     bar.update(task, module=canon)
                     tensor = ckpt.tensor(key)
-                    tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(tensor.dtype)
+                    tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(_TORCH_OF[target[key]])
                     bar.advance(task)
+                elif target[key] != stored[key].dtype:  # untouched, cast as mergekit's out_dtype does
+                    tensor = ckpt.tensor(source[key]).to(_TORCH_OF[target[key]])
                 else:
                     writer.copy(key, stored[key])
                     continue
@@ -440,11 +461,23 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
         write_json(
             tmp / "model.safetensors.index.json",
             {
-                "metadata": {"total_size": sum(s.length for s in stored.values())},
+                "metadata": {"total_size": sum(sizes.values())},
                 "weight_map": {key: file for file, keys in zip(files, shards) for key in keys},
             },
         )
     copy_side_files(ckpt.path, tmp)
     if tied is not None:
         untie_config(tmp)
+    if merger.out_dtype is not None and (tmp / "config.json").is_file():
+        restate_dtype(tmp, str(merger.out_dtype).removeprefix("torch."))
     return tied is not None
+
+
+def restate_dtype(folder: Path, name: str) -> None:
+    """The config's dtype says what the weights are stored in (as mergekit's out_dtype does)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for key in keys:
+        config[key] = name
+    write_json(path, config)

@@ -56,10 +56,26 @@ class Recipe(BaseModel):
     base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    #: mergekit's pair. emomerge computes in float32 (float64 when ``dtype`` says so) and names the
+    #: *stored* dtype with the rest: ``out_dtype``, else a narrower ``dtype`` (see ``dtypes``).
     dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = None
-    out_dtype: str | None = None
+    out_dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = None
     tokenizer_source: str | None = None
     emomerge: EmomergeOptions = Field(default_factory=EmomergeOptions)
+
+
+def dtypes(recipe: Recipe) -> tuple[str, str | None]:
+    """``(compute dtype, stored dtype or None)`` of a recipe — one rule both ways.
+
+    A merge is always computed in float32 (float64 when ``dtype: float64``): a bf16/fp16 merge
+    would round every partial sum, and mergekit's bf16 task vectors are themselves rounded
+    differently from ours, so no two tools agree in bf16. ``dtype: bfloat16`` / ``float16`` names
+    the dtype the weights are *stored* in; ``out_dtype`` overrides it. The export writes
+    ``dtype: float32`` plus that ``out_dtype``, which is what mergekit then computes too.
+    """
+    compute = "float64" if recipe.dtype == "float64" else "float32"
+    narrow = recipe.dtype if recipe.dtype in ("bfloat16", "float16") else None
+    return compute, recipe.out_dtype or narrow
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -174,7 +190,7 @@ def run_recipe(
     params = recipe_params(recipe, method)
     opts = recipe.emomerge
     base_dir = base if base is not None else _local_base(recipe.base_model, root)
-    dtype = recipe.dtype if recipe.dtype in ("float32", "float64") else "float32"
+    dtype, out_dtype = dtypes(recipe)
     return merge(
         method.name,
         [adapter_path(m.model, recipe.base_model, root) for m in recipe.models],
@@ -188,6 +204,7 @@ def run_recipe(
         reference=opts.reference,
         layout=opts.layout,
         dtype=dtype,
+        out_dtype=out_dtype,
         force=force,
         allow_pickle=allow_pickle,
         progress=progress,
@@ -270,5 +287,29 @@ def export_mergekit(
             shared[p.name] = p.default
     if shared:
         doc["parameters"] = shared
-    doc["dtype"] = recipe.dtype or "float32"
+    # mergekit computes in ``dtype`` and stores ``out_dtype``: our compute dtype, and the stored
+    # dtype we would write (for a local base without one named: its own, as our full output)
+    compute, stored = dtypes(recipe)
+    doc["dtype"] = compute
+    stored = stored or _base_dtype(base_model)
+    if stored is not None:
+        doc["out_dtype"] = stored
     return "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _base_dtype(base_model: str) -> str | None:
+    """The one floating dtype a local base checkpoint stores, or None (hub id, mixed dtypes)."""
+    if not Path(base_model).is_dir():
+        return None
+    from .checkpoint import Checkpoint
+
+    try:
+        ckpt = Checkpoint(base_model)
+        found = {ckpt.stored(key).dtype for file in ckpt.files() for key in ckpt.keys_in(file)}
+    except MergeInputError:
+        return None
+    floats = found & set(_FLOAT_NAMES)
+    return _FLOAT_NAMES[floats.pop()] if len(floats) == 1 else None
+
+
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}

@@ -20,6 +20,10 @@ name and renamed into place at the end. Around that:
 - **No leftovers.** Temporary names carry the writer's host and pid
   (``.<name>.tmp-<host>-<pid>-<token>``); a run that finds one of a process no longer running on
   this host removes it and says so on stderr (a crash mid-write at 7B leaves ~15 GB behind).
+- **Durable before visible.** Every written file is fsynced (once, whole file: not per tensor),
+  then the temporary folder, then it is renamed, then the parent directory is fsynced: after a
+  power cut ``--out`` is either the previous state or the complete new output, never a folder
+  of the right names with empty or short files (ext4/xfs may commit the rename first).
 - **A full disk is bad luck, not a bug.** ENOSPC / EDQUOT / EACCES / EROFS while writing are one
   line naming ``--out`` (with the space the output needs, when known); the temporary output is
   removed.
@@ -254,6 +258,48 @@ def disk_error(exc: BaseException, out: Path, needed: int | None) -> OutputError
     return OutputError(f"{what} writing {out}{where}")
 
 
+# -- durability ------------------------------------------------------------------------------
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a read-only descriptor flushes the whole inode on Linux)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> int:
+    """fsync every file under ``folder``, then every directory, deepest first; the count of
+    files (one fsync each, whatever their number of tensors)."""
+    files = 0
+    for root, dirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            item = Path(root) / name
+            if not item.is_symlink():
+                fsync_path(item)
+                files += 1
+        fsync_path(Path(root))
+    return files
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    """Replace one small file (a lineage ``emomerge.json``) atomically and durably: a temporary
+    beside it, fsynced, renamed over it, the directory fsynced."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_path(path.parent)
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.lstat(path)
@@ -305,8 +351,10 @@ def atomic_folder(
         tmp = temp_path(out)
         tmp.mkdir()
         yield tmp
+        fsync_tree(tmp)
         _place(tmp, out, before)
         tmp = None
+        fsync_path(out.parent)
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -337,12 +385,16 @@ def write_text_output(
             before = _identity(out)
             tmp = temp_path(out)
             try:
-                tmp.write_text(text, encoding="utf-8")
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 now = _identity(out)
                 if now != before:
                     raise OutputError(f"{out}: {'appeared' if before is None else 'changed'} while "
                                       "this command ran; kept it, nothing written")
                 os.replace(tmp, out)
+                fsync_path(out.parent)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()

@@ -43,6 +43,9 @@ class TaskVectors:
     lineage_mismatches: list[dict] = field(default_factory=list)
     #: assumptions made about ancestors not on disk (continued chains, reference base)
     lineage_assumed: list[str] = field(default_factory=list)
+    #: adapters read without a lineage emomerge.json: taken as independent updates of the base
+    #: (``emomerge lineage set`` records a parent for one trained elsewhere on top of another)
+    lineage_missing: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -200,6 +203,8 @@ def build_task_vectors(
     if len(set(resolved)) != len(resolved):
         dup = next(p for p in resolved if resolved.count(p) > 1)
         raise MergeInputError(f"{dup}: the same adapter is given twice")
+    if reference == "previous":
+        _check_lineage_recorded(inputs)
     chain = _Chain(list(inputs), {p: i for i, p in enumerate(resolved)}, allow_pickle,
                    allow_missing_continued=reference == "base",
                    allow_lineage_mismatch=allow_lineage_mismatch)
@@ -224,7 +229,22 @@ def build_task_vectors(
     used = {j for combo in combos for j in combo}
     modules = sorted({m for j in used for m in pool[j].modules}, key=_natural_key)
     return TaskVectors(inputs, pool, combos, reference, modules, {m: shapes[m] for m in modules},
-                       lineage_mismatches=chain.mismatches, lineage_assumed=chain.assumed)
+                       lineage_mismatches=chain.mismatches, lineage_assumed=chain.assumed,
+                       lineage_missing=[str(a.path) for a in pool if a.metadata is None])
+
+
+def _check_lineage_recorded(inputs: list[LoraAdapter]) -> None:
+    """``--reference previous`` needs every input's parent: an adapter without a lineage
+    ``emomerge.json`` (trained elsewhere) would silently become base-relative, so it is refused.
+    A first stage records ``parent: null``; a merge output (its manifest) has no lineage."""
+    for adapter in inputs:
+        if adapter.metadata is None:
+            raise MergeInputError(
+                f"{adapter.path}: no lineage (emomerge.json of a training stage), and --reference "
+                f"previous needs its parent stage; record it with `emomerge lineage set "
+                f"{adapter.path} --parent PARENT --mode continued|stacked` (without --parent: a "
+                "first stage trained on the base)"
+            )
 
 
 def _natural_key(path: str):

@@ -67,6 +67,29 @@ class TrainSettings(_Strict):
     #: Share of a split's image files that may be unreadable (skipped with a counted warning,
     #: ``dataset.skipped_images``); more stops the run with one line.
     max_bad_image_share: float = Field(0.05, ge=0, le=1)
+    #: Recompute each decoder layer's activations in the backward pass instead of keeping them
+    #: (non-reentrant, PEFT-compatible): a 7B at a 1,000-token page keeps ~1/30 of the
+    #: activations for ~30 % more compute. "auto" = on for CUDA, off on CPU (tiny models there
+    #: gain nothing). It does not change the update, so it is no part of a stage's fingerprint.
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    #: Upper bound on the pixels the vision encoder sees per image, turned into each family's
+    #: processor setting when the model is loaded (Qwen: ``max_pixels``; Pixtral:
+    #: ``longest_edge``; LLaVA-NeXT: the any-res grids kept). null = the family default, ≈ 1 MP
+    #: (``emomerge.training.families.IMAGE_CAPS``). Set explicitly, it is part of the stage's
+    #: fingerprint; the resolved cap is in every stage's ``emomerge.json`` (``image``).
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults_added_later(self, handler: Any) -> dict[str, Any]:
+        # Left at their defaults, keys added after runs were made dump as before they existed:
+        # content hashes of stages (resume fingerprints, the experiment runner's reuse keys)
+        # stay those of the finished stages.
+        data = handler(self)
+        if data.get("gradient_checkpointing") == "auto":
+            data.pop("gradient_checkpointing")
+        if "max_pixels" in data and data["max_pixels"] is None:
+            data.pop("max_pixels")
+        return data
 
 
 class HoldoutSettings(_Strict):

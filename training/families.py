@@ -10,11 +10,13 @@ wrap vision-tower MLPs (FACTS.md).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from emomerge.merging.errors import InputError
 
 from . import templates
@@ -134,3 +136,186 @@ def get_family(name: str) -> FamilySpec:
     if name not in FAMILIES:
         raise InputError(f"unknown family '{name}' (expected one of {sorted(FAMILIES)})")
     return FAMILIES[name]
+
+
+# ------------------------------------------------------------------ image-resolution caps
+#
+# A comic page scan (EmoComics35: 1988 × 3052 px) is 6.1 MP. Without a cap, Qwen2.5-VL's
+# processor keeps it at full size: 7,739 image tokens, 94.7 GB of training activations on a 7B
+# (measured on an H200, batch 1). Every family gets a default cap near 1 MP, applied to the
+# processor when it is loaded (:func:`apply_image_cap`), so training and evaluation see the same
+# pixels. ``max_pixels`` means the same thing for every family: an upper bound on the area the
+# vision encoder sees per image; each family turns it into its own processor setting.
+
+#: (height, width) of an EmoComics35 page scan: the size the caps are sized against.
+PAGE = (3052, 1988)
+
+
+@dataclass(frozen=True)
+class ImageCapRule:
+    """How ``max_pixels`` reaches a family's processor, and the family's default."""
+
+    #: "pixels" (Qwen: ``size.longest_edge`` is a pixel count), "longest_edge" (Pixtral: an edge
+    #: in px), "pinpoints" (LLaVA-NeXT: any-res grid sizes), "fixed" (LLaVA-1.5 / Mllama: the
+    #: architecture fixes the input size).
+    kind: str
+    #: Cap applied when the curriculum sets none (None: the architecture already bounds it).
+    default_max_pixels: int | None
+    note: str
+
+
+IMAGE_CAPS: dict[str, ImageCapRule] = {
+    # patch 14 × spatial merge 2 = one token per 28×28 px: 1024 tokens at most (0.80 MP)
+    "qwen2_5_vl": ImageCapRule("pixels", 1024 * 28 * 28,
+                               "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token "
+                               "per 28x28 px (patch 14 x merge 2)"),
+    # patch 16 × spatial merge 2 = one token per 32×32 px: 1024 tokens at most (1.05 MP); the
+    # checkpoint's own limit is 16.8 MP (5,890 tokens for a page)
+    "qwen3_vl": ImageCapRule("pixels", 1024 * 32 * 32,
+                             "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token per "
+                             "32x32 px (patch 16 x merge 2)"),
+    # Pixtral-12B's own longest_edge is 1024: a page becomes 667 x 1024 px (0.68 MP)
+    "pixtral": ImageCapRule("longest_edge", 1024 * 1024,
+                            "PixtralImageProcessor size.longest_edge = floor(sqrt(max_pixels)) "
+                            "rounded down to the patch; one token per 16x16 px + one per row"),
+    # the model's pinpoints stop at 672 x 672 (0.45 MP, at most 2,928 tokens): already bounded
+    "llava_next": ImageCapRule("pinpoints", None,
+                               "any-res grid: only image_grid_pinpoints of area <= max_pixels "
+                               "are kept, in the processor and the model config alike"),
+    "llava": ImageCapRule("fixed", None, "CLIP 336 x 336 crop: always 576 tokens"),
+    # 4 tiles of 560 x 560 (1.25 MP) reach the LM through cross-attention (1 token in the
+    # sequence); fewer tiles would index aspect-ratio embeddings the model was not built with
+    "mllama": ImageCapRule("fixed", None,
+                           "at most max_image_tiles (4) tiles of 560 x 560 px, through "
+                           "cross-attention (1 image token in the text sequence)"),
+}
+
+
+def _pixels_limit(processor: Any, family: str) -> int:
+    """The largest image area the family's processor, as configured now, lets through."""
+    ip = processor.image_processor
+    kind = IMAGE_CAPS[family].kind
+    if kind == "pixels":
+        return int(ip.size["longest_edge"])
+    if kind == "longest_edge":
+        return int(ip.size["longest_edge"]) ** 2
+    if kind == "pinpoints":
+        return max(h * w for h, w in ip.image_grid_pinpoints)
+    if family == "mllama":
+        return int(ip.max_image_tiles) * int(ip.size["height"]) * int(ip.size["width"])
+    return int(ip.crop_size["height"]) * int(ip.crop_size["width"])
+
+
+def _set_size(ip: Any, **values: int) -> None:
+    size = {k: v for k, v in dict(ip.size).items() if v is not None}
+    size.update(values)
+    ip.size = size
+
+
+def apply_image_cap(processor: Any, family: str, max_pixels: int | None = None,
+                    model_config: Any = None, where: str = "max_pixels") -> dict[str, Any]:
+    """Cap the image resolution of a loaded processor in place; return what was resolved.
+
+    ``max_pixels`` None applies the family default (:data:`IMAGE_CAPS`), but never above the
+    checkpoint's own limit (a tiny test model keeps its small one). An explicit value is set as
+    given. LLaVA-NeXT's pinpoints are also written into ``model_config`` (the model computes its
+    feature layout from them). A cap the architecture cannot honour (below LLaVA-1.5's crop, or
+    Mllama's tiles) is an :class:`InputError` naming ``where``.
+    """
+    rule = IMAGE_CAPS[family]
+    ip = processor.image_processor
+    before = _pixels_limit(processor, family)
+    explicit = max_pixels is not None
+    if explicit and max_pixels < 1:
+        raise InputError(f"{where}: must be a positive pixel count, got {max_pixels}")
+    lowers = rule.default_max_pixels is not None and rule.default_max_pixels < before
+    cap = max_pixels if explicit else (rule.default_max_pixels if lowers else None)
+    if cap is not None and rule.kind == "pixels":
+        _set_size(ip, longest_edge=int(cap),
+                  shortest_edge=min(int(ip.size["shortest_edge"]), int(cap)))
+    elif cap is not None and rule.kind == "longest_edge":
+        patch = _patch(ip)
+        edge = int(math.isqrt(int(cap)) // patch * patch)
+        if edge < patch:
+            raise InputError(f"{where}: {cap} px is below one {patch}x{patch} patch")
+        _set_size(ip, longest_edge=edge)
+    elif cap is not None and rule.kind == "pinpoints":
+        kept = [list(p) for p in ip.image_grid_pinpoints if p[0] * p[1] <= cap]
+        if not kept:
+            smallest = min(p[0] * p[1] for p in ip.image_grid_pinpoints)
+            raise InputError(f"{where}: {cap} px is below LLaVA-NeXT's smallest grid "
+                             f"({smallest} px)")
+        ip.image_grid_pinpoints = kept
+        if model_config is not None:
+            model_config.image_grid_pinpoints = kept
+    elif cap is not None and cap < before:  # "fixed": the architecture sets the size
+        raise InputError(f"{where}: {family} cannot see fewer than {before} px per image "
+                         f"({rule.note}); raise it or drop it for this family")
+    return {"family": family, "max_pixels": max_pixels,
+            "source": "explicit" if explicit else "family default" if lowers else "checkpoint",
+            "pixels_limit": _pixels_limit(processor, family), "settings": _settings(ip, family),
+            "page_tokens": image_tokens(processor, family, *PAGE)}
+
+
+def _patch(ip: Any) -> int:
+    p = ip.patch_size
+    return int(p["height"] if isinstance(p, dict) else p)
+
+
+def _settings(ip: Any, family: str) -> dict[str, Any]:
+    """The processor settings the cap resolved to (recorded in the stage's emomerge.json)."""
+    kind = IMAGE_CAPS[family].kind
+    if kind == "pixels":
+        return {"min_pixels": int(ip.size["shortest_edge"]),
+                "max_pixels": int(ip.size["longest_edge"]), "patch_size": _patch(ip),
+                "merge_size": int(ip.merge_size)}
+    if kind == "longest_edge":
+        return {"longest_edge": int(ip.size["longest_edge"]), "patch_size": _patch(ip)}
+    if kind == "pinpoints":
+        return {"image_grid_pinpoints": [list(p) for p in ip.image_grid_pinpoints]}
+    if family == "mllama":
+        return {"max_image_tiles": int(ip.max_image_tiles), "tile": int(ip.size["height"])}
+    return {"crop_size": [int(ip.crop_size["height"]), int(ip.crop_size["width"])]}
+
+
+def image_tokens(processor: Any, family: str, height: int, width: int) -> int:
+    """Image tokens one ``height × width`` image adds to the text sequence (no weights needed).
+
+    The processors' own arithmetic; Mllama's image enters through cross-attention, so its text
+    sequence holds one ``<|image|>`` token (:func:`vision_tokens` counts the tiles' tokens).
+    """
+    ip = processor.image_processor
+    kind = IMAGE_CAPS[family].kind
+    if kind == "pixels":
+        return ip.get_number_of_image_patches(height, width, {}) // int(ip.merge_size) ** 2
+    if kind == "longest_edge":
+        from transformers.models.pixtral.image_processing_pixtral import (
+            get_resize_output_image_size,
+        )
+
+        step = int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", 1))
+        edge = int(ip.size["longest_edge"])
+        h, w = get_resize_output_image_size(np.zeros((height, width, 3)), size=(edge, edge),
+                                            patch_size=(step, step))
+        return (h // step) * (w // step + 1)  # a [IMG_BREAK] / [IMG_END] closes every row
+    if family == "mllama":
+        return 1
+    drop_cls = 1 if processor.vision_feature_select_strategy == "default" else 0
+    if kind == "pinpoints":
+        crop = ip.crop_size["height"], ip.crop_size["width"]
+        return processor._get_number_of_features(height, width, *crop) - drop_cls
+    side = int(ip.crop_size["height"]) // int(processor.patch_size)
+    return side * side + int(processor.num_additional_image_tokens) - drop_cls
+
+
+def vision_tokens(processor: Any, family: str, height: int, width: int) -> int:
+    """Tokens the vision encoder outputs for one image (Mllama: tiles × (patches + CLS))."""
+    if family != "mllama":
+        return image_tokens(processor, family, height, width)
+    from transformers.models.mllama.image_processing_mllama import get_optimal_tiled_canvas
+
+    ip = processor.image_processor
+    tile = int(ip.size["height"])
+    h, w = get_optimal_tiled_canvas(height, width, int(ip.max_image_tiles), tile)
+    patches = (tile // 14) ** 2  # Mllama's vision patch is 14 px
+    return int(h // tile) * int(w // tile) * (patches + 1)

@@ -197,10 +197,12 @@ def stage_settings(plan: StagePlan, cur: Curriculum, family: str,
     change the update; the stage's position is in, as stage k is seeded with seed + k.
     """
     stage = plan.stage.model_dump(exclude={"name", "path", "eval_split", "eval_path", "options"})
-    # neither the device nor the unreadable-image tolerance changes the update (skipped images
-    # change the data, which its sha256 covers)
+    # neither the device, the unreadable-image tolerance nor activation checkpointing changes
+    # the update (skipped images change the data, which its sha256 covers). An explicit
+    # max_pixels is in (the dump omits it when unset, so stages that predate it keep their
+    # fingerprint); the resolved cap is compared apart (``check_resumable``).
     train = {k: v for k, v in cur.train.model_dump().items()
-             if k not in ("device", "max_bad_image_share")}
+             if k not in ("device", "max_bad_image_share", "gradient_checkpointing")}
     train["lr"] = plan.stage.lr or cur.train.lr
     settings = {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),
                 "train": train, "lineage": cur.lineage, "seed": cur.seed, "family": family,
@@ -239,12 +241,15 @@ def _settings_diff(found: Any, want: dict[str, Any]) -> str:
 
 
 def check_resumable(plan: StagePlan, cur: Curriculum, base_name: str, *, family: str,
-                    base_sha: str | None, parent: StagePlan | None) -> None:
+                    base_sha: str | None, parent: StagePlan | None,
+                    image: dict[str, Any] | None = None) -> None:
     """A finished stage on disk must be what this run would train, from what it would start on.
 
     Compared: the data, the seed, the lineage mode, the base (path and content hash), the stage,
-    LoRA and train settings (``settings_sha256``), and the parent's adapter file (a retrained
-    parent invalidates the stages built on it). A mismatch is refused rather than retrained:
+    LoRA and train settings (``settings_sha256``), the resolved image cap when the stage
+    records one (``image.settings``: a family default that changed since is other training;
+    stages from before the cap existed record none and are not compared), and the parent's
+    adapter file (a retrained parent invalidates the stages built on it). A mismatch is refused rather than retrained:
     we never delete adapters the user may want; they pick a new ``--out`` folder, or delete
     this stage folder and the ones after it to retrain from here.
     """
@@ -272,6 +277,11 @@ def check_resumable(plan: StagePlan, cur: Curriculum, base_name: str, *, family:
         diff = _settings_diff(extra.get("settings"), settings) or "settings_sha256"
         raise InputError(f"{plan.out_dir}: finished stage was trained with different settings "
                          f"({diff}); {fix}")
+    recorded = (extra.get("image") or {}).get("settings")
+    if image is not None and recorded is not None and recorded != image["settings"]:
+        raise InputError(f"{plan.out_dir}: finished stage was trained at another image "
+                         f"resolution (image.settings {recorded} vs {image['settings']} now); "
+                         f"{fix}")
     want_parent = f"../{parent.stage.name}" if parent is not None else None
     if meta.lineage.parent != want_parent:
         raise InputError(f"{plan.out_dir}: finished stage has a different parent "
@@ -308,19 +318,27 @@ def sha256_file(path: Path) -> str:
 
 def stage_metadata(plan: StagePlan, cur: Curriculum, prev: StagePlan | None, base_name: str,
                    family: str, base_sha: str | None, steps: int, losses: list[float],
-                   world_size: int = 1) -> StageMetadata:
-    """The ``emomerge.json`` of a finished stage (lineage relative to the adapter folder)."""
+                   world_size: int = 1, image: dict[str, Any] | None = None,
+                   gradient_checkpointing: bool | None = None) -> StageMetadata:
+    """The ``emomerge.json`` of a finished stage (lineage relative to the adapter folder).
+
+    ``image``: the resolved image cap (``families.apply_image_cap``); ``gradient_checkpointing``:
+    whether it was on (``train.gradient_checkpointing`` resolved for the device).
+    """
     settings = stage_settings(plan, cur, family, base_sha)
     lineage = Lineage(mode=cur.lineage)
     if prev is not None:
         lineage = Lineage(mode=cur.lineage, parent=f"../{prev.stage.name}",
                           parent_sha256=sha256_file(prev.out_dir / ADAPTER_FILE))
+    train = {**cur.train.model_dump(), "lr": plan.stage.lr or cur.train.lr}
+    if gradient_checkpointing is not None:
+        train["gradient_checkpointing"] = gradient_checkpointing
+    extra: dict[str, Any] = {"image": image} if image is not None else {}
     return StageMetadata(
         emomerge_version=__version__, stage=plan.stage.name, stage_index=plan.index,
         lineage=lineage, base=BaseIdentity(name_or_path=base_name, hash=base_sha, family=family),
         dataset=plan.dataset_record(cur), seed=cur.seed, steps=steps,
         final_loss=losses[-1] if losses else None, loss_history=losses, world_size=world_size,
-        lora=cur.lora.model_dump(), train={**cur.train.model_dump(),
-                                          "lr": plan.stage.lr or cur.train.lr},
+        lora=cur.lora.model_dump(), train=train, **extra,
         settings=settings, settings_sha256=settings_sha256(settings),
     )

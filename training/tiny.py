@@ -257,3 +257,63 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+#: The image-processor settings of the real checkpoints (their ``preprocessor_config.json`` /
+#: ``processor_config.json`` on the hub), for resolution arithmetic without downloading them.
+REAL_PROCESSORS: dict[str, dict[str, Any]] = {
+    # Qwen/Qwen2.5-VL-7B-Instruct (the 32B / 72B ship the same)
+    "qwen2_5_vl": dict(hub="Qwen/Qwen2.5-VL-7B-Instruct",
+                       image=dict(min_pixels=3136, max_pixels=12845056, patch_size=14,
+                                  merge_size=2, temporal_patch_size=2)),
+    # Qwen/Qwen3-VL-8B-Instruct
+    "qwen3_vl": dict(hub="Qwen/Qwen3-VL-8B-Instruct",
+                     image=dict(size={"shortest_edge": 65536, "longest_edge": 16777216},
+                                patch_size=16, merge_size=2, temporal_patch_size=2)),
+    # meta-llama/Llama-3.2-11B-Vision-Instruct (90B: the same)
+    "mllama": dict(hub="meta-llama/Llama-3.2-11B-Vision-Instruct",
+                   image=dict(size={"height": 560, "width": 560}, max_image_tiles=4)),
+    # llava-hf/llava-1.5-7b-hf
+    "llava": dict(hub="llava-hf/llava-1.5-7b-hf",
+                  image=dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+                  processor=dict(patch_size=14, vision_feature_select_strategy="default",
+                                 num_additional_image_tokens=1)),
+    # llava-hf/llava-v1.6-mistral-7b-hf
+    "llava_next": dict(hub="llava-hf/llava-v1.6-mistral-7b-hf",
+                       image=dict(size={"shortest_edge": 336},
+                                  crop_size={"height": 336, "width": 336},
+                                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672],
+                                                        [1008, 336], [336, 1008]]),
+                       processor=dict(patch_size=14, vision_feature_select_strategy="default",
+                                      num_additional_image_tokens=1)),
+    # mistral-community/pixtral-12b
+    "pixtral": dict(hub="mistral-community/pixtral-12b",
+                    image=dict(size={"longest_edge": 1024}, patch_size=16),
+                    processor=dict(patch_size=16, spatial_merge_size=1)),
+}
+
+_PROCESSOR_CLASSES = {
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor"),
+    "mllama": ("MllamaProcessor", "MllamaImageProcessor", None),
+    "llava": ("LlavaProcessor", "CLIPImageProcessor", None),
+    "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessor", None),
+    "pixtral": ("PixtralProcessor", "PixtralImageProcessor", None),
+}
+
+
+def real_processor(family: str) -> Any:
+    """The family's processor with the real checkpoint's image settings (:data:`REAL_PROCESSORS`)
+    and the tiny tokenizer: image-token counts as the real model's, offline, without weights."""
+    import transformers
+
+    get_family(family)
+    real = REAL_PROCESSORS[family]
+    proc_cls, image_cls, video_cls = (getattr(transformers, n) if n else None
+                                      for n in _PROCESSOR_CLASSES[family])
+    parts: dict[str, Any] = dict(image_processor=image_cls(**real["image"]),
+                                 tokenizer=build_tokenizer(_TOKENIZER_KIND[family]))
+    if video_cls is not None:
+        parts["video_processor"] = video_cls(**real["image"])
+    return proc_cls(**parts, **real.get("processor", {}),
+                    chat_template=FAMILIES[family].chat_template)

@@ -29,7 +29,7 @@ from .curriculum import Curriculum, load_curriculum, parse_curriculum
 from .data import samples_sha256
 from .families import detect_family, get_family
 from .fsutil import publish_permissions
-from .models import load_vlm, machine_precision, resolve_model
+from .models import image_cap_record, load_vlm, machine_precision, resolve_model
 from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
 
 
@@ -43,15 +43,58 @@ def lora_config(cur: Curriculum, family: str):
                       use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 
-def build_stage_model(cur: Curriculum, base: str, family: str, finished: list[Path]) -> tuple[Any, Any]:
+def plan_checkpointing(setting: bool | str, device: str) -> bool:
+    """Whether to checkpoint activations: ``train.gradient_checkpointing`` for ``device``.
+
+    "auto" is on for CUDA (where activations, not weights, decide whether a page fits: 7,739
+    image tokens took a 7B to 94.7 GB at batch 1) and off on CPU (tiny models, where it only
+    costs time).
+    """
+    if setting == "auto":
+        return device.startswith("cuda")
+    return bool(setting)
+
+
+#: Non-reentrant checkpointing: works with frozen inputs (LoRA's frozen embeddings), keyword
+#: arguments and the RNG state of dropout, as PEFT recommends.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Turn activation checkpointing on, the PEFT-compatible way (before LoRA is attached).
+
+    Input embeddings are made to require grad too (``enable_input_require_grads``): a
+    checkpointed block whose inputs need no grad would otherwise pass none back to the LoRA
+    factors before it, should any module fall back to reentrant checkpointing.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+    model.enable_input_require_grads()
+    # a KV cache is of no use to a training forward (VLMs read it from the text config)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = False
+
+
+def build_stage_model(cur: Curriculum, base: str, family: str,
+                      finished: list[Path]) -> tuple[Any, Any]:
     """The trainable PEFT model a stage starts from, given the finished adapters before it."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     t = cur.train
-    model, processor, _ = load_vlm(base, family, t.dtype, t.device or _device(),
-                                   t.quantize_4bit)
+    device = t.device or _device()
+    model, processor, _ = load_vlm(base, family, t.dtype, device, t.quantize_4bit,
+                                   max_pixels=t.max_pixels,
+                                   where=f"{cur.source}: key 'train.max_pixels'")
+    checkpointing = plan_checkpointing(t.gradient_checkpointing, device)
     if t.quantize_4bit:
-        model = prepare_model_for_kbit_training(model)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+    elif checkpointing:
+        enable_checkpointing(model)
     if cur.lineage == "continued" and finished:
         return PeftModel.from_pretrained(model, str(finished[-1]), is_trainable=True), processor
     for folder in finished:  # stacked: fold each previous stage into the base, in order
@@ -200,13 +243,17 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
         for stale in (out / "adapters").glob(".*.tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
     base_sha = base_hash(base)
+    # the processor alone: the resolved cap is compared with finished stages before training
+    image = image_cap_record(base, family, cur.train.max_pixels,
+                             where=f"{cur.source}: key 'train.max_pixels'")
+    checkpointing = plan_checkpointing(cur.train.gradient_checkpointing, plan.device)
     done: list[Path] = []
     for i, stage_plan in enumerate(plans):
         if max_stages is not None and i >= max_stages:
             break
         if is_complete(stage_plan.out_dir):
             check_resumable(stage_plan, cur, base, family=family, base_sha=base_sha,
-                            parent=plans[i - 1] if i else None)
+                            parent=plans[i - 1] if i else None, image=image)
             done.append(stage_plan.out_dir)
             continue
         if stage_plan.out_dir.exists():
@@ -220,7 +267,8 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
         if accelerator.is_main_process:
             prev = plans[i - 1] if i else None
             meta = stage_metadata(stage_plan, cur, prev, base, family, base_sha, steps, losses,
-                                  accelerator.num_processes)
+                                  accelerator.num_processes, image=image,
+                                  gradient_checkpointing=checkpointing)
             meta.dataset["skipped_images"] = skipped[i]
             _write_stage(model, stage_plan, meta)
         accelerator.wait_for_everyone()

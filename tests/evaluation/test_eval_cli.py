@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from emomerge.evaluation.leaderboard import read_rows
 from typer.testing import CliRunner
@@ -97,3 +99,118 @@ def test_bad_settings_fail_before_any_model_or_merge_runs(tiny_base, merge_dirs,
                               "--out", str(out)])
     assert res.exit_code == 2 and "--baseline: 'nope'" in res.output
     assert not (out / "ablations").exists()
+
+
+def _recorded_on(src, dst, base_name: str, base_hash: str | None):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "emomerge.json").read_text())
+    meta["base"] = {"name_or_path": base_name, "hash": base_hash, "family": "qwen2_5_vl"}
+    (dst / "emomerge.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_variant_recorded_on_another_base_is_refused_unless_allowed(tiny_base, stage_dirs,
+                                                                      tmp_path):
+    from emomerge.evaluation.pipeline import check_variants
+    from emomerge.evaluation.predict import base_fingerprint
+    from emomerge.evaluation.variants import discover
+    from emomerge.merging.errors import InputError
+
+    other = _recorded_on(stage_dirs[0], tmp_path / "other", "/elsewhere/tiny-qwen2_5_vl",
+                         "f" * 64)
+    variants = discover([other])
+    with pytest.raises(InputError) as exc:
+        check_variants(variants, tiny_base)
+    msg = str(exc.value)
+    assert msg.startswith(f"{other}: recorded as trained on '/elsewhere/tiny-qwen2_5_vl' "
+                          "(hash ffffffffffff) (emomerge.json base) but the loaded base is "
+                          f"{tiny_base} (hash {base_fingerprint(tiny_base)[:12]})")
+    assert "--allow-base-mismatch" in msg
+    check_variants(variants, tiny_base, allow_base_mismatch=True)  # the override
+    # the hash training records for this very base passes, whatever the folder was called
+    same = _recorded_on(stage_dirs[0], tmp_path / "same", "/renamed/base",
+                        base_fingerprint(tiny_base))
+    check_variants(discover([same]), tiny_base)
+
+
+def test_base_names_follow_mergings_rules():
+    from emomerge.evaluation.pipeline import LoadedBase, other_precision, same_base
+
+    assert other_precision("unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert not other_precision("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+    hub = LoadedBase("Qwen/Qwen2.5-VL-7B-Instruct", None)
+    assert same_base("unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit", None, hub) is True
+    assert same_base("Qwen/Qwen2.5-VL-72B-Instruct", None, hub) is False
+    local = LoadedBase("/models/qwen7b", Path("/models/qwen7b"), "qwen2_5_vl", {"h1"}, "h1")
+    assert same_base("/old/place", "h1", local) is True          # the hash decides
+    assert same_base("/old/tiny", "h2", local) is False
+    # a QLoRA stage recorded the 4-bit copy's hash: the names say it is the same model
+    assert same_base("unsloth/qwen7b-bnb-4bit", "h2", local) is True
+    assert same_base("some/name", None, local) is None           # merging's fallback decides
+
+
+def test_a_nan_or_misshapen_variant_is_refused_before_scoring(tiny_base, stage_dirs, emoart_dir,
+                                                               tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(stage_dirs[1], bad)
+    f = bad / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = min(tensors)
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, str(f))
+    out = tmp_path / "res"
+    res = CliRunner().invoke(app, ["evaluate", "--base", str(tiny_base), "--variants", str(bad),
+                                   "--dataset", "emoart", "--data", str(emoart_dir),
+                                   "--out", str(out)])
+    assert res.exit_code == 2
+    assert res.stderr == f"error: {f}: tensor '{key}' contains Inf values\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--threshold", "2.0", "--threshold: must be a number in [0, 1], got 2.0"),
+    ("--threshold", "-inf", "--threshold: must be a number in [0, 1], got -inf"),
+    ("--val-fraction", "1", "--val-fraction: must be a number in (0, 1), got 1.0"),
+    ("--val-fraction", "nan", "--val-fraction: must be a number in (0, 1), got nan"),
+    ("--n-boot", "9", "--n-boot: must be at least 10, got 9"),
+    ("--batch-size", "0", "--batch-size: must be at least 1, got 0"),
+    ("--max-new-tokens", "-3", "--max-new-tokens: must be at least 1, got -3"),
+    ("--max-labels", "0", "--max-labels: must be at least 1, got 0"),
+    ("--holdout-seed", "-1", "--holdout-seed: must be at least 0, got -1"),
+])
+def test_every_numeric_option_is_checked(tiny_base, emoart_dir, tmp_path, option, value,
+                                         message):
+    out = tmp_path / "res"
+    res = CliRunner().invoke(app, ["evaluate", "--base", str(tiny_base), "--dataset", "emoart",
+                                   "--data", str(emoart_dir), "--out", str(out), option, value])
+    assert res.exit_code == 2 and res.stderr == f"error: {message}\n"
+    assert not out.exists()
+
+
+def test_output_paths_in_the_way(results, tmp_path):
+    csv_path = results / "leaderboard.csv"
+    runner = CliRunner()
+    (tmp_path / "fig.png").mkdir()
+    res = runner.invoke(app, ["leaderboard", "plot", str(csv_path), "--out",
+                              str(tmp_path / "fig.png")])
+    assert res.exit_code == 2
+    assert res.stderr == f"error: --out {tmp_path / 'fig.png'}: is a folder, not a plot file\n"
+    mine = tmp_path / "mine.png"
+    mine.write_text("not a plot")
+    res = runner.invoke(app, ["leaderboard", "plot", str(csv_path), "--out", str(mine)])
+    assert res.exit_code == 2 and "exists and is not a png plot" in res.stderr
+    assert mine.read_text() == "not a plot"
+    # an earlier plot is replaced
+    plot = tmp_path / "plot.png"
+    assert runner.invoke(app, ["leaderboard", "plot", str(csv_path), "--out", str(plot),
+                               "--no-confusion"]).exit_code == 0
+    assert runner.invoke(app, ["leaderboard", "plot", str(csv_path), "--out", str(plot),
+                               "--no-confusion"]).exit_code == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -220,3 +220,30 @@ def test_compare_and_csv_show_with_the_new_columns(tmp_path):
     again.write_text(L.show(b, fmt="csv"))
     assert L.read_rows(again) == L.read_rows(b)
     assert L.read_rows(b)[0]["per_label_f1"] == "A=0.5;B=0.4"
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a UTF-8 text file"),
+    ("variant,macro_f1\nd\xe9j\xe0,0.5\n".encode("latin-1"), "not a UTF-8 text file"),
+    (b'a,b\n"' + b"x" * 200_000 + b'",1\n', "not a readable CSV file"),  # past field_size_limit
+    (b"", "not an emomerge leaderboard"),
+])
+def test_files_that_are_not_leaderboards_are_one_input_error(tmp_path, data, needle):
+    path = tmp_path / "lb.csv"
+    path.write_bytes(data)
+    with pytest.raises(InputError) as exc:
+        L.read_rows(path)
+    assert str(exc.value).startswith(f"{path}: {needle}")
+    assert "\n" not in str(exc.value)
+
+
+def test_a_row_longer_than_the_header_names_its_line(tmp_path):
+    path = tmp_path / "lb.csv"
+    L.upsert_rows(path, [row("s1", "stage", 0.4)])
+    with path.open("a") as fh:
+        fh.write(",".join(["x"] * (len(L.COLUMNS) + 2)) + "\n")
+    with pytest.raises(InputError, match=rf"lb.csv:3: {len(L.COLUMNS) + 2} cells but the header "
+                                         rf"has {len(L.COLUMNS)} columns"):
+        L.read_rows(path)
+    with pytest.raises(InputError, match="is a folder"):
+        L.read_rows(tmp_path)

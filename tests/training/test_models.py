@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from emomerge.merging.errors import InputError
-from emomerge.training.models import load_vlm, machine_precision, plan_precision
+from emomerge.training.models import (
+    NF4_BYTES,
+    load_vlm,
+    machine_precision,
+    parameter_bytes,
+    plan_loading,
+    plan_precision,
+)
 
 
 @pytest.mark.parametrize("q4,dtype,device,cuda,bnb,want", [
@@ -147,3 +155,104 @@ def test_a_checkpoint_transformers_cannot_open_is_one_line(tmp_path, tiny_model)
         load_vlm(folder)
     assert str(exc.value).startswith(f"{folder}: cannot load the model (")
     assert "\n" not in str(exc.value)
+
+
+# --- fitting big models: 4-bit / device_map decisions, without a GPU --------------------------
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("q4,dmap,weights,free,want", [
+    # auto: the smallest change that fits (85 % of free memory for the weights)
+    ("auto", None, 16 * GB, [80 * GB], (False, None)),                  # 7B bf16 on one H100
+    ("auto", None, 145 * GB, [80 * GB] * 4, (False, "auto")),           # 72B bf16 over 4 GPUs
+    ("auto", None, 145 * GB, [80 * GB], (True, {"": "cuda"})),          # 72B 4-bit on one
+    ("auto", None, 177 * GB, [40 * GB] * 2, (True, "auto")),            # 90B 4-bit over two
+    ("auto", None, None, [80 * GB], (False, None)),                     # size unknown: plain
+    (True, None, 16 * GB, [80 * GB], (True, {"": "cuda"})),             # asked: as QLoRA
+    (True, "auto", None, None, (True, "auto")),
+    (False, "auto", None, None, (False, "auto")),
+    (False, None, 500 * GB, [80 * GB], (False, None)),                  # false is false
+])
+def test_loading_plan_on_cuda(q4, dmap, weights, free, want):
+    plan = plan_loading(quantize_4bit=q4, device_map=dmap, device="cuda", cuda_available=True,
+                        bnb_available=True, weight_bytes=weights,
+                        weight_bytes_4bit=None if weights is None else weights * 27 // 100,
+                        free_bytes=free)
+    assert (plan.quantize_4bit, plan.device_map) == want and plan.reason
+
+
+@pytest.mark.parametrize("q4,dmap,device,cuda,bnb,match", [
+    (True, None, "cpu", False, True,
+     r"4-bit loading needs a CUDA GPU; this run is on cpu \(no CUDA on this machine\)"),
+    (True, None, "cpu", True, True, "4-bit loading needs a CUDA GPU; this run is on cpu$"),
+    (False, "auto", "cpu", False, False, "device_map='auto' needs a CUDA GPU"),
+    (True, None, "cuda", True, False, "4-bit loading needs bitsandbytes"),
+    (False, "balanced", "cuda", True, True, "device_map must be null or 'auto'"),
+    ("yes", None, "cuda", True, True, "quantize_4bit must be true, false or 'auto'"),
+])
+def test_loading_plan_refusals_are_one_line(q4, dmap, device, cuda, bnb, match):
+    with pytest.raises(InputError, match=match) as exc:
+        plan_loading(quantize_4bit=q4, device_map=dmap, device=device, cuda_available=cuda,
+                     bnb_available=bnb)
+    assert "\n" not in str(exc.value)
+
+
+def test_auto_that_cannot_fit_says_by_how_much():
+    with pytest.raises(InputError, match=r"4-bit weights 50.0 GB, usable GPU memory 20.4 GB"):
+        plan_loading(quantize_4bit="auto", device_map=None, device="cuda", cuda_available=True,
+                     bnb_available=True, weight_bytes=180 * GB, weight_bytes_4bit=50 * GB,
+                     free_bytes=[24 * GB, 24 * GB])
+    with pytest.raises(InputError, match="needs bitsandbytes"):
+        plan_loading(quantize_4bit="auto", device_map=None, device="cuda", cuda_available=True,
+                     bnb_available=False, weight_bytes=180 * GB, free_bytes=[80 * GB])
+
+
+def test_machine_loading_reads_gpus_and_bitsandbytes(monkeypatch):
+    """The facts the plan is made of, faked: two GPUs with 30 GB free, bitsandbytes present."""
+    import importlib.util
+
+    import torch
+    from emomerge.training import models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (30 * GB, 80 * GB))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(models, "checkpoint_bytes", lambda name: (40 * GB, 11 * GB))
+    plan = models.machine_loading("auto", None, "cuda:1", "some/model")
+    assert (plan.quantize_4bit, plan.device_map) == (False, "auto")  # 40 GB over 2 × 25.5
+    monkeypatch.setattr(models, "checkpoint_bytes", lambda name: (60 * GB, 16 * GB))
+    plan = models.machine_loading("auto", None, "cuda:1", "some/model")
+    assert (plan.quantize_4bit, plan.device_map) == (True, {"": "cuda:1"})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(InputError, match="needs bitsandbytes"):
+        models.machine_loading(True, None, "cuda", "some/model")
+
+
+def test_load_vlm_refuses_4bit_and_device_map_without_cuda(tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InputError, match="device_map='auto' needs a CUDA GPU"):
+        load_vlm(tiny_model("llava"), device_map="auto")
+    model, _, _ = load_vlm(tiny_model("llava"), quantize_4bit="auto")  # CPU: plain
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_parameter_bytes_counts_the_tiny_model_exactly(tiny_model):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = tiny_model("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    n = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings())
+    bf16, nf4 = parameter_bytes(AutoConfig.from_pretrained(path))
+    assert bf16 == 2 * n
+    assert nf4 == int(2 * (n - linear) + NF4_BYTES * linear) and nf4 < bf16

@@ -332,3 +332,55 @@ def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(tiny_mode
     # The bytes follow the seed (the comparison above can fail).
     cur.write_text(cur.read_text().replace("seed: 7", "seed: 8"))
     assert train(tmp_path / "d")["emoart"] != first["emoart"]
+
+
+# --- image cap and activation checkpointing in the stage record --------------------------------
+
+def test_stage_records_the_resolved_image_cap_and_checkpointing(continued):
+    _, _, dirs, _ = continued
+    meta = read_stage_metadata(dirs[0])
+    image = meta.model_extra["image"]
+    # the tiny checkpoint's own limit (112 x 112 px) is below the family default: unchanged
+    assert image["family"] == "qwen2_5_vl" and image["max_pixels"] is None
+    assert image["source"] == "checkpoint" and image["pixels_limit"] == 112 * 112
+    assert image["settings"] == {"min_pixels": 56 * 56, "max_pixels": 112 * 112,
+                                 "patch_size": 14, "merge_size": 2}
+    assert image["page_tokens"] == 12  # 4 x 3 blocks of 28 px (112 x 84) for a page
+    assert meta.model_extra["train"]["gradient_checkpointing"] is False  # auto on CPU
+    # keys left at their defaults are not in the fingerprint: stages trained before they
+    # existed keep their settings_sha256
+    assert set(meta.model_extra["settings"]["train"]) == {
+        "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "dtype",
+        "quantize_4bit", "scheduler", "warmup_ratio"}
+
+
+def test_an_explicit_image_cap_is_part_of_the_fingerprint(continued, tmp_path):
+    cur, _, dirs, _ = continued
+    shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
+    with pytest.raises(InputError, match=r"train.max_pixels '<unset>' -> 6272"):
+        train_curriculum({**cur, "train": {**cur["train"], "max_pixels": 6272}}, tmp_path,
+                         progress=False, max_stages=1)
+
+
+def test_checkpointing_does_not_change_the_fingerprint(continued, tmp_path):
+    cur, _, dirs, _ = continued
+    shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
+    done = train_curriculum({**cur, "train": {**cur["train"], "gradient_checkpointing": True}},
+                            tmp_path, progress=False, max_stages=1)
+    assert done == [tmp_path / "adapters" / "emoart"]  # resumed, not refused
+
+
+def test_a_stage_trained_at_another_resolution_is_not_resumed(continued, tmp_path):
+    import json
+
+    cur, _, dirs, _ = continued
+    folder = tmp_path / "adapters" / "emoart"
+    shutil.copytree(dirs[0], folder)
+    meta = json.loads((folder / "emomerge.json").read_text())
+    meta["image"]["settings"]["max_pixels"] = 12845056  # e.g. trained before a default changed
+    (folder / "emomerge.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="trained at another image resolution"):
+        train_curriculum(cur, tmp_path, progress=False, max_stages=1)
+    del meta["image"]  # a stage from before the cap existed records none: resumed
+    (folder / "emomerge.json").write_text(json.dumps(meta))
+    assert train_curriculum(cur, tmp_path, progress=False, max_stages=1) == [folder]
