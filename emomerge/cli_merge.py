@@ -135,8 +135,7 @@ def _method_command(name: str):
             params["common_space_fraction"] = common_space_fraction
         if weights and len(weights) != len(adapters):
             fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
-        if method.param("density") is not None and "density" not in params:
-            sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing is trimmed\n")
+        untrimmed = method.param("density") is not None and "density" not in params
         result = merge(
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
             rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
@@ -145,6 +144,9 @@ def _method_command(name: str):
             allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
         )
         _report(result)
+        if untrimmed:  # after the merge: a refused merge stays one line
+            sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing was "
+                             "trimmed\n")
 
     command.__doc__ = f"{method.summary} ({method.paper})."
     return command

@@ -123,7 +123,7 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
     head = {"base": base_identity, "family": cur.get("family"), "lineage": cur["lineage"],
             "seed": cur["seed"], "lora": parsed.lora.model_dump(),
             "train": {k: v for k, v in parsed.train.model_dump().items()
-                      if k not in ("device", "max_bad_image_share")}}
+                      if k not in ("device", "max_bad_image_share", "gradient_checkpointing")}}
     keys, prev = [], stable_hash(head)
     for plan in plans:
         stage = plan.stage.model_dump()

@@ -213,7 +213,7 @@ def check_variants(variants: list[Variant], base: str | Path, *,
     or Inf, do not fit the base's shapes or were recorded on another base
     (``allow_base_mismatch``: skip only the last). One :class:`InputError` line each."""
     from emomerge.merging.checkpoint import Checkpoint
-    from emomerge.merging.engine import _check_against_base  # merging's own shape check
+    from emomerge.merging.engine import check_against_base  # merging's own shape check
     from emomerge.merging.taskvectors import build_task_vectors
 
     loaded = LoadedBase.of(base)
@@ -235,7 +235,7 @@ def check_variants(variants: list[Variant], base: str | Path, *,
                                     allow_lineage_mismatch=True)
             if ckpt is not None:
                 try:
-                    _check_against_base(tv, ckpt, [])
+                    check_against_base(tv, ckpt, [])
                 except InputError as exc:  # merging's line names the base: name the variant
                     raise InputError(f"{folder}: does not fit the base: {exc}") from exc
             if allow_base_mismatch:

@@ -370,7 +370,7 @@ def merge(
     if ckpt is not None:
         if not allow_base_mismatch:
             check_base_identity(tv.pool, ckpt)
-        _check_against_base(tv, ckpt, saved)
+        check_against_base(tv, ckpt, saved)
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
     auto = rank == "auto"
     merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=None if auto else rank,
@@ -508,7 +508,7 @@ def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> 
             raise MergeInputError(f"{owner.weights_file}: saved tensor '{name}' is not in the base {ckpt.path}")
 
 
-def _check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:
+def check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:
     tied = tied_head(ckpt, tv.modules)
     for path in tv.modules:
         key = ckpt.canonical.get(path + ".weight")
