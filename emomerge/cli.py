@@ -7,7 +7,7 @@ Each area registers its commands from its own module (``cli_merge``, ``cli_train
 import typer
 
 from emomerge import __version__, cli_eval, cli_merge, cli_run, cli_train
-from emomerge._cli_common import OneLineErrors
+from emomerge._cli_common import OneLineErrors, quiet_third_party
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -15,6 +15,24 @@ app = typer.Typer(
     add_completion=False,
     help="emomerge: train, merge and evaluate LoRA adapters of vision-language models.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Keep other libraries' warnings, "
+                                 "log lines and progress bars (silenced by default)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the emomerge version and exit."),
+) -> None:
+    """emomerge: train, merge and evaluate LoRA adapters of vision-language models."""
+    if not verbose:
+        quiet_third_party()
 
 
 @app.command()

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from emomerge._cli_common import user_errors
+from emomerge._cli_common import check_dataset, resolve_device, user_errors
 from emomerge.merging.errors import InputError
 
 leaderboard_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -88,7 +89,7 @@ def evaluate_cmd(
         "--variants", help="Adapter folders, --output full merge folders, or folders of them "
         "(several may follow one --variants).")] = [],  # noqa: B006 (typer reads, never mutates, it)
     dataset: str = typer.Option(..., "--dataset", help="emocomics35, emoart, emid or mangavqa."),
-    split: str = typer.Option("test", "--split"),
+    split: str = typer.Option("test", "--split", help="The split scored (train, val, test, ...)."),
     out: Annotated[Path, typer.Option("--out", help="Results folder (leaderboard.csv, "
                                       "predictions/, details/).")] = Path("results"),
     reader_task: str = typer.Option(None, "--task", help="Reader task (e.g. utterance, page)."),
@@ -114,24 +115,35 @@ def evaluate_cmd(
                                    "label set scored."),
     length_norm: bool = typer.Option(False, "--length-norm/--no-length-norm",
                                      help="Mean log-prob per token instead of the sum."),
-    append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot"),
+    append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot", help="Score the "
+                                    "end-of-turn token after each label too."),
     lowrank_merges: bool = typer.Option(False, "--lowrank-merges", help="Score re-factorised "
                                         "sparse merges as their rank-limited adapters instead "
                                         "of exactly (rows say lowrank with the error)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    include_base: bool = typer.Option(True, "--include-base/--no-base"),
-    leave_one_stage_out: bool = typer.Option(False, "--leave-one-stage-out"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation: the longest "
+                                       "answer (at least 1)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward pass (speed "
+                                   "only: the rows do not change)."),
+    include_base: bool = typer.Option(True, "--include-base/--no-base", help="Score the base "
+                                      "model alone as a row too."),
+    leave_one_stage_out: bool = typer.Option(False, "--leave-one-stage-out", help="Also score "
+                                             "each merge rebuilt without each of its stages."),
     judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint "
                                   "(MangaVQA judge; off by default)."),
-    judge_model: str = typer.Option(None, "--judge-model"),
+    judge_model: str = typer.Option(None, "--judge-model", help="The judge's model name at "
+                                    "--judge-url."),
     judge_protocol: str = typer.Option("binary", "--judge-protocol", help="binary, or "
                                        "mangavqa-1-10 (the published MangaVQA 1-10 prompt)."),
-    image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
-    allow_missing_images: bool = typer.Option(False, "--allow-missing-images"),
-    family: str = typer.Option(None, "--family"),
-    dtype: str = typer.Option(None, "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Where the images live (e.g. Manga109 for MangaVQA).")] = None,
+    allow_missing_images: bool = typer.Option(False, "--allow-missing-images", help="Score "
+                                              "items whose image file is missing without it."),
+    family: str = typer.Option(None, "--family", help="Model family (default: from the "
+                               "base's config)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: "
+                              "the precision training picks for the device)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when a GPU is visible, "
+                               "else cpu), cpu, cuda, cuda:N or mps."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Score "
                                              "variants recorded as trained on another base "
                                              "than --base."),
@@ -144,6 +156,8 @@ def evaluate_cmd(
     from emomerge.evaluation.pipeline import evaluate_paths
     from emomerge.evaluation.runner import EvalConfig
 
+    check_dataset(dataset)  # before --task, which depends on it
+    device = resolve_device(device)
     extra = [a for a in ctx.args]
     if any(a.startswith("-") for a in extra):
         raise InputError(f"unknown option {next(a for a in extra if a.startswith('-'))}")
@@ -188,7 +202,7 @@ def evaluate_cmd(
 def show_cmd(
     path: Annotated[Path, typer.Argument(help="A leaderboard CSV.")],
     by: str = typer.Option(None, "--by", help="Sort by this column, best first."),
-    fmt: str = typer.Option("markdown", "--format", help="markdown or csv."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown, csv or json."),
     by_book: bool = typer.Option(False, "--by-book", help="Variants × books of one metric, "
                                  "from the by_book.csv beside the leaderboard."),
     metric: str = typer.Option(None, "--metric", help="With --by-book: the metric shown "
@@ -217,15 +231,19 @@ def show_cmd(
 def compare_cmd(
     a: Annotated[Path, typer.Argument(help="Leaderboard A.")],
     b: Annotated[Path, typer.Argument(help="Leaderboard B.")],
-    fmt: str = typer.Option("markdown", "--format", help="markdown or csv."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown, csv or json."),
 ) -> None:
-    """Two leaderboards side by side per variant and dataset, with deltas (B − A)."""
-    from emomerge.evaluation.leaderboard import compare
+    """Two leaderboards side by side per variant and dataset, with Δ = B − A and its unpaired
+    95% interval; rows pair on architecture, base (content fingerprint, else name), variant,
+    dataset and split. A count line on stderr says how many rows matched and which did not."""
+    from emomerge.evaluation.leaderboard import compare_rows, format_table
 
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"{p}: no such file")
-    typer.echo(compare(a, b, fmt=fmt), nl=False)
+    c = compare_rows(a, b)
+    typer.echo(format_table(c.header, c.body, fmt), nl=False)
+    sys.stderr.write(c.note(f"A ({a})", f"B ({b})") + "\n")
 
 
 #: What ``leaderboard plot --out`` may write (matplotlib picks the format by the suffix).
@@ -259,20 +277,28 @@ def check_plot_target(out: Path, inputs: list[Path]) -> None:
 @user_errors
 def plot_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Leaderboard CSV(s).")],
-    out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
-    metric: str = typer.Option(None, "--metric"),
-    dataset: str = typer.Option(None, "--dataset"),
+    out: Annotated[Path, typer.Option("--out", help="Plot to write (.png, .pdf or .svg).")],
+    metric: str = typer.Option(None, "--metric", help="Metric column plotted (default: each "
+                               "evaluation set's headline, macro-F1 or char-F1)."),
+    dataset: str = typer.Option(None, "--dataset", help="Only this dataset's rows."),
+    kinds: Annotated[list[str], typer.Option(
+        "--kinds", help="Only rows of these kinds, comma-separated (base, trivial, "
+        "single-stage, stage, merged, chain-ablation, merge-ablation); said in the "
+        "title. Default: every row.")] = [],  # noqa: B006 (typer reads, never mutates, it)
     confusion: bool = typer.Option(True, "--confusion/--no-confusion",
                                    help="Also write confusion-matrix PNGs per variant."),
 ) -> None:
-    """Stage-wise line + merged bars per architecture; confusion matrices per variant."""
+    """Every row's headline metric with its 95% interval, one panel per dataset (variants on the
+    same rows), the baseline dashed, * for a Holm-adjusted p < 0.05, n / seeds / replicates in
+    the caption: the figure `emomerge run` writes. Confusion matrices per variant."""
     from emomerge.evaluation.plots import plot_confusions, plot_leaderboard
 
     for p in paths:
         if not p.is_file():
             raise InputError(f"{p}: no such file")
     check_plot_target(out, paths)
-    fig = plot_leaderboard(paths, out, metric=metric, dataset=dataset)
+    wanted = [k.strip() for item in kinds for k in item.split(",") if k.strip()]
+    fig = plot_leaderboard(paths, out, metric=metric, dataset=dataset, kinds=wanted or None)
     typer.echo(f"wrote {fig}")
     if confusion:
         cm_dir = out.with_name(out.stem + "_confusion")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from emomerge._cli_common import fail, user_errors
+from emomerge._cli_common import TABLE_FORMATS, fail, render_table, user_errors
 
 # Options that take several values after one flag (``--adapters a b c``); see expand_variadic.
 VARIADIC = ("--adapters", "--weights", "--density", "--gamma", "--epsilon")
@@ -84,21 +85,28 @@ def _method_command(name: str):
 
     method = METHODS[name]
 
+    def param(key: str, *decls: str, help: str, default=None):  # noqa: A002 (click's word)
+        """The option of method parameter ``key``: in ``--help`` only when the method has it
+        (with its default and range); still parsed otherwise, so the merge refuses it by name."""
+        p = method.param(key)
+        suffix = "" if p is None else f" [method default {p.default}, range {p.range}]"
+        return typer.Option(default, *decls, help=help + suffix, hidden=p is None)
+
     @user_errors
     def command(
         adapters: list[Path] = Adapters,
         out: Path = Out,
         weights: Optional[list[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1)."),
-        density: Optional[list[float]] = typer.Option(None, "--density", help="Fraction kept, in (0, 1]; one value or one per adapter."),
-        gamma: Optional[list[float]] = typer.Option(None, "--gamma", help="Breadcrumbs: top outlier fraction dropped."),
-        epsilon: Optional[list[float]] = typer.Option(None, "--epsilon", help="DELLA: spread of keep probabilities."),
-        lambda_: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged update."),
-        normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
-        rescale: Optional[str] = typer.Option(None, "--rescale", help="true | false | density (DARE 1/p)."),
-        paper: bool = typer.Option(False, "--paper", help="TIES: Yadav et al.'s unweighted election and count mean."),
-        space: Optional[str] = typer.Option(None, "--space", help="Where the method runs: dense (default), core (LoRA core space) or knots (KnOTS joint-SVD space)."),
-        fraction: Optional[float] = typer.Option(None, "--fraction", help="TSV: fraction of each task's singular vectors kept (default 1/n)."),
-        common_space_fraction: Optional[float] = typer.Option(None, "--common-space-fraction", help="Iso-CTS: share of the rank given to the common subspace."),
+        density: Optional[list[float]] = param("density", "--density", help="Fraction kept, in (0, 1]; one value or one per adapter."),
+        gamma: Optional[list[float]] = param("gamma", "--gamma", help="Breadcrumbs: top outlier fraction dropped."),
+        epsilon: Optional[list[float]] = param("epsilon", "--epsilon", help="DELLA: spread of keep probabilities."),
+        lambda_: Optional[float] = param("lambda", "--lambda", help="Scale of the merged update."),
+        normalize: Optional[bool] = param("normalize", "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
+        rescale: Optional[str] = param("rescale", "--rescale", help="true | false | density (DARE 1/p)."),
+        paper: bool = param("paper", "--paper", default=False, help="TIES: Yadav et al.'s unweighted election and count mean."),
+        space: Optional[str] = param("space", "--space", help="Where the method runs: dense (default), core (LoRA core space) or knots (KnOTS joint-SVD space)."),
+        fraction: Optional[float] = param("fraction", "--fraction", help="TSV: fraction of each task's singular vectors kept (default 1/n)."),
+        common_space_fraction: Optional[float] = param("common_space_fraction", "--common-space-fraction", help="Iso-CTS: share of the rank given to the common subspace."),
         output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
         rank: Optional[str] = typer.Option(None, "--rank", help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise)."),
@@ -165,72 +173,133 @@ def merge_recipe(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
 ) -> None:
     """Run a merge recipe (mergekit's YAML schema) natively."""
+    from emomerge.merging.errors import InputError
     from emomerge.merging.recipe import run_recipe
 
-    result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
-                        progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
-                        allow_base_mismatch=allow_base_mismatch,
-                        allow_lineage_mismatch=allow_lineage_mismatch)
+    try:
+        result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
+                            progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
+                            allow_base_mismatch=allow_base_mismatch,
+                            allow_lineage_mismatch=allow_lineage_mismatch)
+    except InputError as exc:
+        hint = _root_hint(recipe) if root is None else ""
+        fail(str(exc).splitlines()[0] + hint)
     _report(result)
 
 
-def methods() -> None:
+def _root_hint(recipe: Path) -> str:
+    """When a relative model path of the recipe is missing under the current folder: where to
+    point ``--root`` (a folder below holding it, if one is found)."""
+    from emomerge.merging.recipe import adapter_path, load_recipe
+
+    try:
+        parsed = load_recipe(recipe)
+    except Exception:  # noqa: BLE001 - the recipe's own error is already the message
+        return ""
+    missing = [m.model for m in parsed.models
+               if not Path(m.model.split("+")[-1]).is_absolute()
+               and not adapter_path(m.model, parsed.base_model, Path.cwd()).exists()]
+    if not missing:
+        return ""
+    rel = Path(missing[0].split("+")[-1])
+    found = next((p for p in sorted(Path.cwd().glob(f"*/{rel}")) + sorted(
+        Path.cwd().glob(f"*/*/{rel}")) if p.is_dir()), None)
+    where = (f" --root {os.path.relpath(found.parents[len(rel.parts) - 1])}"
+             if found else " --root FOLDER")
+    return (f" (relative model paths resolve against the current folder; pass{where} "
+            f"for the folder they are under)")
+
+
+def methods(
+    fmt: str = typer.Option("table", "--format", help="table (terminal, cells wrap, links "
+                            "whole), markdown, csv or json."),
+) -> None:
     """List every merge method with its parameters, defaults and paper."""
     from emomerge.merging import METHODS
 
-    table = Table(title="emomerge merge methods", show_lines=True)
-    for col in ("method", "what it does", "parameters (default, range)", "paper", "mergekit"):
-        table.add_column(col)
-    for m in METHODS.values():
-        params = "\n".join(
-            f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} {p.range}" for p in m.params
-        )
-        table.add_row(m.name, m.summary, params, m.paper, m.mergekit or "—")
-    Console(width=max(120, Console().width)).print(table)
+    def params(m, sep: str) -> str:
+        return sep.join(f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} "
+                        f"{p.range}" for p in m.params)
+
+    if fmt == "table" and Console().width < 120:
+        # too narrow for five columns with whole links: one block per method
+        width = Console().width
+        for m in METHODS.values():
+            typer.echo(textwrap.fill(f"{m.name} — {m.summary}", width, subsequent_indent="  "))
+            typer.echo(f"  paper: {m.paper}\n  mergekit: {m.mergekit or '—'}")
+            typer.echo(textwrap.fill(params(m, "; "), width, initial_indent="  ",
+                                     subsequent_indent="    ", break_long_words=False,
+                                     break_on_hyphens=False))
+        return
+    body = [[m.name, m.summary, params(m, "\n" if fmt == "table" else "; "), m.paper,
+             m.mergekit or "—"] for m in METHODS.values()]
+    render_table("emomerge merge methods", ["method", "what it does",
+                                            "parameters (default, range)", "paper", "mergekit"],
+                 body, fmt, keep=("method", "paper"), lines=True)
 
 
 @user_errors
 def inspect(
     adapters: list[Path] = typer.Argument(..., help="Adapter folders."),
     reference: str = typer.Option("base", "--reference", help="base or previous."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the whole "
+                                 "report; same as --format json)."),
+    fmt: str = typer.Option("table", "--format", help="table (terminal), markdown, csv (one row "
+                            "per adapter, cosines as columns) or json (the whole report)."),
     force: bool = typer.Option(False, "--force", help="Inspect adapters of different bases together (as --allow-base-mismatch)."),
     allow_base_mismatch: bool = AllowBaseMismatch,
 ) -> None:
     """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage (and any
     parent whose sha256 differs from the recorded one), and the pairwise cosine similarity of
-    the task vectors."""
-    from emomerge.merging.inspect import inspect_adapters
+    the task vectors. Adapters are named relative to their common folder (in the title)."""
+    from emomerge.merging.inspect import inspect_adapters, short_paths
 
+    if fmt not in TABLE_FORMATS:  # before the adapters are read
+        fail(f"--format: expected one of {', '.join(TABLE_FORMATS)}, got '{fmt}'")
     report = inspect_adapters(adapters, reference=reference, force=force or allow_base_mismatch)
-    if as_json:
+    if as_json or fmt == "json":
         typer.echo(json.dumps(report, indent=2))
         return
-    console = Console()
-    table = Table(title=f"adapters (task vectors relative to the {reference})")
-    for col in ("#", "adapter", "base", "layout", "modules", "ranks", "scales", "‖τ‖", "lineage"):
-        table.add_column(col)
-    for i, a in enumerate(report["adapters"]):
+    root, names = short_paths([a["path"] for a in report["adapters"]])
+    bases = sorted({str(a["base"]) for a in report["adapters"]})
+    # one base (the usual case): its folder name; several: what tells them apart
+    base_names = dict(zip(bases, [Path(b).name or b for b in bases] if len(bases) == 1
+                          else short_paths(bases)[1]))
+    header = ["#", "adapter", "base", "layout", "modules", "ranks", "scales", "‖τ‖", "lineage"]
+    body = []
+    for i, (a, name) in enumerate(zip(report["adapters"], names)):
         lin = a["lineage"]
-        table.add_row(
-            str(i), a["path"], str(a["base"]), a["layout"], str(a["modules"]),
+        body.append([
+            str(i), name, base_names[str(a["base"])], a["layout"], str(a["modules"]),
             ",".join(map(str, a["ranks"])), ",".join(f"{s:g}" for s in a["scales"]),
             f"{a['task_vector_norm']:.4g}",
             "—" if lin is None else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}"
             + (" [parent changed: sha256 differs]" if lin and lin.get("parent_sha256_ok") is False else ""),
-        )
-    console.print(table)
+        ])
+    title = f"adapters (task vectors relative to the {reference})" + (f" in {root}/" if root else "")
+    if fmt == "table" and len(bases) == 1:  # one base: named once, in the title
+        title += f"; base {base_names[bases[0]]}"
+        header.remove("base")
+        body = [row[:2] + row[3:] for row in body]
+    cos_cells = [[f"{v:+.3f}" for v in row] for row in report["cosine"]]
+    if fmt == "table":
+        render_table(title, header, body, keep=("#", "adapter"))
+    else:  # one table: the cosines of each adapter as its last columns
+        render_table(title, header + [f"cos {i}" for i in range(len(body))],
+                     [b + c for b, c in zip(body, cos_cells)], fmt)
     for m in report["lineage_mismatches"]:
         sys.stderr.write(f"warning: {m['parent']}: sha256 differs from the parent_sha256 recorded "
                          f"in {m['child']}/emomerge.json (the parent changed after its child was trained)\n")
-    cos = Table(title="cosine similarity of task vectors")
-    cos.add_column("")
-    for i in range(len(report["adapters"])):
-        cos.add_column(str(i))
-    for i, row in enumerate(report["cosine"]):
-        cos.add_row(str(i), *(f"{v:+.3f}" for v in row))
-    console.print(cos)
-    typer.echo(_rank_line(report["output_rank"]))
+    if fmt == "table":
+        render_table("cosine similarity of task vectors",
+                     ["", *map(str, range(len(body)))],
+                     [[str(i), *row] for i, row in enumerate(cos_cells)])
+        typer.echo(textwrap.fill(_rank_line(report["output_rank"]), Console().width,
+                                 subsequent_indent="  ", break_long_words=False))
+    elif fmt == "markdown":
+        typer.echo("\n" + _rank_line(report["output_rank"]))
+    else:  # csv: the table only; the rank line on stderr
+        sys.stderr.write(_rank_line(report["output_rank"]) + "\n")
 
 
 def _rank_line(ranks: dict) -> str:
@@ -258,8 +327,8 @@ def export_mergekit(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the YAML here (default: stdout)."),
     method: Optional[str] = typer.Option(None, "--method", help="Merge method (without a recipe)."),
     adapters: Optional[list[Path]] = typer.Option(None, "--adapters", help="Adapter folders (without a recipe)."),
-    weights: Optional[list[float]] = typer.Option(None, "--weights"),
-    density: Optional[list[float]] = typer.Option(None, "--density"),
+    weights: Optional[list[float]] = typer.Option(None, "--weights", help="Without a recipe: one weight per adapter, or one for all."),
+    density: Optional[list[float]] = typer.Option(None, "--density", help="Without a recipe: fraction kept, one value or one per adapter."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out (never an input or another file)."),
 ) -> None:

@@ -62,7 +62,7 @@ def run_cmd(
 
 @user_errors
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="The CI-sized demo (about a minute)."),
+    quick: bool = typer.Option(False, "--quick", help="The CI-sized demo (19-44 s measured on 2 shared CPU cores)."),
     out: Path = typer.Option(Path("emomerge-demo"), "--out", help="Demo folder."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Progress bars."),
 ) -> None:

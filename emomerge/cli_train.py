@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from emomerge._cli_common import user_errors
+from emomerge._cli_common import check_dataset, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect or generate datasets.")
 
@@ -70,6 +70,7 @@ def inspect(
     """Per split: samples, label counts, multi-label counts, missing images, parse repairs."""
     from emomerge.training.data import inspect_dataset
 
+    check_dataset(name, "")
     opts = {"image_root": image_root} if image_root else {}
     report = inspect_dataset(name, path, task, **opts)
     if as_json:
@@ -84,7 +85,7 @@ def synthetic(
     name: str = typer.Argument(..., help="emocomics35, emoart, emid or mangavqa."),
     out: Path = typer.Argument(..., help="Folder to write the dataset into."),
     n: int = typer.Option(24, "--n", help="Number of items (pages, records, rows)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generator (same seed, same files)."),
 ) -> None:
     """Write a small synthetic dataset in the dataset's published format."""
     from emomerge.training.data.synthetic import write_synthetic
@@ -93,18 +94,19 @@ def synthetic(
 
 
 @user_errors
-def _export(curriculum: Path, out: Path) -> None:
+def _export(curriculum: Path, out: Path, precision: str | None) -> None:
     from emomerge.training.export_llamafactory import export_llamafactory
 
-    typer.echo(str(export_llamafactory(curriculum, out)))
+    typer.echo(str(export_llamafactory(curriculum, out, precision=precision)))
 
 
 def export_llamafactory(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML."),
     out: Path = typer.Option(..., "--out", help="Export folder (must not exist or be empty)."),
+    precision: str = typer.Option(None, "--precision", help="bf16, fp16 or fp32 for the machine that trains (default: train.dtype, else this machine: bf16 on a CUDA GPU that has it, fp16 on one without, fp32 on CPU)."),
 ) -> None:
-    """Write sharegpt JSONL, dataset_info.json and one LLaMA-Factory YAML per stage."""
-    _export(curriculum, out)
+    """Write sharegpt JSONL, dataset_info.json, one LLaMA-Factory YAML per stage and run.sh."""
+    _export(curriculum, out, precision)
 
 
 @user_errors
@@ -117,7 +119,7 @@ def _tiny(family: str, out: Path, seed: int) -> None:
 def tiny_model(
     family: str = typer.Argument(..., help="qwen2_5_vl, qwen3_vl, mllama, llava, llava_next, pixtral."),
     out: Path = typer.Argument(..., help="Folder to write the model into."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:
     """Build a tiny random VLM of a family offline (for demos and tests)."""
     _tiny(family, out, seed)

@@ -9,6 +9,7 @@ decision, so changing a threshold or the length normalisation reuses the cache.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import re
@@ -22,11 +23,19 @@ def _safe(name: str) -> str:
 
 
 class PredictionCache:
-    """The cached raw outputs of one variant (all splits), backed by one JSONL file."""
+    """The cached raw outputs of one variant (all splits), backed by JSONL files.
 
-    def __init__(self, folder: str | Path, variant_name: str, variant_hash: str) -> None:
+    One file, or with ``part`` (data-parallel evaluation, :mod:`.distributed`) this process's
+    part ``<variant>.<hash>.part<k>.jsonl``; reading takes the one file and every part, so any
+    number of processes resumes from what all of them wrote.
+    """
+
+    def __init__(self, folder: str | Path, variant_name: str, variant_hash: str,
+                 part: int | None = None) -> None:
         self.variant_hash = variant_hash
-        self.path = Path(folder) / f"{_safe(variant_name)}.{variant_hash[:12]}.jsonl"
+        stem = f"{_safe(variant_name)}.{variant_hash[:12]}"
+        base = Path(folder) / f"{stem}.jsonl"
+        self.path = base if part is None else Path(folder) / f"{stem}.part{part}.jsonl"
         self._records: dict[tuple[str, str], dict[str, Any]] = {}
         #: a kill mid-line leaves no final newline: the next append must start a fresh line
         self._torn = False
@@ -36,7 +45,9 @@ class PredictionCache:
                 if fb.tell():
                     fb.seek(-1, 2)
                     self._torn = fb.read(1) != b"\n"
-            with self.path.open(encoding="utf-8") as fh:
+        parts = sorted(Path(folder).glob(f"{glob.escape(stem)}.part*.jsonl"))
+        for path in [base, *parts] if base.exists() else parts:
+            with path.open(encoding="utf-8") as fh:
                 for line in fh:
                     try:
                         rec = json.loads(line)

@@ -209,7 +209,8 @@ def build_merges(exp: LoadedExperiment, main: Chain, root: Path,
         key = merge_key(m.raw, inputs)
         out = root / f"{m.name}-{_short(key)}"
         if not (out / "emomerge.json").is_file():
-            echo(f"  merge {m.name} ({recipe.merge_method})")
+            echo(f"  merge {m.name}" + (f" ({recipe.merge_method})"
+                                        if recipe.merge_method != m.name else ""))
             run_recipe(m.path, out, root=main.folder, force=True)
             built.append(m.name)
         done.append((m.name, out, key))
@@ -304,6 +305,21 @@ def _variants(exp: LoadedExperiment, chains: dict[str, Chain],
     return out + merge_abl
 
 
+def _host_loading(exp: LoadedExperiment, arch: Architecture) -> dict[str, Any]:
+    """How evaluation loads an architecture's base: at the image cap its stages trained with;
+    exact merges need unquantized weights (spread over GPUs when there are several), else the
+    training's 4-bit quantisation is reused."""
+    import torch
+
+    train = {**exp.train, **arch.train}
+    if exp.spec.evaluation.exact_merges:
+        spread = torch.cuda.is_available() and torch.cuda.device_count() > 1
+        return {"max_pixels": train.get("max_pixels"), "quantize_4bit": False,
+                "device_map": "auto" if spread else None}
+    return {"max_pixels": train.get("max_pixels"),
+            "quantize_4bit": True if train.get("quantize_4bit") else False}
+
+
 def _set_threads(n: int | None) -> None:
     if n is not None:
         import torch
@@ -321,7 +337,10 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
     from .experiment_report import write_reports
     from .predict import ModelHost
 
+    from .distributed import current_shard
+
     out = Path(out).resolve()
+    shard = current_shard()
     exp = (experiment if isinstance(experiment, LoadedExperiment)
            else load_experiment(experiment, inline_dir=out / "recipes"))
     out.mkdir(parents=True, exist_ok=True)
@@ -350,16 +369,22 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
                 result.built["stages"] += [f"{label}/seed{seed}/{name}/{s}" for s in trained]
                 chains[name] = chain
             mroot = out / "merges" / label / f"seed{seed}"
+            # under accelerate launch the main process merges; the others then reuse its outputs
+            if not shard.is_main:
+                shard.barrier()
             merges, built = build_merges(exp, chains["main"], mroot, echo)
             result.built["merges"] += [f"{label}/seed{seed}/{m}" for m in built]
             abl = merge_ablations(merges, exp.spec.ablations.merge_without_stage,
                                   mroot / "ablations", exp.stage_names,
                                   exact=exp.spec.evaluation.exact_merges)
+            if shard.is_main:
+                shard.barrier()
             echo(f"[merge] {tag}: {len(merges)} merges ({len(built)} built), "
                  f"{len(abl)} leave-one-stage-out merges")
             variants = _variants(exp, chains, merges, abl)
             if host is None:
-                host = ModelHost.load(base, family=family, device=exp.spec.device or "cpu")
+                host = ModelHost.load(base, family=family, device=exp.spec.device or "cpu",
+                                      **_host_loading(exp, arch))
             rows, scored = evaluate_variants(exp, host, base, variants,
                                              out / "eval" / label / f"seed{seed}", seed, progress)
             for row in rows:
@@ -370,6 +395,8 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
             result.built["scored"] += [f"{label}/seed{seed}/{s}" for s in scored]
             result.rows += rows
         del host
+    if not shard.is_main:  # every process computed the rows; the main one writes the reports
+        return result
     (out / "experiment.json").write_text(json.dumps(
         {"experiment": str(exp.source), "name": exp.spec.name, "architectures": labels,
          "seeds": exp.spec.seeds, "stages": exp.stage_names,

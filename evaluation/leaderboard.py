@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from emomerge.merging.errors import InputError
@@ -45,6 +47,7 @@ COLUMNS: tuple[str, ...] = (
     "per_label_f1", "parse_failures", "skipped_images", "scoring", "threshold",
     "threshold_source", "seed", "n_boot",
     "emomerge_version", "git_hash", "date", "config_hash", "variant_hash", "split_hash",
+    "base_name", "base_fingerprint",
 )
 
 #: Columns added after the first release: a leaderboard written before any of them is read with
@@ -52,13 +55,28 @@ COLUMNS: tuple[str, ...] = (
 LATER_COLUMNS: tuple[str, ...] = (
     "threshold_source", "representation", "represented_rank", "lowrank_error_mean",
     "lowrank_error_max", "label_set", "n_books", *(f"{m}_p_holm" for m in METRIC_COLUMNS),
-    "per_label_f1", "scoring", "threshold", "skipped_images",
+    "per_label_f1", "scoring", "threshold", "skipped_images", "base_name", "base_fingerprint",
 )
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
 ROW_KEY = ("architecture", "base_id", "variant", "dataset", "split", "config_hash")
-#: The columns that pair rows of two leaderboards in :func:`compare`.
-COMPARE_KEY = ("architecture", "base_id", "variant", "dataset", "split")
+#: The columns that pair rows of two leaderboards in :func:`compare`, besides the base's identity
+#: (:func:`base_identity`): never ``base_id``, the path of the machine that ran the evaluation.
+COMPARE_KEY = ("architecture", "variant", "dataset", "split")
+
+
+def base_columns(base_id: str | Path, fingerprint: str) -> dict[str, str]:
+    """The portable identity of a row's base: ``base_name`` (a local folder's own name, or the
+    hub id as given) and ``base_fingerprint`` (16 hex digits of the content hash of a local
+    checkpoint; empty when ``fingerprint`` only hashes the name, e.g. a hub id, so that a hub id
+    and a downloaded copy still pair by name). ``base_id`` keeps the path, for display only."""
+    import hashlib
+
+    text = str(base_id)
+    local = Path(text).is_dir()
+    name = Path(text).name if local else text
+    by_name = fingerprint == hashlib.sha256(text.encode()).hexdigest()
+    return {"base_name": name, "base_fingerprint": "" if by_name or not local else fingerprint[:16]}
 
 
 def fmt_value(value: object) -> str:
@@ -186,15 +204,18 @@ def metrics_present(rows: Sequence[dict[str, str]]) -> list[str]:
 
 
 def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
-    """``body`` under ``header`` as a markdown table or CSV text (``--format``)."""
+    """``body`` under ``header`` as a markdown table, CSV text or a JSON list (``--format``)."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(body)
         return buf.getvalue()
+    if fmt == "json":  # one object per row, keyed by the header
+        return json.dumps([dict(zip(header, row)) for row in body], indent=1,
+                          ensure_ascii=False) + "\n"
     if fmt != "markdown":
-        raise InputError(f"--format: expected 'markdown' or 'csv', got '{fmt}'")
+        raise InputError(f"--format: expected 'markdown', 'csv' or 'json', got '{fmt}'")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     return "\n".join(lines) + "\n"
@@ -281,8 +302,8 @@ def show(path: str | Path, *, by: str | None = None, fmt: str = "markdown") -> s
     the number of merges tried.
     """
     rows = sort_rows(read_rows(path), by)
-    if fmt == "csv":
-        return format_table(list(COLUMNS), [[r[c] for c in COLUMNS] for r in rows], "csv")
+    if fmt in ("csv", "json"):  # every column, as in the file
+        return format_table(list(COLUMNS), [[r[c] for c in COLUMNS] for r in rows], fmt)
     metrics = metrics_present(rows)
     header = ["architecture", "variant", "kind", "method", "dataset", "split", "n"]
     header += [h for m in metrics for h in (m, f"p({m})", f"p_adj({m})")] + ["parse_failures"]
@@ -302,25 +323,108 @@ def show(path: str | Path, *, by: str | None = None, fmt: str = "markdown") -> s
     return format_table(header, body, fmt)
 
 
-def compare(path_a: str | Path, path_b: str | Path, *, fmt: str = "markdown") -> str:
-    """Two leaderboards side by side per (architecture, base, variant, dataset, split): A, B, B−A.
+def _base_match(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two rows were scored on the same base: by content fingerprint when both rows have
+    one, else by name (merging's ``base_identity``: last path part, lower case, no quantisation
+    suffix; a file from before ``base_name`` is read by its ``base_id``'s last part)."""
+    from emomerge.merging.adapters import base_identity
 
-    When a leaderboard holds several rows for one key (several configs), the last one counts.
-    """
-    a = {tuple(r[k] for k in COMPARE_KEY): r for r in read_rows(path_a)}
-    b = {tuple(r[k] for k in COMPARE_KEY): r for r in read_rows(path_b)}
-    keys = list(a) + [k for k in b if k not in a]
-    metrics = [m for m in METRIC_COLUMNS
-               if m in metrics_present(list(a.values())) + metrics_present(list(b.values()))]
+    if a.get("base_fingerprint") and b.get("base_fingerprint"):
+        return a["base_fingerprint"] == b["base_fingerprint"]
+    return base_identity(a.get("base_name") or a.get("base_id")) == \
+        base_identity(b.get("base_name") or b.get("base_id"))
+
+
+def delta_interval(ra: dict[str, str], rb: dict[str, str], m: str) -> tuple[float, float]:
+    """An *unpaired* 95% interval of ``B − A`` from the two rows' own intervals (MOVER, Zou &
+    Donner 2008): ``Δ − √((b − b_lo)² + (a_hi − a)²)`` to ``Δ + √((b_hi − b)² + (a − a_lo)²)``.
+
+    Unpaired because a leaderboard row holds no per-example predictions (``details/`` has
+    confusion matrices, ``predictions/`` raw scores before the thresholds), so the two runs'
+    bootstrap replicates cannot be matched. On the same examples the runs' errors are positively
+    correlated, which makes this interval wider than a paired one: conservative. NaN when either
+    row lacks its interval."""
+    a, a_lo, a_hi = (_num(ra.get(f"{m}{s}", "")) for s in ("", "_lo", "_hi"))
+    b, b_lo, b_hi = (_num(rb.get(f"{m}{s}", "")) for s in ("", "_lo", "_hi"))
+    d = b - a
+    lo = d - math.hypot(b - b_lo, a_hi - a)
+    hi = d + math.hypot(b_hi - b, a - a_lo)
+    return lo, hi
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` shows: the table, and the rows only one side has."""
+
+    header: list[str]
+    body: list[list[str]]
+    only_a: list[str]
+    only_b: list[str]
+
+    def note(self, name_a: str = "A", name_b: str = "B") -> str:
+        """The count line: how many rows paired, and which did not (at most 5 named a side)."""
+        def names(keys: list[str]) -> str:
+            shown = ", ".join(keys[:5]) + (f", … ({len(keys) - 5} more)" if len(keys) > 5 else "")
+            return f" ({shown})" if keys else ""
+
+        text = (f"{len(self.body) - len(self.only_a) - len(self.only_b)} rows matched; "
+                f"only in {name_a}: {len(self.only_a)}{names(self.only_a)}; "
+                f"only in {name_b}: {len(self.only_b)}{names(self.only_b)}")
+        if self.only_a or self.only_b:
+            text += (" — rows pair on architecture, base (content fingerprint, else name), "
+                     "variant, dataset and split")
+        return text
+
+
+def compare_rows(path_a: str | Path, path_b: str | Path) -> Comparison:
+    """Pair the rows of two leaderboards (:data:`COMPARE_KEY` and the same base by
+    :func:`_base_match`) and tabulate A, B, ``Δ`` = B − A and Δ's unpaired 95% interval
+    (:func:`delta_interval`) per metric. When a leaderboard holds several rows for one key
+    (several configs), the last one counts."""
+    def last(path: str | Path) -> list[dict[str, str]]:
+        return list({tuple(r[k] for k in COMPARE_KEY)
+                     + (r["base_fingerprint"], r["base_name"] or r["base_id"]): r
+                     for r in read_rows(path)}.values())
+
+    rows_b = last(path_b)
+    last_a = {i: r for i, r in enumerate(last(path_a))}
+    pairs: list[tuple[dict[str, str], dict[str, str]]] = []
+    used: set[int] = set()
+    for ra in last_a.values():
+        key = tuple(ra[k] for k in COMPARE_KEY)
+        j = next((j for j, rb in enumerate(rows_b) if j not in used
+                  and tuple(rb[k] for k in COMPARE_KEY) == key and _base_match(ra, rb)), None)
+        if j is not None:
+            used.add(j)
+        pairs.append((ra, rows_b[j] if j is not None else {}))
+    pairs += [({}, rb) for j, rb in enumerate(rows_b) if j not in used]
+    present = set(metrics_present(list(last_a.values())) + metrics_present(rows_b))
+    metrics = [m for m in METRIC_COLUMNS if m in present]
     header = ["architecture", "variant", "dataset", "split"]
-    header += [h for m in metrics for h in (f"{m} (A)", f"{m} (B)", f"Δ {m}")]
-    body = []
-    for key in keys:
-        ra, rb = a.get(key, {}), b.get(key, {})
-        cells = [key[0], key[2], key[3], key[4]]
+    header += [h for m in metrics
+               for h in (f"{m} (A)", f"{m} (B)", f"Δ {m}", f"Δ {m} 95% CI (unpaired)")]
+    body, only_a, only_b = [], [], []
+    for ra, rb in pairs:
+        r = ra or rb
+        cells = [r["architecture"], r["variant"], r["dataset"], r["split"]]
+        label = f"{r['variant']} {r['dataset']}/{r['split']}"
+        if not rb:
+            only_a.append(label)
+        elif not ra:
+            only_b.append(label)
         for m in metrics:
             va, vb = _num(ra.get(m, "")), _num(rb.get(m, ""))
             delta = vb - va
-            cells += [fmt_value(va), fmt_value(vb), "" if math.isnan(delta) else f"{delta:+.4f}"]
+            lo, hi = delta_interval(ra, rb, m)
+            ci = "" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.4f}, {hi:+.4f}]"
+            cells += [fmt_value(va), fmt_value(vb), "" if math.isnan(delta) else f"{delta:+.4f}",
+                      ci]
         body.append(cells)
-    return format_table(header, body, fmt)
+    return Comparison(header, body, only_a, only_b)
+
+
+def compare(path_a: str | Path, path_b: str | Path, *, fmt: str = "markdown") -> str:
+    """Two leaderboards side by side (:func:`compare_rows`) as a table; the count line of
+    matched and unmatched rows is :meth:`Comparison.note`."""
+    c = compare_rows(path_a, path_b)
+    return format_table(c.header, c.body, fmt)

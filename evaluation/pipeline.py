@@ -77,6 +77,26 @@ def train_labels(dataset: str, data: str | Path, reader_task: str | None,
         return None
 
 
+def recorded_cap(variants: list[Variant]) -> int | None:
+    """The explicit image cap (``train.max_pixels``) the variants' stages were trained at, so
+    evaluation sees the pixels training saw; None when none recorded one (family default)."""
+    from emomerge.merging.lineage import read_stage_metadata
+
+    caps = {}
+    for v in variants:
+        for folder in v.chain or ([v.path] if v.path else []):
+            meta = read_stage_metadata(folder) if (Path(folder) / "emomerge.json").is_file() \
+                else None
+            image = ((meta.model_extra or {}).get("image") or {}) if meta is not None else {}
+            if image.get("source") == "explicit" and image.get("max_pixels"):
+                caps[folder] = int(image["max_pixels"])
+    if len(set(caps.values())) > 1:
+        shown = ", ".join(f"{Path(f).name}: {c}" for f, c in list(caps.items())[:4])
+        raise InputError(f"the variants were trained at different image caps ({shown}); "
+                         "evaluate them separately")
+    return next(iter(caps.values()), None)
+
+
 def needs_validation(cfg: EvalConfig) -> bool:
     """Whether ``cfg`` chooses a multi-label threshold on validation data."""
     return (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
@@ -276,8 +296,19 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
         ([Variant("base", "base")] if include_base else []) + variants)
     if baseline not in names:
         raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
-    for v in merged:
-        variants += leave_one_stage_out(v, Path(out) / "ablations", exact=exact)
+    if merged:
+        # under accelerate launch the main process builds the ablation merges, the others
+        # then find them built (one writer per output folder)
+        from .distributed import current_shard
+
+        shard = current_shard()
+        if not shard.is_main:
+            shard.barrier()
+        built = [a for v in merged for a in leave_one_stage_out(v, Path(out) / "ablations",
+                                                                 exact=exact)]
+        if shard.is_main:
+            shard.barrier()
+        variants += built
     val = pool = None
     if needs_validation(cfg):
         val, pool = validation_data(cfg.dataset, data, reader_task, **opts)
@@ -288,7 +319,8 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
 
         check_against_base_folder([v for v in variants if v.exact], base,  # before loading it
                                   allow_base_mismatch=allow_base_mismatch)
-    host = host or ModelHost.load(base, family=family, dtype=dtype, device=device)
+    host = host or ModelHost.load(base, family=family, dtype=dtype, device=device,
+                                  max_pixels=recorded_cap(variants))
     return evaluate(host, base, variants, samples, out, cfg, val_samples=val, val_pool=pool,
                     train_labels=labels, include_base=include_base, progress=progress,
                     skipped_images=skipped, allow_base_mismatch=allow_base_mismatch)

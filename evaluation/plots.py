@@ -1,15 +1,11 @@
-"""Figures from a leaderboard: stage-wise lines with merged bars, the experiment's variant ×
-dataset forest plot, and confusion matrices.
+"""Figures from a leaderboard: the variant × dataset forest plot and confusion matrices.
 
-Layout of :func:`plot_leaderboard`: one panel per (dataset, architecture); x = 0 is the base,
-x = 1..S the stage adapters in curriculum order (a line: how the score moves through the
-curriculum), then one bar per merged variant to the right. Error bars are the bootstrap 95%
-intervals from the CSV; the dashed line is the last stage, the default baseline of the paired test;
-constant predictors (``kind`` trivial) are dotted grey lines, a floor rather than a contender.
-
-Layout of :func:`plot_grid` (the experiment's ``plot.png``): one panel per evaluation set (columns)
-and architecture (rows), each variant's headline metric with its interval on the same row in every
-panel, coloured by kind, ``*`` beside the significant ones, a dashed line at the baseline's score.
+Layout of :func:`grid_figure` (the experiment's ``plot.png`` and ``leaderboard plot``): one panel
+per evaluation set (columns) and architecture (rows), each variant's headline metric with its
+interval on the same row in every panel, coloured by kind, ``*`` beside the significant ones
+(Holm-adjusted p where the rows have it), a dashed line at the baseline's score (in the legend),
+and a caption with n, seeds and bootstrap replicates per set. Constant predictors (``kind``
+trivial) are hollow grey diamonds, a floor rather than a contender.
 """
 
 from __future__ import annotations
@@ -34,10 +30,6 @@ KIND_COLOURS = {"base": "grey", "trivial": "0.6", "single-stage": "tab:green",
                 "stage": "tab:blue", "merged": "tab:orange", "chain-ablation": "tab:purple",
                 "merge-ablation": "tab:brown"}
 
-#: Preferred metric for the figure when the user names none (first one present wins).
-DEFAULT_METRICS = ("macro_f1", "example_f1", "char_f1", "exact_match", "accuracy")
-
-
 def _num(cell: str) -> float:
     try:
         return float(cell)
@@ -45,43 +37,39 @@ def _num(cell: str) -> float:
         return float("nan")
 
 
-def _yerr(rows: Sequence[dict[str, str]], metric: str) -> np.ndarray:
-    """[2, n] distances from the value to the interval bounds (0 where unknown)."""
-    out = np.zeros((2, len(rows)))
-    for i, r in enumerate(rows):
-        v, lo, hi = _num(r[metric]), _num(r[f"{metric}_lo"]), _num(r[f"{metric}_hi"])
-        if not any(math.isnan(x) for x in (v, lo, hi)):
-            out[:, i] = (max(v - lo, 0.0), max(hi - v, 0.0))
-    return out
+#: Row kinds ``leaderboard plot --kinds`` may name (every kind a leaderboard row can have).
+KINDS = tuple(KIND_COLOURS)
 
 
-def _stage_order(row: dict[str, str]) -> float:
-    return _num(row["stage_index"]) if row.get("stage_index") else math.inf
+def majority_baseline(rows: Sequence[dict[str, str]]) -> str:
+    """The variant the rows were paired-tested against (their ``baseline`` column; the most
+    frequent one when leaderboards of several evaluations are plotted together)."""
+    names = [r.get("baseline") or "" for r in rows if r.get("baseline")]
+    return max(dict.fromkeys(names), key=names.count) if names else ""
+
+
+def caption(rows: Sequence[dict[str, str]]) -> str:
+    """What every interval of the figure rests on, per evaluation set: ``emoart/test: n = 10
+    items in 10 groups; seeds 0; 1000 bootstrap replicates``."""
+    from .experiment_report import _boot_note, grid, sample_note
+
+    parts = []
+    for sets, variants in grid(list(rows)).values():
+        for ds, task in sets:
+            set_rows = [r for by_ds in variants.values() for r in by_ds.get(ds, [])]
+            seeds = sorted({str(r.get("seed")) for r in set_rows if r.get("seed") != ""},
+                           key=lambda x: (len(x), x))
+            notes = [sample_note(set_rows, task),
+                     f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}" if seeds else "",
+                     _boot_note(set_rows)]
+            parts.append(f"{ds}: " + "; ".join(n for n in notes if n))
+    return "\n".join(dict.fromkeys(parts))
 
 
 def plot_leaderboard(paths: Sequence[str | Path], out: str | Path, *, metric: str | None = None,
-                     dataset: str | None = None) -> Path:
-    """Write the stage-line + merged-bars figure of the leaderboard(s) at ``paths`` to ``out``."""
-    rows = [r for p in paths for r in read_rows(p)]
-    if dataset is not None:
-        rows = [r for r in rows if r["dataset"] == dataset]
-    if not rows:
-        raise InputError(f"{paths[0]}: no leaderboard rows to plot"
-                         + (f" for dataset '{dataset}'" if dataset else ""))
-    if metric is None:
-        metric = next((m for m in DEFAULT_METRICS if any(r.get(m) for r in rows)), None)
-        if metric is None:
-            raise InputError(f"{paths[0]}: no metric values to plot")
-    datasets = list(dict.fromkeys(f"{r['dataset']}/{r['split']}" for r in rows))
-    archs = list(dict.fromkeys(r["architecture"] for r in rows))
-    fig, axes = plt.subplots(len(datasets), len(archs), squeeze=False,
-                             figsize=(4.5 * len(archs) + 1, 3.6 * len(datasets)))
-    for i, ds in enumerate(datasets):
-        for j, arch in enumerate(archs):
-            sel = [r for r in rows if f"{r['dataset']}/{r['split']}" == ds
-                   and r["architecture"] == arch]
-            _panel(axes[i][j], sel, metric, f"{arch} — {ds}")
-    fig.tight_layout()
+                     dataset: str | None = None, kinds: Sequence[str] | None = None) -> Path:
+    """Write :func:`leaderboard_figure` to ``out``."""
+    fig = leaderboard_figure(paths, metric=metric, dataset=dataset, kinds=kinds)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -89,44 +77,39 @@ def plot_leaderboard(paths: Sequence[str | Path], out: str | Path, *, metric: st
     return out
 
 
-def _panel(ax, rows: list[dict[str, str]], metric: str, title: str) -> None:
-    base = [r for r in rows if r["kind"] == "base"]
-    stages = sorted((r for r in rows if r["kind"] == "stage"), key=_stage_order)
-    merged = [r for r in rows if r["kind"] == "merged"]
-    line = base[-1:] + stages
-    xs = np.arange(len(line))
-    if line:
-        ax.errorbar(xs, [_num(r[metric]) for r in line], yerr=_yerr(line, metric), marker="o",
-                    capsize=3, color="tab:blue", label="base → stages")
-    if stages:
-        ax.axhline(_num(stages[-1][metric]), ls="--", lw=0.8, color="tab:blue", alpha=0.6)
-    bx = len(line) + 0.5 + np.arange(len(merged))
-    if merged:
-        ax.bar(bx, [_num(r[metric]) for r in merged], yerr=_yerr(merged, metric), capsize=3,
-               color="tab:orange", alpha=0.8, width=0.7, label="merged")
-    for x, r in zip(list(xs) + list(bx), line + merged):
-        v = _num(r[metric])
-        if not math.isnan(v):  # the number itself: a zero bar is otherwise invisible
-            ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 4),
-                        ha="center", fontsize=6)
-    for r in (r for r in rows if r["kind"] == "trivial"):
-        v = _num(r[metric])
-        if not math.isnan(v):  # a constant predictor: the floor a model has to clear
-            ax.axhline(v, ls=":", lw=0.9, color=KIND_COLOURS["trivial"])
-            ax.annotate(f"{r['variant']} {v:.3f}", (1.0, v), xycoords=("axes fraction", "data"),
-                        xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=6,
-                        color="0.4")
-    ax.set_xticks(list(xs) + list(bx))
-    ax.set_xticklabels([r["variant"] for r in line + merged], rotation=35, ha="right",
-                       fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7, loc="best")
+def leaderboard_figure(paths: Sequence[str | Path], *, metric: str | None = None,
+                       dataset: str | None = None, kinds: Sequence[str] | None = None) -> Any:
+    """The figure of the leaderboard(s) at ``paths`` (the caller closes it): :func:`grid_figure`,
+    the experiment's own plot, with every row (``kinds`` keeps only those kinds, said in the
+    title), a variant × dataset grid when several datasets are present, and a caption with n,
+    seeds and bootstrap replicates per evaluation set."""
+    rows = [r for p in paths for r in read_rows(p)]
+    if dataset is not None:
+        rows = [r for r in rows if r["dataset"] == dataset]
+    if kinds:
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise InputError(f"--kinds: unknown kind {unknown[0]!r} (one of {', '.join(KINDS)})")
+        rows = [r for r in rows if r["kind"] in kinds]
+    if not rows:
+        raise InputError(f"{paths[0]}: no leaderboard rows to plot"
+                         + (f" for dataset '{dataset}'" if dataset else "")
+                         + (f" of kinds {', '.join(kinds)}" if kinds else ""))
+    if metric is not None and not any(r.get(metric) for r in rows):
+        raise InputError(f"--metric: no row has a value for '{metric}'")
+    title = ", ".join(Path(p).parent.name + "/" + Path(p).name for p in paths)
+    if kinds:
+        title += f" — only {', '.join(kinds)}"
+    return grid_figure(rows, majority_baseline(rows), metric=metric, title=title,
+                       caption=caption(rows))
 
 
-def grid_figure(rows: list[dict], baseline: str) -> Any:
-    """The figure of :func:`plot_grid` (the caller closes it): axes ``[architecture][set]``."""
+def grid_figure(rows: list[dict], baseline: str, *, metric: str | None = None,
+                title: str | None = None, caption: str | None = None) -> Any:
+    """The figure of :func:`plot_grid` (the caller closes it): axes ``[architecture][set]``.
+
+    ``metric`` replaces each set's headline metric; ``title`` goes above the panels and
+    ``caption`` (n, seeds, replicates) below the legend."""
     from .experiment_report import aggregate, grid, headline, significance
 
     grids = grid(rows)
@@ -141,19 +124,19 @@ def grid_figure(rows: list[dict], baseline: str) -> Any:
         names = list(variants)
         for j, (ds, task) in enumerate(sets):
             ax = axes[i][j]
-            metric, header = headline(task)
+            m, header = (metric, metric) if metric else headline(task)
             seeds = {len(by_ds[ds]) for by_ds in variants.values() if ds in by_ds}
             for y, name in enumerate(names):
                 rs = variants[name].get(ds)
                 if not rs:
                     continue
-                mean, std = aggregate([_num(r.get(metric)) for r in rs])
+                mean, std = aggregate([_num(r.get(m)) for r in rs])
                 if math.isnan(mean):
                     continue
                 kind = str(rs[0].get("kind") or "")
                 kinds.add(kind)
                 if len(rs) == 1:
-                    lo, hi = _num(rs[0].get(f"{metric}_lo")), _num(rs[0].get(f"{metric}_hi"))
+                    lo, hi = _num(rs[0].get(f"{m}_lo")), _num(rs[0].get(f"{m}_hi"))
                     err = None if math.isnan(lo) or math.isnan(hi) else \
                         [[max(mean - lo, 0)], [max(hi - mean, 0)]]
                 else:
@@ -162,14 +145,14 @@ def grid_figure(rows: list[dict], baseline: str) -> Any:
                 trivial = kind == "trivial"
                 ax.errorbar([mean], [y], xerr=err, fmt="D" if trivial else "o", capsize=3,
                             color=colour, mfc="none" if trivial else colour, ms=4)
-                sig, source = significance(rs, metric) if name != baseline else (False, "")
+                sig, source = significance(rs, m) if name != baseline else (False, "")
                 sources.add(source)
                 if sig:
                     right = mean + (err[1][0] if err else 0)
                     ax.annotate("*", (right, y), xytext=(3, -4), textcoords="offset points",
                                 fontsize=9, color=colour)
             if baseline in variants and ds in variants[baseline]:
-                ref, _ = aggregate([_num(r.get(metric)) for r in variants[baseline][ds]])
+                ref, _ = aggregate([_num(r.get(m)) for r in variants[baseline][ds]])
                 if not math.isnan(ref):
                     ax.axvline(ref, ls="--", lw=0.8, color="tab:blue")
             lo, hi = ax.get_xlim()  # scores are >= 0: no negative axis when all sit at 0
@@ -192,15 +175,26 @@ def grid_figure(rows: list[dict], baseline: str) -> Any:
     handles.append(plt.Line2D([], [], marker="$*$", ls="", color="black",
                               label=f"p < 0.05 vs baseline{which}"))
     ncol = min(len(handles), 5)
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
-    legend_inches = 0.1 + 0.18 * math.ceil(len(handles) / ncol)
-    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    caption_lines = caption.count("\n") + 1 if caption else 0
+    caption_inches = 0.05 + 0.14 * caption_lines if caption else 0.0
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, caption_inches / fig.get_figheight()))
+    if caption:
+        fig.text(0.01, 0.02 / fig.get_figheight(), caption, fontsize=6.5, color="0.3",
+                 va="bottom", ha="left")
+    legend_inches = 0.1 + 0.18 * math.ceil(len(handles) / ncol) + caption_inches
+    top = 1.0
+    if title:
+        fig.suptitle(title, fontsize=9)
+        top = 1 - 0.35 / fig.get_figheight()
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, top))
     return fig
 
 
 def plot_grid(rows: list[dict], out: str | Path, baseline: str) -> Path:
-    """Write :func:`grid_figure` of the leaderboard ``rows`` (as read back) to ``out``."""
-    fig = grid_figure(rows, baseline)
+    """Write :func:`grid_figure` of the leaderboard ``rows`` (as read back) to ``out``, with the
+    :func:`caption` that ``leaderboard plot`` writes too."""
+    fig = grid_figure(rows, baseline, caption=caption(rows))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -80,11 +80,16 @@ class ModelHost:
 
     @classmethod
     def load(cls, base: str | Path, family: str | None = None, dtype: str | None = None,
-             device: str = "cpu") -> ModelHost:
-        """Load the base with the training module's loader (family detection, precision)."""
+             device: str = "cpu", *, quantize_4bit: bool | str = False,
+             device_map: str | None = None, max_pixels: int | None = None) -> ModelHost:
+        """Load the base with the training module's loader (family detection, precision, the
+        image cap training used, 4-bit or spread over GPUs for models one GPU cannot hold).
+        Exact evaluation of merges writes into the weights: it needs them unquantized."""
         from emomerge.training.models import load_vlm
 
-        model, processor, family = load_vlm(base, family=family, dtype=dtype, device=device)
+        model, processor, family = load_vlm(base, family=family, dtype=dtype, device=device,
+                                            quantize_4bit=quantize_4bit, device_map=device_map,
+                                            max_pixels=max_pixels)
         local = str(base) if Path(base, "config.json").is_file() else None
         return cls(model.eval(), processor, family, base_path=local)
 

@@ -28,9 +28,10 @@ from . import decide
 from .bootstrap import add_holm, bootstrap, mcnemar, paired_bootstrap, replicate_indices
 from .bybook import book_map, by_book_rows, title_map, write_by_book
 from .cache import PredictionCache, stable_hash
+from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
-from .leaderboard import format_label_set, format_per_label, upsert_rows
+from .leaderboard import base_columns, format_label_set, format_per_label, upsert_rows
 from .metrics import HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
@@ -270,19 +271,27 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
                                "val_hash": vh, "task": task, "mode": mode})
 
+    # under accelerate launch each process scores whole pages of its share, into its own cache
+    # part; after a barrier all read every part (:mod:`.distributed`)
+    shard = current_shard()
     results = []
     for v in all_variants:
         vhash = stable_hash([base_fp, v.content_hash, infer])
-        cache = PredictionCache(out / "predictions", v.name, vhash)
-        scored = _score(host, v, samples, cache, sh, cfg, mode, progress, on_batch)
+        cache = PredictionCache(out / "predictions", v.name, vhash, part=shard.part)
+        scored = _score(host, v, shard.take(samples), cache, sh, cfg, mode, progress, on_batch)
         threshold, rep, per_label = cfg.threshold, ParseReport(), None
         source = FIXED if (threshold is not None and task == "multi" and mode == "likelihood"
                            and cfg.multilabel == "threshold") else ""
+        val = h = None
+        if mode == "likelihood" and needs_val:
+            val, source = validation_for(v, cfg, val_samples, val_pool)
+            h = split_hash(val)
+            scored += _score(host, v, shard.take(val), cache, h, cfg, mode, progress, None)
+        if shard.world > 1:
+            shard.barrier()
+            cache = PredictionCache(out / "predictions", v.name, vhash, part=shard.part)
         if mode == "likelihood":
             if needs_val:
-                val, source = validation_for(v, cfg, val_samples, val_pool)
-                h = split_hash(val)
-                scored += _score(host, v, val, cache, h, cfg, mode, progress, None)
                 threshold, per_label = _thresholds(cache, h, val, cfg, scoring)
             elif source == FIXED and scoring == "label_set":
                 per_label = decide.LabelThresholds.fixed(threshold, samples[0].label_set)
@@ -313,8 +322,11 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         row["n_books"] = len(set(books.values())) if books else None
         row["skipped_images"] = skipped_images  # unreadable image files left out of the split
     add_holm(rows)
+    path = out / "leaderboard.csv"
+    if not shard.is_main:  # the main process writes what every process computed alike
+        return EvalResult(rows, results, path)
     _write_details(out / "details", results, rows, cfg)
-    path = upsert_rows(out / "leaderboard.csv", rows)
+    path = upsert_rows(path, rows)
     if books:
         common = {k: rows[0][k] for k in ("architecture", "dataset", "split", "seed",
                                           "config_hash")}
@@ -404,7 +416,10 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
     reps = replicate_indices(results[0].preds.groups, cfg.n_boot, cfg.seed)
     ref = next(r for r in results if r.variant.name == baseline)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    common = {"architecture": family, "base_id": base_id, "dataset": cfg.dataset,
+    # base_id is this machine's path (display only); base_name + base_fingerprint pair rows
+    # of runs made elsewhere (leaderboard.compare)
+    common = {"architecture": family, "base_id": base_id, **base_columns(base_id, base_fp),
+              "dataset": cfg.dataset,
               "split": cfg.split, "task": task, "mode": mode, "baseline": baseline,
               "seed": cfg.seed, "n_boot": cfg.n_boot, "emomerge_version": __version__,
               "git_hash": git_hash(), "date": date, "config_hash": config_hash[:16],

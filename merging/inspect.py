@@ -30,6 +30,26 @@ def output_ranks(tv: TaskVectors) -> dict:
     }
 
 
+def short_paths(paths: list[str]) -> tuple[str, list[str]]:
+    """(common root, each path relative to it): what tells the adapters apart in a narrow table.
+
+    ``runs/demo/adapters/emoart``, ``runs/demo/adapters/emid`` → (``runs/demo/adapters``,
+    [``emoart``, ``emid``]). One path, or paths without a common folder: their own parent / as
+    given (root ``""``)."""
+    import os
+
+    if not paths:
+        return "", []
+    parts = [Path(p).parts for p in paths]
+    common = 0
+    while all(len(q) > common + 1 for q in parts) and len({q[common] for q in parts}) == 1:
+        common += 1  # never the last part: every short name keeps at least the folder's own name
+    if common == 0:
+        return "", list(paths)
+    root = os.path.join(*parts[0][:common])
+    return root, [os.path.join(*q[common:]) for q in parts]
+
+
 def _inner(f1, f2) -> float:
     (l1, r1), (l2, r2) = f1, f2
     return float(torch.trace((l1.T @ l2) @ (r2 @ r1.T)))

@@ -86,7 +86,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "pixtral": FamilySpec(
         "pixtral", "LlavaForConditionalGeneration", ("llava",), LM_ONLY_REGEX,
         "pixtral", templates.PIXTRAL, "</s>", "[IMG]",
-        "[IMG] after the text, expanded to rows of [IMG] ending in [IMG_BREAK] / [IMG_END]",
+        "[IMG] where the content puts it (our samples: before the text), expanded to rows of "
+        "[IMG] ending in [IMG_BREAK] / [IMG_END]",
         ("model.vision_tower", "model.multi_modal_projector"), r"pixtral",
     ),
 }

@@ -80,7 +80,7 @@ LLAVA_NEXT_MISTRAL = (
     "{% endif %}{% endfor %}"
 )
 
-# mistral-community/pixtral-12b: "<s>[INST]<text>[IMG][/INST]" (text then image).
+# mistral-community/pixtral-12b: parts in content order, "<s>[INST][IMG]<text>[/INST]" for ours.
 PIXTRAL = (
     "{{ bos_token }}"
     "{% for message in messages %}"

@@ -66,6 +66,35 @@ def test_leaderboard_show_compare_plot(results, tmp_path):
     assert len(cms) == 10  # 9 model variants and the trivial majority row
 
 
+def test_compare_pairs_a_copy_made_on_another_machine(results, tmp_path):
+    import csv
+
+    from emomerge.evaluation.leaderboard import COLUMNS, compare_rows
+
+    rows = read_rows(results / "leaderboard.csv")
+    # the runner writes the base's portable identity next to this machine's path
+    assert {r["base_name"] for r in rows} == {Path(rows[0]["base_id"]).name}
+    assert all(len(r["base_fingerprint"]) == 16 for r in rows)
+    other = tmp_path / "elsewhere" / "leaderboard.csv"
+    other.parent.mkdir()
+    with other.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({**r, "base_id": "/srv/other-machine/models/" + r["base_name"],
+                     "date": "2031-01-02T03:04:05+00:00"} for r in rows)
+    c = compare_rows(results / "leaderboard.csv", other)
+    assert (c.only_a, c.only_b, len(c.body)) == ([], [], len(rows))
+    deltas = [i for i, h in enumerate(c.header) if h.startswith("Δ ") and "CI" not in h]
+    assert deltas and all(cells[i] == "+0.0000" for cells in c.body for i in deltas
+                          if cells[i - 2])  # every metric the row has
+    assert all(cells[i + 1].startswith("[") for cells in c.body for i in deltas
+               if cells[i - 2] and rows[0].get(c.header[i][2:] + "_lo"))
+    res = CliRunner().invoke(app, ["leaderboard", "compare", str(results / "leaderboard.csv"),
+                                   str(other), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert f"{len(rows)} rows matched; only in A" in res.output
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_base, emoart_dir, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["evaluate", "--base", str(tiny_base), "--variants",

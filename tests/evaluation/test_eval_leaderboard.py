@@ -84,6 +84,58 @@ def test_plot_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _plotted(ax, labelled=None) -> dict[str, float]:
+    """variant → x of its point in a grid panel (names from the panel that labels the rows)."""
+    names = [t.get_text() for t in (labelled or ax).get_yticklabels()]
+    return {names[int(ln.get_ydata()[0])]: float(ln.get_xdata()[0]) for ln in ax.get_lines()
+            if ln.get_marker() in ("o", "D") and len(ln.get_xdata()) == 1}
+
+
+def test_plot_draws_every_row_as_the_experiment_plot_does(tmp_path):
+    import matplotlib.pyplot as plt
+    from emomerge.evaluation.plots import leaderboard_figure
+
+    kinds = ["base", "trivial", "single-stage", "stage", "stage", "merged", "chain-ablation",
+             "merge-ablation"]
+    names = ["base", "trivial-majority", "single-stage", "s1", "s2", "ties",
+             "chain-without-s1", "ties-without-s1"]
+    rows = []
+    for ds, shift in (("emoart", 0.0), ("emid", 0.05)):
+        for i, (name, kind) in enumerate(zip(names, kinds)):
+            r = {**row(name, kind, 0.1 + 0.05 * i + shift), "dataset": ds, "n_groups": 7,
+                 "seed": 0, "n_boot": 200, "baseline": "s2", "macro_f1_p": 0.001,
+                 "macro_f1_p_holm": 0.01 if name == "ties" else 0.2}
+            rows.append({**r, "macro_f1_p": "", "macro_f1_p_holm": ""} if name == "s2" else r)
+    path = tmp_path / "lb.csv"
+    L.upsert_rows(path, rows)
+    fig = leaderboard_figure([path])
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["qwen2_5_vl — emoart/test",
+                                                       "qwen2_5_vl — emid/test"]
+        for ax, shift in zip(fig.axes, (0.0, 0.05)):  # every row, at its value
+            assert _plotted(ax, fig.axes[0]) == pytest.approx(
+                {n: 0.1 + 0.05 * i + shift for i, n in enumerate(names)})
+            # significance after Holm: only ties (raw p 0.001 everywhere)
+            stars = {round(t.xy[1]) for t in ax.texts if t.get_text() == "*"}
+            assert stars == {names.index("ties")}
+            assert not [t for t in ax.texts if t.get_text()[:1].isdigit()]  # no value labels
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert "s2 (baseline)" in legend and "p < 0.05 vs baseline (Holm-adjusted)" in legend
+        caption = next(t.get_text() for t in fig.texts if t.get_text().startswith("emoart"))
+        assert "emoart/test: n = 10 items in 7 groups; seed 0; 200 bootstrap replicates" in caption
+        assert "emid/test:" in caption
+    finally:
+        plt.close(fig)
+    fig = leaderboard_figure([path], kinds=["stage", "merged"], dataset="emid")
+    try:
+        assert set(_plotted(fig.axes[0])) == {"s1", "s2", "ties"}
+        assert fig._suptitle.get_text().endswith("only stage, merged")
+    finally:
+        plt.close(fig)
+    with pytest.raises(InputError, match="--kinds: unknown kind 'merge'"):
+        leaderboard_figure([path], kinds=["merge"])
+
+
 def test_threshold_source_round_trips_and_old_leaderboards_still_read(tmp_path):
     path = tmp_path / "lb.csv"
     r = {**row("m1", "merged", 0.5), "threshold_source": "train-books (not held out)"}
@@ -247,3 +299,62 @@ def test_a_row_longer_than_the_header_names_its_line(tmp_path):
         L.read_rows(path)
     with pytest.raises(InputError, match="is a folder"):
         L.read_rows(tmp_path)
+
+
+def _elsewhere(rows: list[dict[str, str]], base_path: str) -> list[dict[str, str]]:
+    """The same rows as written on another machine: another base path, another date."""
+    return [{**r, "base_id": base_path, "date": "2031-01-02T03:04:05+00:00"} for r in rows]
+
+
+def test_compare_pairs_rows_of_another_machine_and_fills_every_delta(tmp_path):
+    base = tmp_path / "models" / "tiny-qwen2_5_vl"
+    base.mkdir(parents=True)
+    ident = L.base_columns(base, "ab" * 32)
+    assert ident == {"base_name": "tiny-qwen2_5_vl", "base_fingerprint": "ab" * 8}
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    L.upsert_rows(a, [{**r, "base_id": str(base), **ident} for r in _p_rows()])
+    L.upsert_rows(b, _elsewhere(L.read_rows(a), "/home/someone/tiny-qwen2_5_vl-copy"))
+    c = L.compare_rows(a, b)
+    assert (c.only_a, c.only_b) == ([], [])
+    assert len(c.body) == len(_p_rows())
+    for m in ("macro_f1", "accuracy"):
+        i = c.header.index(f"Δ {m}")
+        assert all(cells[i] == "+0.0000" for cells in c.body)
+    # identical rows: Δ = 0 within ±√2·0.1 (unpaired, from the two ±0.1 intervals); accuracy
+    # has no interval in these rows, so neither has its Δ
+    i = c.header.index("Δ macro_f1 95% CI (unpaired)")
+    assert {cells[i] for cells in c.body} == {"[-0.1414, +0.1414]"}
+    assert {cells[c.header.index("Δ accuracy 95% CI (unpaired)")] for cells in c.body} == {""}
+    assert c.note().startswith(f"{len(_p_rows())} rows matched; only in A: 0; only in B: 0")
+
+
+def test_compare_does_not_pair_another_base_and_says_so(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    ident = {"base_name": "tiny", "base_fingerprint": "1" * 16}
+    L.upsert_rows(a, [{**r, **ident} for r in _p_rows()[:2]])
+    # same name, other weights: the fingerprint decides
+    L.upsert_rows(b, [{**r, **ident, "base_fingerprint": "2" * 16} for r in _p_rows()[:1]])
+    c = L.compare_rows(a, b)
+    assert len(c.only_a) == 2 and len(c.only_b) == 1
+    i = c.header.index("Δ macro_f1")
+    assert [cells[i] for cells in c.body] == ["", "", ""]
+    assert c.note("A", "B").startswith("0 rows matched; only in A: 2 (s2 emoart/test, m1 "
+                                       "emoart/test); only in B: 1 (s2 emoart/test)")
+    assert "fingerprint" in c.note()
+
+
+def test_compare_reads_old_files_by_the_base_folder_name(tmp_path):
+    # written before base_name / base_fingerprint: the last part of base_id is the name
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    old = [c for c in L.COLUMNS if c not in ("base_name", "base_fingerprint")]
+    for path, base_id, macro in ((a, "/m1/tiny", 0.4), (b, "/other/disk/tiny", 0.5)):
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=old, extrasaction="ignore")
+            w.writeheader()
+            w.writerow({**{c: "" for c in old}, **row("m1", "merged", macro),
+                        "base_id": base_id})
+    c = L.compare_rows(a, b)
+    i = c.header.index("Δ macro_f1")
+    assert [cells[i] for cells in c.body] == ["+0.1000"]
+    # MOVER: Δ ± √(0.1² + 0.1²)
+    assert c.body[0][i + 1] == f"[{0.1 - 0.02 ** 0.5:+.4f}, {0.1 + 0.02 ** 0.5:+.4f}]"
