@@ -197,7 +197,7 @@ def compare_full(ours: Path, theirs: Path) -> dict:
             y = h.get_tensor(key).double()
         d = (x - y).abs()
         scale = float(y.abs().max()) or 1.0
-        flips += int((d > 1e-4 * scale).sum())  # threshold flips (FACTS.md: ulp of the base)
+        flips += int((d > 1e-4 * scale).sum())  # threshold flips (docs/DESIGN.md, Facts: ulp of the base)
         worst = max(worst, float(torch.where(d > 1e-4 * scale, 0, d).max()) if d.numel() else 0.0)
         total += d.numel()
     return {"max_abs_diff_rest": worst, "flipped": flips, "elements": total, "missing": len(missing)}

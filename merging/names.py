@@ -1,6 +1,6 @@
 """Module names across transformers versions: one canonical layout, converted in and out.
 
-The same VLM is named differently by different transformers versions (FACTS.md):
+The same VLM is named differently by different transformers versions (docs/DESIGN.md, Facts):
 
 - ``new`` (transformers ≥ 4.52 in memory, Qwen3-VL on disk): ``model.language_model.layers.N``,
   ``model.visual``, ``model.vision_tower``, ``model.multi_modal_projector``, ``lm_head``.

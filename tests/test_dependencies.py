@@ -24,7 +24,7 @@ FOLDERS = ("merging", "training", "evaluation", "emomerge")
 OWN = {"emomerge"}
 #: declared but never imported by our code, each for a reason that holds at run time
 RUNTIME_ONLY = {
-    "torchvision": "transformers' Qwen2/2.5-VL image and video processors import it (FACTS.md)",
+    "torchvision": "transformers' Qwen2/2.5-VL image and video processors import it (docs/DESIGN.md, Facts)",
 }
 _IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
 

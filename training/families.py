@@ -4,7 +4,7 @@ LoRA targets are a regex over module names that only matches the *language model
 MLP projections (``model.language_model.layers.N...`` in transformers ≥ 5 naming): the vision
 tower and the projector stay frozen, as in LLaMA-Factory's defaults (``freeze_vision_tower``,
 ``freeze_multi_modal_projector``). A plain list such as ``["q_proj", ..., "down_proj"]`` would also
-wrap vision-tower MLPs (FACTS.md).
+wrap vision-tower MLPs (docs/DESIGN.md, Facts).
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def _qwen3_vl(tok) -> tuple[Any, Any]:
         text_config=dict(**_TEXT, **_ids(tok),
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        # Three deepstack indexes: mergekit's Qwen3-VL definition hard-codes three (FACTS.md).
+        # Three deepstack indexes: mergekit's Qwen3-VL definition hard-codes three
+        # (docs/DESIGN.md, Facts).
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=64, patch_size=16, spatial_merge_size=2,
                            temporal_patch_size=2, num_position_embeddings=64,
@@ -149,7 +150,8 @@ def _mllama(tok) -> tuple[Any, Any]:
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, **_ids(tok),
                          cross_attention_layers=[1], max_position_embeddings=2048),
-        # Default supported_aspect_ratios: a shorter list breaks the processor (FACTS.md).
+        # Default supported_aspect_ratios: a shorter list breaks the processor
+        # (docs/DESIGN.md, Facts).
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_global_layers=1, attention_heads=2, image_size=28, patch_size=14,
                            max_num_tiles=4, intermediate_layers_indices=[0],

@@ -5,7 +5,7 @@ Direction 1: an emomerge recipe with ``dtype: bfloat16`` run natively against me
 ``run_merge`` on the exported YAML (``dtype: float32`` + ``out_dtype: bfloat16``). Direction 2: a
 YAML written for mergekit (``base+adapter`` models, ``dtype: float32``, ``out_dtype: bfloat16``)
 run by both. The float32 results agree per tensor at float32 rounding (TIES: within the
-trim-threshold flip budget of FACTS.md); each tool's bf16 output is its own float32 result
+trim-threshold flip budget of docs/DESIGN.md, Facts); each tool's bf16 output is its own float32 result
 rounded once, so the two bf16 outputs differ only where that rounding flips. The YAML we used to
 export (``dtype: bfloat16``) makes mergekit compute in bf16, and is shown to disagree.
 """

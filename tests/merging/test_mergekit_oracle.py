@@ -3,11 +3,11 @@
 mergekit runs the YAML that ``export_mergekit`` writes (``base+adapter`` references, baked in a
 ``lora_merge_cache``); we run the same merge with ``emomerge <method> --output full``. Every
 tensor is compared. mergekit's task vectors are (base + B·A) − base after baking, ~1 ulp of the
-base weight away from B·A (FACTS.md), so trimming methods may flip elements sitting at the
+base weight away from B·A (docs/DESIGN.md, Facts), so trimming methods may flip elements sitting at the
 threshold: those get a flip budget, the rest a tight tolerance. DARE at density < 1 is compared by
 statistics (the RNGs differ).
 
-LLaVA and Mllama ``base+adapter`` fail in mergekit (FACTS.md); for them a native test checks the
+LLaVA and Mllama ``base+adapter`` fail in mergekit (docs/DESIGN.md, Facts); for them a native test checks the
 full output against a dense reference written here, and that the adapter output loads in PEFT.
 """
 

@@ -166,7 +166,7 @@ def test_peft_ties_svd_full_rank_matches_our_ties(qwen, weighted, tmp_path):
 
 def test_peft_factorwise_ties_is_not_our_ties(qwen, weighted, tmp_path):
     """PEFT ``ties`` trims A and B separately: its product has no entry-wise meaning, and the
-    result is far from dense TIES (FACTS.md: differences up to 0.08 on the same inputs)."""
+    result is far from dense TIES (docs/DESIGN.md, Facts: differences up to 0.08 on the same inputs)."""
     deltas, _ = weighted
     ours = ties_full(qwen, tmp_path)
     rel = [float((deltas["ties"][p] - u).norm() / u.norm()) for p, u in ours.items()]

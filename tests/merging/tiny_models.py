@@ -1,6 +1,6 @@
 """Tiny real models (from transformers config classes) and random PEFT LoRAs on them.
 
-Settings are FACTS.md's verified tiny ones: text hidden 64, 2 layers, 4 heads (2 kv), vocab 400;
+Settings are the verified tiny ones (docs/DESIGN.md, Facts): text hidden 64, 2 layers, 4 heads (2 kv), vocab 400;
 vision hidden 32, depth 2. Each model builds, saves and reloads in well under a second.
 
 The dense reference ΔW of a saved adapter is computed here from PEFT's definition
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 VOCAB = 400
-#: LoRA on the language model only, for every VLM family (FACTS.md: plain module names also
+#: LoRA on the language model only, for every VLM family (docs/DESIGN.md, Facts: plain module names also
 #: wrap vision-tower MLPs).
 LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #: A text model has no ``language_model`` in its names.
@@ -174,7 +174,7 @@ class Tiny:
 
 
 def base_key(family: str, path: str) -> str:
-    """``save_pretrained`` writes Qwen2.5-VL, LLaVA and Mllama in legacy layouts (FACTS.md)."""
+    """``save_pretrained`` writes Qwen2.5-VL, LLaVA and Mllama in legacy layouts (docs/DESIGN.md, Facts)."""
     lm = "model.language_model."
     if family == "llama":
         return path + ".weight"

@@ -68,7 +68,7 @@ def test_lora_regex_wraps_language_model_only(tiny_model, family):
 
 
 def test_plain_module_list_would_wrap_the_vision_tower(tiny_model):
-    """Why the regex exists: bare names also match the vision tower's MLP (FACTS.md)."""
+    """Why the regex exists: bare names also match the vision tower's MLP (docs/DESIGN.md, Facts)."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model("qwen2_5_vl"))
