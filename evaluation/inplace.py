@@ -86,6 +86,14 @@ def check_full_folder(model: Any, folder: Path, base_fingerprint: str | None) ->
     if missing:
         raise InputError(f"{folder}: {len(missing)} of the base's tensors are missing (e.g. "
                          f"'{missing[0]}'); not a complete checkpoint of this base")
+    for names in by_param.values():  # a tied weight stored twice must be stored alike
+        kept = [n for n in names if n in stored]
+        if len(kept) > 1 and not all(torch.equal(weights.tensor(kept[0]), weights.tensor(n))
+                                     for n in kept[1:]):
+            raise InputError(f"{folder}: stores '{kept[0]}' and '{kept[1]}' differently, which "
+                             "the loaded base ties (an untied head): load the folder as its "
+                             "own model instead")
+
 
 
 @contextlib.contextmanager
@@ -153,6 +161,9 @@ def exact_updates(variant: Any, base_path: str | Path | None) -> tuple[Iterable[
 def exact_variant(model: Any, variant: Any, base_path: str | Path | None) -> Iterator[int]:
     """``model`` holding ``variant``'s exact weights (PEFT adapters, if any, must be off)."""
     updates, only_changed = exact_updates(variant, base_path)
+    if variant.exact == FULL:  # buffers a checkpoint stores (checked by shape) stay the model's
+        params = canonical_parameters(model)
+        updates = [(name, u) for name, u in updates if name in params]
     with written_into(model, updates, str(variant.path), only_changed=only_changed) as n:
         yield n
 
@@ -206,9 +217,24 @@ def check_exact(model: Any, variant: Any, base_path: str | Path | None,
         check_full_folder(model, Path(variant.path), base_fingerprint)
     elif variant.exact == STREAMED:
         params = canonical_parameters(model)
+        tied = _tied_names(params)
         for name, shape in _streamed(variant, base_path).shapes().items():
             p = params.get(name)
             if p is None or tuple(p.shape) != tuple(shape):
                 have = "does not have" if p is None else f"has as {list(p.shape)}"
                 raise InputError(f"{variant.path}: the merge updates '{name}' {list(shape)}, "
                                  f"which the loaded base {have} (another base?)")
+            if name in tied:
+                raise InputError(f"{variant.path}: the merge changes '{name}', which the loaded "
+                                 f"base ties to {tied[name]}; exact evaluation cannot untie it in "
+                                 "place (evaluate the merge's --output full folder with the "
+                                 "untied head as its own model, or --lowrank-merges)")
+
+
+def _tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, list[str]]:
+    """name → the other names of the same Parameter, for tied weights only."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in params.items():
+        by_id.setdefault(id(p), []).append(name)
+    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1
+            for n in names}

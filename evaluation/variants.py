@@ -75,13 +75,29 @@ def _merge_fields(raw: dict, manifest: Path) -> dict:
             "stages_merged": ";".join(str(i) for i in inputs)}
 
 
+def _config_sha256(entry: object) -> str | None:
+    """sha256 of an input's adapter_config.json as it is now (its LoRA scale lives there, so an
+    edit changes the recomputed merge even when the weights file is unchanged)."""
+    if not isinstance(entry, dict) or "path" not in entry:
+        return None
+    path = Path(str(entry["path"])) / "adapter_config.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _manifest_hash(raw: dict, how: str) -> str:
-    # what decides the merged weights (inputs by sha256, method, parameters, seed, dtype), not
-    # when or how fast the merge ran
-    keep = {k: raw.get(k) for k in ("method", "params", "seed", "reference", "dtype", "rank")}
-    keep["inputs"] = [a.get("sha256") if isinstance(a, dict) else str(a)
-                      for a in raw.get("adapters", [])]
-    keep["how"] = how
+    # what decides the recomputed merged weights: inputs and lineage ancestors by the sha256 of
+    # their weights and configs, method, parameters as given (re-resolved by today's code),
+    # seed, dtypes, what was allowed, and the merge code's semantics version — not when or how
+    # fast the merge ran
+    from emomerge.merging.updates import MERGE_SEMANTICS
+
+    keep = {k: raw.get(k) for k in ("method", "params", "params_given", "seed", "reference",
+                                    "dtype", "out_dtype", "rank", "allow_lineage_mismatch",
+                                    "lineage_assumed", "lineage_missing")}
+    for key in ("adapters", "ancestors"):
+        keep[key] = [[a.get("sha256"), _config_sha256(a)] if isinstance(a, dict) else str(a)
+                     for a in raw.get(key) or []]
+    keep["how"], keep["semantics"] = how, MERGE_SEMANTICS
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 

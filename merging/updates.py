@@ -36,6 +36,10 @@ from .output import MANIFEST
 #: A merged tensor from its base tensor (same shape; the base tensor's dtype).
 Update = Callable[[torch.Tensor], torch.Tensor]
 
+#: Bumped when a change of the merge code changes merged weights: evaluation keys exact merges'
+#: cached predictions on it (evaluation/variants.py).
+MERGE_SEMANTICS = 1
+
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     """The ``emomerge.json`` of a merge output folder, or None when there is none."""
@@ -104,6 +108,11 @@ class StreamedMerge:
         params = dict(m.get("params_given") or {})
         if m["dtype"] not in DTYPES:
             raise MergeInputError(f"{where}: key 'dtype': unknown dtype {m['dtype']!r}")
+        from .engine import OUT_DTYPES
+
+        out_dtype = m.get("out_dtype")
+        if out_dtype is not None and out_dtype not in OUT_DTYPES:
+            raise MergeInputError(f"{where}: key 'out_dtype': unknown dtype {out_dtype!r}")
         tv = build_task_vectors(paths, reference=str(m["reference"]),
                                 base_flavour=self.base.vlm_flavour if self.base else None,
                                 allow_lineage_mismatch=bool(m.get("allow_lineage_mismatch")))
@@ -114,7 +123,8 @@ class StreamedMerge:
         names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
         self._saved = saved
         self._merger = _Merger(method, tv, params, seed=int(m["seed"]), dtype=DTYPES[m["dtype"]],
-                               rank=None, saved_base=self.base, names=names)
+                               rank=None, saved_base=self.base, names=names,
+                               out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """canonical tensor name → shape, for every tensor the merge changes (``modules_to_save``
@@ -130,9 +140,16 @@ class StreamedMerge:
         merger = self._merger
         for path in merger.tv.modules:
             def fold(w: torch.Tensor, path: str = path) -> torch.Tensor:
-                # as output.write_full_output: (ΔW += W) in the merge dtype, cast to W's dtype
+                # as output.write_full_output: ΔW += W as stored on disk, in the merge dtype, then
+                # the dtype the full output would store (out_dtype, else the stored one), then
+                # the loaded dtype — bit for bit the full folder loaded the same way. Without the
+                # base folder (a hub id), W is the loaded tensor.
                 delta = merger.dense(path).to(w.device)
-                return delta.add_(w).to(w.dtype)
+                if self.base is None or path + ".weight" not in self.base.canonical:
+                    return delta.add_(w).to(merger.out_dtype or w.dtype).to(w.dtype)
+                stored = self.base.tensor(self.base.canonical[path + ".weight"])
+                return delta.add_(stored.to(w.device)).to(merger.out_dtype or stored.dtype) \
+                    .to(w.dtype)
 
             yield path + ".weight", fold
         for name in self._saved:

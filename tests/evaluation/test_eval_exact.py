@@ -231,3 +231,18 @@ def test_an_unreadable_image_is_skipped_and_counted(tiny_base, tmp_path):
                              progress=False)
     row = res.rows[0]
     assert (row["variant"], row["skipped_images"], row["n"]) == ("base", 1, len(test) - on_page)
+
+
+def test_an_edited_input_config_changes_the_exact_merge_key(stage_dirs, tmp_path):
+    """The LoRA scale lives in adapter_config.json: editing it changes the recomputed merge, so
+    the variant's content hash (its prediction-cache key) must change with it."""
+    import json
+
+    a, b = (shutil.copytree(d, tmp_path / d.name) for d in stage_dirs)
+    out = merge("ties", [a, b], tmp_path / "m", params=DENSITY, rank=2).out
+    before = variant_from_dir(out).content_hash
+    config = Path(a) / "adapter_config.json"
+    raw = json.loads(config.read_text())
+    raw["lora_alpha"] = raw["lora_alpha"] * 4
+    config.write_text(json.dumps(raw))
+    assert variant_from_dir(out).content_hash != before
