@@ -20,6 +20,19 @@ from emomerge.merging.errors import InputError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: ``--quiet`` of the commands that show the progress display (train, merge, evaluate, run, demo).
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress display (shown by default only "
+                     "when stderr is a terminal).")
+
+
+def show_progress(progress: bool | None = None, quiet: bool = False) -> bool:
+    """Whether the command draws its progress display (:mod:`emomerge.merging.progress`): off
+    with ``--quiet`` or ``--no-progress``, else on when stderr is a terminal."""
+    from emomerge.merging.progress import wanted
+
+    return wanted(progress, quiet)
+
+
 #: What ``--format`` accepts on the table commands: ``table`` is rich's terminal table.
 TABLE_FORMATS = ("table", "markdown", "csv", "json")
 

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from emomerge._cli_common import check_dataset, resolve_device, user_errors
+from emomerge._cli_common import Quiet, check_dataset, resolve_device, show_progress, user_errors
 from emomerge.merging.errors import InputError
 
 leaderboard_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -147,6 +147,9 @@ def evaluate_cmd(
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Score "
                                              "variants recorded as trained on another base "
                                              "than --base."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
+                                  "display (when stderr is a terminal)."),
+    quiet: bool = Quiet,
 ) -> None:
     """Score the base, every stage adapter and every merge; append rows to the leaderboard.
 
@@ -193,7 +196,8 @@ def evaluate_cmd(
                             reader_task=reader_task, reader_opts=opts, include_base=include_base,
                             leave_one_stage_out_=leave_one_stage_out, family=family, dtype=dtype,
                             device=device, exact=not lowrank_merges,
-                            allow_base_mismatch=allow_base_mismatch)
+                            allow_base_mismatch=allow_base_mismatch,
+                            progress=show_progress(progress, quiet))
     typer.echo(f"{len(result.rows)} rows → {result.leaderboard}")
     typer.echo(show(result.leaderboard, fmt="markdown").rstrip())
 

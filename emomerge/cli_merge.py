@@ -12,7 +12,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from emomerge._cli_common import TABLE_FORMATS, fail, render_table, user_errors
+from emomerge._cli_common import (
+    TABLE_FORMATS,
+    Quiet,
+    fail,
+    render_table,
+    show_progress,
+    user_errors,
+)
 
 # Options that take several values after one flag (``--adapters a b c``); see expand_variadic.
 VARIADIC = ("--adapters", "--weights", "--density", "--gamma", "--epsilon")
@@ -120,6 +127,7 @@ def _method_command(name: str):
         allow_base_mismatch: bool = AllowBaseMismatch,
         allow_lineage_mismatch: bool = AllowLineageMismatch,
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."),
+        quiet: bool = Quiet,
     ) -> None:
         from emomerge.merging import merge
 
@@ -148,7 +156,7 @@ def _method_command(name: str):
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
             rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
             out_dtype=out_dtype,
-            layout=layout, force=force, allow_pickle=allow_pickle, progress=sys.stderr.isatty(),
+            layout=layout, force=force, allow_pickle=allow_pickle, progress=show_progress(quiet=quiet),
             allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
         )
         _report(result)
@@ -171,6 +179,7 @@ def merge_recipe(
     allow_base_mismatch: bool = AllowBaseMismatch,
     allow_lineage_mismatch: bool = AllowLineageMismatch,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
+    quiet: bool = Quiet,
 ) -> None:
     """Run a merge recipe (mergekit's YAML schema) natively."""
     from emomerge.merging.errors import InputError
@@ -178,7 +187,7 @@ def merge_recipe(
 
     try:
         result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
-                            progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
+                            progress=show_progress(quiet=quiet), allow_pickle=allow_pickle,
                             allow_base_mismatch=allow_base_mismatch,
                             allow_lineage_mismatch=allow_lineage_mismatch)
     except InputError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from emomerge._cli_common import user_errors
+from emomerge._cli_common import Quiet, show_progress, user_errors
 
 
 def _print(result) -> None:
@@ -31,7 +31,9 @@ def _print(result) -> None:
 def run_cmd(
     experiment: Path = typer.Argument(..., help="Experiment YAML (see experiments/)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<name>)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
+                                  "display (when stderr is a terminal)."),
+    quiet: bool = Quiet,
     plan: bool = typer.Option(False, "--plan", help="Print what would be trained, merged and "
                               "scored, and the projected scoring cost; run nothing."),
     seconds_per_example: float = typer.Option(
@@ -57,19 +59,22 @@ def run_cmd(
     if out is None:
         with tempfile.TemporaryDirectory(prefix="emomerge-recipes-") as tmp:  # only the name is needed
             out = Path("runs") / load_experiment(experiment, inline_dir=tmp).spec.name
-    _print(run_experiment(experiment, out, progress=progress, echo=typer.echo))
+    _print(run_experiment(experiment, out, progress=show_progress(progress, quiet),
+                          echo=typer.echo))
 
 
 @user_errors
 def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="The CI-sized demo (19-44 s measured on 2 shared CPU cores)."),
     out: Path = typer.Option(Path("emomerge-demo"), "--out", help="Demo folder."),
-    progress: bool = typer.Option(False, "--progress/--no-progress", help="Progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
+                                  "display (when stderr is a terminal)."),
+    quiet: bool = Quiet,
 ) -> None:
     """The whole study on a tiny VLM and synthetic data: offline, CPU only, a few minutes."""
     from emomerge.evaluation.experiment_demo import run_demo
 
-    _print(run_demo(out, quick=quick, progress=progress, echo=typer.echo))
+    _print(run_demo(out, quick=quick, progress=show_progress(progress, quiet), echo=typer.echo))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from emomerge._cli_common import check_dataset, user_errors
+from emomerge._cli_common import Quiet, check_dataset, show_progress, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect or generate datasets.")
 
@@ -30,19 +30,21 @@ def _train(curriculum: Path, out: Path, progress: bool, max_bad_image_share: flo
 def train(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML."),
     out: Path = typer.Option(..., "--out", help="Run folder (adapters/<stage>/ inside)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
+                                  "display (when stderr is a terminal)."),
     max_bad_image_share: float = typer.Option(
         None, "--max-bad-image-share", min=0.0, max=1.0,
         help="Share of a stage's image files that may be unreadable (skipped with a warning, "
              "counted in emomerge.json as dataset.skipped_images) before training stops "
              "[default: 0.05]."),
+    quiet: bool = Quiet,
 ) -> None:
     """Train every stage of a curriculum (finished stages in --out are kept, not redone).
 
     A finished stage with other data, settings or parent adapter is refused, naming what differs.
     The same curriculum and seed give byte-identical adapters on CPU, also across a resume.
     """
-    _train(curriculum, out, progress, max_bad_image_share)
+    _train(curriculum, out, show_progress(progress, quiet), max_bad_image_share)
 
 
 def _print_inspect(report: dict) -> None:

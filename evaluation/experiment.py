@@ -194,8 +194,8 @@ def merge_key(raw_recipe: dict[str, Any], inputs: list[Path]) -> str:
     return stable_hash([raw_recipe, [sha256_file(p / ADAPTER_FILE) for p in inputs]])
 
 
-def build_merges(exp: LoadedExperiment, main: Chain, root: Path,
-                 echo: Echo) -> tuple[list[tuple[str, Path, str]], list[str]]:
+def build_merges(exp: LoadedExperiment, main: Chain, root: Path, echo: Echo,
+                 progress: bool = False) -> tuple[list[tuple[str, Path, str]], list[str]]:
     """Run every recipe over the main chain's adapters (reused when its hash is on disk).
 
     Returns ([(merge name, folder, key)], names built now).
@@ -211,7 +211,7 @@ def build_merges(exp: LoadedExperiment, main: Chain, root: Path,
         if not (out / "emomerge.json").is_file():
             echo(f"  merge {m.name}" + (f" ({recipe.merge_method})"
                                         if recipe.merge_method != m.name else ""))
-            run_recipe(m.path, out, root=main.folder, force=True)
+            run_recipe(m.path, out, root=main.folder, force=True, progress=progress)
             built.append(m.name)
         done.append((m.name, out, key))
     return done, built
@@ -372,7 +372,7 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
             # under accelerate launch the main process merges; the others then reuse its outputs
             if not shard.is_main:
                 shard.barrier()
-            merges, built = build_merges(exp, chains["main"], mroot, echo)
+            merges, built = build_merges(exp, chains["main"], mroot, echo, progress)
             result.built["merges"] += [f"{label}/seed{seed}/{m}" for m in built]
             abl = merge_ablations(merges, exp.spec.ablations.merge_without_stage,
                                   mroot / "ablations", exp.stage_names,

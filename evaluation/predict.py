@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from emomerge.merging.errors import InputError
-from tqdm.auto import tqdm
+from emomerge.merging.progress import phase
 
 from .cache import PredictionCache
 from .scoring import (
@@ -291,7 +291,8 @@ def _score_batch(host: ModelHost, model: Any, batch: list[Any], conts: list[list
 def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
                    split_hash: str, *, append_eot: bool = False, max_labels: int | None = None,
                    batch_size: int = 8, page_cache: bool = True, chunk: int = 64,
-                   progress: bool = True, on_batch: BatchHook | None = None) -> int:
+                   progress: bool = True, on_batch: BatchHook | None = None,
+                   label: str | None = None) -> int:
     """Score every candidate answer of every uncached sample; returns how many were scored.
 
     ``max_labels`` None scores each label as the whole answer (end-of-turn text after it when
@@ -305,7 +306,8 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
     kept in one batch and share the encoding of their common prompt prefix. None of these
     changes a score beyond float rounding (tests check 1e-4), so none is part of the cache key.
     A CUDA out-of-memory halves ``batch_size`` (at 1, ``chunk``) and retries the batch; the
-    smaller size stays for the rest of the run.
+    smaller size stays for the rest of the run. ``label``: the progress phase (default
+    ``score <variant>``; the runner names the evaluation set too).
     """
     todo = _uncached(cache, split_hash, samples)
     if not todo:
@@ -318,8 +320,8 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
     # left padding: every prompt ends in the last column, where its first answer token is read
     old_side, tok.padding_side = tok.padding_side, "left"
     try:
-        with host.activate(variant) as model, tqdm(total=len(todo), desc=variant.name,
-                                                   disable=not progress, leave=False) as bar:
+        with host.activate(variant) as model, phase(label or f"score {variant.name}", len(todo),
+                                                    enabled=progress) as bar:
             while done < len(todo):
                 batch = _next_batch(todo, done, batch_size, page_cache)
                 prompts, conts, sets = [], [], []
@@ -361,7 +363,7 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
                     records.append(rec)
                 cache.add(split_hash, records)
                 done += len(batch)
-                bar.update(len(batch))
+                bar.advance(len(batch))
                 if on_batch is not None:
                     on_batch(done)
     finally:
@@ -372,8 +374,10 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
 @torch.inference_mode()
 def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
                    split_hash: str, *, max_new_tokens: int = 32, batch_size: int = 8,
-                   progress: bool = True, on_batch: BatchHook | None = None) -> int:
-    """Greedy answers of every uncached sample (left-padded batches); returns how many."""
+                   progress: bool = True, on_batch: BatchHook | None = None,
+                   label: str | None = None) -> int:
+    """Greedy answers of every uncached sample (left-padded batches); returns how many.
+    ``label``: the progress phase (default ``score <variant>``)."""
     todo = _uncached(cache, split_hash, samples)
     if not todo:
         return 0
@@ -381,8 +385,8 @@ def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache:
     old_side, tok.padding_side = tok.padding_side, "left"  # new tokens line up at the end
     done = 0
     try:
-        with host.activate(variant) as model, tqdm(total=len(todo), desc=variant.name,
-                                                   disable=not progress, leave=False) as bar:
+        with host.activate(variant) as model, phase(label or f"score {variant.name}", len(todo),
+                                                    enabled=progress) as bar:
             device = next(model.parameters()).device
             for batch in _batches(todo, batch_size):
                 inputs = encode_prompts(host.processor, host.family,
@@ -395,7 +399,7 @@ def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache:
                 texts = tok.batch_decode(new, skip_special_tokens=True)
                 cache.add(split_hash, [{"id": s.id, "text": t} for s, t in zip(batch, texts)])
                 done += len(batch)
-                bar.update(len(batch))
+                bar.advance(len(batch))
                 if on_batch is not None:
                     on_batch(done)
     finally:

@@ -203,14 +203,19 @@ def split_hash(samples: list[Any]) -> str:
 
 
 def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCache, sh: str,
-           cfg: EvalConfig, mode: str, progress: bool, on_batch: BatchHook | None) -> int:
+           cfg: EvalConfig, mode: str, progress: bool, on_batch: BatchHook | None,
+           where: str | None = None) -> int:
+    # one progress bar per variant × evaluation set ("score ties on emocomics35/test")
+    label = f"score {v.name} on {where or f'{cfg.dataset}/{cfg.split}'}"
     if mode == "likelihood":
         sets = cfg.resolved_scoring() == "label_set"
         return run_likelihood(host, v, samples, cache, sh, append_eot=cfg.append_eot,
                               max_labels=cfg.max_labels if sets else None,
-                              batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
+                              batch_size=cfg.batch_size, progress=progress, on_batch=on_batch,
+                              label=label)
     return run_generation(host, v, samples, cache, sh, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, progress=progress, on_batch=on_batch)
+                          batch_size=cfg.batch_size, progress=progress, on_batch=on_batch,
+                          label=label)
 
 
 def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samples: list[Any],
@@ -286,7 +291,8 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         if mode == "likelihood" and needs_val:
             val, source = validation_for(v, cfg, val_samples, val_pool)
             h = split_hash(val)
-            scored += _score(host, v, shard.take(val), cache, h, cfg, mode, progress, None)
+            scored += _score(host, v, shard.take(val), cache, h, cfg, mode, progress, None,
+                             where=f"{cfg.dataset} threshold set")
         if shard.world > 1:
             shard.barrier()
             cache = PredictionCache(out / "predictions", v.name, vhash, part=shard.part)

@@ -8,6 +8,7 @@ outputs are written tensor by tensor (``output.SafetensorsWriter``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as _dt
 import hashlib
 import itertools
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emomerge import __version__
 
@@ -31,6 +31,7 @@ from .names import from_canonical
 from .basecheck import check_base_identity
 from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
 from .params import effective_gamma, resolve_params
+from .progress import Bar, phase
 from .safeout import atomic_folder, check_folder_target
 from .serving import vllm_max_lora_rank, vllm_note
 from . import streaming
@@ -126,12 +127,30 @@ def exact_coefficients(method: MergeMethod, resolved: dict[str, Any], n: int) ->
     return apply_method(method, basis, resolved, seed=0, module="").tolist()
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("{task.fields[module]}"), transient=True,
-        disable=not enabled,
-    )
+class _MergeBar:
+    """The shared display's phase ("merge ties", modules/s, the current module) behind the
+    ``add_task`` / ``update(module=)`` / ``advance`` calls the output writers make."""
+
+    def __init__(self, stack: contextlib.ExitStack, enabled: bool) -> None:
+        self._stack, self._enabled = stack, enabled
+        self._bar = Bar()  # does nothing until add_task
+
+    def add_task(self, description: str, total: int, module: str = "") -> int:
+        self._bar = self._stack.enter_context(phase(f"merge {description}", total,
+                                                    unit="modules", enabled=self._enabled))
+        return 0
+
+    def update(self, task: int, module: str) -> None:
+        self._bar.info(module)
+
+    def advance(self, task: int, n: int = 1) -> None:
+        self._bar.advance(n)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[_MergeBar]:
+    with contextlib.ExitStack() as stack:  # the phase ends with the merge
+        yield _MergeBar(stack, enabled)
 
 
 _AHEAD = 6  # finished modules held for in-order output (one layer's worth)

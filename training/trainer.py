@@ -23,6 +23,7 @@ from typing import Any
 
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
+from emomerge.merging.progress import phase
 
 from .batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .curriculum import Curriculum, load_curriculum, parse_curriculum
@@ -117,7 +118,6 @@ def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, 
     """Train ``model`` on one stage; return the unwrapped model, steps done and per-step losses."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     t = cur.train
@@ -130,32 +130,32 @@ def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, 
     total = _optimizer_steps(plan, len(loader), t.grad_accum)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
                               num_training_steps=total)
-    bar = tqdm(total=total, desc=f"stage {plan.index + 1}/{len(cur.stages)} {plan.stage.name}",
-               disable=not (progress and accelerator.is_main_process))
+    label = f"train {plan.stage.name} (stage {plan.index + 1}/{len(cur.stages)})"
     model.train()
     step, losses, micro = 0, [], []
-    while step < total:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            micro.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            # Mean over the accumulated micro-batches, then over processes.
-            value = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
-            micro, step = [], step + 1
-            losses.append(round(value, 6))
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if step >= total:
-                break
-    bar.close()
+    with phase(label, total, unit="steps", enabled=progress and accelerator.is_main_process) \
+            as bar:
+        while step < total:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                micro.append(loss.detach())
+                if not accelerator.sync_gradients:
+                    continue
+                # Mean over the accumulated micro-batches, then over processes.
+                value = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
+                micro, step = [], step + 1
+                losses.append(round(value, 6))
+                bar.advance(1)
+                bar.info(f"loss {value:.4f}")
+                if step >= total:
+                    break
     unwrapped = accelerator.unwrap_model(model)
     return unwrapped, step, losses
 

@@ -83,3 +83,27 @@ def test_synthetic_and_tiny_model_commands(tmp_path):
     assert result.exit_code == 0 and (tmp_path / "art" / "Annotation.json").is_file()
     result = _run("tiny-model", "llava_next", tmp_path / "m")
     assert result.exit_code == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_train_progress_drawn_on_a_terminal_only(tmp_path, tiny_model, synthetic, monkeypatch):
+    """EMOMERGE_PROGRESS=1 stands in for a terminal: the stage's bar with its steps and rate on
+    stderr, stdout still only the adapter folder; --no-progress and --quiet draw nothing."""
+    import re
+
+    cur = tmp_path / "cur.yaml"
+    cur.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model("qwen3_vl")), "lora": {"r": 2, "alpha": 4},
+        "stages": [{"name": "art", "dataset": "emoart", "path": str(synthetic["emoart"]),
+                    "steps": 2, "max_samples": 4}]}))
+    monkeypatch.setenv("EMOMERGE_PROGRESS", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    result = _run("train", cur, "--out", tmp_path / "on")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "on" / "adapters" / "art")
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stderr)
+    assert re.search(r"train art \(stage 1/1\).* 2/2 \d+\.\d\d steps/s ETA", drawn)
+    assert re.search(r"loss \d+\.\d{4}", drawn)
+    for flag, out in (("--no-progress", "off"), ("--quiet", "quiet")):
+        result = _run("train", cur, "--out", tmp_path / out, flag)
+        assert result.exit_code == 0, result.output
+        assert "steps/s" not in result.output and "train art" not in result.output
