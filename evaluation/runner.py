@@ -31,7 +31,8 @@ from .cache import PredictionCache, stable_hash
 from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
-from .leaderboard import base_columns, format_label_set, format_per_label, upsert_rows
+from .leaderboard import (base_columns, format_label_set, format_per_label, read_rows,
+                          upsert_rows)
 from .metrics import HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
@@ -192,6 +193,17 @@ def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
     return infer
 
 
+def load_key(model: Any, processor: Any) -> dict[str, Any]:
+    """How the base was loaded — weight dtype, 4-bit, the image processor's settings (the image
+    cap) — which changes every variant's scores: part of the cache key and the config hash, so a
+    run loaded another way never reuses (or replaces) another's predictions and rows."""
+    ip = getattr(processor, "image_processor", None)
+    image = ip.to_dict() if ip is not None and hasattr(ip, "to_dict") else {}
+    return {"dtype": str(getattr(model, "dtype", "")),
+            "4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
+            "image": stable_hash({k: v for k, v in image.items() if "processor_class" not in k})}
+
+
 def split_hash(samples: list[Any]) -> str:
     """Content hash of a split (training's definition when available)."""
     try:
@@ -271,10 +283,12 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     vh = split_hash(val_samples or val_pool) if needs_val else ""
     scoring = cfg.resolved_scoring()
     infer = inference_key(host.processor, samples, cfg, mode, scoring)
+    infer["load"] = load_key(host.model, host.processor)
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
     config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
-                               "val_hash": vh, "task": task, "mode": mode})
+                               "val_hash": vh, "task": task, "mode": mode,
+                               "load": infer["load"]})
 
     # under accelerate launch each process scores whole pages of its share, into its own cache
     # part; after a barrier all read every part (:mod:`.distributed`)
@@ -333,6 +347,11 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         return EvalResult(rows, results, path)
     _write_details(out / "details", results, rows, cfg)
     path = upsert_rows(path, rows)
+    # Holm over the whole family: rows of earlier runs with the same config stay in the CSV
+    # (a re-run of some variants), so the adjustment is recomputed over all of them
+    board = read_rows(path)
+    add_holm(board)
+    upsert_rows(path, board)
     if books:
         common = {k: rows[0][k] for k in ("architecture", "dataset", "split", "seed",
                                           "config_hash")}

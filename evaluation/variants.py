@@ -113,6 +113,8 @@ def _exact_inputs_problem(raw: dict) -> str:
             return f"input adapter {a['path']} is gone"
         if sha256_file(weights) != a["sha256"]:
             return f"input adapter {a['path']} changed since the merge"
+        if a.get("config_sha256") and _config_sha256(a) != a["config_sha256"]:
+            return f"input adapter {a['path']}'s adapter_config.json changed since the merge"
     return ""
 
 

@@ -499,9 +499,13 @@ def _check_rank(rank: int | str | None, max_error: float | None) -> None:
 
 def _describe(adapter) -> dict:
     meta = adapter.metadata
+    config = adapter.path / "adapter_config.json"
     return {
         "path": str(adapter.path),
         "sha256": adapter.sha256,
+        # the LoRA scale lives in the config: exact evaluation re-checks it (merging/updates.py)
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()
+        if config.is_file() else None,
         "base": adapter.base_name,
         "layout": adapter.layout,
         "stage": meta.stage if meta else None,

@@ -19,6 +19,7 @@ transformers: a caller hands in the base tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class StreamedMerge:
             if sha256_file(weights) != a["sha256"]:
                 raise MergeInputError(f"{weights}: changed since the merge {self.folder} was "
                                       "made (sha256 differs from its manifest)")
+            config = p / "adapter_config.json"
+            if a.get("config_sha256") and config.is_file() and \
+                    hashlib.sha256(config.read_bytes()).hexdigest() != a["config_sha256"]:
+                raise MergeInputError(f"{config}: changed since the merge {self.folder} was made "
+                                      "(its LoRA scale changes the merge)")
             paths.append(p)
         method = get_method(str(m["method"]))
         params = dict(m.get("params_given") or {})

@@ -246,3 +246,18 @@ def test_an_edited_input_config_changes_the_exact_merge_key(stage_dirs, tmp_path
     raw["lora_alpha"] = raw["lora_alpha"] * 4
     config.write_text(json.dumps(raw))
     assert variant_from_dir(out).content_hash != before
+
+
+def test_an_edited_input_config_falls_back_to_lowrank(stage_dirs, tmp_path):
+    """The manifest records each input's config sha256: an edit after the merge is caught."""
+    import json
+
+    a, b = (shutil.copytree(d, tmp_path / d.name) for d in stage_dirs)
+    out = merge("ties", [a, b], tmp_path / "m", params=DENSITY, rank=2).out
+    config = Path(b) / "adapter_config.json"
+    raw = json.loads(config.read_text())
+    raw["lora_alpha"] = raw["lora_alpha"] * 2
+    config.write_text(json.dumps(raw))
+    v = variant_from_dir(out)
+    assert (v.exact, v.representation) == (None, "lowrank")
+    assert "adapter_config.json changed since the merge" in v.note

@@ -161,7 +161,7 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
     from emomerge.evaluation.cache import PredictionCache, stable_hash
     from emomerge.evaluation.outputs import presence
     from emomerge.evaluation.predict import base_fingerprint
-    from emomerge.evaluation.runner import inference_key, split_hash
+    from emomerge.evaluation.runner import inference_key, load_key, split_hash
 
     test = ec35[0][:6]
     cfg = EvalConfig(dataset="emocomics35", threshold=0.2, n_boot=10)
@@ -170,6 +170,7 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
     assert r.thresholds.thresholds == {lab: 0.2 for lab in test[0].label_set}
     # the predictions are the labels whose presence probability clears 0.2 (argmax if none)
     infer = inference_key(host.processor, test, cfg, "likelihood", "label_set")
+    infer["load"] = load_key(host.model, host.processor)  # how the base was loaded
     cache = PredictionCache(tmp_path / "predictions", "base",
                             stable_hash([base_fingerprint(tiny_base), "", infer]))
     sh = split_hash(test)
@@ -179,3 +180,19 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
         want = [lab for lab, q in zip(s.label_set, m) if q >= 0.2] or \
             [s.label_set[int(np.argmax(m))]]
         assert pred == want
+
+
+def test_how_the_base_was_loaded_keys_the_cache(host):
+    """Another image cap (or dtype) changes every score: it is part of the cache key."""
+    from emomerge.evaluation.runner import load_key
+
+    ip = host.processor.image_processor
+    before = load_key(host.model, host.processor)
+    old = dict(ip.size)
+    try:
+        ip.size = {**old, "longest_edge": int(old["longest_edge"]) // 2}
+        assert load_key(host.model, host.processor)["image"] != before["image"]
+    finally:
+        ip.size = old
+    assert load_key(host.model, host.processor) == before
+    assert before["dtype"] == str(host.model.dtype) and before["4bit"] is False
