@@ -27,7 +27,7 @@ from emomerge.merging.errors import InputError
 from emomerge.training.data.holdout import book_of as _book_of
 from emomerge.training.data.holdout import has_book
 
-from .leaderboard import METRIC_COLUMNS, fmt_value, format_table, read_csv
+from .leaderboard import METRIC_COLUMNS, _num, fmt_value, format_table, read_csv
 from .metrics import METRICS, Predictions
 
 FILENAME = "by_book.csv"
@@ -160,13 +160,6 @@ def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _num(cell: str) -> float:
-    try:
-        return float(cell)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def show_by_book(path: str | Path, *, metric: str | None = None, fmt: str = "markdown") -> str:

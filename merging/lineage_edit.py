@@ -36,16 +36,10 @@ MODES = ("continued", "stacked")
 
 
 def _raw(adapter: Path) -> dict | None:
-    path = adapter / LINEAGE_FILE
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeInputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{path}: expected a JSON object")
-    return raw
+    """The folder's ``emomerge.json`` (None when absent; one line when unreadable)."""
+    from .updates import read_manifest  # the same file (LINEAGE_FILE == MANIFEST)
+
+    return read_manifest(adapter)
 
 
 def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = None,
