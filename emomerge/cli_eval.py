@@ -198,6 +198,10 @@ def evaluate_cmd(
                             device=device, exact=not lowrank_merges,
                             allow_base_mismatch=allow_base_mismatch,
                             progress=show_progress(progress, quiet))
+    from emomerge.evaluation.distributed import current_shard
+
+    if not current_shard().is_main:  # under accelerate launch: the main process reports
+        return
     typer.echo(f"{len(result.rows)} rows → {result.leaderboard}")
     typer.echo(show(result.leaderboard, fmt="markdown").rstrip())
 

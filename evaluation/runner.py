@@ -293,6 +293,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     # under accelerate launch each process scores whole pages of its share, into its own cache
     # part; after a barrier all read every part (:mod:`.distributed`)
     shard = current_shard()
+    progress = progress and shard.is_main  # one set of bars, the main process's share
     results = []
     for v in all_variants:
         vhash = stable_hash([base_fp, v.content_hash, infer])

@@ -45,6 +45,7 @@ def _evaluate(args, out, processes):
     proc = subprocess.run([*launch, "evaluate", *args, "--out", str(out)], capture_output=True,
                           text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rows →") == 1  # only the main process reports
     return [{k: v for k, v in r.items() if k not in VOLATILE}
             for r in read_rows(out / "leaderboard.csv")]
 
