@@ -169,7 +169,10 @@ def prepare_chain(name: str, cur: dict[str, Any], root: Path, base_identity: str
         if src is None or target.exists() or target.is_symlink():
             continue
         if src.resolve() != target.resolve():
-            os.symlink(os.path.relpath(src, target.parent), target)
+            try:
+                os.symlink(os.path.relpath(src, target.parent), target)
+            except FileExistsError:  # another process of an accelerate launch linked it
+                pass
     return Chain(name, cur, keys, folder)
 
 
