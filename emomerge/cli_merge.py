@@ -118,6 +118,7 @@ def _method_command(name: str):
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
         rank: Optional[str] = typer.Option(None, "--rank", help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise)."),
         max_error: Optional[float] = typer.Option(None, "--max-error", help="With --rank auto: per module the smallest rank whose relative Frobenius error is ≤ E, in (0, 1)."),
+        refactor: str = typer.Option("projection", "--refactor", help="How sparse merges are re-factorised to a fixed --rank: projection (onto the adapters' joint column space; fast, no dense update) or best: also compute the truncated SVD of the exact merged block and keep whichever is closer (slower: one dense merge and SVD per module)."),
         seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."),
         reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
@@ -154,8 +155,8 @@ def _method_command(name: str):
         untrimmed = method.param("density") is not None and "density" not in params
         result = merge(
             name, adapters, out, weights=weights or None, params=params, output=output, base=base,
-            rank=_parse_rank(rank), max_error=max_error, seed=seed, reference=reference, dtype=dtype,
-            out_dtype=out_dtype,
+            rank=_parse_rank(rank), max_error=max_error, refactor=refactor, seed=seed,
+            reference=reference, dtype=dtype, out_dtype=out_dtype,
             layout=layout, force=force, allow_pickle=allow_pickle, progress=show_progress(quiet=quiet),
             allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
         )

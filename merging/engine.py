@@ -25,7 +25,7 @@ from emomerge import __version__
 
 from .checkpoint import Checkpoint
 from .errors import MergeInputError
-from .lowrank import compress, concat, refactor, refactor_auto
+from .lowrank import REFACTORS, compress, concat, refactor, refactor_auto
 from .methods import METHODS, MergeMethod
 from .names import from_canonical
 from .basecheck import check_base_identity
@@ -65,8 +65,8 @@ class MergeResult:
             worst = max(self.errors, key=self.errors.get)
             mean = sum(self.errors.values()) / len(self.errors)
             line += (
-                f"; re-factorised: relative error mean {mean:.2%}, "
-                f"max {self.errors[worst]:.2%} ({worst})"
+                f"; re-factorised: {_refactor_counts(m.get('refactor', {}))}relative error mean "
+                f"{mean:.2%}, max {self.errors[worst]:.2%} ({worst})"
             )
             if m.get("max_error") is not None:
                 line += f" [rank auto, max_error {m['max_error']:g}]"
@@ -91,6 +91,12 @@ class MergeResult:
             f"mean relative error of {mean:.1%} (max {m['errors']['max']:.1%}): it is not the exact "
             f"{m['method']} merge; use {fix}"
         )
+
+
+def _refactor_counts(how: dict[str, dict]) -> str:
+    """"12 by svd, 2 by projection, " — how the modules were re-factorised, most used first."""
+    counts = collections.Counter(info["refactor"] for info in how.values() if "refactor" in info)
+    return "".join(f"{c} by {name}, " for name, c in counts.most_common())
 
 
 def get_method(name: str) -> MergeMethod:
@@ -162,13 +168,16 @@ class _Merger:
     def __init__(self, method: MergeMethod, tv: TaskVectors, params: dict, *, seed: int,
                  dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None,
                  names: dict[str, str], max_error: float | None = None,
-                 out_dtype: torch.dtype | None = None):
+                 out_dtype: torch.dtype | None = None, refactor: str = "projection"):
         self.method, self.tv = method, tv
         self.out_dtype = out_dtype  # None: the base's dtype (full), float32 (adapter factors)
         self.seed, self.dtype, self.rank = seed, dtype, rank
         # --rank auto: re-factorised modules get the smallest rank with relative error ≤ max_error
         # (``rank`` is then None; exact low-rank results stay exact)
         self.max_error = max_error
+        # fixed rank, streamed sparse merges: the joint-basis projection, or "best" (the better of
+        # it and a truncated SVD of the dense merged block)
+        self.refactor = refactor
         self.refactored: dict[str, dict] = {}  # path → how it was re-factorised (lowrank/streaming info)
         self.saved_base = saved_base
         self.stream_workers: int | None = None  # None: all cores within a module
@@ -270,9 +279,10 @@ class _Merger:
             return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
                                            rank, generators=gens, refactor_generator=gen,
                                            workers=self.stream_workers, max_error=self.max_error,
-                                           info=info)
+                                           info=info, refactor=self.refactor)
         if self.max_error is not None:
             return refactor_auto(self.dense(path), self.max_error, generator=gen, info=info)
+        # no joint-basis projection here: the (randomized) SVD of the dense update, either choice
         return refactor(self.dense(path), rank, generator=gen, info=info)
 
     def factors_in_order(self, paths: Sequence[str]) -> Iterator[tuple[str, tuple]]:
@@ -327,6 +337,7 @@ def merge(
     base: str | Path | None = None,
     rank: int | str | None = None,
     max_error: float | None = None,
+    refactor: str = "projection",
     seed: int = 0,
     reference: str = "base",
     dtype: str = "float32",
@@ -346,7 +357,9 @@ def merge(
     ``params`` holds the method's parameters by their recipe names (``density``, ``lambda``, …);
     ``weights`` is a shortcut for ``params['weight']``. ``rank="auto"`` with ``max_error`` E gives
     each re-factorised module the smallest rank whose relative Frobenius error is ≤ E (exact
-    low-rank results stay exact). Everything is checked (files, bases,
+    low-rank results stay exact). ``refactor="best"`` (a fixed rank): each re-factorised sparse
+    module keeps the closer of the joint-basis projection and a truncated SVD of its dense merged
+    update (slower: one dense merge and SVD per module). Everything is checked (files, bases,
     shapes, finiteness, parameter ranges, lineage hashes) before any tensor is merged or written.
 
     ``dtype`` is the compute dtype (float32 or float64, never narrower: a bf16 merge would round
@@ -369,6 +382,7 @@ def merge(
     if out_dtype is not None and out_dtype not in OUT_DTYPES:
         raise MergeInputError(f"--out-dtype must be one of {list(OUT_DTYPES)}, got {out_dtype!r}")
     _check_rank(rank, max_error)
+    _check_refactor(refactor, rank)
     if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
         raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
     out = Path(out)
@@ -394,7 +408,7 @@ def merge(
     auto = rank == "auto"
     merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=None if auto else rank,
                      saved_base=ckpt, names=names, max_error=max_error if auto else None,
-                     out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None)
+                     out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None, refactor=refactor)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     manifest: dict[str, Any] = {
@@ -408,6 +422,7 @@ def merge(
         "output": output,
         "rank": rank,
         "max_error": max_error,
+        "refactor_choice": refactor,
         "dtype": dtype,
         "out_dtype": out_dtype,
         "adapters": [_describe(a) for a in tv.inputs],
@@ -446,7 +461,8 @@ def merge(
             manifest["ranks"] = ranks
             if merger.refactored:
                 # per module: projection | svd | randomized svd, the basis size and its
-                # out-of-span residual (--rank auto: minimality holds within that basis)
+                # out-of-span residual (--rank auto: minimality holds within that basis); with
+                # --refactor best also the projection's own error (projection_error)
                 manifest["refactor"] = {
                     from_canonical(path, out_layout): merger.refactored[path]
                     for path in tv.modules if path in merger.refactored
@@ -495,6 +511,16 @@ def _check_rank(rank: int | str | None, max_error: float | None) -> None:
             math.isfinite(max_error) and 0 < max_error < 1
         ):
             raise MergeInputError(f"--max-error must be a number in (0, 1), got {max_error!r}")
+
+
+def _check_refactor(refactor: str, rank: int | str | None) -> None:
+    if refactor not in REFACTORS:
+        raise MergeInputError(f"--refactor must be projection or best, got {refactor!r}")
+    if refactor == "best" and rank == "auto":
+        raise MergeInputError(
+            "--refactor best needs a fixed --rank: --rank auto already picks the projection or the "
+            "SVD per module"
+        )
 
 
 def _describe(adapter) -> dict:

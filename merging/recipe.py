@@ -11,6 +11,7 @@ A recipe::
     dtype: float32
     emomerge: {output: adapter, rank: 16, seed: 0, reference: base}   # ours; dropped on export
     # or rank: auto with max_error: 0.05 (per module the smallest rank with error ≤ 5%)
+    # refactor: best (fixed rank): the closer of the projection and a truncated SVD per module
 
 Relative paths resolve against ``root`` (default: the current folder, as in mergekit).
 """
@@ -45,6 +46,7 @@ class EmomergeOptions(BaseModel):
     output: Literal["adapter", "full"] = "adapter"
     rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     max_error: float | None = None  # with rank: auto
+    refactor: Literal["projection", "best"] = "projection"  # with a fixed rank (``--refactor``)
     seed: int = 0
     reference: Literal["base", "previous"] = "base"
     layout: Literal["new", "qwen-legacy", "llava-legacy", "text"] | None = None
@@ -108,6 +110,8 @@ def load_recipe(path: str | Path) -> Recipe:
             msg = "unknown key"
         elif loc == "emomerge.rank":
             msg = f"must be a positive integer or auto, got {err.get('input')!r}"
+        elif loc == "emomerge.refactor":
+            msg = f"must be projection or best, got {err.get('input')!r}"
         raise MergeInputError(f"{path}: key '{loc}': {msg}") from exc
     _check_rank_options(recipe.emomerge, path)
     method = _method_or_error(recipe.merge_method, path)
@@ -124,6 +128,11 @@ def _check_rank_options(opts: EmomergeOptions, path: Path) -> None:
         raise MergeInputError(
             f"{path}: key 'emomerge.rank': auto needs emomerge.max_error (the largest relative "
             "Frobenius error per module, in (0, 1))"
+        )
+    if opts.refactor == "best" and opts.rank == "auto":
+        raise MergeInputError(
+            f"{path}: key 'emomerge.refactor': best needs a fixed emomerge.rank (rank: auto already "
+            "picks the projection or the SVD per module)"
         )
     if opts.max_error is not None:
         if opts.rank != "auto":
@@ -200,6 +209,7 @@ def run_recipe(
         base=base_dir,
         rank=opts.rank,
         max_error=opts.max_error,
+        refactor=opts.refactor,
         seed=opts.seed,
         reference=opts.reference,
         layout=opts.layout,

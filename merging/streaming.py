@@ -36,6 +36,9 @@ With ``--rank auto`` (``max_error``) D is streamed into a dense buffer and the r
 error (``lowrank.auto_rank``): ‖D − P_k D‖² = ‖P⊥D‖² + Σ_{j>k} s_j², the out-of-span residual
 plus the in-basis tail; the basis is used only when ρ = ‖P⊥D‖/‖D‖ ≤ E/2, else D is re-factorised
 by ``lowrank.refactor_auto``.
+With ``refactor="best"`` (a fixed rank) D is streamed into a dense buffer too, and the projection
+competes with a truncated SVD of D (exact when small, else randomized, its range finder started
+from the projection's left singular directions): the one closer to D is kept (``_best_of``).
 
 Worker threads run single-threaded torch ops on cache-sized blocks (a 2-core machine shared with
 other jobs loses more to OpenMP barriers on small ops than it gains).
@@ -775,13 +778,16 @@ def merge_factors(
     rank: int | None, *, generators: Sequence[torch.Generator] | None = None, workers: int | None = None,
     block_rows: int | None = None, exact_below: int = _EXACT_BELOW, oversample: int = 8,
     refactor_generator: torch.Generator | None = None, max_error: float | None = None,
-    info: dict | None = None,
+    info: dict | None = None, refactor: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-``rank`` factors ``(L', R')`` of the merged update and the exact relative error
     ‖D − L'R'‖_F / ‖D‖_F, without forming D (see the module docstring).
 
     Falls back to ``lowrank.refactor`` on the streamed dense D when the adapters' joint basis is
     too small to hold rank + ``oversample`` directions or D is small.
+
+    ``refactor="best"`` (fixed rank): D is formed, and the projection competes with a truncated
+    SVD of D (``_best_of``); ``info`` then also receives ``projection_error``.
 
     ``max_error`` (``--rank auto``; ``rank`` is then ignored): the smallest rank whose error is
     ≤ E (``lowrank.auto_rank``). D is streamed into a dense buffer (one pass) and projected on the
@@ -791,9 +797,12 @@ def merge_factors(
     svd``), ``basis`` (its size) and ``out_of_span`` (ρ).
     """
     from . import kernels
-    from .lowrank import refactor
+    from .lowrank import REFACTORS
+    from .lowrank import refactor as refactor_dense
 
     m, n = shape
+    if refactor not in REFACTORS:
+        raise ValueError(f"refactor must be one of {REFACTORS}, got {refactor!r}")
     if max_error is not None:
         return _merge_factors_auto(method_name, factors, shape, resolved, max_error, generators=generators,
                                    workers=workers, block_rows=block_rows, exact_below=exact_below,
@@ -804,16 +813,20 @@ def merge_factors(
     dtype = present[0][0].dtype if present else torch.float32
     if not present:
         return torch.zeros(m, k, dtype=dtype), torch.zeros(k, n, dtype=dtype), 0.0
+    if refactor == "best":
+        dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
+                            workers=workers, block_rows=block_rows, exact_below=exact_below)
+        return _best_of(dense, _joint_basis(present, dtype), k, generator=refactor_generator, info=info)
     if basis_cols < k + oversample or basis_cols >= min(m, n) // 2:
         dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
                             workers=workers, block_rows=block_rows, exact_below=exact_below)
-        return refactor(dense, rank, generator=refactor_generator, info=info)
+        return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     workers = workers or default_workers()
     q = _joint_basis(present, dtype)
     if q.shape[1] < k + oversample:
         dense = merge_dense(method_name, factors, shape, resolved, generators=generators,
                             workers=workers, block_rows=block_rows, exact_below=exact_below)
-        return refactor(dense, rank, generator=refactor_generator, info=info)
+        return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     with _single_threaded_ops():
         st = _Stream(method_name, factors, shape, resolved, generators, workers=workers,
                      block_rows=block_rows, exact_below=exact_below)
@@ -873,6 +886,68 @@ def merge_factors(
 
     _note(info, "projection", q.shape[1], out_of_span(s2, norm2))
     return _projected_factors(q, proj, s2, u, norm2, k, dtype)
+
+
+def _best_of(dense: torch.Tensor, q: torch.Tensor, k: int, *, generator: torch.Generator | None,
+             info: dict | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``refactor="best"``: of two rank-k factorisations of the dense merged update D, the one
+    closer to D (a tie keeps the projection), with its error measured on the product.
+
+    - the projection, as the streamed path computes it: L' = Q U_k S_k, R' = V_kᵀ from the SVD of
+      the core Qᵀ D (Q: the adapters' joint basis; skipped when Q has fewer than k columns);
+    - the truncated SVD of D (``lowrank.refactor``): exact for a small D — the Eckart–Young
+      optimum, which the projection can only tie — else randomized, its range finder started from
+      the projection's left singular directions Q U_k plus random columns and refined by power
+      iterations: subspace iteration from the projection's subspace, so in practice no worse.
+
+    ``info`` receives ``refactor`` (the winner: ``projection`` | ``svd`` | ``randomized svd``)
+    and ``projection_error`` (None when the basis could not hold rank k).
+    """
+    from .lowrank import out_of_span, refactor, relative_error
+
+    m, n = dense.shape
+    if q.shape[1] < k:  # the projection cannot reach rank k: the SVD alone
+        svd = refactor(dense, k, generator=generator, info=info)
+        _record(info, None)
+        return svd
+    proj, norm2 = _project(q, dense)
+    if norm2 == 0.0:
+        _note(info, "projection", q.shape[1], 0.0)
+        _record(info, 0.0)
+        return torch.zeros(m, k, dtype=dense.dtype), torch.zeros(k, n, dtype=dense.dtype), 0.0
+    s2, u = _core(proj)
+    left, right, _ = _projected_factors(q, proj, s2, u, norm2, k, dense.dtype)
+    error = relative_error(dense, left, right)
+    how: dict = {}
+    start = (q.double() @ u[:, :k]).to(dense.dtype)  # Q U_k: the projection's left directions
+    svd = refactor(dense, k, generator=generator, info=how, start=start)
+    if svd[2] < error:
+        _note(info, how["refactor"], None, None)
+        _record(info, error)
+        return svd
+    _note(info, "projection", q.shape[1], out_of_span(s2, norm2))
+    _record(info, error)
+    return left, right, error
+
+
+def _record(info: dict | None, projection_error: float | None) -> None:
+    if info is not None:
+        info["projection_error"] = projection_error
+
+
+def _project(q: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Qᵀ D and ‖D‖², accumulated in float64 as the streamed path does, ~4 MB of D's rows at a
+    time (no float64 copy of D)."""
+    m, n = dense.shape
+    rows = max(64, _STAGE_BYTES // (8 * n))
+    q64 = q.double()
+    proj = torch.zeros(q.shape[1], n, dtype=torch.float64)
+    norm2 = 0.0
+    for r0 in range(0, m, rows):
+        block = dense[r0:r0 + rows].double()
+        proj.addmm_(q64[r0:r0 + rows].T, block)
+        norm2 += float(torch.linalg.vector_norm(block)) ** 2
+    return proj, norm2
 
 
 def _joint_basis(present: Sequence[Factors], dtype: torch.dtype) -> torch.Tensor:

@@ -186,6 +186,8 @@ def world(tmp_path_factory) -> World:
         "typo.yaml": f"merge_method: ties\nmodles:\n  - model: {s1}\n".encode(),
         "nan.yaml": (f"merge_method: ties\nmodels:\n  - model: {s1}\n  - model: {s2}\n"
                      "parameters: {density: .nan}\n").encode(),
+        "refactor-bogus.yaml": (f"merge_method: ties\nmodels:\n  - model: {s1}\n  - model: {s2}\n"
+                                "emomerge: {rank: 4, refactor: bogus}\n").encode(),
         "missing-model.yaml": f"merge_method: linear\nmodels:\n  - model: {root}/nope\n".encode(),
         "curriculum-latin1.yaml": b"base_model: m\n\xff\xfe stages: []\n",
         "curriculum-not-yaml.yaml": b"base_model: [m\nstages: {\n",
@@ -287,6 +289,11 @@ ROWS = [
     ("ties-max-error-nan", _merge("ties", S1, S2, extra=["--density", "0.5", "--rank", "auto",
                                                          "--max-error", "nan"]),
      "--max-error must be a number in (0, 1)"),
+    ("ties-refactor-word", _merge("ties", S1, S2, extra=["--density", "0.5", "--refactor", "bogus"]),
+     "--refactor must be projection or best, got 'bogus'"),
+    ("ties-refactor-best-rank-auto", _merge("ties", S1, S2, extra=[
+        "--density", "0.5", "--rank", "auto", "--max-error", "0.3", "--refactor", "best"]),
+     "--refactor best needs a fixed --rank"),
     ("dare-ties-rescale-word", _merge("dare-ties", S1, S2, extra=["--density", "0.5",
                                                                   "--rescale", "maybe"]),
      "--rescale must be true, false or density"),
@@ -330,6 +337,8 @@ ROWS = [
      lambda w: f"{w.p('files/typo.yaml')}:"),
     ("recipe-nan", lambda w, out: ["merge", w.p("files/nan.yaml"), "--out", out],
      lambda w: f"{w.p('files/nan.yaml')}:"),
+    ("recipe-refactor-bogus", lambda w, out: ["merge", w.p("files/refactor-bogus.yaml"), "--out", out],
+     lambda w: f"{w.p('files/refactor-bogus.yaml')}: key 'emomerge.refactor': must be projection or best"),
     ("recipe-missing-model", lambda w, out: ["merge", w.p("files/missing-model.yaml"),
                                              "--out", out],
      lambda w: f"{w.p('nope')}: no such adapter folder"),
@@ -646,7 +655,7 @@ _recipe = st.fixed_dictionaries(
               "dtype": st.one_of(st.sampled_from(["float32", "bfloat16"]), _value),
               "base_model": _value,
               "emomerge": st.one_of(st.dictionaries(st.sampled_from(
-                  ["rank", "max_error", "output", "reference", "seed", "space", "x"]), _value,
+                  ["rank", "max_error", "refactor", "output", "reference", "seed", "space", "x"]), _value,
                   max_size=3), _value),
               "tokenizer_source": _value})
 
