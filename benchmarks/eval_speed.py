@@ -90,7 +90,7 @@ def _one_by_one(host, samples, max_labels):
     out = []
     with host.activate(Variant("base", "base")) as model:
         for s in samples:
-            prompt = render_prompt(host.processor, s.messages)
+            prompt = render_prompt(host.processor, s.messages, host.family)
             answers, _ = candidate_answers(list(s.label_set), max_labels)
             conts = continuation_ids(tok, prompt, [answer_prefix(host.processor, s.messages) + a
                                                    for a in answers], eot)
@@ -125,7 +125,7 @@ def _prompt_tokens(host, samples):
 
     ids, by_page = {}, {}
     for s in samples:
-        p = render_prompt(host.processor, s.messages)
+        p = render_prompt(host.processor, s.messages, host.family)
         enc = encode_prompts(host.processor, host.family, [p], [load_images(s.images)])
         ids[s.id] = enc["input_ids"][0].tolist()
         by_page.setdefault(s.group, []).append(s.id)
@@ -137,7 +137,7 @@ def _prompt_tokens(host, samples):
     cont = {}
     for k in (None, 3):
         s = samples[0]
-        p = render_prompt(host.processor, s.messages)
+        p = render_prompt(host.processor, s.messages, host.family)
         answers, _ = candidate_answers(list(s.label_set), k)
         eot = answer_suffix(host.family, host.tokenizer) if k else None
         cs = continuation_ids(host.tokenizer, p, [answer_prefix(host.processor, s.messages) + a

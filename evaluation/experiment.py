@@ -115,7 +115,8 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
     the data sha256. The stage's *position* is part of it: training seeds stage k with seed + k.
     """
     from emomerge.training.curriculum import parse_curriculum
-    from emomerge.training.stages import plan_stages
+    from emomerge.training.families import detect_family
+    from emomerge.training.stages import plan_stages, text_format
 
     parsed = parse_curriculum(cur, "<experiment curriculum>")
     plans = plan_stages(parsed, scratch)
@@ -124,6 +125,11 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
             "seed": cur["seed"], "lora": parsed.lora.model_dump(),
             "train": {k: v for k, v in parsed.train.model_dump().items()
                       if k not in ("device", "max_bad_image_share", "gradient_checkpointing")}}
+    # a family whose training text changed (BOS, answer tail) gets new keys, so a run trains it
+    # anew instead of meeting stages trained on the old text; the others keep theirs
+    fmt = text_format(cur.get("family") or detect_family(cur["base_model"]))
+    if fmt:
+        head["text"] = fmt
     keys, prev = [], stable_hash(head)
     for plan in plans:
         stage = plan.stage.model_dump()

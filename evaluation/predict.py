@@ -57,7 +57,9 @@ def base_fingerprint(name_or_path: str | Path) -> str:
 
 
 def answer_suffix(family: str, tokenizer: Any) -> str:
-    """The text that closes an assistant turn (what the model learned to stop on)."""
+    """The text that closes an assistant turn (what the model learned to stop on): the scored
+    end of a candidate. What training supervises after it (Qwen's "\n", ``answer_tail``) is not
+    scored: it follows the end of the turn whatever the label."""
     try:
         from emomerge.training.families import get_family
 
@@ -326,7 +328,7 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
                 batch = _next_batch(todo, done, batch_size, page_cache)
                 prompts, conts, sets = [], [], []
                 for s in batch:
-                    prompt = render_prompt(host.processor, s.messages)
+                    prompt = render_prompt(host.processor, s.messages, host.family)
                     prefix = answer_prefix(host.processor, s.messages)  # as training encodes
                     answers, cand = candidate_answers(list(s.label_set), max_labels)
                     prompts.append(prompt)
@@ -390,7 +392,8 @@ def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache:
             device = next(model.parameters()).device
             for batch in _batches(todo, batch_size):
                 inputs = encode_prompts(host.processor, host.family,
-                                        [render_prompt(host.processor, s.messages) for s in batch],
+                                        [render_prompt(host.processor, s.messages, host.family)
+                                         for s in batch],
                                         [load_images(s.images) for s in batch])
                 inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

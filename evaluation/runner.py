@@ -171,16 +171,22 @@ def git_hash() -> str:
 
 
 def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
-                  scoring: str = "label") -> dict[str, Any]:
+                  scoring: str = "label", *, family: str) -> dict[str, Any]:
     """What decides the cached outputs of a variant besides its weights: hashed into the cache
     key, so outputs computed another way are never reused.
 
     Label-set scoring adds ``scoring`` and ``max_labels`` (its records hold other candidates);
     per-label scoring (``label``, ``first_label``: the same records, decided differently) keeps
-    the key it had, so caches written before label sets existed stay valid.
+    the key it had, so caches written before label sets existed stay valid. Prompts that open
+    with the tokenizer's BOS (LLaVA-1.5, LLaVA-NeXT since 0.x: ``training.batching.prompt_bos``)
+    add ``prompt``, in both modes; the other families keep their key.
     """
+    from emomerge.training.families import get_family
+
     infer: dict[str, Any] = {"mode": mode, "append_eot": cfg.append_eot,
                              "max_new_tokens": cfg.max_new_tokens}
+    if get_family(family).prompt_bos:  # outputs cached for the BOS-less prompt are not reused
+        infer["prompt"] = "bos"
     if mode == "likelihood" and scoring == "label_set":
         infer.update(scoring="label_set", max_labels=cfg.max_labels)
     if mode == "likelihood":
@@ -282,7 +288,7 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
                          "or pass --threshold / --multilabel topk)")
     vh = split_hash(val_samples or val_pool) if needs_val else ""
     scoring = cfg.resolved_scoring()
-    infer = inference_key(host.processor, samples, cfg, mode, scoring)
+    infer = inference_key(host.processor, samples, cfg, mode, scoring, family=host.family)
     infer["load"] = load_key(host.model, host.processor)
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}

@@ -33,12 +33,14 @@ and decisions threshold those marginals per label (:mod:`.decide`).
 Measured on the tiny Qwen2.5-VL the acceptance test trains (tests/evaluation/test_eval_presence.py:
 60 steps; every utterance "Anger" plus Joy or Sadness decided by the utterance's last word, so the
 signal sits in the *second* label; 24 test utterances, thresholds from the stage's held-out
-books), per-label F1 of Joy / Sadness, two seeds: label-set presence 1.00 / 1.00 and 0.95 / 0.92;
-first-label scoring 0.74 / 0.00 and 0.77 / 0.00 (Joy predicted nearly everywhere, Sadness never:
-always-Joy gives 0.67 / 0.00); greedy generation parsed by :mod:`.parsing` 1.00 / 1.00 and
-0.00 / 0.40. Generation reads the whole answer too, but commits to one greedy string (no
-probabilities, nothing to tune for macro-F1) and was the less reliable on the same weights;
-label-set scoring costs one prompt pass plus ⌈63/chunk⌉ short batched continuation passes.
+books), per-label F1 of Joy / Sadness, seeds 0 and 1 (data and training): label-set presence
+1.00 / 1.00 on both; first-label scoring 0.86 / 0.00 and 0.81 / 0.00 (Joy predicted nearly
+everywhere, Sadness never: always-Joy gives 0.67 / 0.00); greedy generation parsed by
+:mod:`.parsing` 1.00 / 1.00 on both here, but 0.88 / 0.80 (seed 1) on the weights trained before
+answers ended with Qwen's "\n" after ``<|im_end|>``, where label sets still gave 1.00 / 1.00.
+Generation reads the whole answer too, but commits to one greedy string (no probabilities,
+nothing to tune for macro-F1); label-set scoring costs one prompt pass plus ⌈63/chunk⌉ short
+batched continuation passes.
 
 Batches
 -------
@@ -90,9 +92,12 @@ def answer_prefix(processor: Any, messages: list[dict]) -> str:
     return prefix(processor, messages)
 
 
-def render_prompt(processor: Any, messages: list[dict]) -> str:
-    """The chat-template prompt up to where the assistant's answer starts."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_prompt(processor: Any, messages: list[dict], family: str) -> str:
+    """The chat-template prompt up to where the assistant's answer starts, as training renders it
+    (``training.batching.chat_prompt``: LLaVA-1.5 / LLaVA-NeXT open with the tokenizer's BOS)."""
+    from emomerge.training.batching import chat_prompt
+
+    return chat_prompt(processor, messages, family)
 
 
 def label_sets(label_set: list[str] | tuple[str, ...], max_labels: int) -> list[tuple[int, ...]]:
@@ -120,11 +125,12 @@ def set_text(labels: list[str]) -> str:
 
 def encode_prompts(processor: Any, family: str, prompts: list[str],
                    images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-    """Processor inputs for a batch of prompts (the template already holds the special tokens)."""
-    # Mllama wants one image list per sample; the other families a flat list in prompt order.
-    imgs: Any = images if family == "mllama" else [im for per in images for im in per]
-    return dict(processor(text=prompts, images=imgs or None, return_tensors="pt", padding=True,
-                          add_special_tokens=False))
+    """Processor inputs for a batch of prompts, encoded as training encodes them
+    (``training.batching.process_texts``: the template already holds the special tokens; a BOS
+    the prompt opens with is its id, the rest tokenized on its own)."""
+    from emomerge.training.batching import process_texts
+
+    return process_texts(processor, family, prompts, images)
 
 
 def continuation_ids(tokenizer: Any, prompt: str, labels: list[str],
@@ -136,7 +142,14 @@ def continuation_ids(tokenizer: Any, prompt: str, labels: list[str],
     SentencePiece/Metaspace tokenizers (Llama, Mistral: LLaVA-1.5, LLaVA-NeXT-Mistral) prefix a
     string's first word with "▁", so a standalone "Joy" is "▁Joy" while after the prompt it is
     "Joy" — scoring tokens the model was never trained to produce.
+
+    A BOS the prompt opens with is dropped first: training encodes it as an id before the rest
+    of the text (``training.batching.process_texts``), and a special token splits the text, so
+    what follows the prompt tokenizes the same without it.
     """
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]
     head = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     out = []
     for lab in labels:
@@ -270,7 +283,8 @@ def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
 # (``_extend``), as the one-prompt path does.
 # --------------------------------------------------------------------------------------------
 
-#: Per-token processor outputs ([batch, seq, ...]) that are cut and re-padded with the tokens.
+#: Per-token processor outputs ([batch, seq, ...]) that are cut and re-padded with the tokens
+#: (the keys ``training.batching.PER_TOKEN_KEYS`` opens with a BOS).
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
                   "cross_attention_mask")
 

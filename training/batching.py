@@ -1,11 +1,16 @@
 """Samples → model inputs: the family's processor for images, loss on the answer tokens only.
 
-Each sample becomes ``prompt + answer_prefix + target + answer_suffix``; the prompt is the
-processor's chat template with the generation prompt, and the prefix is the whitespace the
-template puts between that prompt and an assistant answer (LLaVA's ``ASSISTANT: Joy``). The processor runs twice per batch — on the full texts and
-on the prompts alone — so every family's image batching (Qwen's flattened patches, Mllama's tiles
-and cross-attention mask, LLaVA-NeXT's any-resolution crops, Pixtral's variable sizes) stays the
+Each sample becomes ``prompt + answer_prefix + target + answer_suffix + answer_tail``; the prompt
+is the processor's chat template with the generation prompt, opened with the tokenizer's BOS where
+the released processor adds one (LLaVA-1.5, LLaVA-NeXT: :func:`chat_prompt`); the prefix is the
+whitespace the template puts between that prompt and an assistant answer (LLaVA's
+``ASSISTANT: Joy``); suffix and tail close the turn as the template does (Qwen's
+``<|im_end|>`` + ``\n``). The processor runs twice per batch — on the full texts and on the
+prompts alone — so every family's image batching (Qwen's flattened patches, Mllama's tiles and
+cross-attention mask, LLaVA-NeXT's any-resolution crops, Pixtral's variable sizes) stays the
 processor's job, and the prompt lengths (after image-token expansion) come out of the same code.
+Evaluation renders and encodes prompts with the same functions (:func:`chat_prompt`,
+:func:`process_texts`), so a label is scored after the exact tokens it was trained after.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from .data.sample import Sample
 from .families import get_family
 
 IGNORE_INDEX = -100
+#: Processor outputs with one entry per token ([batch, seq, ...]; ``evaluation.scoring`` cuts the
+#: same keys).
+PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
+                  "cross_attention_mask")
 
 
 #: Share of a split's image files that may be unreadable (skipped with a warning) before
@@ -133,10 +142,43 @@ def check_images(samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_
     return kept, bad
 
 
-def render_prompt(processor: Any, sample: Sample) -> str:
-    """The chat-template prompt up to where the assistant's answer starts."""
-    return processor.apply_chat_template(sample.messages, add_generation_prompt=True,
-                                         tokenize=False)
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def prompt_bos(processor: Any, family: str) -> str:
+    """The BOS text the family's prompt opens with that its chat template does not write: the
+    tokenizer's ``bos_token`` for LLaVA-1.5 and LLaVA-NeXT (``FamilySpec.prompt_bos``: llava-hf's
+    templates leave it to the tokenizer, which adds it by default), else ""."""
+    if not get_family(family).prompt_bos:
+        return ""
+    return getattr(_tokenizer(processor), "bos_token", None) or ""
+
+
+def chat_prompt(processor: Any, messages: list[dict], family: str) -> str:
+    """The chat-template prompt up to where the assistant's answer starts, opened with the
+    tokenizer's BOS where the template leaves it to the tokenizer (:func:`prompt_bos`).
+
+    The one rendering training, label scoring and generation share; LLaMA-Factory's templates
+    render the same string (tests/training/test_llamafactory_parity.py).
+    """
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = prompt_bos(processor, family)
+    return bos + text if bos and not text.startswith(bos) else text
+
+
+def render_prompt(processor: Any, sample: Sample, family: str) -> str:
+    """The prompt of ``sample`` (:func:`chat_prompt`)."""
+    return chat_prompt(processor, sample.messages, family)
+
+
+def answer_text(processor: Any, family: str, sample: Sample) -> str:
+    """What follows the prompt in training, all of it supervised: the template's whitespace
+    (:func:`answer_prefix`), the target, the end-of-turn text (``answer_suffix``) and what the
+    template writes after it (``answer_tail``: Qwen's "\n", as LLaMA-Factory trains it)."""
+    spec = get_family(family)
+    return (answer_prefix(processor, sample.messages) + sample.target + spec.answer_suffix
+            + spec.answer_tail)
 
 
 _SENTINEL = "\u2063answer\u2063"  # invisible separators: text no template writes itself
@@ -167,25 +209,72 @@ def answer_prefix(processor: Any, messages: list[dict]) -> str:
     return prefix if not prefix.strip() else ""
 
 
-def _process(processor: Any, family: str, texts: list[str], images: list[list[Image.Image]]):
+def process_texts(processor: Any, family: str, texts: list[str],
+                  images: list[list[Image.Image]]) -> dict[str, Any]:
+    """Processor inputs of texts that start with a :func:`chat_prompt` (the template already holds
+    the special tokens), padded on the tokenizer's ``padding_side``.
+
+    A text opened with :func:`prompt_bos` is encoded as the BOS id followed by the rest tokenized
+    on its own: what the released processor does (its tokenizer adds the BOS) and what
+    LLaMA-Factory does (a BOS slot, then the turn). Tokenized in one string, the text after the
+    BOS could come out otherwise: transformers 5 builds Llama/Mistral tokenizers with a Metaspace
+    pre-tokenizer that, with ``legacy: false`` (prepend_scheme "first"), gives no "▁" to text that
+    follows a special token ("<s>USER" → "U", "SER" where the model saw "▁USER").
+    """
+    bos = prompt_bos(processor, family)
+    opened = [bool(bos) and t.startswith(bos) for t in texts]
+    if any(opened):
+        texts = [t[len(bos):] if o else t for t, o in zip(texts, opened)]
     # Mllama wants one image list per sample; the others take a flat list in prompt order.
     imgs: Any = images if family == "mllama" else [im for per in images for im in per]
-    return processor(text=texts, images=imgs or None, return_tensors="pt", padding=True,
-                     add_special_tokens=False)
+    out = dict(processor(text=texts, images=imgs if any(images) else None, return_tensors="pt",
+                         padding=True, add_special_tokens=False))
+    if any(opened):
+        tok = _tokenizer(processor)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = _open_rows(out, tok.convert_tokens_to_ids(bos), opened, pad,
+                         left=tok.padding_side == "left")
+    return out
+
+
+def _open_rows(inputs: dict[str, Any], token_id: int, rows: list[bool], pad_id: int, *,
+               left: bool) -> dict[str, Any]:
+    """``inputs`` with ``token_id`` put before the first real token of each row in ``rows``
+    (padding kept on its side; other per-token tensors get 0 there, a text position)."""
+    import torch
+
+    mask = inputs["attention_mask"]
+    b, n = mask.shape
+    out = dict(inputs)
+    for key in PER_TOKEN_KEYS:
+        v = inputs.get(key)
+        if not torch.is_tensor(v) or tuple(v.shape[:2]) != (b, n):
+            continue
+        first = {"input_ids": token_id, "attention_mask": 1}.get(key, 0)
+        new = v.new_full((b, n + 1, *v.shape[2:]), pad_id if key == "input_ids" else 0)
+        for r in range(b):
+            real = v[r][mask[r].bool()]
+            if rows[r]:
+                real = torch.cat([v.new_full((1, *v.shape[2:]), first), real])
+            k = real.shape[0]
+            if left:
+                new[r, n + 1 - k:] = real
+            else:
+                new[r, :k] = real
+        out[key] = new
+    return out
 
 
 def encode_batch(processor: Any, family: str, samples: list[Sample]) -> dict[str, Any]:
     """Model inputs with ``labels`` = the answer tokens (prompt and padding set to -100)."""
-    spec = get_family(family)
     tokenizer = processor.tokenizer
     # Right padding keeps each prompt at the start of its row, so prompt lengths index labels.
     tokenizer.padding_side = "right"
-    prompts = [render_prompt(processor, s) for s in samples]
+    prompts = [render_prompt(processor, s, family) for s in samples]
     images = [load_images(s) for s in samples]
-    full = _process(processor, family, [p + answer_prefix(processor, s.messages) + s.target
-                                        + spec.answer_suffix for p, s in zip(prompts, samples)],
-                    images)
-    prompt_only = _process(processor, family, prompts, images)
+    full = process_texts(processor, family, [p + answer_text(processor, family, s)
+                                             for p, s in zip(prompts, samples)], images)
+    prompt_only = process_texts(processor, family, prompts, images)
     prompt_lens = prompt_only["attention_mask"].sum(dim=1)
     labels = full["input_ids"].clone()
     for i, n in enumerate(prompt_lens.tolist()):

@@ -18,9 +18,11 @@ previous adapters into the base and starts a fresh one (``adapter_name_or_path: 
 ``create_new_adapter: true``) — the same order emomerge folds them in. LLaMA-Factory refuses the
 stacked form on a 4-bit base, so stacked + ``quantize_4bit`` is refused here.
 
-The prompt LLaMA-Factory renders equals emomerge's (``tests/training/test_llamafactory_parity.py``,
-``docs/INTEROP.md``) but for two things its templates write and no YAML key removes: a
-``<s>`` before LLaVA-NeXT-Mistral prompts, and a ``\\n`` after Qwen's ``<|im_end|>``.
+The prompt and answer LLaMA-Factory renders equal emomerge's for every family
+(``tests/training/test_llamafactory_parity.py``, ``docs/INTEROP.md``). LLaVA-1.5 is the one
+template that needs more than a layout: LLaMA-Factory's ``llava`` has no BOS slot where the
+released processor (and emomerge) open with ``<s>``, so the export writes the tokenizer's BOS as
+``default_system``, which that template's system slot (``{{content}}``) puts first.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class LFLayout:
 
     #: written as ``default_system`` (overrides the template's own; "" = no system turn)
     default_system: str
+    #: write the tokenizer's BOS as ``default_system`` instead: the template has no BOS slot but a
+    #: system slot that is only ``{{content}}`` before the user turn (LLaVA-1.5's ``llava``)
+    bos_as_system: bool = False
     #: written after each "<image>" (LLaVA's templates: "<image>\n" then the text)
     image_sep: str = ""
     #: appended to the user text (LLaVA-NeXT: ours "text [/INST]", the slot "{{content}}[/INST]")
@@ -79,11 +84,31 @@ LF_LAYOUTS: dict[str, LFLayout] = {
     "qwen2_5_vl": LFLayout("You are a helpful assistant."),
     "qwen3_vl": LFLayout(""),
     "mllama": LFLayout(""),
-    # llava's default is Vicuna's "A chat between a curious user ..."; llava-hf's has none
-    "llava": LFLayout("", image_sep="\n", answer_prefix=" "),
+    # llava's default is Vicuna's "A chat between a curious user ..."; llava-hf's has none, and
+    # the released processor opens the prompt with <s>, which llava's slots lack
+    "llava": LFLayout("", image_sep="\n", answer_prefix=" ", bos_as_system=True),
     "llava_next": LFLayout("", image_sep="\n", user_tail=" "),
     "pixtral": LFLayout(""),
 }
+
+
+def lf_default_system(base: str, family: str) -> str:
+    """``default_system`` of ``family``'s export: the layout's, or the base tokenizer's BOS
+    (``LFLayout.bos_as_system``: what emomerge's prompt opens with, ``batching.prompt_bos``)."""
+    layout = LF_LAYOUTS[family]
+    if not layout.bos_as_system:
+        return layout.default_system
+    from transformers import AutoTokenizer
+
+    try:
+        bos = AutoTokenizer.from_pretrained(str(base)).bos_token
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{base}: cannot load the tokenizer ({first})") from exc
+    if not bos:
+        raise InputError(f"{base}: the tokenizer has no BOS token, which {family} prompts open "
+                         "with")
+    return str(bos)
 
 
 def _image_paths(plan: StagePlan, sample_idx: int, images: list[Any], tmp: Path) -> list[str]:
@@ -168,8 +193,10 @@ def image_pixels(family: str, image: dict[str, Any], own: dict[str, Any]) -> dic
 
 
 def stage_yaml(cur: Curriculum, plan: StagePlan, family: str, base: str, previous: list[str],
-               precision: str, pixels: dict[str, int]) -> dict[str, Any]:
-    """The llamafactory-cli train config of one stage (paths relative to the export folder)."""
+               precision: str, pixels: dict[str, int],
+               default_system: str | None = None) -> dict[str, Any]:
+    """The llamafactory-cli train config of one stage (paths relative to the export folder);
+    ``default_system`` None: the family layout's (:func:`lf_default_system` resolves a BOS)."""
     t, lora, stage = cur.train, cur.lora, plan.stage
     cfg: dict[str, Any] = {
         "model_name_or_path": base,
@@ -181,7 +208,8 @@ def stage_yaml(cur: Curriculum, plan: StagePlan, family: str, base: str, previou
         "freeze_multi_modal_projector": True, "use_rslora": lora.use_rslora,
         "dataset": f"emomerge_{stage.name}", "dataset_dir": "data",
         "template": get_family(family).llamafactory_template,
-        "default_system": LF_LAYOUTS[family].default_system, **pixels, "cutoff_len": 4096,
+        "default_system": (LF_LAYOUTS[family].default_system if default_system is None
+                           else default_system), **pixels, "cutoff_len": 4096,
         "output_dir": f"adapters/{stage.name}",
         "logging_steps": 1, "save_strategy": "no", "report_to": "none",
         "per_device_train_batch_size": t.batch_size,
@@ -291,6 +319,14 @@ def _yaml_header(yaml_name: str, plan: StagePlan, n: int, cur: Curriculum, preci
             f"resize before the processor\n")
 
 
+def _bos_note(family: str, default_system: str) -> str:
+    if not LF_LAYOUTS[family].bos_as_system:
+        return ""
+    return (f"# default_system {default_system!r} is the tokenizer's BOS, not a system prompt: "
+            f"the {get_family(family).llamafactory_template} template has no BOS slot, and the "
+            "released processor (and emomerge) open the prompt with it (docs/INTEROP.md)\n")
+
+
 def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
                         out_dir: str | Path, *, precision: str | None = None) -> Path:
     """Write the LLaMA-Factory export of a curriculum into ``out_dir`` (created atomically).
@@ -319,6 +355,7 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
         precision, why = _machine_precision(cur)
     else:
         why = "--precision"
+    default_system = lf_default_system(base, family)
     plans = plan_stages(cur, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -336,9 +373,11 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
             info[f"emomerge_{name}"] = {"file_name": f"{name}.jsonl", "formatting": "sharegpt",
                                         "columns": {"messages": "messages", "images": "images"},
                                         "tags": TAGS}
-            cfg = stage_yaml(cur, plan, family, base, previous, precision, pixels)
+            cfg = stage_yaml(cur, plan, family, base, previous, precision, pixels,
+                             default_system)
             yaml_name = f"{plan.index + 1:02d}_{name}.yaml"
-            header = _yaml_header(yaml_name, plan, len(plans), cur, precision, why, image)
+            header = (_yaml_header(yaml_name, plan, len(plans), cur, precision, why, image)
+                      + _bos_note(family, default_system))
             (tmp / yaml_name).write_text(header + yaml.safe_dump(cfg, sort_keys=False,
                                                                  allow_unicode=True))
             prev = plans[plan.index - 1] if plan.index else None

@@ -49,6 +49,14 @@ class FamilySpec:
     vision_modules: tuple[str, ...]
     #: Hub-id patterns that identify the family without reading a config.
     hub_pattern: str
+    #: The prompt opens with the tokenizer's BOS, which the released chat template leaves to the
+    #: tokenizer (llava-hf's LLaVA-1.5 / LLaVA-NeXT processors add ``<s>`` by default; the model
+    #: was trained with it). Templates that write it themselves (Mllama, Pixtral) say False.
+    prompt_bos: bool = False
+    #: What the template writes after ``answer_suffix`` to end the assistant turn (Qwen: the
+    #: "\n" after ``<|im_end|>``): trained on, as LLaMA-Factory does, but not scored (the label
+    #: and its end-of-turn decide; evaluation stops at ``answer_suffix``).
+    answer_tail: str = ""
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -57,12 +65,14 @@ FAMILIES: dict[str, FamilySpec] = {
         "qwen2_vl", templates.QWEN2_5_VL, "<|im_end|>", "<|image_pad|>",
         "<|vision_start|><|image_pad|><|vision_end|> inline in the user turn, expanded to one "
         "pad per merged 2x2 patch group", ("model.visual",), r"qwen2\.5-vl|qwen2_5_vl",
+        answer_tail="\n",
     ),
     "qwen3_vl": FamilySpec(
         "qwen3_vl", "Qwen3VLForConditionalGeneration", ("qwen3_vl",), LM_ONLY_REGEX,
         "qwen3_vl_nothink", templates.QWEN3_VL, "<|im_end|>", "<|image_pad|>",
         "<|vision_start|><|image_pad|><|vision_end|> inline; deepstack features also feed the "
         "first decoder layers", ("model.visual",), r"qwen3-vl|qwen3_vl",
+        answer_tail="\n",
     ),
     "mllama": FamilySpec(
         "mllama", "MllamaForConditionalGeneration", ("mllama",), LM_ONLY_REGEX,
@@ -75,13 +85,14 @@ FAMILIES: dict[str, FamilySpec] = {
         "llava", templates.LLAVA, "</s>", "<image>",
         "'<image>\\n' before the text, expanded to one token per CLIP patch",
         ("model.vision_tower", "model.multi_modal_projector"), r"llava-1\.5|llava_1_5|bakllava",
+        prompt_bos=True,
     ),
     "llava_next": FamilySpec(
         "llava_next", "LlavaNextForConditionalGeneration", ("llava_next",), LM_ONLY_REGEX,
         "llava_next_mistral", templates.LLAVA_NEXT_MISTRAL, "</s>", "<image>",
         "'<image>\\n' before the text, expanded per any-resolution tile + newline tokens",
         ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
-        r"llava-v1\.6|llava-next|llava_next",
+        r"llava-v1\.6|llava-next|llava_next", prompt_bos=True,
     ),
     "pixtral": FamilySpec(
         "pixtral", "LlavaForConditionalGeneration", ("llava",), LM_ONLY_REGEX,

@@ -24,6 +24,7 @@ from emomerge import __version__
 from .curriculum import Curriculum, Stage
 from .data import Sample, content_id, list_splits, read_dataset, samples_sha256
 from .data.holdout import has_book, holdout_books, without_books
+from .families import get_family
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -207,15 +208,32 @@ def stage_settings(plan: StagePlan, cur: Curriculum, family: str,
     settings = {"stage_index": plan.index, "stage": stage, "lora": cur.lora.model_dump(),
                 "train": train, "lineage": cur.lineage, "seed": cur.seed, "family": family,
                 "base_hash": base_sha}
-    if family in ANSWER_AFTER_PREFIX:
-        # answers are encoded after the template's space (batching.answer_prefix): a stage
-        # trained before that ("ASSISTANT:Joy") must not be resumed as if it were the same
-        settings["answer"] = "after_template_prefix"
+    settings.update(text_format(family))
     return settings
 
 
 #: families whose templates put whitespace before an assistant answer (LLaVA "ASSISTANT: Joy").
 ANSWER_AFTER_PREFIX = ("llava", "llava_next")
+
+
+def text_format(family: str) -> dict[str, str]:
+    """How a family's training text changed since stages were first trained (versioned into
+    :func:`stage_settings`, so a stage trained on the old text is not resumed as if it were the
+    same; the families whose text never changed add nothing and keep their fingerprint)."""
+    spec = get_family(family)
+    out: dict[str, str] = {}
+    if family in ANSWER_AFTER_PREFIX:
+        # answers are encoded after the template's space (batching.answer_prefix), not
+        # "ASSISTANT:Joy"
+        out["answer"] = "after_template_prefix"
+    if spec.prompt_bos:
+        # the prompt opens with the tokenizer's BOS, as the released processor encodes it
+        out["prompt"] = "bos"
+    if spec.answer_tail:
+        # the supervised answer ends with what the template writes after the end-of-turn token
+        # (Qwen "<|im_end|>\n"), as LLaMA-Factory trains it
+        out["answer_tail"] = spec.answer_tail
+    return out
 
 
 def settings_sha256(settings: dict[str, Any]) -> str:

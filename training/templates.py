@@ -3,6 +3,8 @@
 Real checkpoints bring their own template in ``chat_template.jinja``; these are used for the tiny
 offline models and when a local folder lacks one. They render the same prompt the released
 templates do for a system-less, single-image user turn (images before text, as in our samples).
+Like llava-hf's, the LLaVA-1.5 and LLaVA-NeXT templates write no BOS: the released processors'
+tokenizers add it, and so does ``batching.chat_prompt`` (``FamilySpec.prompt_bos``).
 HF renders with ``trim_blocks``: a newline right after a ``{% %}`` tag is eaten, so newlines that
 matter are written as ``{{ '\\n' }}``.
 """

@@ -61,7 +61,7 @@ def any_host(request, host, llava):
 
 def _candidates(h, messages, max_labels, with_eot=True):
     """Candidate token ids after the prompt, as run_likelihood builds them."""
-    prompt = render_prompt(h.processor, messages)
+    prompt = render_prompt(h.processor, messages, h.family)
     answers, _ = candidate_answers(LABELS, max_labels)
     eot = answer_suffix(h.family, h.tokenizer) if with_eot else None
     return prompt, continuation_ids(h.tokenizer, prompt,
@@ -150,7 +150,7 @@ def test_packed_candidates_under_eager_attention(llava):
 def test_right_padded_prompts_are_refused(host):
     msgs = [user_message(1, t) for t in TEXTS[:2]]
     images = [[Image.new("RGB", (64, 64))]] * 2
-    prompts = [render_prompt(host.processor, m) for m in msgs]
+    prompts = [render_prompt(host.processor, m, host.family) for m in msgs]
     old, host.tokenizer.padding_side = host.tokenizer.padding_side, "right"
     try:
         inputs = encode_prompts(host.processor, host.family, prompts, images)
@@ -269,7 +269,7 @@ def test_answer_context_tokenizes_candidates_like_the_whole_prompt(any_host):
     eot = answer_suffix(h.family, h.tokenizer)
     for text in TEXTS:
         msgs = user_message(1, text)
-        prompt = render_prompt(h.processor, msgs)
+        prompt = render_prompt(h.processor, msgs, h.family)
         cands = [answer_prefix(h.processor, msgs) + a for a in answers]
         context = answer_context(h.tokenizer, prompt)
         assert len(context) < len(prompt)

@@ -16,6 +16,17 @@ PROMPT = "USER: Which emotion is shown? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def metaspace_tokenizer():
+    return _metaspace()
+
+
+@pytest.fixture(scope="module")
+def metaspace_bos_tokenizer():
+    """The same with a BOS "<s>": prepend_scheme "first" is what transformers 5 builds for a
+    Llama/Mistral tokenizer with ``legacy: false``."""
+    return _metaspace(bos="<s>")
+
+
+def _metaspace(bos=None):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,9 +40,9 @@ def metaspace_tokenizer():
     corpus = ["USER: Which emotion is shown? ASSISTANT:Joy", "Joy Fear Anger Joy Fear",
               "ASSISTANT:Fear", "ASSISTANT:Anger", "Joy", "Fear", "Anger"] * 20
     tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<pad>", "</s>"]))
+        vocab_size=200, special_tokens=["<unk>", "<pad>", "</s>"] + ([bos] if bos else [])))
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="</s>")
+                                   eos_token="</s>", bos_token=bos)
 
 
 class _TextProcessor:
@@ -68,6 +79,44 @@ def test_standalone_label_tokens_differ_from_the_trained_ones(metaspace_tokenize
     assert not tok.convert_ids_to_tokens(got)[0].startswith("▁")
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_bos_opened_prompt_is_encoded_as_the_released_processor_does(metaspace_bos_tokenizer,
+                                                                       padding_side):
+    # LLaVA prompts open with "<s>" (the BOS llava-hf's processor adds through its tokenizer).
+    # Tokenized in one string, a "first"-scheme Metaspace gives the text after the special token
+    # no "▁" ("<s>USER" -> "U"...); training and scoring encode the BOS id, then the prompt on
+    # its own, as the processor (add_special_tokens) and LLaMA-Factory (a BOS slot) do.
+    from emomerge.training.batching import chat_prompt, encode_batch, process_texts
+    from emomerge.training.data import Sample
+
+    tok = metaspace_bos_tokenizer
+    tok.padding_side = padding_side
+    proc = _TextProcessor(tok)
+    prompt = chat_prompt(proc, [], "llava")
+    assert prompt == "<s>" + PROMPT
+    fresh = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    one_string = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(fresh)[0].startswith("▁")
+    assert one_string[1:] != fresh  # the premise: in one string the "▁" is lost
+    # two rows of different lengths: the BOS sits before each row's first real token
+    enc = process_texts(proc, "llava", [prompt, "<s>" + PROMPT + " Joy"], [[], []])
+    for row, text in zip(range(2), [PROMPT, PROMPT + " Joy"]):
+        real = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        assert real == [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    short = enc["attention_mask"][0].tolist()  # the shorter row: padding on its side only
+    n = len(fresh) + 1
+    pads = [0] * (len(short) - n)
+    assert short == ([1] * n + pads if padding_side == "right" else pads + [1] * n) and pads
+    # the label tokens training supervises are the ones scoring reads after the prompt
+    sample = Sample(id="s", images=[], messages=[], target="Joy", labels=["Joy"],
+                    label_set=["Anger", "Joy"], group="s")
+    tok.padding_side = "right"
+    batch = encode_batch(proc, "llava", [sample])
+    assert batch["input_ids"][0][0] == tok.bos_token_id
+    trained = [int(t) for t in batch["labels"][0] if t != -100]
+    assert continuation_ids(tok, prompt, ["Joy"], "</s>")[0] == trained
+
+
 def test_prompt_that_merges_with_the_label_is_refused(metaspace_tokenizer):
     # prompt "…:J" + label "oy": the prompt's last token "J" becomes part of "Joy" once the label
     # is appended, so the label's tokens cannot be cut out of the joint encoding.
@@ -97,7 +146,8 @@ def test_labels_are_scored_as_trained_with_the_template_prefix(tmp_path):
                     labels=["Joy"], label_set=["Anger", "Joy"], group="s")
     batch = encode_batch(processor, family, [sample])
     trained = [int(t) for t in batch["labels"][0] if t != -100]
-    prompt = render_prompt(processor, messages)
+    prompt = render_prompt(processor, messages, family)
+    assert prompt.startswith("<s>USER: <image>")  # the BOS the released processor adds
     prefix = answer_prefix(processor, messages)
     assert prefix == " "
     got = continuation_ids(processor.tokenizer, prompt, [prefix + "Joy"], get_family(family).answer_suffix)[0]
@@ -105,8 +155,10 @@ def test_labels_are_scored_as_trained_with_the_template_prefix(tmp_path):
 
 
 def test_cached_scores_are_keyed_by_the_answer_prefix(tmp_path):
-    # LLaVA scores labels after the template's space: its cache key says so (scores from before
-    # are not reused); Qwen has no prefix and keeps the key it had
+    # LLaVA scores labels after the template's space and after a BOS-opened prompt: its cache key
+    # says so in both modes (outputs from before are not reused); Qwen has no prefix, scores
+    # labels up to <|im_end|> as before (the "\n" trained after it is not scored) and keeps the
+    # key it had
     from types import SimpleNamespace
 
     from emomerge.evaluation.runner import inference_key
@@ -119,15 +171,17 @@ def test_cached_scores_are_keyed_by_the_answer_prefix(tmp_path):
     keys = {}
     for family in ("llava", "qwen2_5_vl"):
         _, processor, _ = load_vlm(str(build_tiny_vlm(family, tmp_path / family)))
-        keys[family] = inference_key(processor, samples, cfg, "likelihood")
-    assert keys["llava"]["answer_prefix"] == " "
+        keys[family] = inference_key(processor, samples, cfg, "likelihood", family=family)
+        generate = inference_key(processor, samples, cfg, "generate", family=family)
+        assert (generate.get("prompt") == "bos") == (family == "llava")
+    assert keys["llava"]["answer_prefix"] == " " and keys["llava"]["prompt"] == "bos"
     assert keys["qwen2_5_vl"] == {"mode": "likelihood", "append_eot": False, "max_new_tokens": 8,
                                   "label_tokens": "after_prompt"}
     # label-set scoring records other candidates: its key names the mode and the set size, so
     # neither per-label scores nor sets of another size are reused
     cfg3 = SimpleNamespace(append_eot=False, max_new_tokens=8, max_labels=3)
-    k3 = inference_key(processor, samples, cfg3, "likelihood", "label_set")
+    k3 = inference_key(processor, samples, cfg3, "likelihood", "label_set", family="qwen2_5_vl")
     k2 = inference_key(processor, samples, SimpleNamespace(**{**vars(cfg3), "max_labels": 2}),
-                       "likelihood", "label_set")
+                       "likelihood", "label_set", family="qwen2_5_vl")
     assert k3 == {**keys["qwen2_5_vl"], "scoring": "label_set", "max_labels": 3}
     assert k2["max_labels"] == 2

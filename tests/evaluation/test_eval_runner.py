@@ -169,7 +169,8 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
     assert r.threshold_source == "fixed (--threshold)"
     assert r.thresholds.thresholds == {lab: 0.2 for lab in test[0].label_set}
     # the predictions are the labels whose presence probability clears 0.2 (argmax if none)
-    infer = inference_key(host.processor, test, cfg, "likelihood", "label_set")
+    infer = inference_key(host.processor, test, cfg, "likelihood", "label_set",
+                          family=host.family)
     infer["load"] = load_key(host.model, host.processor)  # how the base was loaded
     cache = PredictionCache(tmp_path / "predictions", "base",
                             stable_hash([base_fingerprint(tiny_base), "", infer]))

@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"},
 @pytest.mark.parametrize("adapter", [False, True])
 def test_cached_prefix_matches_full_forward(host, stage_dirs, with_eot, adapter):
     img = Image.new("RGB", (64, 48), (220, 30, 30))
-    prompt = render_prompt(host.processor, MESSAGES)
+    prompt = render_prompt(host.processor, MESSAGES, host.family)
     assert prompt.endswith("<|im_start|>assistant\n")   # the generation prompt is included
     inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
     conts = continuation_ids(host.tokenizer, prompt, LABELS, "<|im_end|>" if with_eot else None)
@@ -38,7 +38,7 @@ def test_cached_prefix_matches_full_forward(host, stage_dirs, with_eot, adapter)
 
 def test_adapters_change_scores(host, stage_dirs, merge_dirs):
     img = Image.new("RGB", (64, 64), (30, 60, 220))
-    prompt = render_prompt(host.processor, MESSAGES)
+    prompt = render_prompt(host.processor, MESSAGES, host.family)
     inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
     conts = continuation_ids(host.tokenizer, prompt, LABELS)
     got = []
@@ -54,7 +54,7 @@ def test_stacked_chain_activates_parents_too(host, stage_dirs, tmp_path):
 
     summed = merge("task_arithmetic", stage_dirs, tmp_path / "sum", weights=[1.0, 1.0])
     img = Image.new("RGB", (64, 64), (240, 220, 30))
-    prompt = render_prompt(host.processor, MESSAGES)
+    prompt = render_prompt(host.processor, MESSAGES, host.family)
     inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
     conts = continuation_ids(host.tokenizer, prompt, LABELS)
     chain = Variant("stacked", "stage", stage_dirs[1], chain=list(stage_dirs))

@@ -26,17 +26,54 @@ def test_labels_are_exactly_the_answer_tokens(tiny_model, family):
     assert fam == family
     samples = _samples()
     batch = encode_batch(processor, family, samples)
-    suffix = FAMILIES[family].answer_suffix
+    # the end-of-turn text and what the template writes after it (Qwen "<|im_end|>\n")
+    suffix = FAMILIES[family].answer_suffix + FAMILIES[family].answer_tail
+    assert suffix.endswith("\n") == family.startswith("qwen")
     # the whitespace the family's template writes before an assistant answer
     prefix = {"llava": " ", "llava_next": " "}.get(family, "")
+    bos = processor.tokenizer.bos_token_id
     for row, s in enumerate(samples):
         kept = batch["labels"][row] != IGNORE_INDEX
         assert processor.tokenizer.decode(batch["input_ids"][row][kept]) == prefix + s.target + suffix
+        # every family whose tokenizer has a BOS opens with it (LLaVA-1.5 / LLaVA-NeXT: added
+        # as the released processor adds it; Mllama / Pixtral: written by the template)
+        assert (int(batch["input_ids"][row][0]) == bos) == (bos is not None)
         # The answer is the last run of real tokens: nothing after it but padding.
         last = int(batch["attention_mask"][row].nonzero().max())
         assert bool(kept[last]) and kept.nonzero().min() > 0
     out = model(**batch)
     assert out.loss.isfinite() and out.loss.item() > 0
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_training_and_scoring_render_and_encode_the_same_prompt(tiny_model, family):
+    """Scoring reads a label after exactly the prompt tokens training put before it: the same
+    string, the same ids (scoring left-pads, training right-pads), and the label + end-of-turn
+    tokens training supervises (less the tail after the end-of-turn, which is not scored)."""
+    from emomerge.evaluation import scoring
+    from emomerge.training.batching import answer_prefix, render_prompt
+
+    _, processor, _ = load_vlm(tiny_model(family))
+    samples = _samples()
+    tok = processor.tokenizer
+    batch = encode_batch(processor, family, samples)
+    prompts = [render_prompt(processor, s, family) for s in samples]
+    assert prompts == [scoring.render_prompt(processor, s.messages, family) for s in samples]
+    tok.padding_side = "left"
+    enc = scoring.encode_prompts(processor, family, prompts,
+                                 [scoring.load_images(s.images) for s in samples])
+    spec = FAMILIES[family]
+    tail = len(tok(spec.answer_tail, add_special_tokens=False)["input_ids"]) if spec.answer_tail else 0
+    for row, s in enumerate(samples):
+        kept = batch["labels"][row] != IGNORE_INDEX
+        start = int(kept.nonzero().min())
+        scored = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        assert scored == batch["input_ids"][row][:start].tolist()
+        label = scoring.continuation_ids(tok, prompts[row],
+                                         [answer_prefix(processor, s.messages) + s.target],
+                                         spec.answer_suffix)[0]
+        trained = batch["input_ids"][row][kept].tolist()
+        assert label == trained[: len(trained) - tail]
 
 
 # llava-hf/llava-1.5-7b-hf's own chat_template.jinja (as released): the generation prompt ends at

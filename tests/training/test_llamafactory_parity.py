@@ -9,18 +9,21 @@ llamafactory-0.9.5-py3-none-any.whl): ``data/template.py`` (sha256 68f289bb…83
 9a7db6d3…537dc) for what each plugin puts in place of "<image>" before token expansion.
 tools/interop/llamafactory.sh checks the same parity with the installed LLaMA-Factory itself.
 
-What no YAML key can change is pinned as an explicit difference (and listed in docs/INTEROP.md).
+No difference is left (docs/INTEROP.md): prompt and answer strings are equal for every family,
+and so are their token ids as LLaMA-Factory encodes them (a BOS slot as the id, each text slot
+tokenized on its own) and as emomerge does (``batching.process_texts``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import yaml
-from emomerge.training.batching import answer_prefix, render_prompt
+from emomerge.training.batching import answer_text, process_texts, render_prompt
 from emomerge.training.curriculum import parse_curriculum
-from emomerge.training.export_llamafactory import export_llamafactory
+from emomerge.training.export_llamafactory import LF_LAYOUTS, export_llamafactory
 from emomerge.training.families import FAMILIES
 from emomerge.training.models import load_processor
 from emomerge.training.stages import plan_stages
@@ -64,42 +67,66 @@ LF_TEMPLATES = {
         "user": ["[INST]{{content}}[/INST]"], "assistant": ["{{content}}", EOS], "image": "[IMG]"},
 }
 
-#: What LLaMA-Factory writes and emomerge does not, with no YAML key to drop it: the
-#: llava_next_mistral template opens with the tokenizer's BOS (emomerge's LLaVA-NeXT prompt, like
-#: llava-hf's template, has none and is encoded without special tokens); the Qwen templates end
-#: the assistant turn with "<|im_end|>\n" (emomerge stops the answer at "<|im_end|>").
-PROMPT_PREFIX = {"llava_next": "<s>"}
-ANSWER_TAIL = {"qwen2_5_vl": "\n", "qwen3_vl": "\n"}
+# No pinned differences: emomerge opens LLaVA-1.5 / LLaVA-NeXT prompts with the tokenizer's BOS
+# (as their released processors and llava_next_mistral's prefix do; the llava export writes it as
+# default_system) and trains Qwen answers through "<|im_end|>\n" (the Qwen assistant slot).
+
+
+def _elements(slots: list, content: str = "") -> list:
+    """The slots with the content filled in: BOS / EOS sets kept, text slots as strings."""
+    return [slot if isinstance(slot, set) else slot.replace("{{content}}", content, 1)
+            for slot in slots]
 
 
 def _slots(slots: list, tokenizer, content: str = "") -> str:
     out = []
-    for slot in slots:
+    for slot in _elements(slots, content):
         if slot == BOS:
             out.append(tokenizer.bos_token or "")
         elif slot == EOS:
             out.append(tokenizer.eos_token or "")
         else:
-            out.append(slot.replace("{{content}}", content, 1))
+            out.append(slot)
     return "".join(out)
+
+
+def _slot_ids(elements: list, tokenizer) -> list[int]:
+    """``Template._convert_elements_to_ids``: a BOS/EOS set is the token's id, every text
+    element is tokenized on its own without special tokens."""
+    ids: list[int] = []
+    for elem in elements:
+        if elem == BOS:
+            ids.append(tokenizer.bos_token_id)
+        elif elem == EOS:
+            ids.append(tokenizer.eos_token_id)
+        elif elem:
+            ids += tokenizer.encode(elem, add_special_tokens=False)
+    return ids
+
+
+def lf_elements(name: str, default_system: str | None, messages: list[dict],
+                ) -> tuple[list, list]:
+    """The prompt's and the response's elements of one user/assistant turn as LLaMA-Factory's
+    ``_encode`` builds them, with "<image>" replaced as its plugin does before token expansion."""
+    t = LF_TEMPLATES[name]
+    system = t["default_system"] if default_system is None else default_system
+    user = messages[0]["content"].replace("<image>", t["image"])
+    prompt = _elements(t["prefix"])
+    if t["cls"] == "Template":
+        if system:
+            prompt += _elements(t["system"], system)
+        prompt += _elements(t["user"], user)
+    else:  # Llama2Template: the system text goes inside the first user turn
+        system_text = _slots(t["system"], None, system) if system else ""
+        prompt += _elements(t["user"], system_text + user)
+    return prompt, _elements(t["assistant"], messages[1]["content"])
 
 
 def lf_render(name: str, default_system: str | None, messages: list[dict], tokenizer,
               ) -> tuple[str, str]:
-    """(prompt, response) of one user/assistant turn as LLaMA-Factory's ``_encode`` builds them,
-    with "<image>" replaced as its plugin does before token expansion."""
-    t = LF_TEMPLATES[name]
-    system = t["default_system"] if default_system is None else default_system
-    user = messages[0]["content"].replace("<image>", t["image"])
-    prompt = _slots(t["prefix"], tokenizer)
-    if t["cls"] == "Template":
-        if system:
-            prompt += _slots(t["system"], tokenizer, system)
-        prompt += _slots(t["user"], tokenizer, user)
-    else:  # Llama2Template: the system text goes inside the first user turn
-        system_text = _slots(t["system"], tokenizer, system) if system else ""
-        prompt += _slots(t["user"], tokenizer, system_text + user)
-    return prompt, _slots(t["assistant"], tokenizer, messages[1]["content"])
+    """(prompt, response) strings of one user/assistant turn as LLaMA-Factory renders them."""
+    prompt, response = lf_elements(name, default_system, messages)
+    return _slots(prompt, tokenizer), _slots(response, tokenizer)
 
 
 def test_lf_renderer_reproduces_the_templates_defaults():
@@ -127,6 +154,7 @@ def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family
                        "path": str(synthetic["mangavqa"]), "steps": 1}]}
     out = export_llamafactory(raw, tmp_path / "lf", precision="fp32")
     processor = load_processor(base, family)
+    tok = processor.tokenizer
     spec = FAMILIES[family]
     plans = plan_stages(parse_curriculum(raw), tmp_path / "unused")
     checked = 0
@@ -135,18 +163,36 @@ def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family
         assert cfg["template"] == spec.llamafactory_template
         records = (out / "data" / f"{plan.stage.name}.jsonl").read_text(encoding="utf-8")
         for sample, line in zip(plan.samples, records.splitlines(), strict=True):
-            ours_prompt = render_prompt(processor, sample)
-            ours_answer = (answer_prefix(processor, sample.messages) + sample.target
-                           + spec.answer_suffix)
+            ours_prompt = render_prompt(processor, sample, family)
+            ours_answer = answer_text(processor, family, sample)
+            messages = json.loads(line)["messages"]
             lf_prompt, lf_answer = lf_render(cfg["template"], cfg.get("default_system"),
-                                             json.loads(line)["messages"], processor.tokenizer)
-            assert lf_prompt == PROMPT_PREFIX.get(family, "") + ours_prompt
-            assert lf_answer == ours_answer + ANSWER_TAIL.get(family, "")
+                                             messages, tok)
+            assert lf_prompt == ours_prompt
+            assert lf_answer == ours_answer
             checked += 1
+        # token ids too, on text-only turns (the processors expand image tokens, LLaMA-Factory's
+        # plugin does the same from the same placeholder): its elements encoded one by one,
+        # ours as training encodes prompt and prompt + answer
+        sample = plan.samples[0]
+        text_only = dataclasses.replace(sample, images=[], messages=[
+            {"role": "user", "content": [{"type": "text", "text": sample.prompt_text}]}])
+        layout = LF_LAYOUTS[family]
+        messages = json.loads(records.splitlines()[0])["messages"]
+        messages[0]["content"] = messages[0]["content"].replace("<image>" + layout.image_sep, "")
+        prompt_el, answer_el = lf_elements(cfg["template"], cfg.get("default_system"), messages)
+        ours_prompt = render_prompt(processor, text_only, family)
+        tok.padding_side = "right"
+        p_ids = process_texts(processor, family, [ours_prompt], [[]])["input_ids"][0].tolist()
+        full = process_texts(processor, family,
+                             [ours_prompt + answer_text(processor, family, text_only)],
+                             [[]])["input_ids"][0].tolist()
+        assert p_ids == _slot_ids(prompt_el, tok)
+        assert full == p_ids + _slot_ids(answer_el, tok)
     assert checked == sum(len(p.samples) for p in plans) > 10
     # the prompt carries the sample's image where the family puts it
     first = plans[0].samples[0]
     image = {"pixtral": "[INST][IMG]" + first.prompt_text[:8], "mllama": "<|image|>" + first.prompt_text[:8],
              "llava": "<image>\n" + first.prompt_text[:8]}
     if family in image:
-        assert image[family] in render_prompt(processor, first)
+        assert image[family] in render_prompt(processor, first, family)

@@ -275,6 +275,33 @@ def test_llava_stage_trained_before_the_answer_prefix_is_not_resumed(stacked, co
         train_curriculum(cur, tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("run,key,value", [("stacked", "prompt", "bos"),
+                                           ("continued", "answer_tail", "\n")])
+def test_stage_trained_on_the_text_before_parity_is_not_resumed(request, tmp_path, run, key,
+                                                                value):
+    # LLaVA prompts open with the BOS and Qwen answers end "<|im_end|>\n" (LLaMA-Factory parity):
+    # the stages record it, and a stage recorded without it (an older emomerge's text) is refused
+    import json
+    import re
+
+    from emomerge.training.stages import settings_sha256, text_format
+
+    cur, _, dirs, _ = request.getfixturevalue(run)
+    meta = json.loads((dirs[0] / "emomerge.json").read_text())
+    assert meta["settings"][key] == value
+    old = tmp_path / "adapters" / dirs[0].name
+    shutil.copytree(dirs[0], old)
+    del meta["settings"][key]
+    meta["settings_sha256"] = settings_sha256(meta["settings"])
+    (old / "emomerge.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=re.escape(f"{key} '<unset>' -> {value!r}")):
+        train_curriculum(cur, tmp_path, progress=False)
+    # the families whose text did not change keep their fingerprint
+    assert text_format("mllama") == text_format("pixtral") == {}
+    assert text_format("llava_next") == {"answer": "after_template_prefix", "prompt": "bos"}
+    assert text_format("qwen3_vl") == {"answer_tail": "\n"}
+
+
 # --- unreadable images and determinism ------------------------------------------------------
 
 def test_unreadable_images_are_skipped_and_counted_in_the_stage_metadata(tiny_model, synthetic,

@@ -1,11 +1,12 @@
 """usage: python tools/interop/lf_parity.py ours CURRICULUM MODEL OUT.json   (emomerge's venv)
        python tools/interop/lf_parity.py lf   EXPORT_DIR MODEL OUT.json   (LLaMA-Factory's venv)
 
-``ours`` writes the prompt/answer strings emomerge trains on for every sample of the export;
-``lf`` parses every stage YAML with LLaMA-Factory's own argument parser, loads each stage's data
-through its loader, renders the same samples with its template and plugin (tokens not expanded)
-and compares: one line per stage, exit 1 on a difference beyond the known ones
-(docs/INTEROP.md: a "<s>" before LLaVA-NeXT prompts, "\\n" after Qwen answers).
+``ours`` writes the prompt/answer strings emomerge trains on for every sample of the export, and
+their token ids as emomerge encodes them (a BOS the prompt opens with as its id, the rest
+tokenized on its own; image placeholders not expanded); ``lf`` parses every stage YAML with
+LLaMA-Factory's own argument parser, loads each stage's data through its loader, renders the same
+samples with its template and plugin (tokens not expanded) and compares strings and ids: one line
+per stage, exit 1 on any difference (docs/INTEROP.md: none is left).
 """
 
 from __future__ import annotations
@@ -15,26 +16,38 @@ import os
 import sys
 from pathlib import Path
 
-PROMPT_PREFIX = {"llava_next": "<s>"}
-ANSWER_TAIL = {"qwen2_5_vl": "\n", "qwen3_vl": "\n"}
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as emomerge encodes a prompt (``batching.process_texts``): a BOS it
+    opens with as the id, the rest tokenized on its own; image placeholders left unexpanded."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return [tokenizer.bos_token_id] + tokenizer.encode(text[len(bos):],
+                                                           add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def ours(curriculum: Path, model: str, out: Path) -> None:
-    from emomerge.training.batching import answer_prefix, render_prompt
+    from emomerge.training.batching import answer_text, render_prompt
     from emomerge.training.curriculum import load_curriculum
-    from emomerge.training.families import FAMILIES, detect_family
+    from emomerge.training.families import detect_family
     from emomerge.training.models import load_processor
     from emomerge.training.stages import plan_stages
 
     cur = load_curriculum(curriculum)
     family = detect_family(model)
     processor = load_processor(model, family, cur.train.max_pixels)
+    tok = processor.tokenizer
     rows = {}
     for plan in plan_stages(cur, out.parent / "unused"):
-        rows[plan.stage.name] = [
-            [render_prompt(processor, s),
-             answer_prefix(processor, s.messages) + s.target + FAMILIES[family].answer_suffix]
-            for s in plan.samples]
+        rows[plan.stage.name] = []
+        for s in plan.samples:
+            prompt, answer = render_prompt(processor, s, family), answer_text(processor, family, s)
+            p_ids = _ids(tok, prompt)
+            full = _ids(tok, prompt + answer)
+            if full[: len(p_ids)] != p_ids:
+                raise SystemExit(f"sample {s.id}: prompt and answer tokens merge")
+            rows[plan.stage.name].append([prompt, answer, p_ids, full[len(p_ids):]])
     out.write_text(json.dumps({"family": family, "stages": rows}, ensure_ascii=False))
 
 
@@ -63,24 +76,26 @@ def lf(export: Path, model: str, out: Path) -> int:
         rows = [json.loads(line) for line in
                 (Path("data") / f"{stage}.jsonl").read_text(encoding="utf-8").splitlines()]
         same = 0
-        for rec, (want_prompt, want_answer) in zip(rows, expected["stages"][stage], strict=True):
+        for rec, want in zip(rows, expected["stages"][stage], strict=True):
+            want_prompt, want_answer, want_prompt_ids, want_answer_ids = want
             msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
             images = [os.path.join("data", p) for p in rec["images"]]
             msgs = template.mm_plugin.process_messages(msgs, images, [], [], processor)
             prompt_ids, answer_ids = template.encode_oneturn(tokenizer, msgs)
             got_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False)
             got_answer = tokenizer.decode(answer_ids, skip_special_tokens=False)
-            if (got_prompt == PROMPT_PREFIX.get(family, "") + want_prompt
-                    and got_answer == want_answer + ANSWER_TAIL.get(family, "")):
+            if (got_prompt == want_prompt and got_answer == want_answer
+                    and prompt_ids == want_prompt_ids and answer_ids == want_answer_ids):
                 same += 1
             elif bad < 3:
-                print(f"  DIFF {stage}: {got_prompt!r} | {got_answer!r}\n"
-                      f"  ours {stage}: {want_prompt!r} | {want_answer!r}")
+                print(f"  DIFF {stage}: {got_prompt!r} | {got_answer!r} {prompt_ids} | {answer_ids}\n"
+                      f"  ours {stage}: {want_prompt!r} | {want_answer!r} {want_prompt_ids} | "
+                      f"{want_answer_ids}")
         bad += len(rows) - same
         print(f"{family} {yaml_name}: parsed (template {data_args.template}, default_system "
               f"{data_args.default_system!r}, bf16 {training_args.bf16}, fp16 "
               f"{training_args.fp16}, image_max_pixels {model_args.image_max_pixels}); "
-              f"{n_loaded} samples loaded; prompt+answer equal for {same}/{len(rows)}")
+              f"{n_loaded} samples loaded; prompt+answer strings and ids equal for {same}/{len(rows)}")
     return 1 if bad else 0
 
 
