@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -21,8 +24,9 @@ from emomerge._cli_common import (
     user_errors,
 )
 
-# Options that take several values after one flag (``--adapters a b c``); see expand_variadic.
-VARIADIC = ("--adapters", "--weights", "--density", "--gamma", "--epsilon")
+# Options of every merge taking several values after one flag (``--adapters a b c``); the
+# per-adapter method parameters (``--density``, ...) join them: see expand_variadic.
+VARIADIC = ("--adapters", "--weights")
 
 Adapters = typer.Option(..., "--adapters", help="Adapter folders, in stage order: --adapters A B C.")
 Out = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
@@ -41,33 +45,28 @@ AllowLineageMismatch = typer.Option(
 )
 
 
+def variadic_options() -> tuple[str, ...]:
+    """``--adapters``, ``--weights`` and the flag of every per-adapter method parameter."""
+    return VARIADIC + tuple(o.flag for o in _param_options() if o.per_adapter)
+
+
 def expand_variadic(argv: list[str]) -> list[str]:
     """Rewrite ``--adapters a b c`` as ``--adapters a --adapters b --adapters c`` for click.
 
     A value runs until the next token that starts with ``--`` (negative numbers stay values).
     """
+    variadic = variadic_options()
     out: list[str] = []
     current = None
     for token in argv:
         if token.startswith("--"):
-            current = token if token in VARIADIC else None
+            current = token if token in variadic else None
             out.append(token)
             continue
         if current is not None and out and out[-1] != current:
             out.append(current)
         out.append(token)
     return out
-
-
-def _parse_rescale(value: Optional[str]):
-    if value is None:
-        return None
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "density":
-        return "density"
-    fail(f"--rescale must be true, false or density, got {value!r}")
 
 
 def _parse_rank(value: Optional[str]):
@@ -87,33 +86,90 @@ def _report(result) -> None:
         sys.stderr.write(warning + "\n")
 
 
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class _ParamOption:
+    """The option of one method parameter name, derived from its declarations in the registry
+    (``merging/registry.py``): every method command has it — shown in ``--help`` (with the
+    method's default and range) only when the method takes it, still parsed otherwise so the
+    merge refuses it by name."""
+
+    name: str  # the recipe name ("lambda")
+    flag: str  # "--lambda"
+    dest: str  # the Python parameter ("lambda_")
+    annotation: Any
+    default: Any  # the option's own default (None: not given)
+    decls: str | None  # the click declaration when it differs from flag ("--x/--no-x")
+    help: str
+    per_adapter: bool
+    words: tuple[str, ...]  # a textual option (bools and words): the accepted words
+
+    def value(self, given: Any) -> Any:
+        """The recipe value of what was given on the command line, or _UNSET."""
+        if self.per_adapter:
+            return (given[0] if len(given) == 1 else given) if given else _UNSET
+        if self.annotation is bool:  # a flag: only ever switches the method's rule on
+            return True if given else _UNSET
+        if given is None:
+            return _UNSET
+        if self.words:
+            lowered = given.lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            if lowered in self.words:
+                return lowered
+            fail(f"{self.flag} must be {', '.join(self.words[:-1])} or {self.words[-1]}, "
+                 f"got {given!r}")
+        return given
+
+
+def _param_options() -> list[_ParamOption]:
+    """One option per parameter name of the registered methods, in the registry's order, but
+    ``weight`` (the ``--weights`` option of every merge)."""
+    from emomerge.merging.registry import parameters
+
+    options = []
+    for name, decls in parameters().items():
+        if name == "weight":
+            continue
+        first = decls[0]
+        choices = [c for d in decls for c in (d.choices or ())]
+        texts = tuple(dict.fromkeys(str(c).lower() for c in choices if isinstance(c, str)))
+        textual = bool(texts) and any(d.kind is bool for d in decls)
+        flag = "--" + name.replace("_", "-")
+        decl, words = None, ()
+        if any(d.per_adapter for d in decls):
+            annotation, default = Optional[list[float]], None
+        elif textual:  # bools and words (rescale: true | false | density)
+            annotation, default, words = Optional[str], None, ("true", "false", *texts)
+        elif all(d.kind is bool for d in decls) and not any(d.default for d in decls):
+            annotation, default = bool, False  # off unless given: a plain flag
+        elif all(d.kind is bool for d in decls):
+            annotation, default, decl = Optional[bool], None, f"{flag}/--no-{flag[2:]}"
+        else:
+            annotation, default = Optional[first.kind], None
+        options.append(_ParamOption(
+            name=name, flag=flag, dest=f"{name}_" if keyword.iskeyword(name) else name,
+            annotation=annotation, default=default, decls=decl, help=first.help,
+            per_adapter=any(d.per_adapter for d in decls), words=words,
+        ))
+    return options
+
+
 def _method_command(name: str):
-    from emomerge.merging import METHODS
+    """The command of registered method ``name``: the options every merge has, with the
+    method parameters' options (``_param_options``) after ``--weights``."""
+    from emomerge.merging.registry import METHODS
 
     method = METHODS[name]
+    param_options = _param_options()
 
-    def param(key: str, *decls: str, help: str, default=None):  # noqa: A002 (click's word)
-        """The option of method parameter ``key``: in ``--help`` only when the method has it
-        (with its default and range); still parsed otherwise, so the merge refuses it by name."""
-        p = method.param(key)
-        suffix = "" if p is None else f" [method default {p.default}, range {p.range}]"
-        return typer.Option(default, *decls, help=help + suffix, hidden=p is None)
-
-    @user_errors
-    def command(
+    def fixed(
         adapters: list[Path] = Adapters,
         out: Path = Out,
         weights: Optional[list[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1)."),
-        density: Optional[list[float]] = param("density", "--density", help="Fraction kept, in (0, 1]; one value or one per adapter."),
-        gamma: Optional[list[float]] = param("gamma", "--gamma", help="Breadcrumbs: top outlier fraction dropped."),
-        epsilon: Optional[list[float]] = param("epsilon", "--epsilon", help="DELLA: spread of keep probabilities."),
-        lambda_: Optional[float] = param("lambda", "--lambda", help="Scale of the merged update."),
-        normalize: Optional[bool] = param("normalize", "--normalize/--no-normalize", help="Divide by the (agreeing) weight sum."),
-        rescale: Optional[str] = param("rescale", "--rescale", help="true | false | density (DARE 1/p)."),
-        paper: bool = param("paper", "--paper", default=False, help="TIES: Yadav et al.'s unweighted election and count mean."),
-        space: Optional[str] = param("space", "--space", help="Where the method runs: dense (default), core (LoRA core space) or knots (KnOTS joint-SVD space)."),
-        fraction: Optional[float] = param("fraction", "--fraction", help="TSV: fraction of each task's singular vectors kept (default 1/n)."),
-        common_space_fraction: Optional[float] = param("common_space_fraction", "--common-space-fraction", help="Iso-CTS: share of the rank given to the common subspace."),
         output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
         rank: Optional[str] = typer.Option(None, "--rank", help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise)."),
@@ -130,43 +186,53 @@ def _method_command(name: str):
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."),
         quiet: bool = Quiet,
     ) -> None:
+        """The options of every merge (the signature the command's is built from)."""
+
+    def option(o: _ParamOption) -> Parameter:
+        p = method.param(o.name)
+        suffix = "" if p is None else f" [method default {p.default}, range {p.range}]"
+        info = typer.Option(o.default, *((o.decls,) if o.decls else (o.flag,)), help=o.help + suffix,
+                            hidden=p is None)
+        return Parameter(o.dest, Parameter.KEYWORD_ONLY, default=info,
+                                 annotation=o.annotation)
+
+    base_params = list(signature(fixed, eval_str=True).parameters.values())
+    taken = {p.name for p in base_params}
+    clash = [o.dest for o in param_options if o.dest in taken]
+    if clash:
+        raise ValueError(f"method parameters {clash} clash with the merge commands' own options")
+    params = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in base_params]
+    params[3:3] = [option(o) for o in param_options]
+
+    def command(**kw):
         from emomerge.merging import merge
 
         params: dict = {}
-        for key, value in (("density", density), ("gamma", gamma), ("epsilon", epsilon)):
-            if value:
-                params[key] = value[0] if len(value) == 1 else value
-        if lambda_ is not None:
-            params["lambda"] = lambda_
-        if normalize is not None:
-            params["normalize"] = normalize
-        if rescale is not None:
-            params["rescale"] = _parse_rescale(rescale)
-        if paper:
-            params["paper"] = True
-        if space is not None:
-            params["space"] = space
-        if fraction is not None:
-            params["fraction"] = fraction
-        if common_space_fraction is not None:
-            params["common_space_fraction"] = common_space_fraction
+        for o in param_options:
+            value = o.value(kw[o.dest])
+            if value is not _UNSET:
+                params[o.name] = value
+        adapters, weights = kw["adapters"], kw["weights"]
         if weights and len(weights) != len(adapters):
             fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
         untrimmed = method.param("density") is not None and "density" not in params
         result = merge(
-            name, adapters, out, weights=weights or None, params=params, output=output, base=base,
-            rank=_parse_rank(rank), max_error=max_error, refactor=refactor, seed=seed,
-            reference=reference, dtype=dtype, out_dtype=out_dtype,
-            layout=layout, force=force, allow_pickle=allow_pickle, progress=show_progress(quiet=quiet),
-            allow_base_mismatch=allow_base_mismatch, allow_lineage_mismatch=allow_lineage_mismatch,
+            name, adapters, kw["out"], weights=weights or None, params=params, output=kw["output"],
+            base=kw["base"], rank=_parse_rank(kw["rank"]), max_error=kw["max_error"],
+            refactor=kw["refactor"], seed=kw["seed"], reference=kw["reference"], dtype=kw["dtype"],
+            out_dtype=kw["out_dtype"], layout=kw["layout"], force=kw["force"],
+            allow_pickle=kw["allow_pickle"], progress=show_progress(quiet=kw["quiet"]),
+            allow_base_mismatch=kw["allow_base_mismatch"],
+            allow_lineage_mismatch=kw["allow_lineage_mismatch"],
         )
         _report(result)
         if untrimmed:  # after the merge: a refused merge stays one line
             sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing was "
                              "trimmed\n")
 
+    command.__signature__ = Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = f"{method.summary} ({method.paper})."
-    return command
+    return user_errors(command)
 
 
 @user_errors
@@ -225,7 +291,7 @@ def methods(
                             "whole), markdown, csv or json."),
 ) -> None:
     """List every merge method with its parameters, defaults and paper."""
-    from emomerge.merging import METHODS
+    from emomerge.merging.registry import METHODS
 
     def params(m, sep: str) -> str:
         return sep.join(f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} "
@@ -425,8 +491,9 @@ def lineage_show(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the merging commands to the emomerge app."""
-    from emomerge.merging.methods import METHODS
+    """Add the merging commands to the emomerge app: one per registered method (at call time,
+    so a method registered before ``emomerge.cli.build_app`` is a command)."""
+    from emomerge.merging.registry import METHODS
 
     for name in METHODS:
         app.command(name.replace("_", "-"), help=None)(_method_command(name))

@@ -26,7 +26,8 @@ from emomerge import __version__
 from .checkpoint import Checkpoint
 from .errors import MergeInputError
 from .lowrank import REFACTORS, compress, concat, refactor, refactor_auto
-from .methods import METHODS, MergeMethod
+from .methods import MergeMethod
+from .registry import METHODS
 from .names import from_canonical
 from .basecheck import check_base_identity
 from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
@@ -200,9 +201,9 @@ class _Merger:
         return back(merged)
 
     def _streamed(self, path: str) -> bool:
-        """Sparse methods on LoRA factors run block by block (merging/streaming.py)."""
+        """Sparse methods on LoRA factors run block by block (merging/streaming/)."""
         return (not self._native(path) and self.method.sparse
-                and streaming.supports(self.method.name, self.table[path]))
+                and streaming.supports(self.method, self.table[path]))
 
     def _stream_inputs(self, path: str):
         factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
@@ -240,7 +241,7 @@ class _Merger:
             return torch.mm(*concat(terms), out=total)
         if self._streamed(path):
             factors, gens = self._stream_inputs(path)
-            return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
+            return streaming.merge_dense(self.method, factors, self.tv.shapes[path],
                                          self.table[path], generators=gens, workers=self.stream_workers,
                                          out=out)
         deltas = self.tv.stacked(path, self.dtype)
@@ -276,7 +277,7 @@ class _Merger:
         self.refactored[path] = info
         if self._streamed(path):
             fs, gens = self._stream_inputs(path)
-            return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
+            return streaming.merge_factors(self.method, fs, self.tv.shapes[path], self.table[path],
                                            rank, generators=gens, refactor_generator=gen,
                                            workers=self.stream_workers, max_error=self.max_error,
                                            info=info, refactor=self.refactor)

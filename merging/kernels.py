@@ -1,4 +1,4 @@
-"""Fused element-wise kernels of the streamed merge (``streaming.py``), compiled with numba.
+"""Fused element-wise kernels of the streamed merge (``streaming/``), compiled with numba.
 
 Eager torch spends ~15 passes over every row block (abs, compares writing bool, counts,
 ``nonzero``, hardshrink, sums, sign election, divisor): ~10 ns per τ element, op-bound, not

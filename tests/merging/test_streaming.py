@@ -142,7 +142,7 @@ def test_plain_ties_resolves_in_one_pass(monkeypatch, ranks, missing, params):
 
 
 def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
-    monkeypatch.setattr(S, "_bracket", lambda sample, n, k, z=4.0: (1e30, 1e30))
+    monkeypatch.setattr(S.selection, "_bracket", lambda sample, n, k, z=4.0: (1e30, 1e30))
     factors = random_factors(4)
     resolved, ref = reference("ties", factors, dict(density=0.3))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
@@ -151,7 +151,7 @@ def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
 
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
-    real = S._bracket
+    real = S.selection._bracket
     calls = []
 
     def narrow_then_real(sample, n, k, z=4.0):
@@ -161,8 +161,8 @@ def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
             return (hi * 1.5, hi * 2.0) if side == "above" else (lo / 4, lo / 2)
         return lo, hi
 
-    monkeypatch.setattr(S, "_bracket", narrow_then_real)
-    monkeypatch.setattr(S, "_descriptor_dense", None)  # the dense fallback must not be needed
+    monkeypatch.setattr(S.selection, "_bracket", narrow_then_real)
+    monkeypatch.setattr(S.selection, "_descriptor_dense", None)  # the dense fallback must not be needed
     factors = random_factors(6)
     resolved, ref = reference("ties", factors, dict(density=0.3))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
@@ -171,8 +171,8 @@ def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
 
 
 def test_candidate_buffers_grow_when_the_estimate_is_short(monkeypatch):
-    real = S._count_pass
-    monkeypatch.setattr(S, "_count_pass", lambda L, R, blocks, brackets, sums, expect:
+    real = S.selection._count_pass
+    monkeypatch.setattr(S.selection, "_count_pass", lambda L, R, blocks, brackets, sums, expect:
                         real(L, R, blocks, brackets, sums, [1] * len(expect)))
     factors = random_factors(7)
     for name, params in (("ties", dict(density=0.45)), ("ties", dict(density=0.45, rescale=True)),
