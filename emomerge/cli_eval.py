@@ -144,9 +144,10 @@ def evaluate_cmd(
                               "the precision training picks for the device)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when a GPU is visible, "
                                "else cpu), cpu, cuda, cuda:N or mps."),
-    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Score "
-                                             "variants recorded as trained on another base "
-                                             "than --base."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-different-bases",
+                                             "--allow-base-mismatch", help="Score variants "
+                                             "recorded as trained on another base than --base "
+                                             "(--allow-base-mismatch: the older spelling)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
                                   "display (when stderr is a terminal)."),
     quiet: bool = Quiet,

@@ -33,11 +33,12 @@ Out = typer.Option(..., "--out", "-o", help="Output folder (written atomically).
 Force = typer.Option(
     False, "--force",
     help="Replace an earlier emomerge output (or empty folder) at --out, never an input or anything "
-         "else. Also still allows adapters of different bases, as before: prefer --allow-base-mismatch.",
+         "else. Only that: adapters of different bases need --allow-different-bases.",
 )
 AllowBaseMismatch = typer.Option(
-    False, "--allow-base-mismatch",
-    help="Merge adapters recorded on different bases, or fold them into a --base of another model type.",
+    False, "--allow-different-bases", "--allow-base-mismatch",
+    help="Merge adapters recorded on different bases, or fold them into a --base of another model "
+         "type (when they are the same weights). --allow-base-mismatch is the older spelling.",
 )
 AllowLineageMismatch = typer.Option(
     False, "--allow-lineage-mismatch",
@@ -322,7 +323,6 @@ def inspect(
                                  "report; same as --format json)."),
     fmt: str = typer.Option("table", "--format", help="table (terminal), markdown, csv (one row "
                             "per adapter, cosines as columns) or json (the whole report)."),
-    force: bool = typer.Option(False, "--force", help="Inspect adapters of different bases together (as --allow-base-mismatch)."),
     allow_base_mismatch: bool = AllowBaseMismatch,
 ) -> None:
     """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage (and any
@@ -332,7 +332,7 @@ def inspect(
 
     if fmt not in TABLE_FORMATS:  # before the adapters are read
         fail(f"--format: expected one of {', '.join(TABLE_FORMATS)}, got '{fmt}'")
-    report = inspect_adapters(adapters, reference=reference, force=force or allow_base_mismatch)
+    report = inspect_adapters(adapters, reference=reference, allow_base_mismatch=allow_base_mismatch)
     if as_json or fmt == "json":
         typer.echo(json.dumps(report, indent=2))
         return

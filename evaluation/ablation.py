@@ -99,8 +99,11 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path, *,
             except InputError:
                 reuse = False
         if not reuse:
+            # --force replaces an earlier ablation only; different bases stay what the merge
+            # itself allowed (DESIGN.md, Outputs)
             merge(raw["method"], keep, out, params=kept_params, seed=seed, reference=reference,
-                  rank=rank, max_error=max_error, force=True)
+                  rank=rank, max_error=max_error, force=True,
+                  allow_base_mismatch=bool(raw.get("allow_base_mismatch")))
         v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}", exact=exact)
         variants.append(v)
     return variants

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 from emomerge.training.data.holdout import book_of as _book_of
 from emomerge.training.data.holdout import has_book
@@ -148,17 +147,10 @@ def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     keys = {tuple(r[k] for k in BY_BOOK_KEY) for r in cells}
     kept = [r for r in (read_by_book(path) if path.exists() else [])
             if tuple(r[k] for k in BY_BOOK_KEY) not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept + cells)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept + cells)
     return path
 
 

@@ -18,13 +18,12 @@ siblings and renamed into place, so a demo killed while writing them starts them
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from emomerge.merging.atomic import atomic_folder
 
 from .experiment_config import MERGE_CONFIGS
 
@@ -62,16 +61,8 @@ def _atomic(target: Path, build: Any) -> Path:
     """Build into a temporary sibling, then rename: a half-written folder is never reused."""
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         build(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

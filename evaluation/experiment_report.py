@@ -18,9 +18,7 @@ seed's paired test against the baseline, separated by ``/``. A p at the paired b
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -327,15 +325,7 @@ def plot_forest(rows: list[dict], out: str | Path, baseline: str) -> Path:
 
 def write_leaderboard(path: Path, rows: list[dict]) -> Path:
     """The run's leaderboard: exactly this run's rows (a stale variant from an edit is gone)."""
-    fd, tmp = tempfile.mkstemp(prefix=".leaderboard.", suffix=".csv", dir=path.parent)
-    os.close(fd)
-    Path(tmp).unlink()
-    try:
-        upsert_rows(tmp, rows)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return upsert_rows(path, rows, replace_all=True)
 
 
 def write_reports(result: Any, exp: Any, baseline: str) -> None:

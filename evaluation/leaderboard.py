@@ -12,8 +12,9 @@ correctness) only accuracy / subset_accuracy / exact_match carry it. Macro-F1 av
 dataset's declared ``label_set`` for every row alike; ``per_label_f1`` holds its terms.
 ``kind`` is base / stage / merged, or trivial for the label-frequency baselines of
 :mod:`.trivial` (sanity checks: their p stays raw, outside every Holm family).
-The file is rewritten through a temporary file in the same folder and ``os.replace``, so a reader
-never sees half a file and a crash leaves the previous version intact.
+The file is rewritten through a temporary file in the same folder and ``os.replace``
+(:func:`emomerge.merging.atomic.atomic_file`), so a reader never sees half a file and a crash
+leaves the previous version intact.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 
 #: Every metric a row may carry, in column order; a task leaves the others empty.
@@ -47,7 +47,7 @@ COLUMNS: tuple[str, ...] = (
     "per_label_f1", "parse_failures", "skipped_images", "scoring", "threshold",
     "threshold_source", "seed", "n_boot",
     "emomerge_version", "git_hash", "date", "config_hash", "variant_hash", "split_hash",
-    "base_name", "base_fingerprint",
+    "base_name", "base_fingerprint", "versions", "git_dirty",
 )
 
 #: Columns added after the first release: a leaderboard written before any of them is read with
@@ -56,6 +56,7 @@ LATER_COLUMNS: tuple[str, ...] = (
     "threshold_source", "representation", "represented_rank", "lowrank_error_mean",
     "lowrank_error_max", "label_set", "n_books", *(f"{m}_p_holm" for m in METRIC_COLUMNS),
     "per_label_f1", "scoring", "threshold", "skipped_images", "base_name", "base_fingerprint",
+    "versions", "git_dirty",
 )
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
@@ -157,21 +158,16 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 
 def _write_atomic(path: Path, rows: Iterable[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
-def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]]) -> Path:
-    """Add ``new_rows`` to the CSV at ``path``, replacing rows with the same :data:`ROW_KEY`."""
+def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]], *,
+                replace_all: bool = False) -> Path:
+    """Add ``new_rows`` to the CSV at ``path``, replacing rows with the same :data:`ROW_KEY`
+    (``replace_all``: every earlier row, so the file holds exactly ``new_rows``)."""
     path = Path(path)
     cells = []
     for row in new_rows:
@@ -183,7 +179,8 @@ def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]]) -> Path
                              f"not one of {REPRESENTATIONS}")
         cells.append({c: fmt_value(row.get(c)) for c in COLUMNS})
     keys = {tuple(r[k] for k in ROW_KEY) for r in cells}
-    kept = [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
+    kept = [] if replace_all else [r for r in read_rows(path)
+                                   if tuple(r[k] for k in ROW_KEY) not in keys]
     _write_atomic(path, kept + cells)
     return path
 

@@ -250,7 +250,7 @@ def check_variants(variants: list[Variant], base: str | Path, *,
                 continue
             seen.add(folder)
             # load, lineage chain, layouts, shapes across the chain, finiteness: merging's reader
-            tv = build_task_vectors([folder], reference="base", force=True,
+            tv = build_task_vectors([folder], reference="base", allow_base_mismatch=True,
                                     base_flavour=ckpt.vlm_flavour if ckpt else None,
                                     allow_lineage_mismatch=True)
             if ckpt is not None:
@@ -264,7 +264,7 @@ def check_variants(variants: list[Variant], base: str | Path, *,
             if problem:
                 where = f"{v.path}" + (f" (its adapter {folder})" if folder != v.path else "")
                 raise InputError(f"{where}: {problem} but the loaded base is {loaded} (pass "
-                                 "--allow-base-mismatch if they are the same weights)")
+                                 "--allow-different-bases if they are the same weights)")
 
 
 def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str | Path,

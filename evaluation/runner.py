@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from emomerge.merging.errors import InputError
+from emomerge.merging.provenance import git_commit, software, versions_text
 
 from emomerge import __version__
 
@@ -162,12 +162,7 @@ class EvalResult:
 
 def git_hash() -> str:
     """The commit of the emomerge checkout (empty outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent, timeout=5,
-                              check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return git_commit()
 
 
 def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
@@ -448,6 +443,7 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
     reps = replicate_indices(results[0].preds.groups, cfg.n_boot, cfg.seed)
     ref = next(r for r in results if r.variant.name == baseline)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sw = software()  # the row's provenance: versions and git_dirty (DESIGN.md, Outputs)
     # base_id is this machine's path (display only); base_name + base_fingerprint pair rows
     # of runs made elsewhere (leaderboard.compare)
     common = {"architecture": family, "base_id": base_id, **base_columns(base_id, base_fp),
@@ -455,7 +451,7 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
               "split": cfg.split, "task": task, "mode": mode, "baseline": baseline,
               "seed": cfg.seed, "n_boot": cfg.n_boot, "emomerge_version": __version__,
               "git_hash": git_hash(), "date": date, "config_hash": config_hash[:16],
-              "split_hash": sh[:16]}
+              "split_hash": sh[:16], "versions": versions_text(sw), "git_dirty": sw["git_dirty"]}
     rows = []
     for r in results:
         v = r.variant

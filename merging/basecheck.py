@@ -89,10 +89,10 @@ def check_base_identity(pool, ckpt: Checkpoint) -> None:
         if claimed is not None and base_type is not None and claimed != base_type:
             raise MergeInputError(
                 f"{adapter.path}: trained on a {claimed} model ({source}) but the base {ckpt.path} "
-                f"is a {base_type} model (pass --allow-base-mismatch if they are the same weights)"
+                f"is a {base_type} model (pass --allow-different-bases if they are the same weights)"
             )
         if _layout_conflict(adapter, VLM_MODEL_TYPES.get(base_type or "")):
             raise MergeInputError(
                 f"{adapter.path}: its keys are in the {adapter.stored_layout} layout but the base "
-                f"{ckpt.path} is a {base_type} model (pass --allow-base-mismatch if they are the same weights)"
+                f"{ckpt.path} is a {base_type} model (pass --allow-different-bases if they are the same weights)"
             )

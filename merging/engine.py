@@ -33,7 +33,8 @@ from .basecheck import check_base_identity
 from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
 from .params import effective_gamma, resolve_params
 from .progress import Bar, phase
-from .safeout import atomic_folder, check_folder_target
+from .provenance import software
+from .safeout import check_folder_target, output_folder
 from .serving import vllm_max_lora_rank, vllm_note
 from . import streaming
 from .spaces import SPACES
@@ -369,7 +370,8 @@ def merge(
     ``out_dtype`` pair, so the exported YAML computes the same thing.
 
     ``force`` replaces an earlier emomerge output at ``out`` (never an input, never anything
-    else: ``safeout``); for compatibility it also implies ``allow_base_mismatch``. ``protect``:
+    else: ``safeout``) and means nothing else; ``allow_base_mismatch`` (the CLI's
+    ``--allow-different-bases``) merges adapters recorded on different bases. ``protect``:
     further files the command reads (a recipe), which ``out`` must not be.
     """
     m = get_method(method)
@@ -389,13 +391,13 @@ def merge(
     out = Path(out)
     given_inputs = [*adapters, *([base] if base is not None else []), *protect]
     check_folder_target(out, given_inputs, force=force)
-    allow_base_mismatch = allow_base_mismatch or force
     if output == "full" and base is None:
         raise MergeInputError("--output full needs --base PATH (the base model folder)")
     resolved = resolve_params(m, len(adapters), params)  # names and ranges, before any I/O
     ckpt = Checkpoint(base) if base is not None else None
     tv = build_task_vectors(
-        list(adapters), reference=reference, allow_pickle=allow_pickle, force=allow_base_mismatch,
+        list(adapters), reference=reference, allow_pickle=allow_pickle,
+        allow_base_mismatch=allow_base_mismatch,
         base_flavour=ckpt.vlm_flavour if ckpt else None, allow_lineage_mismatch=allow_lineage_mismatch,
     )
     saved = sorted({name for a in tv.inputs for name in a.saved})
@@ -415,6 +417,7 @@ def merge(
     manifest: dict[str, Any] = {
         "kind": "merge",
         "emomerge_version": __version__,
+        "software": software(),  # versions and git_dirty (DESIGN.md, Outputs)
         "method": m.name,
         "params": resolved,
         "params_given": params,
@@ -446,7 +449,7 @@ def merge(
         manifest["gamma_effective"] = effective_gamma(resolved)
     inputs = [*given_inputs, *(a.path for a in tv.pool)]
     needed = _needed_bytes(tv, ckpt, saved, output, rank)
-    with atomic_folder(out, force=force, inputs=inputs, needed_bytes=needed) as tmp, \
+    with output_folder(out, force=force, inputs=inputs, needed_bytes=needed) as tmp, \
             _progress(progress) as bar:
         task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
         if output == "adapter":

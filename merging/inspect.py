@@ -55,12 +55,13 @@ def _inner(f1, f2) -> float:
     return float(torch.trace((l1.T @ l2) @ (r2 @ r1.T)))
 
 
-def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force: bool = False,
-                     allow_pickle: bool = False) -> dict:
+def inspect_adapters(paths: list[str | Path], *, reference: str = "base",
+                     allow_base_mismatch: bool = False, allow_pickle: bool = False) -> dict:
     """A JSON-ready report: per adapter base, layout, modules, ranks, scales, norms, lineage;
     pairwise cosine similarities of the task vectors."""
     # a changed lineage parent is shown, not refused: inspect is where one looks for it
-    tv = build_task_vectors(list(paths), reference=reference, force=force, allow_pickle=allow_pickle,
+    tv = build_task_vectors(list(paths), reference=reference, allow_pickle=allow_pickle,
+                            allow_base_mismatch=allow_base_mismatch,
                             allow_lineage_mismatch=True)
     changed = {m["child"] for m in tv.lineage_mismatches}
     n = tv.n

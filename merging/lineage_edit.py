@@ -19,6 +19,7 @@ from typing import Any
 from emomerge import __version__
 
 from .adapters import load_adapter
+from .atomic import atomic_file
 from .errors import MergeInputError
 from .lineage import (
     LINEAGE_FILE,
@@ -28,7 +29,6 @@ from .lineage import (
     read_stage_metadata,
     resolve_parent,
 )
-from .safeout import write_file_atomic
 
 #: the ``lineage_recorded_by`` mark of a lineage written by ``emomerge lineage set``
 RECORDED_BY = "emomerge lineage set"
@@ -94,7 +94,8 @@ def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = N
     doc["lineage_recorded_by"] = RECORDED_BY
     doc["lineage_recorded"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     StageMetadata.model_validate(doc)  # what readers will accept
-    write_file_atomic(where, json.dumps(doc, indent=2) + "\n")
+    with atomic_file(where) as fh:
+        fh.write(json.dumps(doc, indent=2) + "\n")
     return doc
 
 

@@ -16,7 +16,6 @@ import torch
 from .checkpoint import Stored
 from .errors import MergeInputError
 from .names import PEFT_PREFIX, from_canonical, to_canonical
-from .safeout import atomic_folder  # noqa: F401  (re-exported: the writers' atomic output folder)
 
 MANIFEST = "emomerge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

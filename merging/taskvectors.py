@@ -181,14 +181,15 @@ def build_task_vectors(
     *,
     reference: str = "base",
     allow_pickle: bool = False,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
     base_flavour: str | None = None,
     base_name: str | None = None,
     allow_lineage_mismatch: bool = False,
 ) -> TaskVectors:
     """Read the adapters, follow their lineage and check everything before any merge work.
 
-    ``base_flavour``: the VLM layout family of the base checkpoint (when one is given), used to
+    ``allow_base_mismatch``: adapters recorded on different bases are merged anyway (the user
+    says they are the same weights: ``--allow-different-bases``). ``base_flavour``: the VLM layout family of the base checkpoint (when one is given), used to
     decide what an ambiguous ``model.layers.N`` adapter is. ``base_name``: identity to check the
     adapters against (besides each other). Every lineage link read is checked against the
     ``parent_sha256`` the child recorded (``allow_lineage_mismatch``: go on, listed in
@@ -221,7 +222,7 @@ def build_task_vectors(
             u_i = {j: c for j, c in diff.items() if c != 0.0}
         combos.append(dict(u_i))
 
-    _check_bases(pool, force, base_name)
+    _check_bases(pool, allow_base_mismatch, base_name)
     _resolve_layouts(pool, base_flavour)
     shapes = _check_shapes(pool)
     for adapter in pool:
@@ -251,8 +252,8 @@ def _natural_key(path: str):
     return [int(part) if part.isdigit() else part for part in path.split(".")]
 
 
-def _check_bases(pool: list[LoraAdapter], force: bool, base_name: str | None) -> None:
-    if force:
+def _check_bases(pool: list[LoraAdapter], allow: bool, base_name: str | None) -> None:
+    if allow:
         return
     named = [(a, base_identity(a.base_name)) for a in pool if base_identity(a.base_name)]
     if base_name and named:
@@ -262,14 +263,14 @@ def _check_bases(pool: list[LoraAdapter], force: bool, base_name: str | None) ->
             if want != ident and not Path(base_name).is_dir():
                 raise MergeInputError(
                     f"{adapter.path}: trained on '{adapter.base_name}', not on the base "
-                    f"'{base_name}' (pass --force if they are the same weights)"
+                    f"'{base_name}' (pass --allow-different-bases if they are the same weights)"
                 )
     if len({ident for _, ident in named}) > 1:
         first, ident0 = named[0]
         other = next(a for a, ident in named if ident != ident0)
         raise MergeInputError(
             f"{other.path}: trained on '{other.base_name}' but {first.path} on "
-            f"'{first.base_name}' (pass --force if they are the same weights)"
+            f"'{first.base_name}' (pass --allow-different-bases if they are the same weights)"
         )
 
 

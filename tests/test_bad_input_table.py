@@ -584,9 +584,9 @@ def test_bad_input(world, case, argv, expect):
         world.p("taken/fake.png").write_text("not a picture\n")
     lock = None
     if case == "out-locked":
-        from emomerge.merging import safeout
+        from emomerge.merging import atomic
 
-        lock = safeout.out_lock(out)
+        lock = atomic.out_lock(out)
         lock.__enter__()
     before = snapshot(world.root)
     try:

@@ -1,5 +1,6 @@
 """The same inputs and seed give the same bytes: merges (adapter and full output, DARE's random
-masks included) and leaderboards (every column but ``date`` and ``git_hash``).
+masks included) and leaderboards (every column but ``date``, ``git_hash`` and the software
+provenance ``versions`` / ``git_dirty``).
 
 Training's determinism (byte-identical adapters, also across a resume) is tested in
 tests/training/test_train.py.
@@ -22,6 +23,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHAPES = lm_modules(layers=2, hidden=16, inter=24)
 #: Manifest fields that say when and where a merge ran, not what it computed.
 WHEN_WHERE = ("created", "finished", "seconds", "elapsed", "host", "pid")
+#: Manifest fields that say which software ran it (versions, git_dirty): not what it computed.
+SOFTWARE = ("software",)
+#: Leaderboard columns of when and with what software a row was made.
+VOLATILE_COLUMNS = ("date", "git_hash", "versions", "git_dirty")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,8 @@ def _weights(folder: Path) -> dict[str, bytes]:
 
 def _manifest(folder: Path) -> dict:
     raw = json.loads((folder / "emomerge.json").read_text())
-    return {k: v for k, v in raw.items() if k not in WHEN_WHERE}
+    assert set(raw["software"]) >= {"python", "torch", "safetensors", "emomerge", "git_dirty"}
+    return {k: v for k, v in raw.items() if k not in WHEN_WHERE + SOFTWARE}
 
 
 @pytest.mark.parametrize("method,params,output", [
@@ -116,7 +122,7 @@ def test_same_variants_same_leaderboard(tmp_path):
     assert len(rows[0]) == len(rows[1]) == 5  # base, two stages, the merge, the trivial row
     assert [r["variant"] for r in rows[0]] == ["base", "emoart", "emid", "dare_ties",
                                                "trivial-majority"]
-    kept = [c for c in COLUMNS if c not in ("date", "git_hash")]
+    kept = [c for c in COLUMNS if c not in VOLATILE_COLUMNS]
     for a, b in zip(*rows):
         assert {c: a[c] for c in kept} == {c: b[c] for c in kept}
     # the rows are real numbers, not empty cells that would compare equal anyway

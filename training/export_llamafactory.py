@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE, BaseIdentity, Lineage, StageMetadata
 
@@ -44,7 +42,6 @@ from emomerge import __version__
 
 from .curriculum import Curriculum
 from .families import IMAGE_CAPS, detect_family, get_family
-from .fsutil import publish_permissions
 from .stages import ADAPTER_FILE, StagePlan, base_hash, plan_stages
 from .trainer import _as_curriculum
 
@@ -358,8 +355,7 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
     default_system = lf_default_system(base, family)
     plans = plan_stages(cur, final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:  # an empty folder at final is replaced
         (tmp / "data").mkdir()
         (tmp / "lineage").mkdir()
         info, previous, yaml_names = {}, [], []
@@ -391,13 +387,6 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
             json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         (tmp / "lineage" / "fill_parent_sha256.py").write_text(FILL_PARENT)
         (tmp / "run.sh").write_text(run_script([p.stage.name for p in plans], yaml_names))
-        publish_permissions(tmp)
-        mode = (tmp / "run.sh").stat().st_mode
-        os.chmod(tmp / "run.sh", mode | (mode & 0o444) >> 2)  # executable wherever readable
-        if final.exists():
-            final.rmdir()
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # executable: atomic_folder publishes it 0o777 & ~umask (readable = executable)
+        (tmp / "run.sh").chmod(0o700)
     return final

@@ -18,6 +18,7 @@ from emomerge.merging.lineage import (
     StageMetadata,
     read_stage_metadata,
 )
+from emomerge.merging.provenance import software
 
 from emomerge import __version__
 
@@ -359,4 +360,5 @@ def stage_metadata(plan: StagePlan, cur: Curriculum, prev: StagePlan | None, bas
         final_loss=losses[-1] if losses else None, loss_history=losses, world_size=world_size,
         lora=cur.lora.model_dump(), train=train, **extra,
         settings=settings, settings_sha256=settings_sha256(settings),
+        software=software(),  # versions and git_dirty (DESIGN.md, Outputs)
     )

@@ -8,16 +8,14 @@ family's special tokens, the family's real processor class and chat template, an
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.errors import InputError
 
 from .families import FAMILIES, get_family
-from .fsutil import publish_permissions
 
 _CORPUS = [
     ("Which emotions does the speaker express? Choose one or more of: Anger, Disgust, Fear, Joy, "
@@ -247,17 +245,9 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     config, processor = _BUILDERS[family](tok)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:  # an empty folder at out is replaced
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        publish_permissions(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
 from emomerge.merging.progress import phase
@@ -29,7 +29,6 @@ from .batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .curriculum import Curriculum, load_curriculum, parse_curriculum
 from .data import samples_sha256
 from .families import detect_family, get_family
-from .fsutil import publish_permissions
 from .models import image_cap_record, load_vlm, machine_precision, resolve_model
 from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
 
@@ -162,16 +161,9 @@ def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, 
 
 def _write_stage(model: Any, plan: StagePlan, meta: Any) -> None:
     """Save adapter + lineage into a temporary folder, then rename it into place."""
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.stage.name}.tmp-", dir=plan.out_dir.parent))
-    try:
+    with atomic_folder(plan.out_dir) as tmp:
         model.save_pretrained(str(tmp))
         write_stage_metadata(tmp, meta)
-        publish_permissions(tmp)
-        tmp.rename(plan.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_stage_images(cur: Curriculum, plans: list[StagePlan],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import platform
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,28 @@ def test_evaluate_writes_rows_for_every_variant(results):
     assert by["ties"]["label_set"].count(";") == len(by["ties"]["per_label_f1"].split(";")) - 1
     assert all(r["baseline"] == "s2_emocomics35" for r in rows)
     assert all(r["git_hash"] is not None and r["emomerge_version"] for r in rows)
+
+
+def test_leaderboard_rows_record_the_software(results):
+    """Every row carries ``versions`` (the installed distributions, as importlib.metadata reads
+    them) and ``git_dirty`` of emomerge's source tree."""
+    from importlib import metadata
+
+    from emomerge.merging.provenance import git_dirty
+
+    with (results / "leaderboard.csv").open(newline="") as fh:
+        header = next(csv.reader(fh))
+    assert "versions" in header and "git_dirty" in header
+    rows = read_rows(results / "leaderboard.csv")
+    dirty = git_dirty()
+    for r in rows:
+        cells = dict(item.split("=", 1) for item in r["versions"].split())
+        assert cells["torch"] == metadata.version("torch")
+        assert cells["transformers"] == metadata.version("transformers")
+        assert cells["peft"] == metadata.version("peft")
+        assert cells["emomerge"] == metadata.version("emomerge")
+        assert cells["python"] == platform.python_version()
+        assert r["git_dirty"] == ("" if dirty is None else str(dirty))
 
 
 def test_leaderboard_show_compare_plot(results, tmp_path):
@@ -157,7 +181,7 @@ def test_a_variant_recorded_on_another_base_is_refused_unless_allowed(tiny_base,
     assert msg.startswith(f"{other}: recorded as trained on '/elsewhere/tiny-qwen2_5_vl' "
                           "(hash ffffffffffff) (emomerge.json base) but the loaded base is "
                           f"{tiny_base} (hash {base_fingerprint(tiny_base)[:12]})")
-    assert "--allow-base-mismatch" in msg
+    assert "--allow-different-bases" in msg
     check_variants(variants, tiny_base, allow_base_mismatch=True)  # the override
     # the hash training records for this very base passes, whatever the folder was called
     same = _recorded_on(stage_dirs[0], tmp_path / "same", "/renamed/base",

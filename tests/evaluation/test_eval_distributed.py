@@ -18,7 +18,7 @@ import pytest
 from emomerge.evaluation.distributed import Shard
 from emomerge.evaluation.leaderboard import read_rows
 
-VOLATILE = ("date", "git_hash")
+VOLATILE = ("date", "git_hash", "versions", "git_dirty")  # when, and with what software
 
 
 class S:

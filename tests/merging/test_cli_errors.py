@@ -39,6 +39,7 @@ def assert_one_line_error(result, *needles, out=None):
     if out is not None:
         assert not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return lines[0]
 
 
 def test_truncated_safetensors(ab):
@@ -61,11 +62,28 @@ def test_shape_mismatch(ab):
     assert_one_line_error(r, "down_proj", "[16, 12]", "[8, 12]", "different bases", out=ab / "out")
 
 
-def test_different_bases_and_force(ab):
+def test_different_bases_need_allow_different_bases_not_force(ab):
+    """--force replaces outputs only; adapters of different bases need --allow-different-bases
+    (--allow-base-mismatch: the older spelling), recorded in the manifest."""
     write_adapter(ab / "c", SHAPES, seed=3, base="meta-llama/Llama-3.2-11B-Vision-Instruct")
-    r = run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out"])
-    assert_one_line_error(r, "Llama-3.2-11B-Vision-Instruct", "--force", out=ab / "out")
-    assert run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out", "--force"]).exit_code == 0
+    args = ["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out"]
+    r = run(args)
+    assert_one_line_error(r, "Llama-3.2-11B-Vision-Instruct", "--allow-different-bases",
+                          out=ab / "out")
+    r = run([*args, "--force"])
+    line = assert_one_line_error(r, "Llama-3.2-11B-Vision-Instruct", "--allow-different-bases",
+                                 out=ab / "out")
+    assert "--force" not in line
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run([*args, "--allow-different-bases"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((ab / "out" / "emomerge.json").read_text())["allow_base_mismatch"] is True
+    r = run([*args[:-1], ab / "old", "--allow-base-mismatch"])
+    assert r.exit_code == 0, r.output
+    # inspect: the same option (and no --force, which would mean nothing there)
+    assert run(["inspect", ab / "a", ab / "c"]).exit_code == 2
+    assert run(["inspect", ab / "a", ab / "c", "--allow-different-bases"]).exit_code == 0
+    assert run(["inspect", ab / "a", ab / "c", "--force"]).exit_code == 2
 
 
 def test_quantized_base_counts_as_the_same_base(ab):

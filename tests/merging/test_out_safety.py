@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from emomerge.merging import engine, safeout
+from emomerge.merging import atomic, engine
 from emomerge.merging.adapters import sha256_file
 from typer.testing import CliRunner
 
@@ -136,9 +136,9 @@ def test_a_folder_that_appears_while_merging_is_kept(ab, monkeypatch):
 
 
 def test_a_second_writer_to_the_same_out_is_refused(ab):
-    with safeout.out_lock(ab / "out"):
+    with atomic.out_lock(ab / "out"):
         lock = json.loads((ab / ".out.lock").read_text())
-        assert lock == {"pid": os.getpid(), "host": safeout.HOST}
+        assert lock == {"pid": os.getpid(), "host": atomic.HOST}
         r = run(merge_args(ab, ab / "out"))
         one_error_line(r, str(ab / "out"), "another emomerge", f"pid {os.getpid()}")
         assert not (ab / "out").exists()
@@ -203,7 +203,7 @@ def test_a_killed_full_merge_leaves_nothing_after_the_next_run(ab):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     tmp = [n for n in leftovers(ab, "out") if ".tmp-" in n]
-    assert len(tmp) == 1 and f"-{proc.pid}-" in tmp[0] and safeout.HOST in tmp[0]
+    assert len(tmp) == 1 and f"-{proc.pid}-" in tmp[0] and atomic.HOST in tmp[0]
     assert (ab / ".out.lock").exists()  # the holder died before releasing it
 
     r = run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--base", ab / "base",
@@ -216,7 +216,7 @@ def test_a_killed_full_merge_leaves_nothing_after_the_next_run(ab):
 
 
 def test_temporaries_of_live_processes_and_other_hosts_are_left_alone(ab):
-    live = ab / f".out.tmp-{safeout.HOST}-{os.getpid()}-abcd"
+    live = ab / f".out.tmp-{atomic.HOST}-{os.getpid()}-abcd"
     other = ab / ".out.tmp-some-other-host-1-abcd"
     live.mkdir()
     other.mkdir()
@@ -279,7 +279,7 @@ def test_a_failed_export_leaves_no_temporary(ab, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(safeout.os, "replace", full)
+    monkeypatch.setattr(atomic.os, "replace", full)
     r = run(["export-mergekit", path, "--base", "/models/base", "--out", ab / "x.yaml"])
     one_error_line(r, f"no space left on device writing {ab / 'x.yaml'}")
     assert not (ab / "x.yaml").exists() and leftovers(ab, "x.yaml") == []

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from emomerge.merging import safeout
+from emomerge.merging import atomic
 from emomerge.merging.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -89,8 +89,8 @@ def test_outputs_are_fsynced_before_the_rename(three, monkeypatch):
         events.append(("rename", str(src), str(dst)))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(safeout.os, "fsync", fsync)
-    monkeypatch.setattr(safeout.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "rename", rename)
     out = three / "merged"
     assert run("linear", "--adapters", three / "a1", three / "a2", "--out", out).exit_code == 0
     place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out))
@@ -107,7 +107,7 @@ def test_outputs_are_fsynced_before_the_rename(three, monkeypatch):
 def test_exported_yaml_is_fsynced(three, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(safeout.os, "fsync",
+    monkeypatch.setattr(atomic.os, "fsync",
                         lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
     out = three / "x.yaml"
     result = run("export-mergekit", "--method", "linear", "--adapters", three / "a1", three / "a2",

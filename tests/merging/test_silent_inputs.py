@@ -177,12 +177,14 @@ def test_full_output_refuses_a_base_of_another_model_type(tmp_path):
     write_base(tmp_path / "llava", LLAVA_KEYS, model_type="llava")
     args = ["linear", "--adapters", tmp_path / "q1", tmp_path / "q2", "--output", "full",
             "--base", tmp_path / "llava", "--out", tmp_path / "m"]
-    one_error_line(run(args), str(tmp_path / "q1"), "qwen2_5_vl", "llava", "--allow-base-mismatch",
+    one_error_line(run(args), str(tmp_path / "q1"), "qwen2_5_vl", "llava", "--allow-different-bases",
                    out=tmp_path / "m")
     r = run(args + ["--allow-base-mismatch"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m" / "emomerge.json").read_text())["allow_base_mismatch"] is True
-    r = run(args[:-1] + [tmp_path / "m2", "--force"])  # --force still means it too
+    r = run(args[:-1] + [tmp_path / "m2", "--force"])  # --force replaces outputs, nothing else
+    one_error_line(r, str(tmp_path / "q1"), "--allow-different-bases", out=tmp_path / "m2")
+    r = run(args[:-1] + [tmp_path / "m3", "--allow-different-bases"])
     assert r.exit_code == 0, r.output
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import stat
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from emomerge.merging.atomic import current_umask
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import read_stage_metadata, resolve_parent
 from emomerge.training.data import read_dataset, samples_sha256
@@ -65,6 +68,14 @@ def test_two_stages_under_a_minute_with_lineage(request, run, tiny_model):
         assert meta.dataset["name"] == cur["stages"][i]["dataset"]
         assert meta.dataset["split"] == "train" and len(meta.dataset["sha256"]) == 64
         assert meta.dataset["skipped_images"] == 0
+        # provenance (DESIGN.md, Outputs): the versions that trained it, as installed
+        assert meta.software["torch"] == metadata.version("torch")
+        assert meta.software["peft"] == metadata.version("peft")
+        assert meta.software["git_dirty"] in (True, False, None)
+        # published like every output: the umask's modes, not a temporary folder's 0700
+        umask = current_umask()
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
         if i == 0:
             assert meta.lineage.parent is None
         else:
