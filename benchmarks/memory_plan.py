@@ -299,8 +299,8 @@ def plan_rows(experiments: Path = REPO / "experiments", text_tokens: int = 256,
     for path in sorted(experiments.glob("*.yaml")):
         exp = load_experiment(path)
         for arch in exp.spec.architectures:
-            train = TrainSettings.model_validate({**exp.train, **arch.train})
-            lora = LoraSettings.model_validate({**exp.lora, **arch.lora})
+            train = TrainSettings.model_validate(exp.train_of(arch))
+            lora = LoraSettings.model_validate(exp.lora_of(arch))
             family = arch.family
             f = model_facts(arch.model, family)
             img, cross = page_tokens(family, train.max_pixels)

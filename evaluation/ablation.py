@@ -9,10 +9,10 @@ sha256), since a real-size merge takes minutes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from emomerge.merging.config import load_json
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE
 
@@ -21,10 +21,7 @@ from .variants import Variant, variant_from_dir
 
 def _manifest(path: Path) -> dict[str, Any]:
     f = path / LINEAGE_FILE
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{f}: cannot read the merge manifest ({exc})") from exc
+    raw = load_json(f, what="merge manifest")  # DESIGN.md, Configuration
     if raw.get("kind") != "merge":
         raise InputError(f"{f}: key 'kind': not a merge manifest")
     return raw

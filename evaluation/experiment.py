@@ -100,11 +100,11 @@ def chain_specs(exp: LoadedExperiment) -> list[tuple[str, list[dict[str, Any]]]]
 def curriculum_of(exp: LoadedExperiment, arch: Architecture, base: str, seed: int,
                   stages: list[dict[str, Any]]) -> dict[str, Any]:
     """The curriculum mapping ``train_curriculum`` takes for one chain."""
-    train = {**exp.train, **arch.train}
+    train = exp.train_of(arch)
     if exp.spec.device and not train.get("device"):
         train["device"] = exp.spec.device
     return {"name": f"{exp.spec.name}", "base_model": base, "family": arch.family,
-            "lineage": exp.lineage, "seed": seed, "lora": {**exp.lora, **arch.lora},
+            "lineage": exp.lineage, "seed": seed, "lora": exp.lora_of(arch),
             "train": train, "stages": stages}
 
 
@@ -320,7 +320,7 @@ def _host_loading(exp: LoadedExperiment, arch: Architecture) -> dict[str, Any]:
     training's 4-bit quantisation is reused."""
     import torch
 
-    train = {**exp.train, **arch.train}
+    train = exp.train_of(arch)
     if exp.spec.evaluation.exact_merges:
         spread = torch.cuda.is_available() and torch.cuda.device_count() > 1
         return {"max_pixels": train.get("max_pixels"), "quantize_4bit": False,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from emomerge.merging.atomic import atomic_folder
+from emomerge.merging.config import dump_yaml
 
 from .experiment_config import MERGE_CONFIGS
 
@@ -145,7 +145,7 @@ def prepare_demo(out: str | Path, quick: bool = False) -> Path:
     path = out / "experiment.yaml"
     text = ("# The emomerge demo (written by `emomerge demo`); re-run or resume with\n"
             f"#   emomerge run {path} --out {out}\n"
-            + yaml.safe_dump(demo_experiment(size), sort_keys=False))
+            + dump_yaml(demo_experiment(size)))
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path

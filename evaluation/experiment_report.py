@@ -23,15 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emomerge.evaluation.metrics import METRICS, REPORTED
+
 from .leaderboard import fmt_value, read_rows, upsert_rows
 
-#: Columns of the printed table per task: (metric, header); the first one carries its interval
-#: and is the task's headline in the variant × dataset grid.
-TABLE_METRICS = {
-    "multi": (("macro_f1", "macro-F1"), ("example_f1", "example-F1"),
-              ("subset_accuracy", "subset acc")),
-    "single": (("macro_f1", "macro-F1"), ("accuracy", "accuracy")),
-    "vqa": (("char_f1", "char-F1"), ("exact_match", "exact match")),
+#: Columns of the printed table per task: (metric, header), from metrics.REPORTED and each
+#: metric's label; the first one carries its interval and is the task's headline in the
+#: variant × dataset grid.
+TABLE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    task: tuple((name, METRICS[name].label) for name in names)
+    for task, names in REPORTED.items()
 }
 #: Row order: references first (the base, constant predictors), then the trained variants.
 KIND_ORDER = ("base", "trivial", "single-stage", "stage", "merged", "chain-ablation",

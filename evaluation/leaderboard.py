@@ -30,9 +30,11 @@ from pathlib import Path
 from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 
-#: Every metric a row may carry, in column order; a task leaves the others empty.
-METRIC_COLUMNS = ("accuracy", "macro_f1", "subset_accuracy", "example_f1", "micro_f1",
-                  "single_accuracy", "single_macro_f1", "exact_match", "char_f1", "judge_score")
+from .metrics import METRICS
+
+#: Every metric a row may carry, in column order (metrics.METRICS's: one source for the names);
+#: a task leaves the others empty.
+METRIC_COLUMNS: tuple[str, ...] = tuple(METRICS)
 
 #: Values of ``representation``: how the row's weights relate to the adapters evaluated —
 #: the exact merged update, a low-rank (truncated) one, the base model alone, or no model at all.

@@ -4,8 +4,11 @@ Classification metrics come from scikit-learn, never re-implemented here, so a n
 leaderboard means what the sklearn documentation says it means. MangaVQA's character F1 has no
 sklearn equivalent and is the one hand-written metric (SQuAD's token F1 with characters as tokens).
 
-Every metric is declared once in :data:`METRICS` with the per-task headline list in
-:data:`HEADLINE`; the bootstrap and the leaderboard iterate those tables, not ad-hoc names.
+Every metric is declared once in :data:`METRICS` (its name, function and printed label) with the
+per-task lists in :data:`HEADLINE` (scored, with intervals), :data:`REPORTED` (the report's
+tables) and :data:`CORRECTNESS` (McNemar's per-sample test); the bootstrap, the leaderboard's
+columns and the report iterate those tables, not ad-hoc names (DESIGN.md, "Where each concept
+lives").
 """
 
 from __future__ import annotations
@@ -213,10 +216,12 @@ def char_f1(gold: Sequence[str], answer: str) -> float:
 
 @dataclass(frozen=True)
 class Metric:
-    """A headline metric: how to compute it on a subset of samples, and which way is better."""
+    """A headline metric: how to compute it on a subset of samples, how tables print its name,
+    and which way is better."""
 
     name: str
     fn: Callable[[Predictions, np.ndarray], float]
+    label: str
     higher_is_better: bool = True
 
 
@@ -285,16 +290,16 @@ def _m_judge(p: Predictions, idx: np.ndarray) -> float:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("accuracy", _m_accuracy),
-        Metric("macro_f1", _m_macro_f1),
-        Metric("subset_accuracy", _m_subset),
-        Metric("example_f1", _m_example_f1),
-        Metric("micro_f1", _m_micro_f1),
-        Metric("single_accuracy", _m_single_acc),
-        Metric("single_macro_f1", _m_single_macro_f1),
-        Metric("exact_match", _m_exact),
-        Metric("char_f1", _m_char_f1),
-        Metric("judge_score", _m_judge),
+        Metric("accuracy", _m_accuracy, "accuracy"),
+        Metric("macro_f1", _m_macro_f1, "macro-F1"),
+        Metric("subset_accuracy", _m_subset, "subset acc"),
+        Metric("example_f1", _m_example_f1, "example-F1"),
+        Metric("micro_f1", _m_micro_f1, "micro-F1"),
+        Metric("single_accuracy", _m_single_acc, "single-label acc"),
+        Metric("single_macro_f1", _m_single_macro_f1, "single-label macro-F1"),
+        Metric("exact_match", _m_exact, "exact match"),
+        Metric("char_f1", _m_char_f1, "char-F1"),
+        Metric("judge_score", _m_judge, "judge score"),
     )
 }
 
@@ -305,6 +310,18 @@ HEADLINE: dict[str, tuple[str, ...]] = {
               "single_macro_f1"),
     "vqa": ("exact_match", "char_f1", "judge_score"),
 }
+
+#: The columns of a report's table per task; the first is the task's one number in the
+#: variant × dataset grid and the plot (evaluation/experiment_report.py).
+REPORTED: dict[str, tuple[str, ...]] = {
+    "multi": ("macro_f1", "example_f1", "subset_accuracy"),
+    "single": ("macro_f1", "accuracy"),
+    "vqa": ("char_f1", "exact_match"),
+}
+
+#: The metric :func:`correctness` is the per-sample form of (McNemar's test tests it).
+CORRECTNESS: dict[str, str] = {"single": "accuracy", "multi": "subset_accuracy",
+                               "vqa": "exact_match"}
 
 
 def correctness(p: Predictions) -> np.ndarray:

@@ -33,7 +33,7 @@ from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
 from .leaderboard import (base_columns, format_label_set, format_per_label, read_rows,
                           upsert_rows)
-from .metrics import HEADLINE, Predictions, details, per_label_f1
+from .metrics import CORRECTNESS, HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
 from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
 from .scoring import answer_prefix
@@ -50,7 +50,7 @@ TASK_OF_DATASET = {"emocomics35": "multi", "emoart": "single", "emid": "single",
 #: With ``paired_test="mcnemar"`` the p-value tests per-sample exact correctness
 #: (:func:`metrics.correctness`), which is this metric's numerator: the p goes in its column
 #: only; the other metrics' ``_p`` columns stay empty (McNemar says nothing about an F1).
-MCNEMAR_METRIC = {"single": "accuracy", "multi": "subset_accuracy", "vqa": "exact_match"}
+MCNEMAR_METRIC = CORRECTNESS  # the metric McNemar's per-sample correctness is of
 
 
 @dataclass

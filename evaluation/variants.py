@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emomerge.merging.config import load_json
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE, read_stage_metadata, resolve_parent
 from emomerge.merging.updates import is_full_folder, is_refactorised, read_manifest
@@ -150,13 +151,7 @@ def files_sha256(folders: list[Path]) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return raw
+    return load_json(path)  # DESIGN.md, Configuration
 
 
 def _stage_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:

@@ -20,6 +20,7 @@ from emomerge import __version__
 
 from .adapters import load_adapter
 from .atomic import atomic_file
+from .config import validate
 from .errors import MergeInputError
 from .lineage import (
     LINEAGE_FILE,
@@ -93,7 +94,7 @@ def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = N
         doc["lineage"] = lineage.model_dump(mode="json")
     doc["lineage_recorded_by"] = RECORDED_BY
     doc["lineage_recorded"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    StageMetadata.model_validate(doc)  # what readers will accept
+    validate(StageMetadata, doc, where)  # what readers will accept (DESIGN.md, Configuration)
     with atomic_file(where) as fh:
         fh.write(json.dumps(doc, indent=2) + "\n")
     return doc

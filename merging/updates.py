@@ -20,7 +20,6 @@ transformers: a caller hands in the base tensors.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from .adapters import sha256_file
 from .checkpoint import Checkpoint
+from .config import load_json
 from .errors import MergeInputError
 from .names import to_canonical
 from .output import MANIFEST
@@ -47,13 +47,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeInputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{path}: expected a JSON object")
-    return raw
+    return load_json(path, what="manifest")  # DESIGN.md, Configuration
 
 
 def is_full_folder(folder: str | Path) -> bool:

@@ -327,7 +327,7 @@ ROWS = [
     ("out-locked", None, None),
     # --- merge RECIPE ---------------------------------------------------------------------------
     ("recipe-undecodable", lambda w, out: ["merge", w.p("files/undecodable.yaml"), "--out", out],
-     lambda w: f"{w.p('files/undecodable.yaml')}: not UTF-8"),
+     lambda w: f"{w.p('files/undecodable.yaml')}: not a UTF-8 text file"),
     ("recipe-not-yaml", lambda w, out: ["merge", w.p("files/not-yaml.yaml"), "--out", out],
      lambda w: f"{w.p('files/not-yaml.yaml')}:"),
     ("recipe-unknown-method", lambda w, out: ["merge", w.p("files/unknown-method.yaml"),
@@ -338,7 +338,7 @@ ROWS = [
     ("recipe-nan", lambda w, out: ["merge", w.p("files/nan.yaml"), "--out", out],
      lambda w: f"{w.p('files/nan.yaml')}:"),
     ("recipe-refactor-bogus", lambda w, out: ["merge", w.p("files/refactor-bogus.yaml"), "--out", out],
-     lambda w: f"{w.p('files/refactor-bogus.yaml')}: key 'emomerge.refactor': must be projection or best"),
+     lambda w: f"{w.p('files/refactor-bogus.yaml')}: key 'emomerge.refactor': must be 'projection' or 'best'"),
     ("recipe-missing-model", lambda w, out: ["merge", w.p("files/missing-model.yaml"),
                                              "--out", out],
      lambda w: f"{w.p('nope')}: no such adapter folder"),
@@ -349,7 +349,7 @@ ROWS = [
     # --- export-mergekit ------------------------------------------------------------------------
     ("export-undecodable", lambda w, out: ["export-mergekit", w.p("files/undecodable.yaml"),
                                            "--base", w.base, "--out", out],
-     lambda w: f"{w.p('files/undecodable.yaml')}: not UTF-8"),
+     lambda w: f"{w.p('files/undecodable.yaml')}: not a UTF-8 text file"),
     ("export-out-is-the-recipe", lambda w, out: ["export-mergekit", w.recipe, "--base", w.base,
                                                  "--out", w.recipe, "--force"],
      lambda w: f"{w.recipe}"),

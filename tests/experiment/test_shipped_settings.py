@@ -57,7 +57,7 @@ def test_every_shipped_architecture_is_covered():
 
 @pytest.mark.parametrize("exp,arch", list(_archs()))
 def test_resolved_settings_fit_one_80gb_gpu(exp, arch):
-    train = TrainSettings.model_validate({**exp.train, **arch.train})
+    train = TrainSettings.model_validate(exp.train_of(arch))
     assert (train.batch_size, train.quantize_4bit) == SHIPPED_ARCHS[arch.name]
     # the shipped files leave the cap and checkpointing to their defaults
     assert train.max_pixels is None and train.gradient_checkpointing == "auto"

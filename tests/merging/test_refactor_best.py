@@ -310,7 +310,7 @@ def test_cli_bad_refactor_is_one_line(llama, tmp_path):
 
 
 @pytest.mark.parametrize("emomerge,needle", [
-    ({"rank": 4, "refactor": "bogus"}, "key 'emomerge.refactor': must be projection or best, got 'bogus'"),
+    ({"rank": 4, "refactor": "bogus"}, "key 'emomerge.refactor': must be 'projection' or 'best', got 'bogus'"),
     ({"rank": "auto", "max_error": 0.3, "refactor": "best"},
      "key 'emomerge.refactor': best needs a fixed emomerge.rank"),
 ])

@@ -76,7 +76,7 @@ def test_undecodable_recipe_is_one_line(ab):
     recipe = ab / "r.yaml"
     recipe.write_bytes(b"merge_method: ties\nmodels:\n  - model: a\xff\xfe\n")
     one_error_line(run(["merge", recipe, "--root", ab, "--out", ab / "out"]), str(recipe),
-                   "not UTF-8", "0xff", out=ab / "out")
+                   "not a UTF-8 text file (undecodable byte 0xff at offset", out=ab / "out")
 
 
 # -- Breadcrumbs with density + gamma > 1 ------------------------------------------------------

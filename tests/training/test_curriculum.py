@@ -31,7 +31,7 @@ def test_shipped_curricula_exist():
 
 
 @pytest.mark.parametrize("data,key,msg", [
-    ({"base_model": "m", "stages": [_stage()], "lr": 1}, "lr", "Extra inputs"),
+    ({"base_model": "m", "stages": [_stage()], "lr": 1}, "lr", "unknown key"),
     ({"base_model": "m", "stages": [_stage(epochs=1)]}, "stages.0", "exactly one of"),
     ({"base_model": "m", "stages": [_stage(steps=None)]}, "stages.0", "exactly one of"),
     ({"base_model": "m", "stages": [_stage(dataset="coco")]}, "stages.0.dataset", "unknown dataset"),
@@ -45,11 +45,11 @@ def test_shipped_curricula_exist():
      "unknown reader options"),
     ({"base_model": "m", "stages": []}, "stages", "at least 1"),
     ({"base_model": "m", "stages": [_stage(holdout={"fraction": 0.1, "sed": 0})]},
-     "stages.0.holdout.sed", "Extra inputs"),
+     "stages.0.holdout.sed", "unknown key"),
     ({"base_model": "m", "stages": [_stage(holdout={"fraction": 1.0})]},
      "stages.0.holdout.fraction", "less than 1"),
     ({"base_model": "m", "stages": [_stage(eval_paht="t")]}, "stages.0.eval_paht",
-     "Extra inputs"),
+     "unknown key"),
     ({"base_model": "m", "stages": [_stage(eval_path="t", eval_split=None)]}, "stages.0",
      "'eval_path' names an evaluation file but 'eval_split' is null"),
 ])
