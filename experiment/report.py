@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .leaderboard import fmt_value, read_rows, upsert_rows
+from emomerge.evaluation.leaderboard import fmt_value, read_rows, upsert_rows
 
 #: Columns of the printed table per task: (metric, header); the first one carries its interval
 #: and is the task's headline in the variant × dataset grid.

@@ -16,8 +16,8 @@ from typing import Any
 
 from emomerge.merging.errors import InputError
 
+from ..fsutil import publish_permissions
 from .families import FAMILIES, get_family
-from .fsutil import publish_permissions
 
 _CORPUS = [
     ("Which emotions does the speaker express? Choose one or more of: Anger, Disgust, Fear, Joy, "
