@@ -4,7 +4,7 @@ Usage:
     python benchmarks/eval_speed.py [--pages 3] [--per-page 8,9] [--batches 1,4,8,16]
         [--max-pixels 802816] [--threads 1] [--markdown /tmp/eval_speed.md]
 
-On a tiny random Qwen2.5-VL (``training/tiny.py``) with the family's real image cap (a
+On a tiny random Qwen2.5-VL (``training/models/tiny.py``) with the family's real image cap (a
 1988 x 3052 EmoComics35 page scan becomes ~1,000 image tokens, as for the 7B), on synthetic
 EmoComics35 pages with ``--per-page`` utterances each (the real test split: 1,326 utterances on
 156 pages, 8.5 a page), it times in one process:
@@ -44,7 +44,7 @@ REAL = {"utterances": 1326, "pages": 156, "variants": 69, "seeds": 3, "page_forw
 def _synthetic_pages(root: Path, pages: int, per_page: list[int]) -> Path:
     """Synthetic EmoComics35 with ``per_page`` utterances a page (cycled) and page-size scans."""
     from emomerge.training.data.synthetic import write_synthetic
-    from emomerge.training.families import PAGE
+    from emomerge.training.models.families import PAGE
     from PIL import Image
 
     data = write_synthetic("emocomics35", root, n=4 * pages, seed=0)
@@ -200,8 +200,8 @@ def main() -> None:
     from emomerge.evaluation.predict import ModelHost, run_generation, run_likelihood
     from emomerge.evaluation.variants import Variant
     from emomerge.training.data import read_dataset
-    from emomerge.training.families import apply_image_cap
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.families import apply_image_cap
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     batches = [int(b) for b in args.batches.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="eval_speed."))

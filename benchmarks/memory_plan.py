@@ -181,7 +181,7 @@ def model_facts(hub_id: str, family: str) -> ModelFacts:
         return _FACTS[hub_id]
     import torch
     from accelerate import init_empty_weights
-    from emomerge.training.families import get_family
+    from emomerge.training.models.families import get_family
     from transformers import AutoModelForImageTextToText
 
     config = load_config(hub_id)
@@ -279,8 +279,8 @@ class Row:
 def page_tokens(family: str, max_pixels: int | None) -> tuple[int, int]:
     """(text-sequence image tokens, cross-attention vision tokens) of one page under the cap,
     with the real checkpoint's processor settings."""
-    from emomerge.training.families import PAGE, apply_image_cap, image_tokens, vision_tokens
-    from emomerge.training.tiny import real_processor
+    from emomerge.training.models.families import PAGE, apply_image_cap, image_tokens, vision_tokens
+    from emomerge.training.models.tiny import real_processor
 
     processor = real_processor(family)
     apply_image_cap(processor, family, max_pixels)
@@ -291,7 +291,7 @@ def page_tokens(family: str, max_pixels: int | None) -> tuple[int, int]:
 def plan_rows(experiments: Path = REPO / "experiments", text_tokens: int = 256,
               gpu_gb: float = 80) -> list[Row]:
     """One :class:`Row` per shipped experiment × architecture."""
-    from emomerge.evaluation.experiment_config import load_experiment
+    from emomerge.experiment.config import load_experiment
     from emomerge.training.curriculum import LoraSettings, TrainSettings
     from emomerge.training.trainer import plan_checkpointing
 

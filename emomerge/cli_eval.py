@@ -300,7 +300,7 @@ def plot_cmd(
     """Every row's headline metric with its 95% interval, one panel per dataset (variants on the
     same rows), the baseline dashed, * for a Holm-adjusted p < 0.05, n / seeds / replicates in
     the caption: the figure `emomerge run` writes. Confusion matrices per variant."""
-    from emomerge.evaluation.plots import plot_confusions, plot_leaderboard
+    from emomerge.experiment.plots import plot_confusions, plot_leaderboard
 
     for p in paths:
         if not p.is_file():

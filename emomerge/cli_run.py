@@ -3,8 +3,8 @@
     emomerge run experiments/qwen2_5_vl_7b.yaml --out runs/qwen2_5_vl_7b
     emomerge demo [--quick] [--out emomerge-demo]
 
-Thin shells over :func:`emomerge.evaluation.experiment.run_experiment` and
-:func:`emomerge.evaluation.experiment_demo.run_demo`: parse, call, print the table.
+Thin shells over :func:`emomerge.experiment.run.run_experiment` and
+:func:`emomerge.experiment.demo.run_demo`: parse, call, print the table.
 ``python -m emomerge.cli_run`` runs the same commands without the assembled app.
 """
 
@@ -45,11 +45,11 @@ def run_cmd(
     Re-running continues where a run stopped: stages, merges and predictions are reused by
     content hash, and an edited recipe recomputes only its merge and its scores.
     """
-    from emomerge.evaluation.experiment import run_experiment
-    from emomerge.evaluation.experiment_config import load_experiment
+    from emomerge.experiment.config import load_experiment
+    from emomerge.experiment.run import run_experiment
 
     if plan:
-        from emomerge.evaluation.experiment_plan import plan_experiment
+        from emomerge.experiment.plan import plan_experiment
 
         with tempfile.TemporaryDirectory(prefix="emomerge-recipes-") as tmp:
             exp = load_experiment(experiment, inline_dir=tmp)
@@ -72,7 +72,7 @@ def demo_cmd(
     quiet: bool = Quiet,
 ) -> None:
     """The whole study on a tiny VLM and synthetic data: offline, CPU only, a few minutes."""
-    from emomerge.evaluation.experiment_demo import run_demo
+    from emomerge.experiment.demo import run_demo
 
     _print(run_demo(out, quick=quick, progress=show_progress(progress, quiet), echo=typer.echo))
 

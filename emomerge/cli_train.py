@@ -113,7 +113,7 @@ def export_llamafactory(
 
 @user_errors
 def _tiny(family: str, out: Path, seed: int) -> None:
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     typer.echo(str(build_tiny_vlm(family, out, seed=seed)))
 

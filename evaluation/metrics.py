@@ -312,7 +312,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 }
 
 #: The columns of a report's table per task; the first is the task's one number in the
-#: variant × dataset grid and the plot (evaluation/experiment_report.py).
+#: variant × dataset grid and the plot (experiment/report.py).
 REPORTED: dict[str, tuple[str, ...]] = {
     "multi": ("macro_f1", "example_f1", "subset_accuracy"),
     "single": ("macro_f1", "accuracy"),

@@ -15,10 +15,11 @@ from typing import Any
 
 from emomerge.merging.adapters import base_identity
 from emomerge.merging.errors import InputError
+from emomerge.training.models.fingerprint import fingerprint
 
 from .ablation import ablation_names, leave_one_stage_out
 from .inplace import STREAMED
-from .predict import ModelHost, base_fingerprint
+from .predict import ModelHost
 from .runner import EvalConfig, EvalResult, evaluate
 from .variants import Variant, default_baseline, discover
 
@@ -120,7 +121,7 @@ class LoadedBase:
     path: Path | None  # resolved local folder, None for a hub id
     model_type: str | None = None
     #: the checkpoint fingerprint (what training records as ``base.hash``) and the sha256 of
-    #: config.json (training's record for a base without safetensors weights)
+    #: config.json (what earlier versions recorded for a base without safetensors weights)
     hashes: set[str] = field(default_factory=set)
     fingerprint: str | None = None
 
@@ -140,11 +141,8 @@ class LoadedBase:
         except (ValueError, AttributeError):
             model_type = None
         hashes = {hashlib.sha256(config).hexdigest()}
-        fingerprint: str | None = base_fingerprint(path)
-        if fingerprint == hashlib.sha256(str(base).encode()).hexdigest():  # the name fallback
-            fingerprint = None
-        return cls(str(base), path.resolve(), model_type, hashes | {fingerprint} - {None},
-                   fingerprint)
+        content = fingerprint(path)  # None: no safetensors weights to fingerprint
+        return cls(str(base), path.resolve(), model_type, hashes | {content} - {None}, content)
 
 
 def _last_part(name: str) -> str:

@@ -8,7 +8,6 @@ parents too); the base alone runs with the adapters disabled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emomerge.merging.errors import InputError
 from emomerge.merging.progress import phase
 
 from .cache import PredictionCache
@@ -42,26 +40,12 @@ from .variants import Variant
 BatchHook = Callable[[int], None]
 
 
-def base_fingerprint(name_or_path: str | Path) -> str:
-    """The base's identity for cache keys: the merging core's content-bound checkpoint
-    fingerprint (the same ``base.hash`` training records); the id itself for a hub id."""
-    p = Path(name_or_path)
-    if (p / "config.json").is_file():
-        from emomerge.merging.checkpoint import Checkpoint
-
-        try:
-            return Checkpoint(p).fingerprint()
-        except InputError:
-            pass  # no safetensors weights: fall back to the name
-    return hashlib.sha256(str(name_or_path).encode()).hexdigest()
-
-
 def answer_suffix(family: str, tokenizer: Any) -> str:
     """The text that closes an assistant turn (what the model learned to stop on): the scored
     end of a candidate. What training supervises after it (Qwen's "\n", ``answer_tail``) is not
     scored: it follows the end of the turn whatever the label."""
     try:
-        from emomerge.training.families import get_family
+        from emomerge.training.models.families import get_family
 
         return get_family(family).answer_suffix
     except (ImportError, KeyError, AttributeError):
@@ -87,7 +71,7 @@ class ModelHost:
         """Load the base with the training module's loader (family detection, precision, the
         image cap training used, 4-bit or spread over GPUs for models one GPU cannot hold).
         Exact evaluation of merges writes into the weights: it needs them unquantized."""
-        from emomerge.training.models import load_vlm
+        from emomerge.training.models.loading import load_vlm
 
         model, processor, family = load_vlm(base, family=family, dtype=dtype, device=device,
                                             quantize_4bit=quantize_4bit, device_map=device_map,

@@ -12,6 +12,7 @@ same pages for both.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from emomerge.merging.errors import InputError
 from emomerge.merging.provenance import git_commit, software, versions_text
+from emomerge.training.models.fingerprint import fingerprint
 
 from emomerge import __version__
 
@@ -31,11 +33,10 @@ from .cache import PredictionCache, stable_hash
 from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
-from .leaderboard import (base_columns, format_label_set, format_per_label, read_rows,
-                          upsert_rows)
+from .leaderboard import base_columns, format_label_set, format_per_label, read_rows, upsert_rows
 from .metrics import CORRECTNESS, HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
-from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
+from .predict import BatchHook, ModelHost, run_generation, run_likelihood
 from .scoring import answer_prefix
 from .trivial import trivial_predictions
 from .variants import Variant, default_baseline, heldout_books
@@ -173,10 +174,11 @@ def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
     Label-set scoring adds ``scoring`` and ``max_labels`` (its records hold other candidates);
     per-label scoring (``label``, ``first_label``: the same records, decided differently) keeps
     the key it had, so caches written before label sets existed stay valid. Prompts that open
-    with the tokenizer's BOS (LLaVA-1.5, LLaVA-NeXT since 0.x: ``training.batching.prompt_bos``)
-    add ``prompt``, in both modes; the other families keep their key.
+    with the tokenizer's BOS (LLaVA-1.5, LLaVA-NeXT since 0.x:
+    ``training.models.batching.prompt_bos``) add ``prompt``, in both modes; the other families
+    keep their key.
     """
-    from emomerge.training.families import get_family
+    from emomerge.training.models.families import get_family
 
     infer: dict[str, Any] = {"mode": mode, "append_eot": cfg.append_eot,
                              "max_new_tokens": cfg.max_new_tokens}
@@ -262,7 +264,9 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     cfg.check()
     task, mode = cfg.resolved_task(), cfg.resolved_mode()
     out = Path(out)
-    base_fp = base_fingerprint(base_id)
+    # the base's identity in cache keys and rows: its content fingerprint, else (a hub id, a
+    # folder without safetensors weights) the hash of its name (DESIGN.md, Layers)
+    base_fp = fingerprint(base_id) or hashlib.sha256(str(base_id).encode()).hexdigest()
     all_variants = ([Variant("base", "base", lineage="base", representation="base")]
                     if include_base else []) + variants
     for v in all_variants:  # before any scoring: a bad folder costs nothing

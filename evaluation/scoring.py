@@ -79,7 +79,7 @@ class LabelScore:
 
 def load_images(images: list[Any]) -> list[Image.Image]:
     """RGB PIL images from paths or PIL images (the same loader training uses)."""
-    from emomerge.training.batching import rgb_images
+    from emomerge.training.models.batching import rgb_images
 
     return rgb_images(images)
 
@@ -87,15 +87,16 @@ def load_images(images: list[Any]) -> list[Image.Image]:
 def answer_prefix(processor: Any, messages: list[dict]) -> str:
     """The whitespace the chat template puts between the prompt and an answer (training's
     ``answer_prefix``: labels are scored as they were trained, e.g. LLaVA's `` Joy``)."""
-    from emomerge.training.batching import answer_prefix as prefix
+    from emomerge.training.models.batching import answer_prefix as prefix
 
     return prefix(processor, messages)
 
 
 def render_prompt(processor: Any, messages: list[dict], family: str) -> str:
     """The chat-template prompt up to where the assistant's answer starts, as training renders it
-    (``training.batching.chat_prompt``: LLaVA-1.5 / LLaVA-NeXT open with the tokenizer's BOS)."""
-    from emomerge.training.batching import chat_prompt
+    (``training.models.batching.chat_prompt``: LLaVA-1.5 / LLaVA-NeXT open with the tokenizer's
+    BOS)."""
+    from emomerge.training.models.batching import chat_prompt
 
     return chat_prompt(processor, messages, family)
 
@@ -126,9 +127,9 @@ def set_text(labels: list[str]) -> str:
 def encode_prompts(processor: Any, family: str, prompts: list[str],
                    images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
     """Processor inputs for a batch of prompts, encoded as training encodes them
-    (``training.batching.process_texts``: the template already holds the special tokens; a BOS
-    the prompt opens with is its id, the rest tokenized on its own)."""
-    from emomerge.training.batching import process_texts
+    (``training.models.batching.process_texts``: the template already holds the special tokens;
+    a BOS the prompt opens with is its id, the rest tokenized on its own)."""
+    from emomerge.training.models.batching import process_texts
 
     return process_texts(processor, family, prompts, images)
 
@@ -138,14 +139,14 @@ def continuation_ids(tokenizer: Any, prompt: str, labels: list[str],
     """Token ids of each label (plus the end-of-turn text ``eot``) *as they follow* ``prompt``.
 
     ids(prompt + label)[len(ids(prompt)):], the way training encodes the answer
-    (``training.batching.encode_batch``). Tokenising a label on its own is not the same:
+    (``training.models.batching.encode_batch``). Tokenising a label on its own is not the same:
     SentencePiece/Metaspace tokenizers (Llama, Mistral: LLaVA-1.5, LLaVA-NeXT-Mistral) prefix a
     string's first word with "▁", so a standalone "Joy" is "▁Joy" while after the prompt it is
     "Joy" — scoring tokens the model was never trained to produce.
 
     A BOS the prompt opens with is dropped first: training encodes it as an id before the rest
-    of the text (``training.batching.process_texts``), and a special token splits the text, so
-    what follows the prompt tokenizes the same without it.
+    of the text (``training.models.batching.process_texts``), and a special token splits the
+    text, so what follows the prompt tokenizes the same without it.
     """
     bos = getattr(tokenizer, "bos_token", None)
     if bos and prompt.startswith(bos):
@@ -284,7 +285,7 @@ def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------
 
 #: Per-token processor outputs ([batch, seq, ...]) that are cut and re-padded with the tokens
-#: (the keys ``training.batching.PER_TOKEN_KEYS`` opens with a BOS).
+#: (the keys ``training.models.batching.PER_TOKEN_KEYS`` opens with a BOS).
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
                   "cross_attention_mask")
 

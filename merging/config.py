@@ -2,7 +2,7 @@
 
 Four schemas are read from files the user writes or points at — a merge recipe
 (merging/recipe.py), a stage's ``emomerge.json`` lineage (merging/lineage.py), a curriculum
-(training/curriculum.py) and an experiment (evaluation/experiment_config.py). They share one
+(training/curriculum.py) and an experiment (experiment/config.py). They share one
 reader per format and one error line, so a typo reads the same whichever file it is in
 (DESIGN.md, Configuration):
 

@@ -1,7 +1,7 @@
 """Lineage metadata: the ``emomerge.json`` written beside every stage adapter.
 
 The training module writes it, the merging core reads it to turn stage adapters into task
-vectors relative to the chosen reference (docs/DESIGN.md, "Lineage" and "Task vector").
+vectors relative to the chosen reference (docs/DESIGN.md, Words: "Lineage" and "Task vector").
 
 - ``continued``: the same LoRA kept training, so the adapter's ΔW is cumulative from the base.
 - ``stacked``: the parent adapter was folded into the base and a fresh LoRA trained on top, so the

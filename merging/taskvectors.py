@@ -1,7 +1,8 @@
 """Task vectors of stage adapters relative to a reference, as low-rank terms, module by module.
 
 Each stage model is ``base + U_i`` where the cumulative update U_i is a signed sum of the
-adapters' own updates ΔW_j = s_j B_j A_j, read off the lineage (docs/DESIGN.md):
+adapters' own updates ΔW_j = s_j B_j A_j, read off the lineage (docs/DESIGN.md, Words:
+"Lineage"):
 
 - no parent: U_i = ΔW_i
 - stacked (parent folded into the base, fresh LoRA on top): U_i = U_parent + ΔW_i

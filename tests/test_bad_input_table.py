@@ -44,7 +44,7 @@ def _stage(base: Path, out: Path, *, seed: int, stage: str, index: int,
     from emomerge.merging.adapters import sha256_file
     from emomerge.merging.checkpoint import Checkpoint
     from emomerge.merging.lineage import BaseIdentity, Lineage, StageMetadata, write_stage_metadata
-    from emomerge.training.families import LM_ONLY_REGEX
+    from emomerge.training.models.families import LM_ONLY_REGEX
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -111,7 +111,7 @@ def world(tmp_path_factory) -> World:
     import yaml
     from emomerge.evaluation.leaderboard import upsert_rows
     from emomerge.training.data.synthetic import write_synthetic
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bad-input")

@@ -1,10 +1,11 @@
 """pyproject's dependencies are exactly what the code imports.
 
-Every .py file of merging/, training/, evaluation/ and emomerge/ is parsed with ``ast``; the
-top-level modules imported that are neither stdlib (``sys.stdlib_module_names``) nor our own
-package are mapped to their distributions (``importlib.metadata.packages_distributions``) and
-must equal ``[project].dependencies``. An import inside a ``try`` that catches ImportError is
-optional (a fallback, or an extra such as bitsandbytes) and not required.
+Every .py file of merging/, training/, evaluation/, experiment/ and emomerge/ is parsed with
+``ast``; the top-level modules imported that are neither stdlib (``sys.stdlib_module_names``) nor
+our own package are mapped to their distributions
+(``importlib.metadata.packages_distributions``) and must equal ``[project].dependencies``. An
+import inside a ``try`` that catches ImportError is optional (a fallback, or an extra such as
+bitsandbytes) and not required.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("merging", "training", "evaluation", "emomerge")
+FOLDERS = ("merging", "training", "evaluation", "experiment", "emomerge")
 OWN = {"emomerge"}
 #: declared but never imported by our code, each for a reason that holds at run time
 RUNTIME_ONLY = {

@@ -78,7 +78,7 @@ def test_same_seed_same_merge_bytes(inputs, tmp_path, method, params, output):
 def _stage(base: Path, out: Path, seed: int, stage: str, index: int) -> Path:
     import torch
     from emomerge.merging.lineage import BaseIdentity, StageMetadata, write_stage_metadata
-    from emomerge.training.families import LM_ONLY_REGEX
+    from emomerge.training.models.families import LM_ONLY_REGEX
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -98,7 +98,7 @@ def test_same_variants_same_leaderboard(tmp_path):
     from emomerge.evaluation.pipeline import evaluate_paths
     from emomerge.evaluation.runner import EvalConfig
     from emomerge.training.data.synthetic import write_synthetic
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -74,7 +74,7 @@ class TrainSettings(Strict):
     #: Upper bound on the pixels the vision encoder sees per image, turned into each family's
     #: processor setting when the model is loaded (Qwen: ``max_pixels``; Pixtral:
     #: ``longest_edge``; LLaVA-NeXT: the any-res grids kept). null = the family default, ≈ 1 MP
-    #: (``emomerge.training.families.IMAGE_CAPS``). Set explicitly, it is part of the stage's
+    #: (``emomerge.training.models.families.IMAGE_CAPS``). Set explicitly, it is part of the stage's
     #: fingerprint; the resolved cap is in every stage's ``emomerge.json`` (``image``).
     max_pixels: int | None = Field(None, ge=1)
 

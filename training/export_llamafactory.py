@@ -41,8 +41,9 @@ from emomerge.merging.lineage import LINEAGE_FILE, BaseIdentity, Lineage, StageM
 from emomerge import __version__
 
 from .curriculum import Curriculum
-from .families import IMAGE_CAPS, detect_family, get_family
-from .stages import ADAPTER_FILE, StagePlan, base_hash, plan_stages
+from .models.families import IMAGE_CAPS, detect_family, get_family
+from .models.fingerprint import fingerprint
+from .stages import ADAPTER_FILE, StagePlan, plan_stages
 from .trainer import _as_curriculum
 
 LF_IMAGE = "<image>"
@@ -167,7 +168,7 @@ def _machine_precision(cur: Curriculum) -> tuple[str, str]:
 
 def image_pixels(family: str, image: dict[str, Any], own: dict[str, Any]) -> dict[str, int]:
     """``image_max_pixels`` / ``image_min_pixels`` for the resolved cap ``image``
-    (:func:`~.models.image_cap_record`); ``own`` is the checkpoint's record without any cap.
+    (:func:`~.models.loading.image_cap_record`); ``own`` is the checkpoint's record without any cap.
 
     LLaMA-Factory shrinks every image to ``image_max_pixels`` (default 768 x 768) before the
     processor sees it and enlarges it to ``image_min_pixels`` (default 32 x 32). Qwen: the cap
@@ -330,7 +331,7 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
 
     ``precision`` ("bf16", "fp16", "fp32") overrides :func:`export_precision`'s choice.
     """
-    from .models import image_cap_record
+    from .models.loading import image_cap_record
 
     cur = _as_curriculum(curriculum_yaml_or_obj)
     if precision is not None and precision not in ("bf16", "fp16", "fp32"):
@@ -359,7 +360,7 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
         (tmp / "data").mkdir()
         (tmp / "lineage").mkdir()
         info, previous, yaml_names = {}, [], []
-        base_sha = base_hash(base)
+        base_sha = fingerprint(base)
         for plan in plans:
             name = plan.stage.name
             with (tmp / "data" / f"{name}.jsonl").open("w", encoding="utf-8") as fh:

@@ -12,7 +12,7 @@ from typing import Any
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import read_stage_metadata, resolve_parent
 
-from .models import load_vlm
+from .models.loading import load_vlm
 
 
 def lineage_chain(adapter_dir: str | Path) -> list[Path]:

@@ -25,7 +25,7 @@ from emomerge import __version__
 from .curriculum import Curriculum, Stage
 from .data import Sample, content_id, list_splits, read_dataset, samples_sha256
 from .data.holdout import has_book, holdout_books, without_books
-from .families import get_family
+from .models.families import get_family
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -311,19 +311,6 @@ def check_resumable(plan: StagePlan, cur: Curriculum, base_name: str, *, family:
             raise InputError(f"{plan.out_dir}: finished stage was built on another "
                              f"{parent.stage.name} adapter (lineage.parent_sha256 differs from "
                              f"the sha256 of {parent_file}); {fix}")
-
-
-def base_hash(name_or_path: str) -> str | None:
-    """The merging core's fingerprint of a local base (config + tensor index); None for hub ids."""
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        return None
-    try:
-        from emomerge.merging.checkpoint import Checkpoint
-
-        return Checkpoint(path).fingerprint()
-    except (ImportError, AttributeError, InputError):
-        return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

@@ -1,6 +1,6 @@
 """Sequential LoRA training over a curriculum: one PEFT adapter per stage, resumable, accelerate-ready.
 
-Lineage modes (DESIGN.md):
+Lineage modes (docs/DESIGN.md, Words: "Lineage"):
 - ``continued``: stage k loads stage k-1's adapter as trainable and keeps training it, so every
   adapter's ΔW is cumulative from the base.
 - ``stacked``: stages 0..k-1 are folded into the base (PEFT ``merge_and_unload``), then a fresh
@@ -25,12 +25,13 @@ from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
 from emomerge.merging.progress import phase
 
-from .batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .curriculum import Curriculum, load_curriculum, parse_curriculum
 from .data import samples_sha256
-from .families import detect_family, get_family
-from .models import image_cap_record, load_vlm, machine_precision, resolve_model
-from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
+from .models.batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
+from .models.families import detect_family, get_family
+from .models.fingerprint import fingerprint
+from .models.loading import image_cap_record, load_vlm, machine_precision, resolve_model
+from .stages import StagePlan, check_resumable, is_complete, plan_stages, stage_metadata
 
 
 def lora_config(cur: Curriculum, family: str):
@@ -234,7 +235,7 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
     if accelerator.is_main_process:
         for stale in (out / "adapters").glob(".*.tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-    base_sha = base_hash(base)
+    base_sha = fingerprint(base)
     # the processor alone: the resolved cap is compared with finished stages before training
     image = image_cap_record(base, family, cur.train.max_pixels,
                              where=f"{cur.source}: key 'train.max_pixels'")

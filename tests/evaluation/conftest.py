@@ -30,7 +30,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     return build_tiny_vlm(FAMILY, tmp_path_factory.mktemp("base") / "tiny-qwen2_5_vl", seed=0)
 
@@ -39,7 +39,7 @@ def _stage_adapter(base: Path, out: Path, *, seed: int, stage: str, index: int,
                    parent: str | None) -> Path:
     import torch
     from emomerge.merging.lineage import BaseIdentity, Lineage, StageMetadata, write_stage_metadata
-    from emomerge.training.families import LM_ONLY_REGEX
+    from emomerge.training.models.families import LM_ONLY_REGEX
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 

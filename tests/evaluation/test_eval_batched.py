@@ -49,7 +49,7 @@ BASE = Variant("base", "base")
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     return predict.ModelHost.load(build_tiny_vlm("llava", tmp_path_factory.mktemp("llava") / "m"))
 

@@ -168,9 +168,9 @@ def _recorded_on(src, dst, base_name: str, base_hash: str | None):
 def test_a_variant_recorded_on_another_base_is_refused_unless_allowed(tiny_base, stage_dirs,
                                                                       tmp_path):
     from emomerge.evaluation.pipeline import check_variants
-    from emomerge.evaluation.predict import base_fingerprint
     from emomerge.evaluation.variants import discover
     from emomerge.merging.errors import InputError
+    from emomerge.training.models.fingerprint import fingerprint
 
     other = _recorded_on(stage_dirs[0], tmp_path / "other", "/elsewhere/tiny-qwen2_5_vl",
                          "f" * 64)
@@ -180,12 +180,12 @@ def test_a_variant_recorded_on_another_base_is_refused_unless_allowed(tiny_base,
     msg = str(exc.value)
     assert msg.startswith(f"{other}: recorded as trained on '/elsewhere/tiny-qwen2_5_vl' "
                           "(hash ffffffffffff) (emomerge.json base) but the loaded base is "
-                          f"{tiny_base} (hash {base_fingerprint(tiny_base)[:12]})")
+                          f"{tiny_base} (hash {fingerprint(tiny_base)[:12]})")
     assert "--allow-different-bases" in msg
     check_variants(variants, tiny_base, allow_base_mismatch=True)  # the override
     # the hash training records for this very base passes, whatever the folder was called
     same = _recorded_on(stage_dirs[0], tmp_path / "same", "/renamed/base",
-                        base_fingerprint(tiny_base))
+                        fingerprint(tiny_base))
     check_variants(discover([same]), tiny_base)
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from emomerge.evaluation.inplace import FULL, STREAMED, check_exact
-from emomerge.evaluation.predict import ModelHost, base_fingerprint
+from emomerge.evaluation.predict import ModelHost
 from emomerge.evaluation.variants import discover, variant_from_dir
 from emomerge.merging import merge
 from emomerge.merging.errors import InputError
+from emomerge.training.models.fingerprint import fingerprint
+from safetensors.torch import load_file, save_file
 
 DENSITY = {"density": 0.5}
 
@@ -37,7 +37,7 @@ def state_sha256(model) -> str:
 
 def last_logits(model, processor, samples) -> torch.Tensor:
     """Next-token logits after each sample's prompt (images through the processor)."""
-    from emomerge.training.batching import rgb_images
+    from emomerge.training.models.batching import rgb_images
 
     out = []
     with torch.inference_mode():
@@ -125,14 +125,14 @@ def test_changed_input_falls_back_to_lowrank_and_says_why(stage_dirs, tmp_path):
 
 
 def test_full_folder_of_another_base_is_refused(host, stage_dirs, tmp_path):
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     other = build_tiny_vlm("qwen2_5_vl", tmp_path / "other-base", seed=1)
     out = merge("ties", stage_dirs, tmp_path / "full-other", params=DENSITY, output="full",
                 base=other).out
     v = variant_from_dir(out)
     with pytest.raises(InputError, match="merged into another base"):
-        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+        check_exact(host.model, v, host.base_path, fingerprint(host.base_path))
 
 
 def _rewrite(folder: Path, edit) -> None:
@@ -154,7 +154,7 @@ def test_incomplete_full_folder_is_refused(host, ties, tmp_path, damage, message
     v = variant_from_dir(folder)
     before = state_sha256(host.model)
     with pytest.raises(InputError, match=message):
-        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+        check_exact(host.model, v, host.base_path, fingerprint(host.base_path))
     assert state_sha256(host.model) == before
 
 

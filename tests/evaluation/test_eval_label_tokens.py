@@ -59,9 +59,9 @@ class _TextProcessor:
 
 
 def test_standalone_label_tokens_differ_from_the_trained_ones(metaspace_tokenizer):
-    from emomerge.training.batching import encode_batch
     from emomerge.training.data import Sample
-    from emomerge.training.families import get_family
+    from emomerge.training.models.batching import encode_batch
+    from emomerge.training.models.families import get_family
 
     tok = metaspace_tokenizer
     eot = get_family("llava").answer_suffix                    # "</s>"
@@ -86,8 +86,8 @@ def test_a_bos_opened_prompt_is_encoded_as_the_released_processor_does(metaspace
     # Tokenized in one string, a "first"-scheme Metaspace gives the text after the special token
     # no "▁" ("<s>USER" -> "U"...); training and scoring encode the BOS id, then the prompt on
     # its own, as the processor (add_special_tokens) and LLaMA-Factory (a BOS slot) do.
-    from emomerge.training.batching import chat_prompt, encode_batch, process_texts
     from emomerge.training.data import Sample
+    from emomerge.training.models.batching import chat_prompt, encode_batch, process_texts
 
     tok = metaspace_bos_tokenizer
     tok.padding_side = padding_side
@@ -132,12 +132,12 @@ def test_labels_are_scored_as_trained_with_the_template_prefix(tmp_path):
     # tiny LLaVA: training encodes "ASSISTANT: Joy</s>" (the template's answer prefix " "); the
     # label-likelihood path must score exactly those tokens
     from emomerge.evaluation.scoring import answer_prefix, render_prompt
-    from emomerge.training.batching import encode_batch
     from emomerge.training.data import Sample
     from emomerge.training.data.sample import user_message
-    from emomerge.training.families import get_family
-    from emomerge.training.models import load_vlm
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.batching import encode_batch
+    from emomerge.training.models.families import get_family
+    from emomerge.training.models.loading import load_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
     from PIL import Image
 
     _, processor, family = load_vlm(str(build_tiny_vlm("llava", tmp_path / "llava")))
@@ -163,8 +163,8 @@ def test_cached_scores_are_keyed_by_the_answer_prefix(tmp_path):
 
     from emomerge.evaluation.runner import inference_key
     from emomerge.training.data.sample import user_message
-    from emomerge.training.models import load_vlm
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.loading import load_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     cfg = SimpleNamespace(append_eot=False, max_new_tokens=8)
     samples = [SimpleNamespace(messages=user_message(1, "Which emotion?"))]

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 from emomerge.evaluation import leaderboard as L
-from emomerge.evaluation.plots import plot_leaderboard
+from emomerge.experiment.plots import plot_leaderboard
 from emomerge.merging.errors import InputError
 
 
@@ -93,7 +93,7 @@ def _plotted(ax, labelled=None) -> dict[str, float]:
 
 def test_plot_draws_every_row_as_the_experiment_plot_does(tmp_path):
     import matplotlib.pyplot as plt
-    from emomerge.evaluation.plots import leaderboard_figure
+    from emomerge.experiment.plots import leaderboard_figure
 
     kinds = ["base", "trivial", "single-stage", "stage", "stage", "merged", "chain-ablation",
              "merge-ablation"]

@@ -99,7 +99,7 @@ def test_label_set_scores_cached_equal_full_forward_qwen(host, stage_dirs):
 def test_label_set_scores_cached_equal_full_forward_llava(tmp_path):
     from emomerge.evaluation.predict import ModelHost
     from emomerge.training.data.sample import user_message
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     llava = ModelHost.load(build_tiny_vlm("llava", tmp_path / "llava", seed=0))
     img = Image.new("RGB", (40, 50), (30, 200, 90))
@@ -225,7 +225,7 @@ def _write_second_label_data(root, seed=0):
 @pytest.fixture(scope="module")
 def second_label_run(tmp_path_factory):
     import torch
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
     from emomerge.training.trainer import train_curriculum
     from transformers import AutoModelForImageTextToText
 

@@ -160,8 +160,8 @@ def test_scoring_settings_are_checked():
 def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, tmp_path):
     from emomerge.evaluation.cache import PredictionCache, stable_hash
     from emomerge.evaluation.outputs import presence
-    from emomerge.evaluation.predict import base_fingerprint
     from emomerge.evaluation.runner import inference_key, load_key, split_hash
+    from emomerge.training.models.fingerprint import fingerprint
 
     test = ec35[0][:6]
     cfg = EvalConfig(dataset="emocomics35", threshold=0.2, n_boot=10)
@@ -173,7 +173,7 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
                           family=host.family)
     infer["load"] = load_key(host.model, host.processor)  # how the base was loaded
     cache = PredictionCache(tmp_path / "predictions", "base",
-                            stable_hash([base_fingerprint(tiny_base), "", infer]))
+                            stable_hash([fingerprint(tiny_base), "", infer]))
     sh = split_hash(test)
     for s, pred in zip(test, r.preds.pred):
         m = presence(cache.get(sh, s.id), 7)

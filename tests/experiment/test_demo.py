@@ -108,10 +108,10 @@ def test_quick_demo_scores_its_two_datasets(killed_then_resumed):
 def test_full_demo_scores_every_test_split(tmp_path):
     """The full demo's four evaluation sets read their test splits with their own task, and the
     chain's stages (the overlap guard) accept them."""
-    from emomerge.evaluation.experiment import curriculum_of
-    from emomerge.evaluation.experiment_config import parse_experiment
-    from emomerge.evaluation.experiment_demo import FULL, QUICK, STAGES, demo_experiment
     from emomerge.evaluation.runner import TASK_OF_DATASET
+    from emomerge.experiment.config import parse_experiment
+    from emomerge.experiment.demo import FULL, QUICK, STAGES, demo_experiment
+    from emomerge.experiment.run import curriculum_of
     from emomerge.training.curriculum import parse_curriculum
     from emomerge.training.data import read_dataset
     from emomerge.training.data.emoart import LABELS as EMOART_LABELS
@@ -154,8 +154,8 @@ def test_finished_stages_are_not_redone(killed_then_resumed):
 
 
 def test_an_edited_recipe_recomputes_only_its_merge_and_scores(killed_then_resumed, tmp_path):
-    from emomerge.evaluation.experiment import run_experiment
-    from emomerge.evaluation.experiment_config import MERGE_CONFIGS
+    from emomerge.experiment.config import MERGE_CONFIGS
+    from emomerge.experiment.run import run_experiment
 
     out, _, res, _ = killed_then_resumed
     assert res.returncode == 0

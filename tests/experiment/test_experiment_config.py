@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from emomerge.evaluation.experiment_config import MERGE_CONFIGS, load_experiment
+from emomerge.experiment.config import MERGE_CONFIGS, load_experiment
 from emomerge.merging.errors import InputError
 from typer.testing import CliRunner
 
@@ -126,7 +126,7 @@ def test_every_shipped_experiment_loads(path, tmp_path):
 
 
 def test_the_paper_families_are_covered():
-    from emomerge.evaluation.experiment_config import load_experiment as load
+    from emomerge.experiment.config import load_experiment as load
 
     families = {a.family for p in (REPO / "experiments").glob("*.yaml")
                 for a in load(p).spec.architectures}
@@ -144,7 +144,7 @@ def test_inline_recipes_without_a_folder_leave_nothing_behind(tmp_path):
     path = _write(tmp_path, _good())
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    code = ("import sys; from emomerge.evaluation.experiment_config import load_experiment; "
+    code = ("import sys; from emomerge.experiment.config import load_experiment; "
             "exp = load_experiment(sys.argv[1]); p = exp.merges[0].path; "
             "assert p.is_file() and p.parent.parent.name == 'tmp', p; print(p)")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from emomerge.evaluation.experiment import curriculum_of
-from emomerge.evaluation.experiment_config import load_experiment
+from emomerge.experiment.run import curriculum_of
+from emomerge.experiment.config import load_experiment
 from emomerge.merging.errors import InputError
 from emomerge.training.curriculum import LoraSettings, TrainSettings, parse_curriculum
 from typer.testing import CliRunner

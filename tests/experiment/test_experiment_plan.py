@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import yaml
+from emomerge.experiment.config import load_experiment
+from emomerge.experiment.demo import prepare_demo
+from emomerge.experiment.plan import plan_experiment
 from typer.testing import CliRunner
 
 from emomerge.cli import app
-from emomerge.evaluation.experiment_config import load_experiment
-from emomerge.evaluation.experiment_demo import prepare_demo
-from emomerge.evaluation.experiment_plan import plan_experiment
 
 
 def test_plan_counts_the_quick_demo(tmp_path):

@@ -4,7 +4,7 @@ tables and the variant × dataset grid."""
 from __future__ import annotations
 
 import pytest
-from emomerge.evaluation.experiment_report import aggregate, grid_table, markdown_table
+from emomerge.experiment.report import aggregate, grid_table, markdown_table
 
 
 def _row(variant, kind, seed, f1, p=None, lo=None, hi=None, dataset="emocomics35", task="multi"):

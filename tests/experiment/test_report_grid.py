@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from emomerge.evaluation.experiment_report import (
+from emomerge.evaluation.leaderboard import COLUMNS, read_rows, upsert_rows
+from emomerge.experiment.report import (
     format_p,
     grid_table,
     markdown_table,
     significance,
 )
-from emomerge.evaluation.leaderboard import COLUMNS, read_rows, upsert_rows
 
 HOLM = "macro_f1_p_holm" in COLUMNS
 BOOKS = "n_books" in COLUMNS
@@ -175,7 +175,7 @@ def _points(ax) -> dict[int, tuple[float, str, str]]:
 
 def test_plot_has_one_panel_per_dataset_with_shared_rows(rows, tmp_path):
     import matplotlib.pyplot as plt
-    from emomerge.evaluation.plots import grid_figure, plot_grid
+    from emomerge.experiment.plots import grid_figure, plot_grid
 
     fig = grid_figure(rows, "emocomics35")
     try:
@@ -211,7 +211,7 @@ def test_plot_has_one_panel_per_dataset_with_shared_rows(rows, tmp_path):
 
 def test_single_dataset_plot_keeps_one_panel(rows, tmp_path):
     import matplotlib.pyplot as plt
-    from emomerge.evaluation.plots import grid_figure
+    from emomerge.experiment.plots import grid_figure
 
     fig = grid_figure([r for r in rows if r["dataset"] == "emoart"], "emocomics35")
     try:

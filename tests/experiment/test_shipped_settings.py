@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from emomerge.evaluation.experiment_config import load_experiment
+from emomerge.experiment.config import load_experiment
 from emomerge.training.curriculum import TrainSettings
-from emomerge.training.families import IMAGE_CAPS, PAGE, apply_image_cap, image_tokens
-from emomerge.training.tiny import real_processor
+from emomerge.training.models.families import IMAGE_CAPS, PAGE, apply_image_cap, image_tokens
+from emomerge.training.models.tiny import real_processor
 from emomerge.training.trainer import plan_checkpointing
 
 REPO = Path(__file__).resolve().parents[2]

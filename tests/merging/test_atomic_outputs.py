@@ -53,7 +53,7 @@ def test_merge_and_tiny_model_outputs_get_the_same_normal_permissions(tmp_path, 
                                                                       dirs, files):
     """A merge output (the real CLI) and a tiny model (training) are published with the modes
     a plain mkdir/open gives under the umask: group-readable under 022, not mkdtemp's 0700."""
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     write_adapter(tmp_path / "a", SHAPES, seed=1)
     write_adapter(tmp_path / "b", SHAPES, seed=2)

@@ -223,7 +223,7 @@ def test_every_schema_refuses_an_unknown_key_in_the_same_line(tmp_path):
 
 
 def test_every_schema_refuses_a_mistyped_value_in_the_same_line(tmp_path):
-    from emomerge.evaluation.experiment_config import load_experiment
+    from emomerge.experiment.config import load_experiment
     from emomerge.merging.lineage import read_stage_metadata
     from emomerge.merging.recipe import load_recipe
     from emomerge.training.curriculum import load_curriculum
@@ -254,7 +254,7 @@ def test_every_schema_refuses_a_mistyped_value_in_the_same_line(tmp_path):
 def test_every_schema_reads_through_the_kernel(tmp_path, schema):
     """Each real loader refuses what the kernel refuses (here: a duplicate key, an undecodable
     byte) with the kernel's line."""
-    from emomerge.evaluation.experiment_config import load_experiment
+    from emomerge.experiment.config import load_experiment
     from emomerge.merging.lineage import read_stage_metadata
     from emomerge.merging.recipe import load_recipe
     from emomerge.training.curriculum import load_curriculum

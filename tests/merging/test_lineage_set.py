@@ -72,7 +72,8 @@ def test_lineage_set_then_task_vectors_follow_it(plain, mode):
     assert json.loads((root / "s1" / "emomerge.json").read_text())["lineage"]["parent"] is None
     assert not [p for p in root.joinpath("s2").iterdir() if p.name.startswith(".")]  # no temporaries
 
-    # The model after each stage, from the definitions (docs/DESIGN.md), and τ relative to each reference.
+    # The model after each stage, from the definitions (docs/DESIGN.md, Words), and τ relative to
+    # each reference.
     if mode == "stacked":
         model = [d1, {p: d1[p] + d2[p] for p in SHAPES}, {p: d1[p] + d2[p] + d3[p] for p in SHAPES}]
     else:

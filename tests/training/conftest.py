@@ -25,7 +25,7 @@ class TinyModels:
 
     def __call__(self, family: str) -> Path:
         if family not in self._built:
-            from emomerge.training.tiny import build_tiny_vlm
+            from emomerge.training.models.tiny import build_tiny_vlm
 
             self._built[family] = build_tiny_vlm(family, self.root / family, seed=0)
         return self._built[family]

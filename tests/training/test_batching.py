@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from emomerge.training.batching import IGNORE_INDEX, encode_batch
 from emomerge.training.data.sample import Sample, user_message
-from emomerge.training.families import FAMILIES
-from emomerge.training.models import load_vlm
+from emomerge.training.models.batching import IGNORE_INDEX, encode_batch
+from emomerge.training.models.families import FAMILIES
+from emomerge.training.models.loading import load_vlm
 from PIL import Image
 
 from .conftest import ALL_FAMILIES
@@ -51,7 +51,7 @@ def test_training_and_scoring_render_and_encode_the_same_prompt(tiny_model, fami
     string, the same ids (scoring left-pads, training right-pads), and the label + end-of-turn
     tokens training supervises (less the tail after the end-of-turn, which is not scored)."""
     from emomerge.evaluation import scoring
-    from emomerge.training.batching import answer_prefix, render_prompt
+    from emomerge.training.models.batching import answer_prefix, render_prompt
 
     _, processor, _ = load_vlm(tiny_model(family))
     samples = _samples()
@@ -101,8 +101,8 @@ LLAVA_HF = (
     ("pixtral", None, ""),
 ])
 def test_answer_prefix_is_read_off_the_template(tiny_model, family, template, expected):
-    from emomerge.training.batching import answer_prefix
     from emomerge.training.data.sample import user_message
+    from emomerge.training.models.batching import answer_prefix
 
     _, processor, _ = load_vlm(tiny_model(family))
     if template is not None:
@@ -111,7 +111,7 @@ def test_answer_prefix_is_read_off_the_template(tiny_model, family, template, ex
 
 
 def test_answer_prefix_of_a_template_that_cannot_render_an_answer_is_empty():
-    from emomerge.training.batching import answer_prefix
+    from emomerge.training.models.batching import answer_prefix
 
     class Refusing:
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):

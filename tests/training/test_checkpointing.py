@@ -44,8 +44,8 @@ def _step(model, batch):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_true_recomputes_and_gives_the_same_gradients(family, tiny_model, synthetic):
-    from emomerge.training.batching import encode_batch
     from emomerge.training.data import read_dataset
+    from emomerge.training.models.batching import encode_batch
 
     base = tiny_model(family)
     samples = read_dataset("emoart", synthetic["emoart"], "train", None)[:2]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from emomerge.merging.errors import InputError
-from emomerge.training.families import FAMILIES, detect_family
+from emomerge.training.models.families import FAMILIES, detect_family
 
 from .conftest import ALL_FAMILIES
 

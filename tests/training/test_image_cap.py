@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from emomerge.merging.errors import InputError
-from emomerge.training.families import (
+from emomerge.training.models.families import (
     FAMILIES,
     IMAGE_CAPS,
     PAGE,
@@ -15,8 +15,8 @@ from emomerge.training.families import (
     image_tokens,
     vision_tokens,
 )
-from emomerge.training.models import load_processor, load_vlm
-from emomerge.training.tiny import real_processor
+from emomerge.training.models.loading import load_processor, load_vlm
+from emomerge.training.models.tiny import real_processor
 from PIL import Image
 
 from .conftest import ALL_FAMILIES

@@ -6,8 +6,8 @@ import io
 
 import pytest
 from emomerge.merging.errors import InputError
-from emomerge.training.batching import MAX_BAD_IMAGE_SHARE, check_images, rgb_images
 from emomerge.training.data.sample import Sample, placeholder_image, user_message
+from emomerge.training.models.batching import MAX_BAD_IMAGE_SHARE, check_images, rgb_images
 from PIL import Image
 
 

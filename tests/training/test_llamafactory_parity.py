@@ -21,11 +21,11 @@ import json
 
 import pytest
 import yaml
-from emomerge.training.batching import answer_text, process_texts, render_prompt
 from emomerge.training.curriculum import parse_curriculum
 from emomerge.training.export_llamafactory import LF_LAYOUTS, export_llamafactory
-from emomerge.training.families import FAMILIES
-from emomerge.training.models import load_processor
+from emomerge.training.models.batching import answer_text, process_texts, render_prompt
+from emomerge.training.models.families import FAMILIES
+from emomerge.training.models.loading import load_processor
 from emomerge.training.stages import plan_stages
 
 from .conftest import ALL_FAMILIES

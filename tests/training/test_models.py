@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from emomerge.merging.errors import InputError
-from emomerge.training.models import (
+from emomerge.training.models.loading import (
     NF4_BYTES,
     load_vlm,
     machine_precision,
@@ -81,13 +81,13 @@ def test_load_vlm_sets_family_and_template(tiny_model):
     ("tiny-model", True),            # no owner: not a hub id we accept, so a local name
 ])
 def test_looks_local(name, local):
-    from emomerge.training.models import looks_local
+    from emomerge.training.models.loading import looks_local
 
     assert looks_local(name) is local
 
 
 def test_owner_naming_a_local_folder_makes_the_path_local(tmp_path):
-    from emomerge.training.models import looks_local
+    from emomerge.training.models.loading import looks_local
 
     (tmp_path / "models").mkdir()
     assert looks_local("models/tiny", relative_to=tmp_path) is True
@@ -102,7 +102,7 @@ def test_owner_naming_a_local_folder_makes_the_path_local(tmp_path):
     ("owner/na..me", "not a local folder nor a hub id"),
 ])
 def test_resolve_model_refuses_at_once(name, msg):
-    from emomerge.training.models import resolve_model
+    from emomerge.training.models.loading import resolve_model
 
     with pytest.raises(InputError) as exc:
         resolve_model(name, where="cur.yaml: key 'base_model'")
@@ -110,7 +110,7 @@ def test_resolve_model_refuses_at_once(name, msg):
 
 
 def test_resolve_model_keeps_existing_paths_and_hub_ids(tmp_path, monkeypatch):
-    from emomerge.training.models import resolve_model
+    from emomerge.training.models.loading import resolve_model
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
@@ -213,7 +213,7 @@ def test_machine_loading_reads_gpus_and_bitsandbytes(monkeypatch):
     import importlib.util
 
     import torch
-    from emomerge.training import models
+    from emomerge.training.models import loading as models
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

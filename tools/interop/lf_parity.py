@@ -28,10 +28,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def ours(curriculum: Path, model: str, out: Path) -> None:
-    from emomerge.training.batching import answer_text, render_prompt
     from emomerge.training.curriculum import load_curriculum
-    from emomerge.training.families import detect_family
-    from emomerge.training.models import load_processor
+    from emomerge.training.models.batching import answer_text, render_prompt
+    from emomerge.training.models.families import detect_family
+    from emomerge.training.models.loading import load_processor
     from emomerge.training.stages import plan_stages
 
     cur = load_curriculum(curriculum)

@@ -71,9 +71,9 @@ def read_checked(name: str, path: str | Path, split: str, task: str | None = Non
     files were skipped (the ``skipped_images`` a leaderboard row or stage metadata reports).
 
     More than ``max_bad_image_share`` (default 5 %) unreadable is an :class:`InputError`
-    naming ``path`` and ``split`` (``training.batching.check_images``).
+    naming ``path`` and ``split`` (``training.models.batching.check_images``).
     """
-    from ..batching import MAX_BAD_IMAGE_SHARE, check_images  # batching imports this package
+    from ..models.batching import MAX_BAD_IMAGE_SHARE, check_images  # batching imports this package
 
     share = MAX_BAD_IMAGE_SHARE if max_bad_image_share is None else max_bad_image_share
     samples = read_dataset(name, path, split, task, **opts)

@@ -18,7 +18,7 @@ from typing import Any
 
 from emomerge.merging.errors import InputError
 
-from .experiment_config import LoadedExperiment
+from .config import LoadedExperiment
 
 #: One forward pass over a comic page prompt, Qwen2.5-VL-7B, H200, bf16 (issue 13's measurement).
 SECONDS_PER_EXAMPLE = 1.18
@@ -94,8 +94,8 @@ def _n(v: int | None) -> str:
 
 def _count(exp: LoadedExperiment, s: Any) -> tuple[int | None, int | None, str]:
     """Examples of the set's split and of its threshold validation part (or why unknown)."""
-    from .pipeline import load_split, needs_validation, validation_data
-    from .runner import EvalConfig
+    from emomerge.evaluation.pipeline import load_split, needs_validation, validation_data
+    from emomerge.evaluation.runner import EvalConfig
 
     try:
         test = load_split(s.dataset, s.path, s.split, s.task, **s.options)
@@ -119,10 +119,10 @@ def _count(exp: LoadedExperiment, s: Any) -> tuple[int | None, int | None, str]:
 
 def plan_experiment(exp: LoadedExperiment,
                     seconds_per_example: float = SECONDS_PER_EXAMPLE) -> Plan:
-    """Count what :func:`experiment.run_experiment` would do (nothing is read but the splits)."""
+    """Count what :func:`.run.run_experiment` would do (nothing is read but the splits)."""
     from emomerge.merging.recipe import load_recipe
 
-    from .experiment import chain_specs
+    from .run import chain_specs
 
     if not seconds_per_example > 0 or seconds_per_example == float("inf"):
         raise InputError(f"--seconds-per-example: must be a positive number, got "

@@ -24,7 +24,7 @@ from typing import Any
 from emomerge.merging.errors import InputError
 from PIL import Image
 
-from .data.sample import Sample
+from ..data.sample import Sample
 from .families import get_family
 
 IGNORE_INDEX = -100

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import stable_hash
-from .experiment_config import Architecture, LoadedExperiment, load_experiment
-from .variants import Variant, variant_from_dir
+from emomerge.evaluation.cache import stable_hash
+from emomerge.evaluation.variants import Variant, variant_from_dir
+
+from .config import Architecture, LoadedExperiment, load_experiment
 
 Echo = Callable[[str], None]
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -115,7 +116,7 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
     the data sha256. The stage's *position* is part of it: training seeds stage k with seed + k.
     """
     from emomerge.training.curriculum import parse_curriculum
-    from emomerge.training.families import detect_family
+    from emomerge.training.models.families import detect_family
     from emomerge.training.stages import plan_stages, text_format
 
     parsed = parse_curriculum(cur, "<experiment curriculum>")
@@ -232,7 +233,7 @@ def merge_ablations(merges: list[tuple[str, Path, str]], wanted: bool | list[str
 
     Keyed by the full merge's hash, so an edited recipe never reuses a stale ablation.
     """
-    from .ablation import leave_one_stage_out
+    from emomerge.evaluation.ablation import leave_one_stage_out
 
     variants = []
     for name, folder, key in merges:
@@ -254,7 +255,7 @@ def resolve_baseline(exp: LoadedExperiment) -> str:
 
 
 def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any:
-    from .runner import EvalConfig
+    from emomerge.evaluation.runner import EvalConfig
 
     ev = exp.spec.evaluation
     return EvalConfig(dataset=s.dataset, split=s.split, mode=s.mode, multilabel=s.multilabel,
@@ -267,8 +268,13 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
 def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: list[Variant],
                       root: Path, seed: int, progress: bool) -> tuple[list[dict], list[str]]:
     """Score ``variants`` (plus the base) on every evaluation set; rows and names scored now."""
-    from .pipeline import load_checked, needs_validation, train_labels, validation_data
-    from .runner import evaluate
+    from emomerge.evaluation.pipeline import (
+        load_checked,
+        needs_validation,
+        train_labels,
+        validation_data,
+    )
+    from emomerge.evaluation.runner import evaluate
 
     rows, scored = [], []
     baseline = resolve_baseline(exp)
@@ -339,14 +345,13 @@ def _set_threads(n: int | None) -> None:
 def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *,
                    progress: bool = True, echo: Echo = print) -> ExperimentResult:
     """Run (or resume) an experiment into ``out``; return the rows, table and file paths."""
-    from emomerge.training.families import detect_family
-    from emomerge.training.models import resolve_model
-    from emomerge.training.stages import base_hash
+    from emomerge.evaluation.distributed import current_shard
+    from emomerge.evaluation.predict import ModelHost
+    from emomerge.training.models.families import detect_family
+    from emomerge.training.models.fingerprint import fingerprint
+    from emomerge.training.models.loading import resolve_model
 
-    from .experiment_report import write_reports
-    from .predict import ModelHost
-
-    from .distributed import current_shard
+    from .report import write_reports
 
     out = Path(out).resolve()
     shard = current_shard()
@@ -364,7 +369,7 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
         family = arch.family or detect_family(base)
         label = arch_label(arch, family)
         labels.append(label)
-        identity = stable_hash([base, base_hash(base)])
+        identity = stable_hash([base, fingerprint(base)])
         host = None
         for seed in exp.spec.seeds:
             tag = f"{label} seed {seed}"

@@ -21,9 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
+from emomerge.evaluation.leaderboard import read_rows
 from emomerge.merging.errors import InputError
-
-from .leaderboard import read_rows
 
 #: Colour of each variant kind in :func:`plot_grid` (trivial: a neutral, hollow reference).
 KIND_COLOURS = {"base": "grey", "trivial": "0.6", "single-stage": "tab:green",
@@ -51,7 +50,7 @@ def majority_baseline(rows: Sequence[dict[str, str]]) -> str:
 def caption(rows: Sequence[dict[str, str]]) -> str:
     """What every interval of the figure rests on, per evaluation set: ``emoart/test: n = 10
     items in 10 groups; seeds 0; 1000 bootstrap replicates``."""
-    from .experiment_report import _boot_note, grid, sample_note
+    from .report import _boot_note, grid, sample_note
 
     parts = []
     for sets, variants in grid(list(rows)).values():
@@ -110,7 +109,7 @@ def grid_figure(rows: list[dict], baseline: str, *, metric: str | None = None,
 
     ``metric`` replaces each set's headline metric; ``title`` goes above the panels and
     ``caption`` (n, seeds, replicates) below the legend."""
-    from .experiment_report import aggregate, grid, headline, significance
+    from .report import aggregate, grid, headline, significance
 
     grids = grid(rows)
     sets = list(dict.fromkeys(s for sets, _ in grids.values() for s in sets))

@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emomerge.evaluation.leaderboard import fmt_value, read_rows, upsert_rows
 from emomerge.evaluation.metrics import METRICS, REPORTED
-
-from .leaderboard import fmt_value, read_rows, upsert_rows
 
 #: Columns of the printed table per task: (metric, header), from metrics.REPORTED and each
 #: metric's label; the first one carries its interval and is the task's headline in the

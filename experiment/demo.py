@@ -25,7 +25,7 @@ from typing import Any
 from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.config import dump_yaml
 
-from .experiment_config import MERGE_CONFIGS
+from .config import MERGE_CONFIGS
 
 FAMILY = "qwen2_5_vl"
 STAGES = (("emoart", "emoart", "dominant_emotion"), ("emid", "emid", "matching"),
@@ -132,7 +132,7 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
 def prepare_demo(out: str | Path, quick: bool = False) -> Path:
     """Write the tiny model, the synthetic data and ``experiment.yaml`` under ``out``."""
     from emomerge.training.data.synthetic import write_synthetic
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     out = Path(out).resolve()
     size = QUICK if quick else FULL
@@ -158,7 +158,7 @@ def run_demo(out: str | Path = "emomerge-demo", *, quick: bool = False, progress
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .experiment import run_experiment
+    from .run import run_experiment
 
     path = prepare_demo(out, quick)
     echo(f"[demo] {'quick ' if quick else ''}experiment {path}")

@@ -133,7 +133,7 @@ def detect_family(name_or_path_or_config: str | Path | Any) -> str:
             raise InputError(f"{path}/config.json: unsupported model_type '{cfg.get('model_type')}'"
                              f" (supported families: {sorted(FAMILIES)})")
         return fam
-    from .models import looks_local  # models imports this module
+    from .loading import looks_local  # loading imports this module
 
     if not path.exists() and looks_local(obj):
         raise InputError(f"model folder {path} not found (a hub id is exactly owner/name)")
