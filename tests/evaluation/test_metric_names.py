@@ -7,7 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from emomerge.evaluation import bootstrap, experiment_report, leaderboard, runner, sufficient
+from emomerge.evaluation import bootstrap, leaderboard, runner, sufficient
+from emomerge.experiment import report as experiment_report
 from emomerge.evaluation.metrics import CORRECTNESS, HEADLINE, METRICS, REPORTED, TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
