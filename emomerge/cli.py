@@ -17,10 +17,19 @@ def _print_version(value: bool) -> None:
 
 
 def root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Keep other libraries' warnings, "
-                                 "log lines and progress bars (silenced by default)."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the emomerge version and exit."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Keep other libraries' warnings, log lines and progress bars (silenced by default).",
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the emomerge version and exit.",
+    ),
 ) -> None:
     """emomerge: train, merge and evaluate LoRA adapters of vision-language models."""
     if not verbose:

@@ -10,7 +10,7 @@ import textwrap
 from dataclasses import dataclass
 from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -28,20 +28,26 @@ from emomerge._cli_common import (
 # per-adapter method parameters (``--density``, ...) join them: see expand_variadic.
 VARIADIC = ("--adapters", "--weights")
 
-Adapters = typer.Option(..., "--adapters", help="Adapter folders, in stage order: --adapters A B C.")
+Adapters = typer.Option(
+    ..., "--adapters", help="Adapter folders, in stage order: --adapters A B C."
+)
 Out = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
 Force = typer.Option(
-    False, "--force",
+    False,
+    "--force",
     help="Replace an earlier emomerge output (or empty folder) at --out, never an input or anything "
-         "else. Only that: adapters of different bases need --allow-different-bases.",
+    "else. Only that: adapters of different bases need --allow-different-bases.",
 )
 AllowBaseMismatch = typer.Option(
-    False, "--allow-different-bases", "--allow-base-mismatch",
+    False,
+    "--allow-different-bases",
+    "--allow-base-mismatch",
     help="Merge adapters recorded on different bases, or fold them into a --base of another model "
-         "type (when they are the same weights). --allow-base-mismatch is the older spelling.",
+    "type (when they are the same weights). --allow-base-mismatch is the older spelling.",
 )
 AllowLineageMismatch = typer.Option(
-    False, "--allow-lineage-mismatch",
+    False,
+    "--allow-lineage-mismatch",
     help="Use a lineage parent whose sha256 differs from the one its child recorded (recorded in the manifest).",
 )
 
@@ -70,7 +76,7 @@ def expand_variadic(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse_rank(value: Optional[str]):
+def _parse_rank(value: str | None):
     if value is None or value == "auto":
         return value
     try:
@@ -121,8 +127,10 @@ class _ParamOption:
                 return lowered == "true"
             if lowered in self.words:
                 return lowered
-            fail(f"{self.flag} must be {', '.join(self.words[:-1])} or {self.words[-1]}, "
-                 f"got {given!r}")
+            fail(
+                f"{self.flag} must be {', '.join(self.words[:-1])} or {self.words[-1]}, "
+                f"got {given!r}"
+            )
         return given
 
 
@@ -142,20 +150,28 @@ def _param_options() -> list[_ParamOption]:
         flag = "--" + name.replace("_", "-")
         decl, words = None, ()
         if any(d.per_adapter for d in decls):
-            annotation, default = Optional[list[float]], None
+            annotation, default = list[float] | None, None
         elif textual:  # bools and words (rescale: true | false | density)
-            annotation, default, words = Optional[str], None, ("true", "false", *texts)
+            annotation, default, words = str | None, None, ("true", "false", *texts)
         elif all(d.kind is bool for d in decls) and not any(d.default for d in decls):
             annotation, default = bool, False  # off unless given: a plain flag
         elif all(d.kind is bool for d in decls):
-            annotation, default, decl = Optional[bool], None, f"{flag}/--no-{flag[2:]}"
+            annotation, default, decl = bool | None, None, f"{flag}/--no-{flag[2:]}"
         else:
-            annotation, default = Optional[first.kind], None
-        options.append(_ParamOption(
-            name=name, flag=flag, dest=f"{name}_" if keyword.iskeyword(name) else name,
-            annotation=annotation, default=default, decls=decl, help=first.help,
-            per_adapter=any(d.per_adapter for d in decls), words=words,
-        ))
+            annotation, default = first.kind | None, None
+        options.append(
+            _ParamOption(
+                name=name,
+                flag=flag,
+                dest=f"{name}_" if keyword.iskeyword(name) else name,
+                annotation=annotation,
+                default=default,
+                decls=decl,
+                help=first.help,
+                per_adapter=any(d.per_adapter for d in decls),
+                words=words,
+            )
+        )
     return options
 
 
@@ -170,21 +186,57 @@ def _method_command(name: str):
     def fixed(
         adapters: list[Path] = Adapters,
         out: Path = Out,
-        weights: Optional[list[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1)."),
-        output: str = typer.Option("adapter", "--output", help="adapter (PEFT LoRA) or full (base with the update folded in)."),
-        base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (needed for --output full)."),
-        rank: Optional[str] = typer.Option(None, "--rank", help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise)."),
-        max_error: Optional[float] = typer.Option(None, "--max-error", help="With --rank auto: per module the smallest rank whose relative Frobenius error is ≤ E, in (0, 1)."),
-        refactor: str = typer.Option("projection", "--refactor", help="How sparse merges are re-factorised to a fixed --rank: projection (onto the adapters' joint column space; fast, no dense update) or best: also compute the truncated SVD of the exact merged block and keep whichever is closer (slower: one dense merge and SVD per module)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."),
-        reference: str = typer.Option("base", "--reference", help="Task vectors relative to the base, or to the previous stage."),
+        weights: list[float] | None = typer.Option(
+            None, "--weights", help="One weight per adapter (default 1)."
+        ),
+        output: str = typer.Option(
+            "adapter",
+            "--output",
+            help="adapter (PEFT LoRA) or full (base with the update folded in).",
+        ),
+        base: Path | None = typer.Option(
+            None, "--base", help="Base model folder (needed for --output full)."
+        ),
+        rank: str | None = typer.Option(
+            None,
+            "--rank",
+            help="Output LoRA rank N, or auto with --max-error (default: exact for linear methods, largest input rank otherwise).",
+        ),
+        max_error: float | None = typer.Option(
+            None,
+            "--max-error",
+            help="With --rank auto: per module the smallest rank whose relative Frobenius error is ≤ E, in (0, 1).",
+        ),
+        refactor: str = typer.Option(
+            "projection",
+            "--refactor",
+            help="How sparse merges are re-factorised to a fixed --rank: projection (onto the adapters' joint column space; fast, no dense update) or best: also compute the truncated SVD of the exact merged block and keep whichever is closer (slower: one dense merge and SVD per module).",
+        ),
+        seed: int = typer.Option(
+            0, "--seed", help="Seed of random methods (DARE, DELLA) and of the randomized SVD."
+        ),
+        reference: str = typer.Option(
+            "base",
+            "--reference",
+            help="Task vectors relative to the base, or to the previous stage.",
+        ),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
-        out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Stored dtype of the written weights: float32, bfloat16, float16 or float64 (default: the base's own for --output full, float32 factors for adapters)."),
-        layout: Optional[str] = typer.Option(None, "--layout", help="Adapter key layout: new, qwen-legacy, llava-legacy (default: the inputs' own, new if mixed)."),
+        out_dtype: str | None = typer.Option(
+            None,
+            "--out-dtype",
+            help="Stored dtype of the written weights: float32, bfloat16, float16 or float64 (default: the base's own for --output full, float32 factors for adapters).",
+        ),
+        layout: str | None = typer.Option(
+            None,
+            "--layout",
+            help="Adapter key layout: new, qwen-legacy, llava-legacy (default: the inputs' own, new if mixed).",
+        ),
         force: bool = Force,
         allow_base_mismatch: bool = AllowBaseMismatch,
         allow_lineage_mismatch: bool = AllowLineageMismatch,
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."),
+        allow_pickle: bool = typer.Option(
+            False, "--allow-pickle", help="Read adapter_model.bin pickles (they can run code)."
+        ),
         quiet: bool = Quiet,
     ) -> None:
         """The options of every merge (the signature the command's is built from)."""
@@ -192,10 +244,13 @@ def _method_command(name: str):
     def option(o: _ParamOption) -> Parameter:
         p = method.param(o.name)
         suffix = "" if p is None else f" [method default {p.default}, range {p.range}]"
-        info = typer.Option(o.default, *((o.decls,) if o.decls else (o.flag,)), help=o.help + suffix,
-                            hidden=p is None)
-        return Parameter(o.dest, Parameter.KEYWORD_ONLY, default=info,
-                                 annotation=o.annotation)
+        info = typer.Option(
+            o.default,
+            *((o.decls,) if o.decls else (o.flag,)),
+            help=o.help + suffix,
+            hidden=p is None,
+        )
+        return Parameter(o.dest, Parameter.KEYWORD_ONLY, default=info, annotation=o.annotation)
 
     base_params = list(signature(fixed, eval_str=True).parameters.values())
     taken = {p.name for p in base_params}
@@ -218,18 +273,32 @@ def _method_command(name: str):
             fail(f"--weights has {len(weights)} values for {len(adapters)} adapters")
         untrimmed = method.param("density") is not None and "density" not in params
         result = merge(
-            name, adapters, kw["out"], weights=weights or None, params=params, output=kw["output"],
-            base=kw["base"], rank=_parse_rank(kw["rank"]), max_error=kw["max_error"],
-            refactor=kw["refactor"], seed=kw["seed"], reference=kw["reference"], dtype=kw["dtype"],
-            out_dtype=kw["out_dtype"], layout=kw["layout"], force=kw["force"],
-            allow_pickle=kw["allow_pickle"], progress=show_progress(quiet=kw["quiet"]),
+            name,
+            adapters,
+            kw["out"],
+            weights=weights or None,
+            params=params,
+            output=kw["output"],
+            base=kw["base"],
+            rank=_parse_rank(kw["rank"]),
+            max_error=kw["max_error"],
+            refactor=kw["refactor"],
+            seed=kw["seed"],
+            reference=kw["reference"],
+            dtype=kw["dtype"],
+            out_dtype=kw["out_dtype"],
+            layout=kw["layout"],
+            force=kw["force"],
+            allow_pickle=kw["allow_pickle"],
+            progress=show_progress(quiet=kw["quiet"]),
             allow_base_mismatch=kw["allow_base_mismatch"],
             allow_lineage_mismatch=kw["allow_lineage_mismatch"],
         )
         _report(result)
         if untrimmed:  # after the merge: a refused merge stays one line
-            sys.stderr.write("note: --density not given: 1.0 (mergekit's default), nothing was "
-                             "trimmed\n")
+            sys.stderr.write(
+                "note: --density not given: 1.0 (mergekit's default), nothing was trimmed\n"
+            )
 
     command.__signature__ = Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = f"{method.summary} ({method.paper})."
@@ -240,13 +309,21 @@ def _method_command(name: str):
 def merge_recipe(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit schema)."),
     out: Path = Out,
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against (default: current)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the recipe's output: adapter or full."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (overrides base_model for full output)."),
+    root: Path | None = typer.Option(
+        None, "--root", help="Folder relative model paths resolve against (default: current)."
+    ),
+    output: str | None = typer.Option(
+        None, "--output", help="Override the recipe's output: adapter or full."
+    ),
+    base: Path | None = typer.Option(
+        None, "--base", help="Base model folder (overrides base_model for full output)."
+    ),
     force: bool = Force,
     allow_base_mismatch: bool = AllowBaseMismatch,
     allow_lineage_mismatch: bool = AllowLineageMismatch,
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Read adapter_model.bin pickles."
+    ),
     quiet: bool = Quiet,
 ) -> None:
     """Run a merge recipe (mergekit's YAML schema) natively."""
@@ -254,10 +331,18 @@ def merge_recipe(
     from emomerge.merging.recipe import run_recipe
 
     try:
-        result = run_recipe(recipe, out, root=root, force=force, output=output, base=base,
-                            progress=show_progress(quiet=quiet), allow_pickle=allow_pickle,
-                            allow_base_mismatch=allow_base_mismatch,
-                            allow_lineage_mismatch=allow_lineage_mismatch)
+        result = run_recipe(
+            recipe,
+            out,
+            root=root,
+            force=force,
+            output=output,
+            base=base,
+            progress=show_progress(quiet=quiet),
+            allow_pickle=allow_pickle,
+            allow_base_mismatch=allow_base_mismatch,
+            allow_lineage_mismatch=allow_lineage_mismatch,
+        )
     except InputError as exc:
         hint = _root_hint(recipe) if root is None else ""
         fail(str(exc).splitlines()[0] + hint)
@@ -273,30 +358,49 @@ def _root_hint(recipe: Path) -> str:
         parsed = load_recipe(recipe)
     except Exception:  # noqa: BLE001 - the recipe's own error is already the message
         return ""
-    missing = [m.model for m in parsed.models
-               if not Path(m.model.split("+")[-1]).is_absolute()
-               and not adapter_path(m.model, parsed.base_model, Path.cwd()).exists()]
+    missing = [
+        m.model
+        for m in parsed.models
+        if not Path(m.model.split("+")[-1]).is_absolute()
+        and not adapter_path(m.model, parsed.base_model, Path.cwd()).exists()
+    ]
     if not missing:
         return ""
     rel = Path(missing[0].split("+")[-1])
-    found = next((p for p in sorted(Path.cwd().glob(f"*/{rel}")) + sorted(
-        Path.cwd().glob(f"*/*/{rel}")) if p.is_dir()), None)
-    where = (f" --root {os.path.relpath(found.parents[len(rel.parts) - 1])}"
-             if found else " --root FOLDER")
-    return (f" (relative model paths resolve against the current folder; pass{where} "
-            f"for the folder they are under)")
+    found = next(
+        (
+            p
+            for p in sorted(Path.cwd().glob(f"*/{rel}")) + sorted(Path.cwd().glob(f"*/*/{rel}"))
+            if p.is_dir()
+        ),
+        None,
+    )
+    where = (
+        f" --root {os.path.relpath(found.parents[len(rel.parts) - 1])}"
+        if found
+        else " --root FOLDER"
+    )
+    return (
+        f" (relative model paths resolve against the current folder; pass{where} "
+        f"for the folder they are under)"
+    )
 
 
 def methods(
-    fmt: str = typer.Option("table", "--format", help="table (terminal, cells wrap, links "
-                            "whole), markdown, csv or json."),
+    fmt: str = typer.Option(
+        "table",
+        "--format",
+        help="table (terminal, cells wrap, links whole), markdown, csv or json.",
+    ),
 ) -> None:
     """List every merge method with its parameters, defaults and paper."""
     from emomerge.merging.registry import METHODS
 
     def params(m, sep: str) -> str:
-        return sep.join(f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} "
-                        f"{p.range}" for p in m.params)
+        return sep.join(
+            f"{p.name}{'[per adapter]' if p.per_adapter else ''} = {p.default} {p.range}"
+            for p in m.params
+        )
 
     if fmt == "table" and Console().width < 120:
         # too narrow for five columns with whole links: one block per method
@@ -304,25 +408,44 @@ def methods(
         for m in METHODS.values():
             typer.echo(textwrap.fill(f"{m.name} — {m.summary}", width, subsequent_indent="  "))
             typer.echo(f"  paper: {m.paper}\n  mergekit: {m.mergekit or '—'}")
-            typer.echo(textwrap.fill(params(m, "; "), width, initial_indent="  ",
-                                     subsequent_indent="    ", break_long_words=False,
-                                     break_on_hyphens=False))
+            typer.echo(
+                textwrap.fill(
+                    params(m, "; "),
+                    width,
+                    initial_indent="  ",
+                    subsequent_indent="    ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+            )
         return
-    body = [[m.name, m.summary, params(m, "\n" if fmt == "table" else "; "), m.paper,
-             m.mergekit or "—"] for m in METHODS.values()]
-    render_table("emomerge merge methods", ["method", "what it does",
-                                            "parameters (default, range)", "paper", "mergekit"],
-                 body, fmt, keep=("method", "paper"), lines=True)
+    body = [
+        [m.name, m.summary, params(m, "\n" if fmt == "table" else "; "), m.paper, m.mergekit or "—"]
+        for m in METHODS.values()
+    ]
+    render_table(
+        "emomerge merge methods",
+        ["method", "what it does", "parameters (default, range)", "paper", "mergekit"],
+        body,
+        fmt,
+        keep=("method", "paper"),
+        lines=True,
+    )
 
 
 @user_errors
 def inspect(
     adapters: list[Path] = typer.Argument(..., help="Adapter folders."),
     reference: str = typer.Option("base", "--reference", help="base or previous."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the whole "
-                                 "report; same as --format json)."),
-    fmt: str = typer.Option("table", "--format", help="table (terminal), markdown, csv (one row "
-                            "per adapter, cosines as columns) or json (the whole report)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (the whole report; same as --format json)."
+    ),
+    fmt: str = typer.Option(
+        "table",
+        "--format",
+        help="table (terminal), markdown, csv (one row "
+        "per adapter, cosines as columns) or json (the whole report).",
+    ),
     allow_base_mismatch: bool = AllowBaseMismatch,
 ) -> None:
     """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage (and any
@@ -332,27 +455,45 @@ def inspect(
 
     if fmt not in TABLE_FORMATS:  # before the adapters are read
         fail(f"--format: expected one of {', '.join(TABLE_FORMATS)}, got '{fmt}'")
-    report = inspect_adapters(adapters, reference=reference, allow_base_mismatch=allow_base_mismatch)
+    report = inspect_adapters(
+        adapters, reference=reference, allow_base_mismatch=allow_base_mismatch
+    )
     if as_json or fmt == "json":
         typer.echo(json.dumps(report, indent=2))
         return
     root, names = short_paths([a["path"] for a in report["adapters"]])
     bases = sorted({str(a["base"]) for a in report["adapters"]})
     # one base (the usual case): its folder name; several: what tells them apart
-    base_names = dict(zip(bases, [Path(b).name or b for b in bases] if len(bases) == 1
-                          else short_paths(bases)[1]))
+    base_names = dict(
+        zip(bases, [Path(b).name or b for b in bases] if len(bases) == 1 else short_paths(bases)[1])
+    )
     header = ["#", "adapter", "base", "layout", "modules", "ranks", "scales", "‖τ‖", "lineage"]
     body = []
     for i, (a, name) in enumerate(zip(report["adapters"], names)):
         lin = a["lineage"]
-        body.append([
-            str(i), name, base_names[str(a["base"])], a["layout"], str(a["modules"]),
-            ",".join(map(str, a["ranks"])), ",".join(f"{s:g}" for s in a["scales"]),
-            f"{a['task_vector_norm']:.4g}",
-            "—" if lin is None else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}"
-            + (" [parent changed: sha256 differs]" if lin and lin.get("parent_sha256_ok") is False else ""),
-        ])
-    title = f"adapters (task vectors relative to the {reference})" + (f" in {root}/" if root else "")
+        body.append(
+            [
+                str(i),
+                name,
+                base_names[str(a["base"])],
+                a["layout"],
+                str(a["modules"]),
+                ",".join(map(str, a["ranks"])),
+                ",".join(f"{s:g}" for s in a["scales"]),
+                f"{a['task_vector_norm']:.4g}",
+                "—"
+                if lin is None
+                else f"{lin['mode'] or 'independent'} ← {lin['parent'] or 'base'}"
+                + (
+                    " [parent changed: sha256 differs]"
+                    if lin and lin.get("parent_sha256_ok") is False
+                    else ""
+                ),
+            ]
+        )
+    title = f"adapters (task vectors relative to the {reference})" + (
+        f" in {root}/" if root else ""
+    )
     if fmt == "table" and len(bases) == 1:  # one base: named once, in the title
         title += f"; base {base_names[bases[0]]}"
         header.remove("base")
@@ -361,17 +502,31 @@ def inspect(
     if fmt == "table":
         render_table(title, header, body, keep=("#", "adapter"))
     else:  # one table: the cosines of each adapter as its last columns
-        render_table(title, header + [f"cos {i}" for i in range(len(body))],
-                     [b + c for b, c in zip(body, cos_cells)], fmt)
+        render_table(
+            title,
+            header + [f"cos {i}" for i in range(len(body))],
+            [b + c for b, c in zip(body, cos_cells)],
+            fmt,
+        )
     for m in report["lineage_mismatches"]:
-        sys.stderr.write(f"warning: {m['parent']}: sha256 differs from the parent_sha256 recorded "
-                         f"in {m['child']}/emomerge.json (the parent changed after its child was trained)\n")
+        sys.stderr.write(
+            f"warning: {m['parent']}: sha256 differs from the parent_sha256 recorded "
+            f"in {m['child']}/emomerge.json (the parent changed after its child was trained)\n"
+        )
     if fmt == "table":
-        render_table("cosine similarity of task vectors",
-                     ["", *map(str, range(len(body)))],
-                     [[str(i), *row] for i, row in enumerate(cos_cells)])
-        typer.echo(textwrap.fill(_rank_line(report["output_rank"]), Console().width,
-                                 subsequent_indent="  ", break_long_words=False))
+        render_table(
+            "cosine similarity of task vectors",
+            ["", *map(str, range(len(body)))],
+            [[str(i), *row] for i, row in enumerate(cos_cells)],
+        )
+        typer.echo(
+            textwrap.fill(
+                _rank_line(report["output_rank"]),
+                Console().width,
+                subsequent_indent="  ",
+                break_long_words=False,
+            )
+        )
     elif fmt == "markdown":
         typer.echo("\n" + _rank_line(report["output_rank"]))
     else:  # csv: the table only; the rank line on stderr
@@ -383,8 +538,10 @@ def _rank_line(ranks: dict) -> str:
     from emomerge.merging.serving import VLLM_DEFAULT_MAX_LORA_RANK
 
     parts = []
-    for key, what in (("exact_linear", "linear / task arithmetic (exact)"),
-                      ("sparse_default", "sparse methods (default --rank)")):
+    for key, what in (
+        ("exact_linear", "linear / task arithmetic (exact)"),
+        ("sparse_default", "sparse methods (default --rank)"),
+    ):
         rank, needed = ranks[key], ranks["vllm_max_lora_rank"][key]
         if rank <= VLLM_DEFAULT_MAX_LORA_RANK:
             vllm = "vLLM's default max_lora_rank 16 serves it"
@@ -398,22 +555,38 @@ def _rank_line(ranks: dict) -> str:
 
 @user_errors
 def export_mergekit(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; or give --method and --adapters."),
-    base: str = typer.Option(..., "--base", help="Base model (hub id or folder) for base+adapter references."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the YAML here (default: stdout)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Merge method (without a recipe)."),
-    adapters: Optional[list[Path]] = typer.Option(None, "--adapters", help="Adapter folders (without a recipe)."),
-    weights: Optional[list[float]] = typer.Option(None, "--weights", help="Without a recipe: one weight per adapter, or one for all."),
-    density: Optional[list[float]] = typer.Option(None, "--density", help="Without a recipe: fraction kept, one value or one per adapter."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder relative model paths resolve against."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out (never an input or another file)."),
+    recipe: Path | None = typer.Argument(
+        None, help="Recipe YAML; or give --method and --adapters."
+    ),
+    base: str = typer.Option(
+        ..., "--base", help="Base model (hub id or folder) for base+adapter references."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write the YAML here (default: stdout)."
+    ),
+    method: str | None = typer.Option(None, "--method", help="Merge method (without a recipe)."),
+    adapters: list[Path] | None = typer.Option(
+        None, "--adapters", help="Adapter folders (without a recipe)."
+    ),
+    weights: list[float] | None = typer.Option(
+        None, "--weights", help="Without a recipe: one weight per adapter, or one for all."
+    ),
+    density: list[float] | None = typer.Option(
+        None, "--density", help="Without a recipe: fraction kept, one value or one per adapter."
+    ),
+    root: Path | None = typer.Option(
+        None, "--root", help="Folder relative model paths resolve against."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an earlier export at --out (never an input or another file).",
+    ),
 ) -> None:
     """Write the mergekit YAML of the same merge (base+adapter references)."""
     from emomerge.merging.errors import MergeInputError
-    from emomerge.merging.recipe import Recipe, load_recipe
+    from emomerge.merging.recipe import Recipe, adapter_path, load_recipe
     from emomerge.merging.recipe import export_mergekit as export
-
-    from emomerge.merging.recipe import adapter_path
     from emomerge.merging.safeout import write_text_output
 
     if recipe is not None:
@@ -451,10 +624,20 @@ lineage_app = typer.Typer(
 @user_errors
 def lineage_set(
     adapter: Path = typer.Argument(..., help="The adapter folder to record the lineage of."),
-    mode: str = typer.Option(..., "--mode", help="continued (the parent's LoRA kept training) or stacked (the parent folded into the base, a fresh LoRA on top)."),
-    parent: Optional[Path] = typer.Option(None, "--parent", help="The parent stage adapter folder (omit for a first stage trained on the base)."),
+    mode: str = typer.Option(
+        ...,
+        "--mode",
+        help="continued (the parent's LoRA kept training) or stacked (the parent folded into the base, a fresh LoRA on top).",
+    ),
+    parent: Path | None = typer.Option(
+        None,
+        "--parent",
+        help="The parent stage adapter folder (omit for a first stage trained on the base).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a lineage recorded by training."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read adapter_model.bin pickles."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Read adapter_model.bin pickles."
+    ),
 ) -> None:
     """Write ADAPTER/emomerge.json: its parent (relative path), the parent's sha256 and the mode,
     as training records them, so --reference previous and stacked chains work for it."""
@@ -462,8 +645,10 @@ def lineage_set(
 
     doc = set_lineage(adapter, mode=mode, parent=parent, force=force, allow_pickle=allow_pickle)
     lin = doc["lineage"]
-    typer.echo(f"{adapter / 'emomerge.json'}: {lin['mode']} ← {lin['parent'] or 'base'}"
-               + (f" (parent sha256 {lin['parent_sha256'][:12]}…)" if lin.get("parent_sha256") else ""))
+    typer.echo(
+        f"{adapter / 'emomerge.json'}: {lin['mode']} ← {lin['parent'] or 'base'}"
+        + (f" (parent sha256 {lin['parent_sha256'][:12]}…)" if lin.get("parent_sha256") else "")
+    )
 
 
 @lineage_app.command("show")
@@ -483,11 +668,16 @@ def lineage_show(
         if link.get("note"):
             typer.echo(f"{link['adapter']}: {link['note']}")
             continue
-        sha = {True: ", parent sha256 ok", False: ", parent sha256 DIFFERS from the recorded one",
-               None: ""}[link.get("parent_sha256_ok")]
+        sha = {
+            True: ", parent sha256 ok",
+            False: ", parent sha256 DIFFERS from the recorded one",
+            None: "",
+        }[link.get("parent_sha256_ok")]
         missing = ", parent not on disk" if link.get("parent_on_disk") is False else ""
-        typer.echo(f"{link['adapter']}: {link['mode'] or 'independent'} ← {link['parent'] or 'base'}"
-                   f"{sha}{missing} [recorded by {link['recorded_by']}]")
+        typer.echo(
+            f"{link['adapter']}: {link['mode'] or 'independent'} ← {link['parent'] or 'base'}"
+            f"{sha}{missing} [recorded by {link['recorded_by']}]"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -17,15 +17,29 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "evaluate_paths": "pipeline", "load_split": "pipeline",
-    "evaluate": "runner", "EvalConfig": "runner", "EvalResult": "runner",
-    "ModelHost": "predict", "discover": "variants", "variant_from_dir": "variants",
-    "Variant": "variants", "leave_one_stage_out": "ablation", "holdout_by_book": "holdout",
-    "upsert_rows": "leaderboard", "read_rows": "leaderboard", "show": "leaderboard",
-    "compare": "leaderboard", "COLUMNS": "leaderboard",
-    "parse_labels": "parsing", "parse_page": "parsing",
-    "Predictions": "metrics", "compute": "metrics", "bootstrap": "bootstrap",
-    "paired_bootstrap": "bootstrap", "mcnemar": "bootstrap",
+    "evaluate_paths": "pipeline",
+    "load_split": "pipeline",
+    "evaluate": "runner",
+    "EvalConfig": "runner",
+    "EvalResult": "runner",
+    "ModelHost": "predict",
+    "discover": "variants",
+    "variant_from_dir": "variants",
+    "Variant": "variants",
+    "leave_one_stage_out": "ablation",
+    "holdout_by_book": "holdout",
+    "upsert_rows": "leaderboard",
+    "read_rows": "leaderboard",
+    "show": "leaderboard",
+    "compare": "leaderboard",
+    "COLUMNS": "leaderboard",
+    "parse_labels": "parsing",
+    "parse_page": "parsing",
+    "Predictions": "metrics",
+    "compute": "metrics",
+    "bootstrap": "bootstrap",
+    "paired_bootstrap": "bootstrap",
+    "mcnemar": "bootstrap",
 }
 
 __all__ = list(_EXPORTS)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
 from emomerge.merging.config import (
     ConfigError,
     SafeName,
@@ -32,7 +34,6 @@ from emomerge.merging.config import (
 )
 from emomerge.merging.errors import InputError
 from emomerge.training.curriculum import DatasetName, LoraOverrides, Stage, TrainOverrides
-from pydantic import Field, field_validator, model_validator
 
 #: The repository's merge recipes (present in a checkout / editable install).
 MERGE_CONFIGS = Path(__file__).resolve().parents[1] / "merge_configs"
@@ -138,8 +139,9 @@ class Evaluation(Strict):
         labels = [s.label for s in self.sets]
         dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
-            raise ValueError(f"evaluation set names must be unique (repeated: {dup}); "
-                             "give each a 'name'")
+            raise ValueError(
+                f"evaluation set names must be unique (repeated: {dup}); give each a 'name'"
+            )
         return self
 
 
@@ -179,8 +181,9 @@ class Experiment(Strict):
         names = [s.label for s in self.evaluation.sets]
         unknown = [n for n in self.ablations.evaluation_sets or [] if n not in names]
         if unknown:
-            raise ValueError(f"ablations.evaluation_sets: {unknown} are not evaluation sets "
-                             f"(sets: {names})")
+            raise ValueError(
+                f"ablations.evaluation_sets: {unknown} are not evaluation sets (sets: {names})"
+            )
         return self
 
 
@@ -272,8 +275,11 @@ def _curriculum_parts(exp: Experiment, source: Path) -> tuple[str, dict, dict, l
 def _find_recipe(source: Path, value: str, where: str) -> list[Path]:
     cands = [_resolve(source, value)]
     if not Path(value).is_absolute():
-        cands.append(MERGE_CONFIGS / Path(value).name if value.startswith("merge_configs/")
-                     else MERGE_CONFIGS / value)
+        cands.append(
+            MERGE_CONFIGS / Path(value).name
+            if value.startswith("merge_configs/")
+            else MERGE_CONFIGS / value
+        )
     for cand in cands:
         if any(ch in str(cand) for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(cand)))
@@ -281,12 +287,16 @@ def _find_recipe(source: Path, value: str, where: str) -> list[Path]:
                 return found
         elif cand.is_file():
             return [cand]
-    raise key_error(source, where, f"recipe {value} not found (relative to the experiment file, "
-                    f"or in {MERGE_CONFIGS})")
+    raise key_error(
+        source,
+        where,
+        f"recipe {value} not found (relative to the experiment file, or in {MERGE_CONFIGS})",
+    )
 
 
-def _check_recipe(path: Path, stage_names: list[str], source: Path, where: str,
-                  shown: str, inline: bool = False) -> dict[str, Any]:
+def _check_recipe(
+    path: Path, stage_names: list[str], source: Path, where: str, shown: str, inline: bool = False
+) -> dict[str, Any]:
     from emomerge.merging.recipe import load_recipe
 
     try:
@@ -301,12 +311,19 @@ def _check_recipe(path: Path, stage_names: list[str], source: Path, where: str,
     for j, m in enumerate(recipe.models):
         model = m.model.split("+", 1)[-1].rstrip("/")
         parts = Path(model).parts
-        if Path(model).is_absolute() or len(parts) != 2 or parts[0] != "adapters" \
-                or parts[1] not in stage_names:
-            raise key_error(source, f"{where}.models.{j}.model" if inline else where,
-                            ("" if inline else f"({shown}) ") + f"'{m.model}' is not a stage "
-                            f"adapter of the curriculum (expected adapters/<stage>, stages: "
-                            f"{stage_names})")
+        if (
+            Path(model).is_absolute()
+            or len(parts) != 2
+            or parts[0] != "adapters"
+            or parts[1] not in stage_names
+        ):
+            raise key_error(
+                source,
+                f"{where}.models.{j}.model" if inline else where,
+                ("" if inline else f"({shown}) ") + f"'{m.model}' is not a stage "
+                f"adapter of the curriculum (expected adapters/<stage>, stages: "
+                f"{stage_names})",
+            )
     return load_yaml(path, what="recipe file")
 
 
@@ -329,8 +346,9 @@ def _inline_folder(inline_dir: str | Path | None) -> Callable[[], Path]:
     return folder
 
 
-def _merges(exp: Experiment, source: Path, stage_names: list[str],
-            inline_dir: Callable[[], Path]) -> list[ResolvedMerge]:
+def _merges(
+    exp: Experiment, source: Path, stage_names: list[str], inline_dir: Callable[[], Path]
+) -> list[ResolvedMerge]:
     out: list[ResolvedMerge] = []
     for i, spec in enumerate(exp.merges):
         where = f"merges.{i}"
@@ -339,8 +357,9 @@ def _merges(exp: Experiment, source: Path, stage_names: list[str],
             try:  # the recipe is written to <name>.yaml: never outside the folder
                 check_safe_name(name)
             except ValueError as exc:
-                raise key_error(source, f"{where}.inline.merge_method",
-                                f"{exc} (or give the merge a 'name')") from None
+                raise key_error(
+                    source, f"{where}.inline.merge_method", f"{exc} (or give the merge a 'name')"
+                ) from None
             path = inline_dir() / f"{name}.yaml"
             path.write_text(dump_yaml(spec.inline), encoding="utf-8")
             raw = _check_recipe(path, stage_names, source, f"{where}.inline", name, inline=True)
@@ -353,16 +372,23 @@ def _merges(exp: Experiment, source: Path, stage_names: list[str],
             raw = _check_recipe(path, stage_names, source, f"{where}.recipe", path.name)
             out.append(ResolvedMerge(spec.name or path.stem, path, raw))
     names = [m.name for m in out]
-    clash = sorted({n for n in names if names.count(n) > 1}
-                   | {n for n in names if n in stage_names or n in RESERVED})
+    clash = sorted(
+        {n for n in names if names.count(n) > 1}
+        | {n for n in names if n in stage_names or n in RESERVED}
+    )
     if clash:
-        raise key_error(source, "merges", f"merge names must be unique and differ from stage "
-                        f"names and {list(RESERVED)} (clash: {clash})")
+        raise key_error(
+            source,
+            "merges",
+            f"merge names must be unique and differ from stage "
+            f"names and {list(RESERVED)} (clash: {clash})",
+        )
     return out
 
 
-def parse_experiment(data: Any, source: str | Path = "<experiment>",
-                     inline_dir: str | Path | None = None) -> LoadedExperiment:
+def parse_experiment(
+    data: Any, source: str | Path = "<experiment>", inline_dir: str | Path | None = None
+) -> LoadedExperiment:
     """Validate an experiment mapping; errors name ``source`` and the key (DESIGN.md,
     Configuration)."""
     source = Path(source)
@@ -377,16 +403,23 @@ def parse_experiment(data: Any, source: str | Path = "<experiment>",
     if isinstance(abl, list):
         unknown = sorted(set(abl) - {m.name for m in merges})
         if unknown:
-            raise key_error(source, "ablations.merge_without_stage",
-                            f"{unknown} are not merge names ({[m.name for m in merges]})")
+            raise key_error(
+                source,
+                "ablations.merge_without_stage",
+                f"{unknown} are not merge names ({[m.name for m in merges]})",
+            )
     base = exp.evaluation.baseline
     allowed = {"last_stage", "single_stage", "base", *names, *(m.name for m in merges)}
     if base not in allowed:
-        raise key_error(source, "evaluation.baseline", f"'{base}' is neither last_stage, "
-                        "single_stage, base nor a stage or merge name")
+        raise key_error(
+            source,
+            "evaluation.baseline",
+            f"'{base}' is neither last_stage, single_stage, base nor a stage or merge name",
+        )
     if base == "single_stage" and not exp.ablations.single_stage:
-        raise key_error(source, "evaluation.baseline",
-                        "single_stage needs ablations.single_stage: true")
+        raise key_error(
+            source, "evaluation.baseline", "single_stage needs ablations.single_stage: true"
+        )
     for s in exp.evaluation.sets:
         s.path = str(_resolve(source, s.path))
         for k in ("image_root", "manga109_root"):

@@ -82,7 +82,7 @@ def _owner(name: str, final: Path) -> tuple[str, int] | None:
     for role in ("tmp", "old"):
         prefix = f".{final.name}.{role}-"
         if name.startswith(prefix):
-            parts = name[len(prefix):].rsplit("-", 2)
+            parts = name[len(prefix) :].rsplit("-", 2)
             if len(parts) == 3 and parts[1].isdigit():
                 return parts[0], int(parts[1])
     return None
@@ -164,8 +164,10 @@ def out_lock(final: Path, note: Note = stderr_note) -> Iterator[Path]:
         previous = _read_holder(fd)
         if previous.get("pid") is not None and previous.get("pid") != os.getpid():
             where = "" if previous.get("host") == HOST else f" on {previous.get('host')}"
-            note(f"note: removed the stale lock {path} of emomerge pid {previous.get('pid')}{where} "
-                 "(no longer running)")
+            note(
+                f"note: removed the stale lock {path} of emomerge pid {previous.get('pid')}{where} "
+                "(no longer running)"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST}).encode(), 0)
         yield path
@@ -264,8 +266,10 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _changed(final: Path, before: tuple[int, int] | None) -> OutputError:
-    return OutputError(f"{final}: {'appeared' if before is None else 'changed'} while this "
-                       "command ran; kept it, nothing written")
+    return OutputError(
+        f"{final}: {'appeared' if before is None else 'changed'} while this "
+        "command ran; kept it, nothing written"
+    )
 
 
 def _place(tmp: Path, final: Path, before: tuple[int, int] | None, replace: bool) -> None:
@@ -296,8 +300,12 @@ def _is_empty_dir(path: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_folder(
-    final: str | Path, *, replace: bool = False, lock: bool = False,
-    check: Callable[[], Any] | None = None, needed_bytes: int | None = None,
+    final: str | Path,
+    *,
+    replace: bool = False,
+    lock: bool = False,
+    check: Callable[[], Any] | None = None,
+    needed_bytes: int | None = None,
     note: Note = stderr_note,
 ) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; publish it as ``final`` on success.
@@ -343,9 +351,15 @@ def atomic_folder(
 
 @contextlib.contextmanager
 def atomic_file(
-    path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8",
-    newline: str | None = None, unchanged: bool = False, lock: bool = False,
-    check: Callable[[], Any] | None = None, note: Note = stderr_note,
+    path: str | Path,
+    mode: str = "w",
+    *,
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
+    unchanged: bool = False,
+    lock: bool = False,
+    check: Callable[[], Any] | None = None,
+    note: Note = stderr_note,
 ) -> Iterator[IO[Any]]:
     """Yield a file open for writing beside ``path``; it replaces ``path`` on success.
 

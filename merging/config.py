@@ -83,9 +83,11 @@ def check_safe_name(value: str) -> str:
     ``..`` anywhere, no trailing newline (``re.match``'s ``$`` let one through) and a length cap.
     """
     if not _SAFE.fullmatch(value) or ".." in value or len(value) > SAFE_NAME_MAX:
-        raise ValueError("must be a folder-safe name (letters, digits, '_', '-', '.'; starting "
-                         f"with a letter or digit; no '..'; at most {SAFE_NAME_MAX} characters), "
-                         f"got {_short(value)}")
+        raise ValueError(
+            "must be a folder-safe name (letters, digits, '_', '-', '.'; starting "
+            f"with a letter or digit; no '..'; at most {SAFE_NAME_MAX} characters), "
+            f"got {_short(value)}"
+        )
     return value
 
 
@@ -93,8 +95,9 @@ def check_safe_name(value: str) -> str:
 SafeName = Annotated[str, AfterValidator(check_safe_name)]
 
 
-def known_name(kind: str, known: Collection[str] | Callable[[], Collection[str]]
-               ) -> Callable[[str], str]:
+def known_name(
+    kind: str, known: Collection[str] | Callable[[], Collection[str]]
+) -> Callable[[str], str]:
     """A validator (for ``AfterValidator``) refusing a ``kind`` name not in ``known``, listing
     the known ones. ``known`` may be a callable, read when a value is checked (a registry filled
     after the schema is defined)."""
@@ -120,18 +123,27 @@ def overrides(model: type[BaseModel], name: str | None = None) -> type[Strict]:
     cannot be copied faithfully and is refused here.
     """
     decorators = model.__pydantic_decorators__
-    if (decorators.field_validators or decorators.model_validators or decorators.validators
-            or decorators.root_validators):
-        raise TypeError(f"{model.__name__}: put its checks in field annotations to derive "
-                        "overrides (validator methods are not copied)")
+    if (
+        decorators.field_validators
+        or decorators.model_validators
+        or decorators.validators
+        or decorators.root_validators
+    ):
+        raise TypeError(
+            f"{model.__name__}: put its checks in field annotations to derive "
+            "overrides (validator methods are not copied)"
+        )
     fields: dict[str, Any] = {}
     for field, info in model.model_fields.items():
         copy = FieldInfo.merge_field_infos(info, default=None)
         copy.default_factory = None
         fields[field] = (info.annotation, copy)
     return create_model(  # type: ignore[call-overload,no-any-return]
-        name or f"{model.__name__}Overrides", __base__=_Overrides,
-        __doc__=f"Overrides of {model.__name__}: any of its fields, each optional.", **fields)
+        name or f"{model.__name__}Overrides",
+        __base__=_Overrides,
+        __doc__=f"Overrides of {model.__name__}: any of its fields, each optional.",
+        **fields,
+    )
 
 
 class _Overrides(Strict):
@@ -150,8 +162,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused(f"YAML anchors and aliases are not allowed "
-                           f"(line {event.start_mark.line + 1})")
+            raise _Refused(
+                f"YAML anchors and aliases are not allowed (line {event.start_mark.line + 1})"
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -191,14 +204,20 @@ def _read_text(path: Path, max_bytes: int, what: str) -> str:
         raise ConfigError(path, f"not a file ({what} expected)")
     size = path.stat().st_size
     if size > max_bytes:
-        raise ConfigError(path, f"{size} bytes, larger than the {max_bytes}-byte limit of a "
-                                f"{what} (is it the right file?)")
+        raise ConfigError(
+            path,
+            f"{size} bytes, larger than the {max_bytes}-byte limit of a "
+            f"{what} (is it the right file?)",
+        )
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, f"not a UTF-8 text file (undecodable byte "
-                                f"0x{data[exc.start]:02x} at offset {exc.start})") from exc
+        raise ConfigError(
+            path,
+            f"not a UTF-8 text file (undecodable byte "
+            f"0x{data[exc.start]:02x} at offset {exc.start})",
+        ) from exc
 
 
 def require_mapping(data: Any, path: str | Path) -> dict[str, Any]:
@@ -209,8 +228,9 @@ def require_mapping(data: Any, path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_yaml(path: str | Path, *, max_bytes: int = MAX_YAML_BYTES,
-              what: str = "settings file") -> dict[str, Any]:
+def load_yaml(
+    path: str | Path, *, max_bytes: int = MAX_YAML_BYTES, what: str = "settings file"
+) -> dict[str, Any]:
     """The mapping a YAML settings file holds, or a :class:`ConfigError` naming the file:
     missing, larger than ``max_bytes``, not UTF-8, not YAML, anchors/aliases, duplicate keys,
     not a mapping at the top level. ``what`` names the file in "not found" lines."""
@@ -239,8 +259,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES,
-              what: str = "JSON file") -> dict[str, Any]:
+def load_json(
+    path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON file"
+) -> dict[str, Any]:
     """The object a JSON file holds, with :func:`load_yaml`'s contract (JSON has no aliases)."""
     path = Path(path)
     text = _read_text(path, max_bytes, what)
@@ -249,13 +270,15 @@ def load_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES,
     except _Refused as exc:
         raise ConfigError(path, str(exc)) from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                                f"{exc.msg})") from exc
+        raise ConfigError(
+            path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from exc
     except RecursionError as exc:
         raise ConfigError(path, "not valid JSON (nested too deeply)") from exc
     if not isinstance(data, dict):
-        raise ConfigError(path, f"expected a JSON object at the top level, got "
-                                f"{type(data).__name__}")
+        raise ConfigError(
+            path, f"expected a JSON object at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -278,7 +301,7 @@ def field_path(loc: Sequence[Any]) -> str:
 
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -311,8 +334,7 @@ def _key_and_problem(exc: ValidationError, prefix: Sequence[str | int]) -> tuple
             problems.append(problem)
     if len(problems) > 1 and all(p.startswith("must be ") for p in problems):
         # "must be a valid boolean, unable to interpret input" → "a valid boolean"
-        text = "must be " + " or ".join(p.removeprefix("must be ").split(", ")[0]
-                                        for p in problems)
+        text = "must be " + " or ".join(p.removeprefix("must be ").split(", ")[0] for p in problems)
     else:
         text = problems[0]
     value = first.get("input")
@@ -321,8 +343,9 @@ def _key_and_problem(exc: ValidationError, prefix: Sequence[str | int]) -> tuple
     return key, text
 
 
-def format_validation(path: str | Path, exc: ValidationError,
-                      prefix: Sequence[str | int] = ()) -> str:
+def format_validation(
+    path: str | Path, exc: ValidationError, prefix: Sequence[str | int] = ()
+) -> str:
     """One line for a schema error: ``<path>: key '<field.path>': <problem>``.
 
     The first error in document order is shown (the user fixes one key at a time). A union's
@@ -334,8 +357,7 @@ def format_validation(path: str | Path, exc: ValidationError,
     return f"{path}: key '{key}': {text}"
 
 
-def validate(model: type[M], data: Any, path: str | Path,
-             prefix: Sequence[str | int] = ()) -> M:
+def validate(model: type[M], data: Any, path: str | Path, prefix: Sequence[str | int] = ()) -> M:
     """``model`` validated from ``data`` (a mapping read from ``path``); a :class:`ConfigError`
     in the shared one-line format otherwise."""
     try:
@@ -346,7 +368,20 @@ def validate(model: type[M], data: Any, path: str | Path,
 
 
 __all__ = [
-    "MAX_JSON_BYTES", "MAX_YAML_BYTES", "ConfigError", "SafeName", "Strict",
-    "check_safe_name", "dump_yaml", "field_path", "format_validation", "key_error",
-    "known_name", "load_json", "load_yaml", "overrides", "require_mapping", "validate",
+    "MAX_JSON_BYTES",
+    "MAX_YAML_BYTES",
+    "ConfigError",
+    "SafeName",
+    "Strict",
+    "check_safe_name",
+    "dump_yaml",
+    "field_path",
+    "format_validation",
+    "key_error",
+    "known_name",
+    "load_json",
+    "load_yaml",
+    "overrides",
+    "require_mapping",
+    "validate",
 ]

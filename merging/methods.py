@@ -30,7 +30,9 @@ def _weights_like(weights: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
 
 
-def sign_consensus(weighted: torch.Tensor, *, elect_from: torch.Tensor | None = None) -> torch.Tensor:
+def sign_consensus(
+    weighted: torch.Tensor, *, elect_from: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mask of entries whose sign agrees with the elected sign (sign of the sum, ≥ 0 → +).
 
     ``weighted``: ``[n, *shape]``. Zero entries never agree (they were trimmed).
@@ -80,7 +82,9 @@ def mix(
     return mixed
 
 
-def _sparsify_each(deltas: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _sparsify_each(
+    deltas: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     return torch.stack([fn(i, deltas[i]) for i in range(deltas.shape[0])])
 
 
@@ -144,7 +148,9 @@ def ties(
 
 
 def _dare(
-    deltas: torch.Tensor, generators: Sequence[torch.Generator], density: Sequence[float],
+    deltas: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    density: Sequence[float],
     rescale: bool | str,
 ) -> torch.Tensor:
     if rescale == "density":
@@ -158,8 +164,13 @@ def _dare(
 
 
 def dare_linear(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    generators: Sequence[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
     rescale: bool | str = True,
 ) -> torch.Tensor:
     """DARE then task arithmetic. ``rescale``: true = keep L1 norm (mergekit), "density" = 1/p."""
@@ -168,8 +179,13 @@ def dare_linear(
 
 
 def dare_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    generators: Sequence[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
     rescale: bool | str = True,
 ) -> torch.Tensor:
     """DARE then TIES sign consensus and masked mean."""
@@ -184,8 +200,14 @@ def _breadcrumbs(deltas, density, gamma, rescale):
 
 
 def breadcrumbs(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    gamma: Sequence[float], lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` and the smallest entries, then task arithmetic."""
     kept = _breadcrumbs(deltas, density, gamma, rescale)
@@ -193,8 +215,14 @@ def breadcrumbs(
 
 
 def breadcrumbs_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    gamma: Sequence[float], lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs sparsification with TIES sign consensus."""
     kept = _breadcrumbs(deltas, density, gamma, rescale)
@@ -211,9 +239,15 @@ def _della(deltas, density, epsilon, generators, rescale):
 
 
 def della(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    epsilon: Sequence[float], generators: Sequence[torch.Generator], lambda_: float = 1.0,
-    normalize: bool = True, rescale: bool = True,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA: magnitude-ranked random drop (MagPrune), then TIES sign consensus."""
     kept = _della(deltas, density, epsilon, generators, rescale)
@@ -221,9 +255,15 @@ def della(
 
 
 def della_linear(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    epsilon: Sequence[float], generators: Sequence[torch.Generator], lambda_: float = 1.0,
-    normalize: bool = False, rescale: bool = True,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA MagPrune, then task arithmetic."""
     kept = _della(deltas, density, epsilon, generators, rescale)
@@ -263,7 +303,11 @@ class Param:
     def check(self, value: Any) -> str | None:
         """An error sentence for a bad value, or None."""
         if self.choices is not None:
-            return None if value in self.choices else f"must be one of {list(self.choices)}, got {value!r}"
+            return (
+                None
+                if value in self.choices
+                else f"must be one of {list(self.choices)}, got {value!r}"
+            )
         if self.kind is bool:
             return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
         if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -52,8 +52,14 @@ def versions_text(found: dict[str, Any] | None = None) -> str:
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # status takes no index lock
     try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=_GIT_TIMEOUT, check=False, env=env)
+        return subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT,
+            check=False,
+            env=env,
+        )
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 

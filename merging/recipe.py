@@ -107,17 +107,26 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _check_rank_options(opts: EmomergeOptions, path: Path) -> None:
     if opts.rank == "auto" and opts.max_error is None:
-        raise key_error(path, "emomerge.rank", "auto needs emomerge.max_error (the largest "
-                        "relative Frobenius error per module, in (0, 1))")
+        raise key_error(
+            path,
+            "emomerge.rank",
+            "auto needs emomerge.max_error (the largest "
+            "relative Frobenius error per module, in (0, 1))",
+        )
     if opts.refactor == "best" and opts.rank == "auto":
-        raise key_error(path, "emomerge.refactor", "best needs a fixed emomerge.rank (rank: auto "
-                        "already picks the projection or the SVD per module)")
+        raise key_error(
+            path,
+            "emomerge.refactor",
+            "best needs a fixed emomerge.rank (rank: auto "
+            "already picks the projection or the SVD per module)",
+        )
     if opts.max_error is not None:
         if opts.rank != "auto":
             raise key_error(path, "emomerge.max_error", "needs emomerge.rank: auto")
         if not (math.isfinite(opts.max_error) and 0 < opts.max_error < 1):
-            raise key_error(path, "emomerge.max_error",
-                            f"must be a number in (0, 1), got {opts.max_error!r}")
+            raise key_error(
+                path, "emomerge.max_error", f"must be a number in (0, 1), got {opts.max_error!r}"
+            )
 
 
 def _method_or_error(name: str, path: Path):
@@ -164,9 +173,17 @@ def adapter_path(model: str, base_model: str | None, root: Path) -> Path:
 
 
 def run_recipe(
-    path: str | Path, out: str | Path, *, root: str | Path | None = None, force: bool = False,
-    output: str | None = None, base: str | Path | None = None, progress: bool = False,
-    allow_pickle: bool = False, allow_base_mismatch: bool = False, allow_lineage_mismatch: bool = False,
+    path: str | Path,
+    out: str | Path,
+    *,
+    root: str | Path | None = None,
+    force: bool = False,
+    output: str | None = None,
+    base: str | Path | None = None,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    allow_base_mismatch: bool = False,
+    allow_lineage_mismatch: bool = False,
 ) -> MergeResult:
     """Run a recipe natively (command-line ``output``/``base`` override the recipe's)."""
     path = Path(path)
@@ -225,16 +242,22 @@ def export_mergekit(
         base_model = str(Path(base_model).resolve())
     mk_method = method.mergekit
     if mk_method is None:
-        raise MergeInputError(f"merge_method '{method.name}': mergekit has no equivalent; cannot export")
+        raise MergeInputError(
+            f"merge_method '{method.name}': mergekit has no equivalent; cannot export"
+        )
     if recipe.parameters.get("paper"):
-        raise MergeInputError("parameters.paper: the paper-faithful TIES rule has no mergekit equivalent")
+        raise MergeInputError(
+            "parameters.paper: the paper-faithful TIES rule has no mergekit equivalent"
+        )
     if recipe.parameters.get("space", "dense") != "dense":
         raise MergeInputError(
             f"parameters.space: mergekit merges dense weights only; space "
             f"'{recipe.parameters['space']}' cannot be exported"
         )
     if recipe.parameters.get("rescale") == "density":
-        raise MergeInputError("parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent")
+        raise MergeInputError(
+            "parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent"
+        )
     globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper", "space")}
     if method.name == "linear":
         # mergekit's linear averages whole models and, given a base_model, counts the base as one
@@ -267,7 +290,9 @@ def export_mergekit(
         if "weight" not in model_params:
             model_params["weight"] = 1.0
         doc["models"].append({"model": f"{base_model}+{adapter}", "parameters": model_params})
-    shared = {k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)}
+    shared = {
+        k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)
+    }
     # Write every default explicitly: the file must mean the same whatever mergekit's defaults become.
     for p in method.params:
         if not p.per_adapter and p.name not in ("paper", "space") and p.name not in shared:

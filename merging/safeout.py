@@ -51,7 +51,9 @@ def check_not_an_input(out: Path, inputs: Sequence[str | Path]) -> None:
         if target in src.parents:
             raise OutputError(f"{out}: --out contains the input {item}; refusing to replace it")
         if src in target.parents and src.is_dir():
-            raise OutputError(f"{out}: --out is inside the input folder {item}; pick a folder elsewhere")
+            raise OutputError(
+                f"{out}: --out is inside the input folder {item}; pick a folder elsewhere"
+            )
 
 
 def why_not_replaceable(folder: Path) -> str | None:
@@ -80,7 +82,9 @@ def check_folder_target(out: Path, inputs: Sequence[str | Path], *, force: bool)
     if not out.is_dir():
         raise OutputError(f"{out}: --out exists and is not a folder; refusing to replace it")
     if not force:
-        raise OutputError(f"{out}: already exists (pass --force to replace an earlier emomerge output)")
+        raise OutputError(
+            f"{out}: already exists (pass --force to replace an earlier emomerge output)"
+        )
     reason = why_not_replaceable(out)
     if reason is not None:
         raise OutputError(
@@ -106,14 +110,20 @@ def check_file_target(out: Path, inputs: Sequence[str | Path], *, force: bool) -
     except (OSError, UnicodeDecodeError):
         first = ""
     if not first.startswith(EXPORT_MARK):
-        raise OutputError(f"{out}: not a YAML exported by emomerge; --force replaces only an earlier export")
+        raise OutputError(
+            f"{out}: not a YAML exported by emomerge; --force replaces only an earlier export"
+        )
     return True
 
 
 # -- publishing (the mechanism is atomic.py's) ---------------------------------------------
 @contextlib.contextmanager
 def output_folder(
-    out: Path, *, force: bool, inputs: Sequence[str | Path] = (), needed_bytes: int | None = None,
+    out: Path,
+    *,
+    force: bool,
+    inputs: Sequence[str | Path] = (),
+    needed_bytes: int | None = None,
     note: Note = stderr_note,
 ) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; it becomes ``out`` only on success.
@@ -123,18 +133,34 @@ def output_folder(
     """
     out = Path(out)
     check_folder_target(out, inputs, force=force)
-    with atomic_folder(out, replace=True, lock=True, needed_bytes=needed_bytes, note=note,
-                       check=lambda: check_folder_target(out, inputs, force=force)) as tmp:
+    with atomic_folder(
+        out,
+        replace=True,
+        lock=True,
+        needed_bytes=needed_bytes,
+        note=note,
+        check=lambda: check_folder_target(out, inputs, force=force),
+    ) as tmp:
         yield tmp
 
 
 def write_text_output(
-    out: Path, text: str, *, force: bool, inputs: Sequence[str | Path] = (), note: Note = stderr_note,
+    out: Path,
+    text: str,
+    *,
+    force: bool,
+    inputs: Sequence[str | Path] = (),
+    note: Note = stderr_note,
 ) -> None:
     """Write an exported text file atomically, with the rules of :func:`output_folder` (an
     existing file is replaced with ``force`` only if it is an earlier export)."""
     out = Path(out)
     check_file_target(out, inputs, force=force)
-    with atomic_file(out, unchanged=True, lock=True, note=note,
-                     check=lambda: check_file_target(out, inputs, force=force)) as fh:
+    with atomic_file(
+        out,
+        unchanged=True,
+        lock=True,
+        note=note,
+        check=lambda: check_file_target(out, inputs, force=force),
+    ) as fh:
         fh.write(text)

@@ -105,7 +105,10 @@ def _cts_split(rank: int, n: int, common_fraction: float) -> tuple[int, int]:
 
 
 def iso_cts(
-    deltas: torch.Tensor, weights: torch.Tensor, *, common_space_fraction: float = 0.8,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    common_space_fraction: float = 0.8,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """Iso-CTS (Marczak et al., ICML 2025, §4; code: iso_cts): flat spectrum, common + task subspaces.

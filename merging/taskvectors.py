@@ -112,8 +112,12 @@ def _cumulative(idx: int, chain: _Chain, stack: tuple[int, ...] = ()) -> Combo:
     combo: Combo = defaultdict(float)
     if parent_dir is None or meta is None or meta.lineage.mode is None:
         combo[idx] += 1.0
-    elif (meta.lineage.mode == "continued" and chain.allow_missing_continued
-          and parent_dir not in chain.index_of and not parent_dir.exists()):
+    elif (
+        meta.lineage.mode == "continued"
+        and chain.allow_missing_continued
+        and parent_dir not in chain.index_of
+        and not parent_dir.exists()
+    ):
         # The parent's update cancels (U_parent − ΔW_parent) when the chain above it is
         # continued too, which is what training writes; recorded, since it is not checked.
         chain.assumed.append(
@@ -146,8 +150,14 @@ def _check_parent(child: LoraAdapter, parent: LoraAdapter, chain: _Chain) -> Non
     found = parent.sha256
     if found == recorded:
         return
-    chain.mismatches.append({"child": str(child.path), "parent": str(parent.weights_file),
-                             "recorded_sha256": recorded, "found_sha256": found})
+    chain.mismatches.append(
+        {
+            "child": str(child.path),
+            "parent": str(parent.weights_file),
+            "recorded_sha256": recorded,
+            "found_sha256": found,
+        }
+    )
     if not chain.allow_lineage_mismatch:
         raise MergeInputError(
             f"{parent.weights_file}: sha256 {found[:12]}… differs from the parent_sha256 "
@@ -207,9 +217,13 @@ def build_task_vectors(
         raise MergeInputError(f"{dup}: the same adapter is given twice")
     if reference == "previous":
         _check_lineage_recorded(inputs)
-    chain = _Chain(list(inputs), {p: i for i, p in enumerate(resolved)}, allow_pickle,
-                   allow_missing_continued=reference == "base",
-                   allow_lineage_mismatch=allow_lineage_mismatch)
+    chain = _Chain(
+        list(inputs),
+        {p: i for i, p in enumerate(resolved)},
+        allow_pickle,
+        allow_missing_continued=reference == "base",
+        allow_lineage_mismatch=allow_lineage_mismatch,
+    )
     pool, index_of = chain.pool, chain.index_of
 
     combos: list[Combo] = []
@@ -230,9 +244,17 @@ def build_task_vectors(
         check_finite(adapter)
     used = {j for combo in combos for j in combo}
     modules = sorted({m for j in used for m in pool[j].modules}, key=_natural_key)
-    return TaskVectors(inputs, pool, combos, reference, modules, {m: shapes[m] for m in modules},
-                       lineage_mismatches=chain.mismatches, lineage_assumed=chain.assumed,
-                       lineage_missing=[str(a.path) for a in pool if a.metadata is None])
+    return TaskVectors(
+        inputs,
+        pool,
+        combos,
+        reference,
+        modules,
+        {m: shapes[m] for m in modules},
+        lineage_mismatches=chain.mismatches,
+        lineage_assumed=chain.assumed,
+        lineage_missing=[str(a.path) for a in pool if a.metadata is None],
+    )
 
 
 def _check_lineage_recorded(inputs: list[LoraAdapter]) -> None:

@@ -90,7 +90,10 @@ def distributions(modules) -> dict[str, str]:
 def declared(pyproject: Path) -> tuple[set[str], set[str]]:
     """``(dependencies, extras)`` names, normalised."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    name = lambda req: normalise(re.match(r"[A-Za-z0-9._-]+", req.strip()).group(0))
+
+    def name(req):
+        return normalise(re.match(r"[A-Za-z0-9._-]+", req.strip()).group(0))
+
     deps = {name(r) for r in project.get("dependencies", [])}
     extras = {name(r) for group in project.get("optional-dependencies", {}).values() for r in group}
     return deps, extras
@@ -102,13 +105,17 @@ def mismatch(folders, pyproject: Path) -> dict[str, list[str]]:
     deps, extras = declared(pyproject)
     want = set(needed.values()) | set(RUNTIME_ONLY)
     return {
-        "imported but not declared": sorted(f"{d} ({', '.join(sorted(required[m]))})"
-                                            for m, d in needed.items() if d not in deps),
+        "imported but not declared": sorted(
+            f"{d} ({', '.join(sorted(required[m]))})" for m, d in needed.items() if d not in deps
+        ),
         "declared but not imported": sorted(deps - want),
         "optional import of an undeclared package": sorted(
-            f"{d} ({', '.join(sorted(optional[m]))})" for m, d in distributions(
-                [m for m in optional if m in importlib.metadata.packages_distributions()]).items()
-            if d not in deps | extras and d not in _FALLBACKS),
+            f"{d} ({', '.join(sorted(optional[m]))})"
+            for m, d in distributions(
+                [m for m in optional if m in importlib.metadata.packages_distributions()]
+            ).items()
+            if d not in deps | extras and d not in _FALLBACKS
+        ),
     }
 
 
@@ -138,8 +145,10 @@ def test_an_undeclared_import_is_caught(tmp_path):
         "    try:\n        import bitsandbytes\n    except ImportError:\n        pass\n"
     )
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\ndependencies = ["numpy>=1", "torchvision", "PyYAML"]\n'
-                         '[project.optional-dependencies]\ngpu = ["bitsandbytes"]\n')
+    pyproject.write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy>=1", "torchvision", "PyYAML"]\n'
+        '[project.optional-dependencies]\ngpu = ["bitsandbytes"]\n'
+    )
     got = mismatch([pkg], pyproject)
     assert got["imported but not declared"] == [f"scipy ({pkg / 'a.py'})"]
     assert got["declared but not imported"] == ["pyyaml"]

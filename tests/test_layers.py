@@ -25,9 +25,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: top-level folder → the package it is installed as (pyproject.toml, ``package-dir``)
-FOLDERS = {"merging": "emomerge.merging", "training": "emomerge.training",
-           "evaluation": "emomerge.evaluation", "experiment": "emomerge.experiment",
-           "emomerge": "emomerge"}
+FOLDERS = {
+    "merging": "emomerge.merging",
+    "training": "emomerge.training",
+    "evaluation": "emomerge.evaluation",
+    "experiment": "emomerge.experiment",
+    "emomerge": "emomerge",
+}
 #: (module prefix, rank, group), most specific first; a prefix matches itself and its submodules
 LAYERS = (
     ("emomerge.merging", 0, "merging"),
@@ -84,7 +88,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - (node.level - 1)])
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
                 source = f"{base}.{node.module}" if node.module else base
             else:
                 source = node.module or ""
@@ -114,16 +118,23 @@ def violations(root: Path) -> list[str]:
                 continue
             their_rank, their_group = layer(imp.target)
             if their_rank > rank or (their_rank == rank and their_group != group):
-                bad.append(f"{where}{imp.line}: {group} (layer {rank}) imports {imp.target} "
-                           f"({their_group}, layer {their_rank})")
+                bad.append(
+                    f"{where}{imp.line}: {group} (layer {rank}) imports {imp.target} "
+                    f"({their_group}, layer {their_rank})"
+                )
     return bad
 
 
 def test_every_module_imports_only_its_own_layer_or_a_lower_one():
     modules = find_modules(ROOT)
-    assert {"emomerge.merging.engine", "emomerge.training.models.loading",
-            "emomerge.training.trainer", "emomerge.evaluation.runner", "emomerge.experiment.run",
-            "emomerge.cli"} <= set(modules)
+    assert {
+        "emomerge.merging.engine",
+        "emomerge.training.models.loading",
+        "emomerge.training.trainer",
+        "emomerge.evaluation.runner",
+        "emomerge.experiment.run",
+        "emomerge.cli",
+    } <= set(modules)
     assert violations(ROOT) == []
 
 
@@ -136,41 +147,43 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
         "merging/__init__.py": "",
         "merging/core.py": "import torch\nfrom emomerge import __version__\n",
         "merging/bad.py": "def f():\n    import transformers\n"
-                          "    from emomerge.training.models import loading\n",
+        "    from emomerge.training.models import loading\n",
         "training/__init__.py": "",
         "training/stages.py": "from .models.loading import load\n",
         "training/models/__init__.py": "",
         "training/models/loading.py": "from emomerge.merging import core\n"
-                                      "from ..data import read\n",
+        "from ..data import read\n",
         "training/models/bad.py": "def g():\n    from ..stages import plan\n",
         "training/data/__init__.py": "from ..models import loading\n",
         "evaluation/__init__.py": "",
         "evaluation/ok.py": "from emomerge.training.data import read\n"
-                            "from emomerge.training.models.loading import load\n",
+        "from emomerge.training.models.loading import load\n",
         "evaluation/bad.py": "def h():\n    from emomerge.training.stages import plan\n"
-                             "    import emomerge.experiment.run\n"
-                             "    import emomerge.evaluation.gone\n",
+        "    import emomerge.experiment.run\n"
+        "    import emomerge.evaluation.gone\n",
         "experiment/__init__.py": "",
         "experiment/run.py": "from emomerge.evaluation import ok\nfrom emomerge.training import "
-                             "stages\nfrom . import plots\n",
+        "stages\nfrom . import plots\n",
         "experiment/plots.py": "from emomerge.cli import app\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert sorted(violations(tmp_path)) == sorted([
-        "merging/bad.py:2: merging imports transformers",
-        "merging/bad.py:3: merging (layer 0) imports emomerge.training.models.loading "
-        "(models+data, layer 1)",
-        "training/models/bad.py:2: models+data (layer 1) imports emomerge.training.stages "
-        "(training, layer 2)",
-        "evaluation/bad.py:2: evaluation (layer 2) imports emomerge.training.stages "
-        "(training, layer 2)",
-        "evaluation/bad.py:3: evaluation (layer 2) imports emomerge.experiment.run "
-        "(experiment, layer 3)",
-        "evaluation/bad.py:4: emomerge.evaluation.gone is no module",
-        "experiment/plots.py:1: experiment (layer 3) imports emomerge.cli (cli, layer 4)",
-    ])
+    assert sorted(violations(tmp_path)) == sorted(
+        [
+            "merging/bad.py:2: merging imports transformers",
+            "merging/bad.py:3: merging (layer 0) imports emomerge.training.models.loading "
+            "(models+data, layer 1)",
+            "training/models/bad.py:2: models+data (layer 1) imports emomerge.training.stages "
+            "(training, layer 2)",
+            "evaluation/bad.py:2: evaluation (layer 2) imports emomerge.training.stages "
+            "(training, layer 2)",
+            "evaluation/bad.py:3: evaluation (layer 2) imports emomerge.experiment.run "
+            "(experiment, layer 3)",
+            "evaluation/bad.py:4: emomerge.evaluation.gone is no module",
+            "experiment/plots.py:1: experiment (layer 3) imports emomerge.cli (cli, layer 4)",
+        ]
+    )
 
 
 def test_the_folders_are_the_installed_packages():
@@ -197,13 +210,16 @@ def test_no_stale_emomerge_import_in_tests_benchmarks_or_tools():
 def test_the_shared_layer_loads_without_the_trainer():
     """Evaluation's entry points and the model/data layer load no trainer, stages or curriculum
     (``training/__init__.py`` imports nothing)."""
-    code = ("import sys\n"
-            "import emomerge.evaluation.pipeline, emomerge.evaluation.runner\n"
-            "import emomerge.training.models.tiny, emomerge.training.models.loading\n"
-            "import emomerge.training.data.synthetic\n"
-            "print(sorted(m for m in sys.modules if m.startswith('emomerge.training.')\n"
-            "             and not m.startswith(('emomerge.training.models',\n"
-            "                                   'emomerge.training.data'))))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    code = (
+        "import sys\n"
+        "import emomerge.evaluation.pipeline, emomerge.evaluation.runner\n"
+        "import emomerge.training.models.tiny, emomerge.training.models.loading\n"
+        "import emomerge.training.data.synthetic\n"
+        "print(sorted(m for m in sys.modules if m.startswith('emomerge.training.')\n"
+        "             and not m.startswith(('emomerge.training.models',\n"
+        "                                   'emomerge.training.data'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.split("\n")[0] == "[]"

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
+
 from emomerge.merging.config import (
     SafeName,
     Strict,
@@ -20,7 +22,6 @@ from emomerge.merging.config import (
     require_mapping,
     validate,
 )
-from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
 from .data import DATASETS
 
@@ -149,8 +150,9 @@ class Stage(Strict):
     @model_validator(mode="after")
     def _eval_path_needs_a_split(self) -> Stage:
         if self.eval_path is not None and self.eval_split is None:
-            raise ValueError("'eval_path' names an evaluation file but 'eval_split' is null; "
-                             "drop one of them")
+            raise ValueError(
+                "'eval_path' names an evaluation file but 'eval_split' is null; drop one of them"
+            )
         return self
 
     @model_serializer(mode="wrap")

@@ -51,7 +51,9 @@ def streamed_method(method: MergeMethod | str, resolved: dict[str, Any]) -> Merg
     """``method`` as a ``MergeMethod`` the streamed path computes, else ValueError."""
     m = method_of(method)
     if m is None or not supports(m, resolved):
-        raise ValueError(f"{getattr(m, 'name', method)}: not a streamed method (with these parameters)")
+        raise ValueError(
+            f"{getattr(m, 'name', method)}: not a streamed method (with these parameters)"
+        )
     return m
 
 
@@ -72,7 +74,9 @@ class Plan:
     divide: float | None = None  # bernoulli_inverse: ÷ density
 
 
-def adapter_spec(method: MergeMethod, resolved: dict, i: int, numel: int) -> tuple[Sparsifier, dict]:
+def adapter_spec(
+    method: MergeMethod, resolved: dict, i: int, numel: int
+) -> tuple[Sparsifier, dict]:
     """Adapter i's sparsifier and what its stats need (``sparsify.py``'s rules, per tensor of
     ``numel`` entries): ``ks`` (top-k counts; a band keeps the first minus the second), ``p``
     (keep probability), ``eps`` (MagPrune's spread), ``rescale``."""
@@ -95,8 +99,9 @@ def adapter_spec(method: MergeMethod, resolved: dict, i: int, numel: int) -> tup
     raise ValueError(f"{method.name}: sparsifier {kind.value} has no streamed plan")
 
 
-def magnitude_plan(f: Factors, spec: dict, blocks: Sequence[tuple[int, int]], exact_below: int,
-                   dtype: torch.dtype) -> Plan:
+def magnitude_plan(
+    f: Factors, spec: dict, blocks: Sequence[tuple[int, int]], exact_below: int, dtype: torch.dtype
+) -> Plan:
     """The exact top-k (or band) plan of τ = L R, with its rescale factor."""
     ks, rescale = spec["ks"], spec["rescale"]
     descs = _stats_magnitude(f[0], f[1], ks, rescale, blocks, exact_below)
@@ -107,7 +112,9 @@ def magnitude_plan(f: Factors, spec: dict, blocks: Sequence[tuple[int, int]], ex
         total = keep.total_abs_sum
         if total is None:  # dense selection: Σ|τ| of everything
             total = float((f[0] @ f[1]).abs().sum(dtype=torch.float64))
-        kept = keep.kept_abs_sum - (drop.kept_abs_sum if drop is not None and not drop.nothing else 0.0)
+        kept = keep.kept_abs_sum - (
+            drop.kept_abs_sum if drop is not None and not drop.nothing else 0.0
+        )
         scale = _ratio(total, kept, dtype)
     if drop is None:
         if keep.everything:
@@ -120,8 +127,14 @@ def magnitude_plan(f: Factors, spec: dict, blocks: Sequence[tuple[int, int]], ex
     return Plan("band", keep=keep, drop=drop, scale=scale)
 
 
-def random_plan(f: Factors, spec: dict, gen: torch.Generator, shape: tuple[int, int],
-                blocks: Sequence[tuple[int, int]], dtype: torch.dtype) -> Plan:
+def random_plan(
+    f: Factors,
+    spec: dict,
+    gen: torch.Generator,
+    shape: tuple[int, int],
+    blocks: Sequence[tuple[int, int]],
+    dtype: torch.dtype,
+) -> Plan:
     """The drawn keep mask of τ = L R (``spec["kind"]``: the random sparsifier), with its rescale
     factor or DARE's 1/p."""
     mask, before, after = _stats_random(f[0], f[1], shape, spec, gen, blocks)

@@ -35,11 +35,21 @@ _STAGE_BYTES = 4 << 20  # merged rows gathered before each projection update (ad
 
 
 def merge_factors(
-    method: MergeMethod | str, factors: Sequence[Factors | None], shape: tuple[int, int],
-    resolved: dict, rank: int | None, *, generators: Sequence[torch.Generator] | None = None, workers: int | None = None,
-    block_rows: int | None = None, exact_below: int = _EXACT_BELOW, oversample: int = 8,
-    refactor_generator: torch.Generator | None = None, max_error: float | None = None,
-    info: dict | None = None, refactor: str = "projection",
+    method: MergeMethod | str,
+    factors: Sequence[Factors | None],
+    shape: tuple[int, int],
+    resolved: dict,
+    rank: int | None,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    workers: int | None = None,
+    block_rows: int | None = None,
+    exact_below: int = _EXACT_BELOW,
+    oversample: int = 8,
+    refactor_generator: torch.Generator | None = None,
+    max_error: float | None = None,
+    info: dict | None = None,
+    refactor: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-``rank`` factors ``(L', R')`` of the merged update and the exact relative error
     ‖D − L'R'‖_F / ‖D‖_F, without forming D (see the module docstring). ``method`` and the
@@ -66,9 +76,19 @@ def merge_factors(
     if refactor not in REFACTORS:
         raise ValueError(f"refactor must be one of {REFACTORS}, got {refactor!r}")
     if max_error is not None:
-        return _merge_factors_auto(method, factors, shape, resolved, max_error, generators=generators,
-                                   workers=workers, block_rows=block_rows, exact_below=exact_below,
-                                   refactor_generator=refactor_generator, info=info)
+        return _merge_factors_auto(
+            method,
+            factors,
+            shape,
+            resolved,
+            max_error,
+            generators=generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+            refactor_generator=refactor_generator,
+            info=info,
+        )
     k = min(rank, m, n)
     present = [f for f in factors if f is not None]
     basis_cols = sum(f[0].shape[1] for f in present)
@@ -76,22 +96,56 @@ def merge_factors(
     if not present:
         return torch.zeros(m, k, dtype=dtype), torch.zeros(k, n, dtype=dtype), 0.0
     if refactor == "best":
-        dense = merge_dense(method, factors, shape, resolved, generators=generators,
-                            workers=workers, block_rows=block_rows, exact_below=exact_below)
-        return _best_of(dense, _joint_basis(present, dtype), k, generator=refactor_generator, info=info)
+        dense = merge_dense(
+            method,
+            factors,
+            shape,
+            resolved,
+            generators=generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+        )
+        return _best_of(
+            dense, _joint_basis(present, dtype), k, generator=refactor_generator, info=info
+        )
     if basis_cols < k + oversample or basis_cols >= min(m, n) // 2:
-        dense = merge_dense(method, factors, shape, resolved, generators=generators,
-                            workers=workers, block_rows=block_rows, exact_below=exact_below)
+        dense = merge_dense(
+            method,
+            factors,
+            shape,
+            resolved,
+            generators=generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+        )
         return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     workers = workers or default_workers()
     q = _joint_basis(present, dtype)
     if q.shape[1] < k + oversample:
-        dense = merge_dense(method, factors, shape, resolved, generators=generators,
-                            workers=workers, block_rows=block_rows, exact_below=exact_below)
+        dense = merge_dense(
+            method,
+            factors,
+            shape,
+            resolved,
+            generators=generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+        )
         return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     with single_threaded_ops():
-        st = _Stream(method, factors, shape, resolved, generators, workers=workers,
-                     block_rows=block_rows, exact_below=exact_below)
+        st = _Stream(
+            method,
+            factors,
+            shape,
+            resolved,
+            generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+        )
 
         # merged rows are staged until ~4 MB (≥ 64 rows) before Qᵀ D is accumulated: a thin
         # block (13 rows of a 18944-wide down_proj) would re-read and re-write all of Qᵀ D
@@ -110,11 +164,11 @@ def merge_factors(
 
             def flush():
                 if held[1]:
-                    proj.addmm_(q64[held[0]:held[0] + held[1]].T, stage[: held[1]].double())
+                    proj.addmm_(q64[held[0] : held[0] + held[1]].T, stage[: held[1]].double())
                 held[0], held[1] = held[0] + held[1], 0
 
             def target(r0, r1):  # blocks are mixed straight into the stage
-                return stage[held[1]: held[1] + r1 - r0]
+                return stage[held[1] : held[1] + r1 - r0]
 
             def sink(r0, r1, block):
                 held[1] += r1 - r0
@@ -137,7 +191,9 @@ def merge_factors(
         index, exact, provisional = fixed
         delta = exact.double() - provisional.double()
         correction = np.zeros((n, q.shape[1]))
-        kernels.scatter_project(correction, q.numpy(), (index // n).numpy(), (index % n).numpy(), delta.numpy())
+        kernels.scatter_project(
+            correction, q.numpy(), (index // n).numpy(), (index % n).numpy(), delta.numpy()
+        )
         proj += torch.from_numpy(correction).T
         norm2 += float((exact.double() ** 2).sum() - (provisional.double() ** 2).sum())
     if norm2 == 0.0:
@@ -150,8 +206,14 @@ def merge_factors(
     return _projected_factors(q, proj, s2, u, norm2, k, dtype)
 
 
-def _best_of(dense: torch.Tensor, q: torch.Tensor, k: int, *, generator: torch.Generator | None,
-             info: dict | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _best_of(
+    dense: torch.Tensor,
+    q: torch.Tensor,
+    k: int,
+    *,
+    generator: torch.Generator | None,
+    info: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``refactor="best"``: of two rank-k factorisations of the dense merged update D, the one
     closer to D (a tie keeps the projection), with its error measured on the product.
 
@@ -206,8 +268,8 @@ def _project(q: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, float]
     proj = torch.zeros(q.shape[1], n, dtype=torch.float64)
     norm2 = 0.0
     for r0 in range(0, m, rows):
-        block = dense[r0:r0 + rows].double()
-        proj.addmm_(q64[r0:r0 + rows].T, block)
+        block = dense[r0 : r0 + rows].double()
+        proj.addmm_(q64[r0 : r0 + rows].T, block)
         norm2 += float(torch.linalg.vector_norm(block)) ** 2
     return proj, norm2
 
@@ -229,7 +291,9 @@ def _core(proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s2.flip(0).clamp_min(0), u.flip(1)
 
 
-def _projected_factors(q, proj, s2, u, norm2: float, k: int, dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _projected_factors(
+    q, proj, s2, u, norm2: float, k: int, dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L' = Q U_k S_k, R' = V_kᵀ = S_k⁻¹ U_kᵀ (Qᵀ D), and the exact error ‖D‖² − Σ_{j≤k} s_j²."""
     n = proj.shape[1]
     s2, u = s2[:k], u[:, :k]
@@ -250,8 +314,18 @@ def _note(info: dict | None, how: str, basis: int | None, rho: float | None) -> 
 
 
 def _merge_factors_auto(
-    method: MergeMethod | str, factors: Sequence[Factors | None], shape: tuple[int, int],
-    resolved: dict, max_error: float, *, generators, workers, block_rows, exact_below, refactor_generator, info,
+    method: MergeMethod | str,
+    factors: Sequence[Factors | None],
+    shape: tuple[int, int],
+    resolved: dict,
+    max_error: float,
+    *,
+    generators,
+    workers,
+    block_rows,
+    exact_below,
+    refactor_generator,
+    info,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``merge_factors`` with ``--rank auto``: the smallest rank with error ≤ ``max_error``."""
     from ..lowrank import AUTO_SPAN, auto_rank, out_of_span, refactor_auto
@@ -262,8 +336,16 @@ def _merge_factors_auto(
     if not present:
         _note(info, "svd", 0, 0.0)
         return torch.zeros(m, 1, dtype=dtype), torch.zeros(1, n, dtype=dtype), 0.0
-    dense = merge_dense(method, factors, shape, resolved, generators=generators,
-                        workers=workers, block_rows=block_rows, exact_below=exact_below)
+    dense = merge_dense(
+        method,
+        factors,
+        shape,
+        resolved,
+        generators=generators,
+        workers=workers,
+        block_rows=block_rows,
+        exact_below=exact_below,
+    )
     if sum(f[0].shape[1] for f in present) < min(m, n) // 2:
         q = _joint_basis(present, dtype)
         proj = (q.T @ dense).double()  # [q, in]
@@ -278,4 +360,3 @@ def _merge_factors_auto(
             _note(info, "projection", q.shape[1], rho)
             return _projected_factors(q, proj, s2, u, norm2, k, dtype)
     return refactor_auto(dense, max_error, generator=refactor_generator, info=info)
-

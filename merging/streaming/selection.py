@@ -54,7 +54,9 @@ class TopK:
     total_abs_sum: float | None = None  # Σ|τ| over all entries (streamed selections, rescale)
 
 
-def _topk_from_values(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def _topk_from_values(
+    values: torch.Tensor, index: torch.Tensor, k: int
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Threshold, kept ties (flat indices) and the kept-candidates mask for the k largest of
     ``values`` (ascending ``index`` order), ties at the threshold by lower index."""
     t = torch.kthvalue(values, values.numel() - k + 1).values
@@ -65,7 +67,9 @@ def _topk_from_values(values: torch.Tensor, index: torch.Tensor, k: int) -> tupl
     return float(t), index[keep_at], above | keep_at
 
 
-def _select_candidates(values: np.ndarray, index: np.ndarray, need: int, sums: bool) -> tuple[float, torch.Tensor, float]:
+def _select_candidates(
+    values: np.ndarray, index: np.ndarray, need: int, sums: bool
+) -> tuple[float, torch.Tensor, float]:
     """The ``need`` largest of the bracket's candidates (flat ``index`` ascending): threshold,
     kept ties (lower index first) and, when ``sums``, the kept values' Σ."""
     t = np.partition(values, values.size - need)[values.size - need]
@@ -81,7 +85,12 @@ def _descriptor_dense(a: torch.Tensor, k: int, *, sums: bool) -> TopK:
     if k <= 0:
         return TopK(0.0, _EMPTY, nothing=True)
     if k >= n:
-        return TopK(0.0, _EMPTY, everything=True, kept_abs_sum=float(a.sum(dtype=torch.float64)) if sums else 0.0)
+        return TopK(
+            0.0,
+            _EMPTY,
+            everything=True,
+            kept_abs_sum=float(a.sum(dtype=torch.float64)) if sums else 0.0,
+        )
     flat = a.reshape(-1)
     t, ties, kept = _topk_from_values(flat, torch.arange(n), k)
     total = float(flat[kept].sum(dtype=torch.float64)) if sums else 0.0
@@ -124,7 +133,10 @@ def _bracket(sample: np.ndarray, n: int, k: int, z: float = _Z[0]) -> tuple[floa
     # (~5x cheaper than partitioning the whole sample), else from the whole sample
     sub = sample[: min(s, 4096)]
     pad = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / sub.size) / sub.size) + delta
-    a_i, b_i = max(0, math.floor((q - pad) * sub.size)), min(sub.size - 1, math.ceil((q + pad) * sub.size))
+    a_i, b_i = (
+        max(0, math.floor((q - pad) * sub.size)),
+        min(sub.size - 1, math.ceil((q + pad) * sub.size)),
+    )
     a, b = np.partition(sub, [a_i, b_i])[[a_i, b_i]]
     below = int(np.count_nonzero(sample < a))
     inside = sample[(sample >= a) & (sample <= b)]
@@ -150,19 +162,40 @@ def _count_pass(L, R, blocks, brackets: list[tuple[float, float]], sums: bool, e
     union = np.empty((n + 31) // 32, np.uint32)
     if not brackets and sums:  # Σ|τ| only: a bracket nothing falls into
         brackets, expect = [(math.inf, math.inf)], [0]
-    state = [{"lo": kernels.as_scalar(lo, npd), "hi": kernels.as_scalar(hi, npd), "above": 0,
-              "above_sum": 0.0, "pos": 0, "vals": np.empty((1, cap), npd), "idx": np.empty((1, cap), np.int64)}
-             for (lo, hi), cap in zip(brackets, expect)]
+    state = [
+        {
+            "lo": kernels.as_scalar(lo, npd),
+            "hi": kernels.as_scalar(hi, npd),
+            "above": 0,
+            "above_sum": 0.0,
+            "pos": 0,
+            "vals": np.empty((1, cap), npd),
+            "idx": np.empty((1, cap), np.int64),
+        }
+        for (lo, hi), cap in zip(brackets, expect)
+    ]
     total = 0.0
     for r0, r1 in blocks:
         torch.matmul(L[r0:r1], R, out=tau[: r1 - r0])
         for j, st in enumerate(state):
             while True:
                 above, pos, above_sum, block_total = kernels.bracket_count(
-                    tau_np, r1 - r0, st["lo"], st["hi"], st["vals"], st["idx"], st["pos"], r0 * n, sums, union)
+                    tau_np,
+                    r1 - r0,
+                    st["lo"],
+                    st["hi"],
+                    st["vals"],
+                    st["idx"],
+                    st["pos"],
+                    r0 * n,
+                    sums,
+                    union,
+                )
                 if pos <= st["vals"].shape[1]:
                     break
-                grow = max(2 * st["vals"].shape[1], pos + 4096)  # too few slots: grow, redo the block
+                grow = max(
+                    2 * st["vals"].shape[1], pos + 4096
+                )  # too few slots: grow, redo the block
                 st["vals"] = _grow(st["vals"], grow)
                 st["idx"] = _grow(st["idx"], grow)
             st["above"] += above
@@ -170,8 +203,11 @@ def _count_pass(L, R, blocks, brackets: list[tuple[float, float]], sums: bool, e
             st["pos"] = pos
             if j == 0:
                 total += block_total
-    found = [(st["above"], st["above_sum"], st["vals"][0, : st["pos"]], st["idx"][0, : st["pos"]])
-             for st in state if not math.isinf(float(st["lo"]))]
+    found = [
+        (st["above"], st["above_sum"], st["vals"][0, : st["pos"]], st["idx"][0, : st["pos"]])
+        for st in state
+        if not math.isinf(float(st["lo"]))
+    ]
     return found, total
 
 
@@ -228,7 +264,9 @@ def _stats_magnitude(L, R, ks: list[int], rescale: bool, blocks, exact_below: in
     return out
 
 
-def _stats_random(L, R, shape, spec: dict, gen: torch.Generator, blocks) -> tuple[torch.Tensor, float, float]:
+def _stats_random(
+    L, R, shape, spec: dict, gen: torch.Generator, blocks
+) -> tuple[torch.Tensor, float, float]:
     """Draw the adapter's keep mask in row-major order (the dense path's stream) and the L1 sums."""
     m, n = shape
     mask = torch.empty(m, n, dtype=torch.bool)
@@ -256,4 +294,3 @@ def _ratio(before: float, after: float, dtype) -> torch.Tensor | None:
     if before < _EPS or after < _EPS:
         return None
     return torch.tensor(before / after, dtype=dtype)
-

@@ -60,9 +60,18 @@ class _Stream:
     """One module's streamed merge: the plans (single pass or stats pass) and the mix of row
     blocks, for a method the streamed path ``supports``."""
 
-    def __init__(self, method: MergeMethod | str, factors: Sequence[Factors | None], shape: tuple[int, int],
-                 resolved: dict, generators: Sequence[torch.Generator] | None, *, workers: int,
-                 block_rows: int | None, exact_below: int):
+    def __init__(
+        self,
+        method: MergeMethod | str,
+        factors: Sequence[Factors | None],
+        shape: tuple[int, int],
+        resolved: dict,
+        generators: Sequence[torch.Generator] | None,
+        *,
+        workers: int,
+        block_rows: int | None,
+        exact_below: int,
+    ):
         self.method = streamed_method(method, resolved)
         self.factors, self.shape, self.resolved = list(factors), tuple(shape), resolved
         self.n = len(self.factors)
@@ -95,11 +104,15 @@ class _Stream:
         numel = self.shape[0] * self.shape[1]
         if numel <= self.exact_below or not by_sign(self.method):
             return None
-        kinds = [adapter_spec(self.method, self.resolved, i, numel) if f is not None else (None, {})
-                 for i, f in enumerate(self.factors)]
-        if any(kind not in (None, Sparsifier.NONE)
-               and not (kind is Sparsifier.MAGNITUDE and len(spec["ks"]) == 1 and not spec["rescale"])
-               for kind, spec in kinds):
+        kinds = [
+            adapter_spec(self.method, self.resolved, i, numel) if f is not None else (None, {})
+            for i, f in enumerate(self.factors)
+        ]
+        if any(
+            kind not in (None, Sparsifier.NONE)
+            and not (kind is Sparsifier.MAGNITUDE and len(spec["ks"]) == 1 and not spec["rescale"])
+            for kind, spec in kinds
+        ):
             return None
         if all(kind is not Sparsifier.MAGNITUDE for kind, _ in kinds):
             return None
@@ -116,8 +129,11 @@ class _Stream:
 
         found = map_tasks([lambda i=i: bracket(i) for i in range(self.n)], self.workers)
         self.plans = [
-            Plan("zero") if kind is None else
-            Plan("none") if b is None else Plan("topk", keep=TopK(b[4], _EMPTY))
+            Plan("zero")
+            if kind is None
+            else Plan("none")
+            if b is None
+            else Plan("topk", keep=TopK(b[4], _EMPTY))
             for (kind, _), b in zip(kinds, found)
         ]
         return found
@@ -126,7 +142,9 @@ class _Stream:
         numel = self.shape[0] * self.shape[1]
         npd = _np_dtype(self.dtype)
         as_s = np.dtype(npd).type
-        frac = max((4 * _Z[0] * math.sqrt(0.25 / b[3]) for b in self.single if b is not None), default=0.0)
+        frac = max(
+            (4 * _Z[0] * math.sqrt(0.25 / b[3]) for b in self.single if b is not None), default=0.0
+        )
         rows_here = n_rows / self.shape[0]
         cap = int(numel * rows_here * min(1.0, frac)) + 4096
         ucap = min(int(cap * sum(b is not None for b in self.single)), int(numel * rows_here) + 1)
@@ -138,13 +156,24 @@ class _Stream:
             "active": np.array([b is not None for b in self.single]),
             # provisional plans: keep |τ| > t̂ (kept whole: > −1; absent: zeros anyway)
             "keep_t": np.array([b[4] if b else -1.0 for b in self.single], npd),
-            "c2": self.w.numpy(), "use_c2": np.array([w != 1.0 for w in self.weights]),
+            "c2": self.w.numpy(),
+            "use_c2": np.array([w != 1.0 for w in self.weights]),
             "above": np.zeros(self.n, np.int64),
-            "uidx": np.empty(ucap, np.int64), "uraw": np.empty((self.n, ucap), npd),
-            "upos": np.zeros(1, np.int64), "union": np.empty((n + 31) // 32, np.uint32),
+            "uidx": np.empty(ucap, np.int64),
+            "uraw": np.empty((self.n, ucap), npd),
+            "upos": np.zeros(1, np.int64),
+            "union": np.empty((n + 31) // 32, np.uint32),
             "flags": np.zeros((n + 7) // 8 * 8, np.uint8),
-            "mix": (self.w.numpy(), bool(self.resolved["normalize"]), min(self.weights) > 0, as_s(lam),
-                    lam != 1, np.empty(n, npd), np.empty(n, npd), np.empty(n, npd)),
+            "mix": (
+                self.w.numpy(),
+                bool(self.resolved["normalize"]),
+                min(self.weights) > 0,
+                as_s(lam),
+                lam != 1,
+                np.empty(n, npd),
+                np.empty(n, npd),
+                np.empty(n, npd),
+            ),
         }
 
     def _tally_mix(self, st: dict, ys: torch.Tensor, r0: int, r1: int, out: torch.Tensor) -> None:
@@ -155,9 +184,25 @@ class _Stream:
         b = r1 - r0
         while True:
             saved = st["above"].copy(), st["upos"].copy()
-            kernels.tally_mix(ys.numpy(), b, r0 * self.shape[1], st["lo"], st["hi"], st["active"],
-                              st["keep_t"], st["c2"], st["use_c2"], st["above"], st["uidx"], st["uraw"],
-                              st["upos"], st["union"], st["flags"], out.numpy(), *st["mix"])
+            kernels.tally_mix(
+                ys.numpy(),
+                b,
+                r0 * self.shape[1],
+                st["lo"],
+                st["hi"],
+                st["active"],
+                st["keep_t"],
+                st["c2"],
+                st["use_c2"],
+                st["above"],
+                st["uidx"],
+                st["uraw"],
+                st["upos"],
+                st["union"],
+                st["flags"],
+                out.numpy(),
+                *st["mix"],
+            )
             if st["upos"][0] <= st["uidx"].size:
                 return
             st["above"][:], st["upos"][:] = saved
@@ -191,8 +236,9 @@ class _Stream:
                 continue
             above = sum(int(t["above"][i]) for t in tallies)
             values, index = np.empty(count, uraw.dtype), np.empty(count, np.int64)
-            got = kernels.bracket_candidates(uraw[i], count, uraw.dtype.type(b[0]), uraw.dtype.type(b[1]),
-                                             uidx, values, index)  # this adapter's candidates
+            got = kernels.bracket_candidates(
+                uraw[i], count, uraw.dtype.type(b[0]), uraw.dtype.type(b[1]), uidx, values, index
+            )  # this adapter's candidates
             values, index = values[:got], index[:got]
             need = b[2] - above
             if need < 0 or need > values.size:
@@ -207,7 +253,9 @@ class _Stream:
         provisional_t = np.array([p.keep.t if a else 0.0 for p, a in zip(self.plans, active)], npd)
         exact_t = np.array([p.keep.t if a else 0.0 for p, a in zip(exact, active)], npd)
         raw_out, index_out = np.empty((self.n, count), uraw.dtype), np.empty(count, np.int64)
-        got = kernels.decisions_differ(uraw, uidx, count, provisional_t, exact_t, active, raw_out, index_out)
+        got = kernels.decisions_differ(
+            uraw, uidx, count, provisional_t, exact_t, active, raw_out, index_out
+        )
         uidx, uraw = index_out[:got], raw_out[:, :got]  # _mix_points mixes copies in place
         provisional = self._mix_points(uraw.copy(), uidx, self.plans)
         self.plans = exact
@@ -249,12 +297,18 @@ class _Stream:
             elif kind is Sparsifier.NONE:
                 tasks.append(lambda: Plan("none"))
             elif kind in TOP_K:
-                tasks.append(lambda f=f, spec=spec: magnitude_plan(f, spec, self.blocks, exact_below,
-                                                                   self.dtype))
+                tasks.append(
+                    lambda f=f, spec=spec: magnitude_plan(
+                        f, spec, self.blocks, exact_below, self.dtype
+                    )
+                )
             else:
                 spec = {**spec, "kind": kind}
-                tasks.append(lambda f=f, spec=spec, g=generators[i]: random_plan(
-                    f, spec, g, self.shape, self.blocks, self.dtype))
+                tasks.append(
+                    lambda f=f, spec=spec, g=generators[i]: random_plan(
+                        f, spec, g, self.shape, self.blocks, self.dtype
+                    )
+                )
         return map_tasks(tasks, self.workers)
 
     def _kernel_args(self, i: int) -> tuple | None:
@@ -285,8 +339,13 @@ class _Stream:
             f = self.factors[i]
             torch.matmul(f[0][r0:r1], f[1], out=y)
 
-    def _sparsify(self, i: int, y: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor | None) -> None:
+    def _sparsify(
+        self,
+        i: int,
+        y: torch.Tensor,
+        ties: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> None:
         """τ_i (a block of ``y``) → sparsified and weighted, in place (``kernels.select``);
         ``ties``: local flat positions of the kept and dropped threshold ties."""
         from .. import kernels
@@ -297,8 +356,20 @@ class _Stream:
         args = self._args[i]
         if args is not None:
             mode, keep_t, drop_t, c1, use_c1, c2, use_c2 = args
-            kernels.select(y.numpy(), y.shape[0], mode, keep_t, drop_t, ties[0].numpy(), ties[1].numpy(),
-                           mask.numpy() if mode == 3 else _NO_MASK, c1, use_c1, c2, use_c2)
+            kernels.select(
+                y.numpy(),
+                y.shape[0],
+                mode,
+                keep_t,
+                drop_t,
+                ties[0].numpy(),
+                ties[1].numpy(),
+                mask.numpy() if mode == 3 else _NO_MASK,
+                c1,
+                use_c1,
+                c2,
+                use_c2,
+            )
         if plan.divide is not None:  # DARE's 1/p: eager, then the multiplications in order
             y.div_(plan.divide)
             if plan.scale is not None:
@@ -309,7 +380,11 @@ class _Stream:
     def _block_ties(self, i: int, r0: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan, base = self.plans[i], r0 * self.shape[1]
         keep = _local(plan.keep.ties, base, size) if plan.keep is not None else _EMPTY
-        drop = _local(plan.drop.ties, base, size) if plan.drop is not None and not plan.drop.nothing else _EMPTY
+        drop = (
+            _local(plan.drop.ties, base, size)
+            if plan.drop is not None and not plan.drop.nothing
+            else _EMPTY
+        )
         return keep, drop
 
     def _combine(self, ys: torch.Tensor, b: int, out: torch.Tensor, ties, masks=None) -> None:
@@ -320,17 +395,36 @@ class _Stream:
             self._sparsify(i, ys[i, :b], ties(i), masks(i) if masks else None)
         yb, ob = ys[:, :b], out[:b]
         if not by_sign(self.method):  # the dense path's own finish: Σ, ÷ Σw (guarded), × λ
-            mix(yb, self.w_stacked, None, normalize=bool(self.resolved.get("normalize")),
-                lambda_=self.resolved.get("lambda", 1.0), out=ob)
+            mix(
+                yb,
+                self.w_stacked,
+                None,
+                normalize=bool(self.resolved.get("normalize")),
+                lambda_=self.resolved.get("lambda", 1.0),
+                out=ob,
+            )
         else:  # sign election and the masked mean, fused (kernels.consensus)
             npd = _np_dtype(self.dtype)
             lam = self.resolved.get("lambda", 1.0)
             rowbufs = [np.empty(ys.shape[2], npd) for _ in range(3)]
-            kernels.consensus(ys.numpy(), b, out.numpy(), self.w.numpy(), bool(self.resolved["normalize"]),
-                              min(self.weights) > 0, np.dtype(npd).type(lam), lam != 1, *rowbufs)
+            kernels.consensus(
+                ys.numpy(),
+                b,
+                out.numpy(),
+                self.w.numpy(),
+                bool(self.resolved["normalize"]),
+                min(self.weights) > 0,
+                np.dtype(npd).type(lam),
+                lam != 1,
+                *rowbufs,
+            )
 
-    def mix_rows(self, blocks, sink: Callable[[int, int, torch.Tensor], None],
-                 target: Callable[[int, int], torch.Tensor] | None = None) -> dict | None:
+    def mix_rows(
+        self,
+        blocks,
+        sink: Callable[[int, int, torch.Tensor], None],
+        target: Callable[[int, int], torch.Tensor] | None = None,
+    ) -> dict | None:
         """Mix the row blocks ``blocks`` and hand each merged block to ``sink(r0, r1, block)``.
         ``target(r0, r1)``: where to write a block (a contiguous ``[r1 - r0, in]`` view; default
         a buffer of this call). In the single pass, also tally them: returns the tally for
@@ -350,9 +444,15 @@ class _Stream:
             if tally is not None:
                 self._tally_mix(tally, ys, r0, r1, out)
             else:
-                self._combine(ys, b, out, lambda i, r0=r0, b=b: self._block_ties(i, r0, b * cols),
-                              lambda i, r0=r0, r1=r1: None if self.plans[i].mask is None
-                              else self.plans[i].mask[r0:r1])
+                self._combine(
+                    ys,
+                    b,
+                    out,
+                    lambda i, r0=r0, b=b: self._block_ties(i, r0, b * cols),
+                    lambda i, r0=r0, r1=r1: (
+                        None if self.plans[i].mask is None else self.plans[i].mask[r0:r1]
+                    ),
+                )
             sink(r0, r1, out)
         return tally
 
@@ -360,7 +460,7 @@ class _Stream:
         """The row blocks as contiguous runs, one per worker."""
         w = max(1, min(self.workers, len(self.blocks)))
         per = math.ceil(len(self.blocks) / w)
-        return [self.blocks[s:s + per] for s in range(0, len(self.blocks), per)]
+        return [self.blocks[s : s + per] for s in range(0, len(self.blocks), per)]
 
 
 def _positions(plan: Plan, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,11 +479,17 @@ def _local(index: torch.Tensor, base: int, size: int) -> torch.Tensor:
     return sel - base
 
 
-
 def merge_dense(
-    method: MergeMethod | str, factors: Sequence[Factors | None], shape: tuple[int, int],
-    resolved: dict, *, generators: Sequence[torch.Generator] | None = None, workers: int | None = None,
-    block_rows: int | None = None, exact_below: int = _EXACT_BELOW, out: torch.Tensor | None = None,
+    method: MergeMethod | str,
+    factors: Sequence[Factors | None],
+    shape: tuple[int, int],
+    resolved: dict,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    workers: int | None = None,
+    block_rows: int | None = None,
+    exact_below: int = _EXACT_BELOW,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged update of one module, dense ``[out, in]``, from each adapter's factors.
 
@@ -394,8 +500,16 @@ def merge_dense(
     """
     workers = workers or default_workers()
     with single_threaded_ops():
-        st = _Stream(method, factors, shape, resolved, generators, workers=workers,
-                     block_rows=block_rows, exact_below=exact_below)
+        st = _Stream(
+            method,
+            factors,
+            shape,
+            resolved,
+            generators,
+            workers=workers,
+            block_rows=block_rows,
+            exact_below=exact_below,
+        )
         result = out if out is not None else torch.empty(shape, dtype=st.dtype)
 
         def sink(r0, r1, block):  # the blocks are written in place
@@ -404,14 +518,17 @@ def merge_dense(
         def target(r0, r1):
             return result[r0:r1]
 
-        tallies = map_tasks([lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers)
+        tallies = map_tasks(
+            [lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers
+        )
         if st.single is not None:
             fixed = st.resolve(tallies)
             if fixed is None:  # a bracket missed: the two passes
                 st.two_pass()
-                map_tasks([lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers)
+                map_tasks(
+                    [lambda run=run: st.mix_rows(run, sink, target) for run in st.split()], workers
+                )
             else:
                 index, exact, _ = fixed
                 result.view(-1)[index] = exact
     return result
-

@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 
 from emomerge.evaluation import bootstrap, leaderboard, runner, sufficient
-from emomerge.experiment import report as experiment_report
 from emomerge.evaluation.metrics import CORRECTNESS, HEADLINE, METRICS, REPORTED, TASKS
+from emomerge.experiment import report as experiment_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,8 +49,11 @@ def _metric_literals(path: Path) -> list[tuple[int, list[str]]]:
             items = [k for k in node.keys if k is not None]
         else:
             continue
-        names = [e.value for e in items
-                 if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in METRICS]
+        names = [
+            e.value
+            for e in items
+            if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in METRICS
+        ]
         if len(names) >= 2:
             found.append((node.lineno, names))
     return found

@@ -8,19 +8,28 @@ from pathlib import Path
 
 import pytest
 import yaml
-from emomerge.experiment.run import curriculum_of
-from emomerge.experiment.config import load_experiment
-from emomerge.merging.errors import InputError
-from emomerge.training.curriculum import LoraSettings, TrainSettings, parse_curriculum
 from typer.testing import CliRunner
 
+from emomerge.experiment.config import load_experiment
+from emomerge.experiment.run import curriculum_of
+from emomerge.merging.errors import InputError
+from emomerge.training.curriculum import LoraSettings, TrainSettings, parse_curriculum
+
 CURRICULUM = {
-    "base_model": "unused/base", "lineage": "continued",
+    "base_model": "unused/base",
+    "lineage": "continued",
     "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
     "train": {"batch_size": 2, "lr": 1.0e-3, "max_pixels": 5000, "scheduler": "cosine"},
-    "stages": [{"name": "emoart", "dataset": "emoart", "path": "data/emoart", "steps": 2},
-               {"name": "emocomics35", "dataset": "emocomics35", "path": "data/ec",
-                "task": "utterance", "steps": 2}],
+    "stages": [
+        {"name": "emoart", "dataset": "emoart", "path": "data/emoart", "steps": 2},
+        {
+            "name": "emocomics35",
+            "dataset": "emocomics35",
+            "path": "data/ec",
+            "task": "utterance",
+            "steps": 2,
+        },
+    ],
 }
 
 
@@ -29,13 +38,18 @@ def _experiment(**over) -> dict:
         "name": "t",
         "architectures": [
             # "5e-5" is a string to YAML 1.1 (no dot): typed, it is the number it means
-            {"model": "m/a", "name": "a", "lora": {"r": 16},
-             "train": {"lr": "5e-5", "max_grad_norm": None, "max_pixels": None}},
+            {
+                "model": "m/a",
+                "name": "a",
+                "lora": {"r": 16},
+                "train": {"lr": "5e-5", "max_grad_norm": None, "max_pixels": None},
+            },
             {"model": "m/b", "name": "b"},
         ],
         "curriculum": {"file": "cur.yaml", "lora": {"alpha": 32}, "train": {"grad_accum": 4}},
-        "evaluation": {"sets": [{"dataset": "emocomics35", "path": "data/ec",
-                                 "task": "utterance"}]},
+        "evaluation": {
+            "sets": [{"dataset": "emocomics35", "path": "data/ec", "task": "utterance"}]
+        },
     }
     exp.update(over)
     return exp
@@ -61,12 +75,20 @@ def test_valid_overrides_reach_the_stage_settings_as_before(tmp_path):
     # then the architecture's raw mapping, validated once when the stage is trained
     for arch, raw in ((a, data["architectures"][0]), (b, data["architectures"][1])):
         lora, train = _stage_settings(exp, arch)
-        old_lora = LoraSettings.model_validate({
-            **LoraSettings.model_validate(CURRICULUM["lora"]).model_dump(),
-            **data["curriculum"]["lora"], **raw.get("lora", {})})
-        old_train = TrainSettings.model_validate({
-            **TrainSettings.model_validate(CURRICULUM["train"]).model_dump(),
-            **data["curriculum"]["train"], **raw.get("train", {})})
+        old_lora = LoraSettings.model_validate(
+            {
+                **LoraSettings.model_validate(CURRICULUM["lora"]).model_dump(),
+                **data["curriculum"]["lora"],
+                **raw.get("lora", {}),
+            }
+        )
+        old_train = TrainSettings.model_validate(
+            {
+                **TrainSettings.model_validate(CURRICULUM["train"]).model_dump(),
+                **data["curriculum"]["train"],
+                **raw.get("train", {}),
+            }
+        )
         assert lora == old_lora and train == old_train
         # and the same dumps: the stage content hashes (resume keys) do not move
         assert lora.model_dump() == old_lora.model_dump()
@@ -74,35 +96,66 @@ def test_valid_overrides_reach_the_stage_settings_as_before(tmp_path):
     # what that is, written out
     lora, train = _stage_settings(exp, a)
     assert (lora.r, lora.alpha, lora.dropout) == (16, 32.0, 0.1)
-    assert (train.lr, train.grad_accum, train.batch_size, train.scheduler) == (
-        5e-5, 4, 2, "cosine")
+    assert (train.lr, train.grad_accum, train.batch_size, train.scheduler) == (5e-5, 4, 2, "cosine")
     assert train.max_grad_norm is None and train.max_pixels is None  # explicit nulls applied
     lora, train = _stage_settings(exp, b)
     assert (lora.r, lora.alpha, train.lr, train.max_pixels, train.max_grad_norm) == (
-        4, 32.0, 1e-3, 5000, 1.0)
+        4,
+        32.0,
+        1e-3,
+        5000,
+        1.0,
+    )
     # only the keys given are overrides (an unset key never resets the curriculum's value)
     assert a.lora.set_values() == {"r": 16}
     assert a.train.set_values() == {"lr": 5e-5, "max_grad_norm": None, "max_pixels": None}
     assert b.lora.set_values() == {} and b.train.set_values() == {}
 
 
-@pytest.mark.parametrize("where, value, key, problem", [
-    ("architectures.0.lora", {"rank": 8}, "architectures.0.lora.rank", "unknown key"),
-    ("architectures.1.train", {"lrr": 1e-4}, "architectures.1.train.lrr", "unknown key"),
-    ("curriculum.train", {"batchsize": 2}, "curriculum.train.batchsize", "unknown key"),
-    ("architectures.0.lora", {"r": "sixteen"}, "architectures.0.lora.r",
-     "must be a valid integer, unable to parse string as an integer, got 'sixteen'"),
-    ("architectures.0.lora", {"r": None}, "architectures.0.lora.r",
-     "must be a valid integer, got None"),
-    ("architectures.0.lora", {"target_regex": "("}, "architectures.0.lora.target_regex",
-     "not a valid regex"),
-    ("architectures.1.train", {"batch_size": 0}, "architectures.1.train.batch_size",
-     "must be greater than or equal to 1, got 0"),
-    ("architectures.1.train", {"scheduler": "step"}, "architectures.1.train.scheduler",
-     "must be 'constant', 'linear' or 'cosine', got 'step'"),
-    ("curriculum.lora", {"dropout": 1.5}, "curriculum.lora.dropout",
-     "must be less than 1, got 1.5"),
-])
+@pytest.mark.parametrize(
+    "where, value, key, problem",
+    [
+        ("architectures.0.lora", {"rank": 8}, "architectures.0.lora.rank", "unknown key"),
+        ("architectures.1.train", {"lrr": 1e-4}, "architectures.1.train.lrr", "unknown key"),
+        ("curriculum.train", {"batchsize": 2}, "curriculum.train.batchsize", "unknown key"),
+        (
+            "architectures.0.lora",
+            {"r": "sixteen"},
+            "architectures.0.lora.r",
+            "must be a valid integer, unable to parse string as an integer, got 'sixteen'",
+        ),
+        (
+            "architectures.0.lora",
+            {"r": None},
+            "architectures.0.lora.r",
+            "must be a valid integer, got None",
+        ),
+        (
+            "architectures.0.lora",
+            {"target_regex": "("},
+            "architectures.0.lora.target_regex",
+            "not a valid regex",
+        ),
+        (
+            "architectures.1.train",
+            {"batch_size": 0},
+            "architectures.1.train.batch_size",
+            "must be greater than or equal to 1, got 0",
+        ),
+        (
+            "architectures.1.train",
+            {"scheduler": "step"},
+            "architectures.1.train.scheduler",
+            "must be 'constant', 'linear' or 'cosine', got 'step'",
+        ),
+        (
+            "curriculum.lora",
+            {"dropout": 1.5},
+            "curriculum.lora.dropout",
+            "must be less than 1, got 1.5",
+        ),
+    ],
+)
 def test_bad_overrides_fail_at_load_with_the_field_path(tmp_path, where, value, key, problem):
     data = _experiment()
     node = data
@@ -125,6 +178,7 @@ def test_bad_override_through_the_cli_is_one_line_exit_2(tmp_path):
     path = _write(tmp_path, data)
     r = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2
-    assert r.stderr == (f"error: {path.resolve()}: key 'architectures.0.train.quantize4bit': "
-                        "unknown key\n")
+    assert r.stderr == (
+        f"error: {path.resolve()}: key 'architectures.0.train.quantize4bit': unknown key\n"
+    )
     assert not (tmp_path / "run").exists()

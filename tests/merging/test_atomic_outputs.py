@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from emomerge.merging import atomic
 from typer.testing import CliRunner
 
 from emomerge.cli import app
 from emomerge.cli_merge import expand_variadic
+from emomerge.merging import atomic
 
 from .helpers import lm_modules, write_adapter
 
@@ -49,8 +49,9 @@ def siblings(folder: Path, name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("mask,dirs,files", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
-def test_merge_and_tiny_model_outputs_get_the_same_normal_permissions(tmp_path, umask, mask,
-                                                                      dirs, files):
+def test_merge_and_tiny_model_outputs_get_the_same_normal_permissions(
+    tmp_path, umask, mask, dirs, files
+):
     """A merge output (the real CLI) and a tiny model (training) are published with the modes
     a plain mkdir/open gives under the umask: group-readable under 022, not mkdtemp's 0700."""
     from emomerge.training.models.tiny import build_tiny_vlm
@@ -58,9 +59,22 @@ def test_merge_and_tiny_model_outputs_get_the_same_normal_permissions(tmp_path, 
     write_adapter(tmp_path / "a", SHAPES, seed=1)
     write_adapter(tmp_path / "b", SHAPES, seed=2)
     umask(mask)
-    r = CliRunner().invoke(app, expand_variadic(
-        [str(x) for x in ["linear", "--adapters", tmp_path / "a", tmp_path / "b",
-                          "--out", tmp_path / "merged"]]))
+    r = CliRunner().invoke(
+        app,
+        expand_variadic(
+            [
+                str(x)
+                for x in [
+                    "linear",
+                    "--adapters",
+                    tmp_path / "a",
+                    tmp_path / "b",
+                    "--out",
+                    tmp_path / "merged",
+                ]
+            ]
+        ),
+    )
     assert r.exit_code == 0, r.output
     tiny = build_tiny_vlm("qwen2_5_vl", tmp_path / "tiny", seed=0)
     merged_modes, tiny_modes = modes(tmp_path / "merged"), modes(tiny)
@@ -86,8 +100,13 @@ def test_published_folder_keeps_executables_and_leaves_symlinks_alone(tmp_path, 
         (tmp / "sub" / "data.txt").write_text("x")
         (tmp / "sub" / "data.txt").chmod(0o600)
         (tmp / "link").symlink_to(target)
-    assert modes(tmp_path / "out") == {".": 0o755, "link": 0o777, "run.sh": 0o755,
-                                       "sub": 0o755, "sub/data.txt": 0o644}
+    assert modes(tmp_path / "out") == {
+        ".": 0o755,
+        "link": 0o777,
+        "run.sh": 0o755,
+        "sub": 0o755,
+        "sub/data.txt": 0o644,
+    }
     assert stat.S_IMODE(target.stat().st_mode) == 0o600  # not chmod-ed through the link
 
 

@@ -39,24 +39,39 @@ def scaled_sum(deltas: torch.Tensor, weights: torch.Tensor, *, scale: float = 2.
     return scale * (deltas * weights.to(deltas.dtype).reshape(-1, *[1] * (deltas.dim() - 1))).sum(0)
 
 
-def trimmed_sum(deltas: torch.Tensor, weights: torch.Tensor, *, density, lambda_: float = 1.0,
-                rescale: bool = False) -> torch.Tensor:
+def trimmed_sum(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density,
+    lambda_: float = 1.0,
+    rescale: bool = False,
+) -> torch.Tensor:
     """λ · Σ w_i top-k(τ_i): TIES' trimming without the sign election."""
-    kept = torch.stack([sp.magnitude(deltas[i], density[i], rescale=rescale)
-                        for i in range(deltas.shape[0])])
+    kept = torch.stack(
+        [sp.magnitude(deltas[i], density[i], rescale=rescale) for i in range(deltas.shape[0])]
+    )
     w = weights.to(deltas.dtype).reshape(-1, *[1] * (deltas.dim() - 1))
     return mix(kept * w, w, None, normalize=False, lambda_=lambda_)
 
 
 SCALED = MergeMethod(
-    "toy_scaled_sum", scaled_sum, "https://example.org/scaled-sum", "scale times the weighted sum",
+    "toy_scaled_sum",
+    scaled_sum,
+    "https://example.org/scaled-sum",
+    "scale times the weighted sum",
     (registry._WEIGHT, Param("scale", float, 2.0, "Toy: factor of the sum.", low=0.0, high=10.0)),
     linear=True,
 )
 TRIMMED = MergeMethod(
-    "toy_trimmed_sum", trimmed_sum, "https://example.org/trimmed-sum", "top-k trimming, then a sum",
+    "toy_trimmed_sum",
+    trimmed_sum,
+    "https://example.org/trimmed-sum",
+    "top-k trimming, then a sum",
     (registry._WEIGHT, registry._density(), registry._LAMBDA, registry._rescale(False)),
-    sparsifier=Sparsifier.MAGNITUDE, consensus=Consensus.NONE, streamable=True,
+    sparsifier=Sparsifier.MAGNITUDE,
+    consensus=Consensus.NONE,
+    streamable=True,
 )
 
 
@@ -79,7 +94,9 @@ def invoke(args):
 
 @pytest.fixture()
 def world(tmp_path):
-    dense = [write_adapter(tmp_path / name, SHAPES, seed=seed) for name, seed in (("a", 1), ("b", 2))]
+    dense = [
+        write_adapter(tmp_path / name, SHAPES, seed=seed) for name, seed in (("a", 1), ("b", 2))
+    ]
     base = write_base(tmp_path / "base", SHAPES)
     return tmp_path, dense, base
 
@@ -112,11 +129,22 @@ def test_a_registered_method_is_listed_and_is_a_command(toys):
 
 def test_a_bad_value_of_the_new_parameter_is_one_line(toys, world):
     root, _, _ = world
-    r = invoke(["toy-scaled-sum", "--adapters", root / "a", root / "b", "--scale", "11",
-                "--out", root / "o"])
+    r = invoke(
+        [
+            "toy-scaled-sum",
+            "--adapters",
+            root / "a",
+            root / "b",
+            "--scale",
+            "11",
+            "--out",
+            root / "o",
+        ]
+    )
     assert r.exit_code == 2, r.output
     assert [line for line in r.stderr.splitlines() if line] == [
-        "error: parameters: 'scale' must be in (0, 10], got 11.0"]
+        "error: parameters: 'scale' must be in (0, 10], got 11.0"
+    ]
     assert not (root / "o").exists()
     r = invoke(["ties", "--adapters", root / "a", root / "b", "--scale", "3", "--out", root / "o"])
     assert r.exit_code == 2 and "'scale' is not a parameter of ties" in r.stderr
@@ -125,16 +153,43 @@ def test_a_bad_value_of_the_new_parameter_is_one_line(toys, world):
 # -- (c) merges tiny adapters as a plain dense computation says ------------------------------
 def test_the_linear_toy_merges_as_written(toys, world):
     root, dense, base = world
-    r = invoke(["toy-scaled-sum", "--adapters", root / "a", root / "b", "--weights", "1", "0.5",
-                "--scale", "3", "--output", "full", "--base", root / "base", "--out", root / "full"])
+    r = invoke(
+        [
+            "toy-scaled-sum",
+            "--adapters",
+            root / "a",
+            root / "b",
+            "--weights",
+            "1",
+            "0.5",
+            "--scale",
+            "3",
+            "--output",
+            "full",
+            "--base",
+            root / "base",
+            "--out",
+            root / "full",
+        ]
+    )
     assert r.exit_code == 0, r.output
     got = merged_update(root / "full", base)
     for path in SHAPES:
         want = 3 * (1.0 * dense[0][path] + 0.5 * dense[1][path])
         torch.testing.assert_close(got[path], want, rtol=0, atol=2e-6)
     # linear: adapter output is exact in low rank, no re-factorisation
-    r = invoke(["toy-scaled-sum", "--adapters", root / "a", root / "b", "--scale", "3",
-                "--out", root / "lora"])
+    r = invoke(
+        [
+            "toy-scaled-sum",
+            "--adapters",
+            root / "a",
+            root / "b",
+            "--scale",
+            "3",
+            "--out",
+            root / "lora",
+        ]
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((root / "lora" / "emomerge.json").read_text())
     assert manifest["method"] == "toy_scaled_sum" and manifest["errors"]["relative_frobenius"] == {}
@@ -145,10 +200,30 @@ def test_the_streamable_toy_goes_through_the_streamed_path(toys, world, monkeypa
     root, dense, base = world
     calls = []
     real = streaming.merge_dense
-    monkeypatch.setattr(streaming, "merge_dense", lambda m, *a, **k: calls.append(m.name) or real(m, *a, **k))
-    r = invoke(["toy-trimmed-sum", "--adapters", root / "a", root / "b", "--weights", "1", "-0.5",
-                "--density", "0.4", "--lambda", "2", "--output", "full", "--base", root / "base",
-                "--out", root / "full"])
+    monkeypatch.setattr(
+        streaming, "merge_dense", lambda m, *a, **k: calls.append(m.name) or real(m, *a, **k)
+    )
+    r = invoke(
+        [
+            "toy-trimmed-sum",
+            "--adapters",
+            root / "a",
+            root / "b",
+            "--weights",
+            "1",
+            "-0.5",
+            "--density",
+            "0.4",
+            "--lambda",
+            "2",
+            "--output",
+            "full",
+            "--base",
+            root / "base",
+            "--out",
+            root / "full",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert calls == ["toy_trimmed_sum"] * len(SHAPES)  # every module streamed
     got = merged_update(root / "full", base)
@@ -165,8 +240,10 @@ def test_the_streamable_toy_goes_through_the_streamed_path(toys, world, monkeypa
 
 def random_factors(seed: int, n: int = 3, shape=(40, 56), rank: int = 4):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape[0], rank, generator=g), torch.randn(rank, shape[1], generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(shape[0], rank, generator=g), torch.randn(rank, shape[1], generator=g))
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("exact_below", [10**9, 0])  # dense selection / streamed selection
@@ -174,11 +251,13 @@ def test_streamed_toy_equals_its_function_and_the_other_is_refused(toys, exact_b
     scaled, trimmed = toys
     factors = random_factors(5)
     deltas = torch.stack([left @ right for left, right in factors])
-    resolved = resolve_params(trimmed, 3, {"density": [0.3, 0.5, 0.7], "weight": [1.0, 0.4, -2.0],
-                                           "lambda": 0.8})
+    resolved = resolve_params(
+        trimmed, 3, {"density": [0.3, 0.5, 0.7], "weight": [1.0, 0.4, -2.0], "lambda": 0.8}
+    )
     assert streaming.supports(trimmed, resolved) and streaming.supports("toy-trimmed-sum", resolved)
-    got = streaming.merge_dense(trimmed, factors, (40, 56), resolved, block_rows=8,
-                                exact_below=exact_below)
+    got = streaming.merge_dense(
+        trimmed, factors, (40, 56), resolved, block_rows=8, exact_below=exact_below
+    )
     assert torch.equal(got, apply_method(trimmed, deltas, resolved, seed=0, module="m"))
 
     resolved = resolve_params(scaled, 3, {})
@@ -209,16 +288,24 @@ def test_the_streamed_plan_reads_the_fields_not_the_name(toys):
 
 # -- the streamed package names no method; the method modules import each other ----------
 def string_constants(source: str) -> set[str]:
-    return {n.value for n in ast.walk(ast.parse(source))
-            if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return {
+        n.value
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
 
 
 def test_the_streamed_package_names_no_method():
     names = set(registry.METHODS) | {n.replace("_", "-") for n in registry.METHODS}
     assert "ties" in string_constants('if name == "ties": pass') & names  # the check can fail
     files = sorted((MERGING / "streaming").glob("*.py"))
-    assert {f.name for f in files} >= {"__init__.py", "plans.py", "selection.py", "single_pass.py",
-                                       "projection.py"}
+    assert {f.name for f in files} >= {
+        "__init__.py",
+        "plans.py",
+        "selection.py",
+        "single_pass.py",
+        "projection.py",
+    }
     found = {f.name: sorted(string_constants(f.read_text()) & names) for f in files}
     assert not any(found.values()), found
     assert not (MERGING / "streaming.py").exists()
@@ -239,7 +326,10 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_methods_and_svd_methods_do_not_import_each_other():
-    methods, svd = imported_modules(MERGING / "methods.py"), imported_modules(MERGING / "svd_methods.py")
+    methods, svd = (
+        imported_modules(MERGING / "methods.py"),
+        imported_modules(MERGING / "svd_methods.py"),
+    )
     assert "sparsify" in methods  # the check sees imports
     assert not {"svd_methods", "registry"} & methods, methods
     assert not {"methods", "registry"} & svd, svd
@@ -248,10 +338,13 @@ def test_methods_and_svd_methods_do_not_import_each_other():
 
 def test_every_streamable_method_is_declared_consistently():
     """The declared sparsifier matches the parameters the streamed plan reads."""
-    needs = {Sparsifier.MAGNITUDE: {"density", "rescale"},
-             Sparsifier.MAGNITUDE_OUTLIERS: {"density", "gamma", "rescale"},
-             Sparsifier.RANDOM_DROP: {"density", "rescale"},
-             Sparsifier.MAGPRUNE: {"density", "epsilon", "rescale"}, Sparsifier.NONE: set()}
+    needs = {
+        Sparsifier.MAGNITUDE: {"density", "rescale"},
+        Sparsifier.MAGNITUDE_OUTLIERS: {"density", "gamma", "rescale"},
+        Sparsifier.RANDOM_DROP: {"density", "rescale"},
+        Sparsifier.MAGPRUNE: {"density", "epsilon", "rescale"},
+        Sparsifier.NONE: set(),
+    }
     streamed = [m for m in registry.METHODS.values() if m.streamable]
     assert len(streamed) == 9
     for m in streamed:

@@ -11,6 +11,7 @@ import sys
 from importlib import metadata
 
 import pytest
+
 from emomerge.merging import merge, provenance
 
 from .helpers import lm_modules, write_adapter
@@ -25,25 +26,38 @@ def test_versions_are_the_installed_distributions():
         assert found[name] == metadata.version(name), name
     assert found["git_dirty"] in (True, False, None)
     text = provenance.versions_text(found)
-    assert text.split() == [f"{k}={found[k]}" for k in
-                            ("python", "torch", "transformers", "peft", "safetensors", "emomerge")]
+    assert text.split() == [
+        f"{k}={found[k]}"
+        for k in ("python", "torch", "transformers", "peft", "safetensors", "emomerge")
+    ]
     assert "git_dirty" not in text
     # a package that is not installed is None in the record and left out of the text
     assert provenance.versions_text({"torch": "2.0", "peft": None}) == "torch=2.0"
 
 
 def test_merging_reads_versions_without_importing_transformers_or_peft():
-    code = ("import sys; from emomerge.merging import provenance; provenance.software(); "
-            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    code = (
+        "import sys; from emomerge.merging import provenance; provenance.software(); "
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def _git(root, *args):
-    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
-                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-                        "HOME": str(root), "PATH": "/usr/bin:/bin:/usr/local/bin"})
+    subprocess.run(
+        ["git", "-C", str(root), *args],
+        check=True,
+        capture_output=True,
+        env={
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.com",
+            "HOME": str(root),
+            "PATH": "/usr/bin:/bin:/usr/local/bin",
+        },
+    )
 
 
 @needs_git

@@ -43,8 +43,10 @@ def synthetic(tmp_path_factory) -> dict[str, Path]:
     from emomerge.training.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    return {name: write_synthetic(name, root / name, n=24, seed=0)
-            for name in ("emocomics35", "emoart", "emid", "mangavqa")}
+    return {
+        name: write_synthetic(name, root / name, n=24, seed=0)
+        for name in ("emocomics35", "emoart", "emid", "mangavqa")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,10 @@ import json
 import shutil
 
 import torch
+from safetensors.torch import save_file
+
 from emomerge.merging.checkpoint import Checkpoint
 from emomerge.training.models.fingerprint import fingerprint
-from safetensors.torch import save_file
 
 
 def _checkpoint(folder, weight: torch.Tensor):

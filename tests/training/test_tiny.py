@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from emomerge.merging.errors import InputError
 from emomerge.training.models.families import FAMILIES
 from emomerge.training.models.tiny import build_tiny_vlm
