@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from emomerge._cli_common import (
     TABLE_FORMATS,
@@ -243,7 +244,8 @@ def _method_command(name: str):
 
     def option(o: _ParamOption) -> Parameter:
         p = method.param(o.name)
-        suffix = "" if p is None else f" [method default {p.default}, range {p.range}]"
+        # escaped: rich would read the brackets as markup and drop the text
+        suffix = "" if p is None else escape(f" [method default {p.default}, range {p.range}]")
         info = typer.Option(
             o.default,
             *((o.decls,) if o.decls else (o.flag,)),

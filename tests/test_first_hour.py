@@ -66,6 +66,14 @@ def test_each_method_command_lists_only_its_own_parameters():
     assert "[method default 1.0, range (0, 1]]" in density.help
 
 
+def test_rendered_help_shows_each_methods_default_and_range():
+    """rich renders the help; the bracketed suffix must survive it (not be read as markup)."""
+    r = CliRunner().invoke(app, ["ties", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if "--density" in ln)
+    assert "[method default 1.0, range (0, 1]]" in line
+
+
 def test_unknown_dataset_is_named_with_the_closest_one(tmp_path):
     r = CliRunner().invoke(
         app,
