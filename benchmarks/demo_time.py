@@ -37,15 +37,19 @@ def main() -> None:
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"demo failed with exit code {proc.returncode}")
-    print(f"\ndemo{' --quick' if args.quick else ''}: {seconds:.1f} s wall on "
-          f"{os.cpu_count()} CPU cores ({sys.platform}, python {sys.version.split()[0]})")
+    print(
+        f"\ndemo{' --quick' if args.quick else ''}: {seconds:.1f} s wall on "
+        f"{os.cpu_count()} CPU cores ({sys.platform}, python {sys.version.split()[0]})"
+    )
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(args.out / "plot.png", args.docs / "demo_plot.png")
         table = (args.out / "leaderboard.md").read_text(encoding="utf-8")
         (args.docs / "demo_leaderboard.md").write_text(
             table.rstrip() + f"\n\nMeasured by `python benchmarks/demo_time.py`: {seconds:.0f} s "
-            f"wall on {os.cpu_count()} CPU cores.\n", encoding="utf-8")
+            f"wall on {os.cpu_count()} CPU cores.\n",
+            encoding="utf-8",
+        )
         print(f"copied plot and table to {args.docs}")
 
 

@@ -22,14 +22,28 @@ from safetensors.torch import save_file
 
 # Language-model widths of the presets (config.json values; the 7B config is not in ../shared).
 PRESETS = {
-    "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                          num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064,
-                          model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-                          base_name="Qwen/Qwen2.5-VL-7B-Instruct"),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                         num_key_value_heads=2, num_hidden_layers=24, vocab_size=151936,
-                         model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-                         base_name="Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen2.5-vl-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        num_hidden_layers=28,
+        vocab_size=152064,
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        base_name="Qwen/Qwen2.5-VL-7B-Instruct",
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        num_hidden_layers=24,
+        vocab_size=151936,
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        base_name="Qwen/Qwen2.5-0.5B-Instruct",
+    ),
 }
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_adapters"
@@ -42,8 +56,17 @@ CONFIG_PRESETS = {
 def dims_from_config(path: Path) -> dict:
     cfg = json.loads(path.read_text())
     text = cfg.get("text_config", cfg)
-    dims = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                 "num_key_value_heads", "num_hidden_layers", "vocab_size")}
+    dims = {
+        k: text[k]
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_hidden_layers",
+            "vocab_size",
+        )
+    }
     dims["cross_attention_layers"] = text.get("cross_attention_layers", [])
     dims["model_type"] = "llama"
     dims["architectures"] = ["LlamaForCausalLM"]
@@ -59,15 +82,24 @@ def module_shapes(d: dict, layers: int) -> dict[str, tuple[int, int]]:
     shapes = {}
     for i in range(layers):
         attn = "cross_attn" if i in d.get("cross_attention_layers", []) else "self_attn"
-        out_in = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                  "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+        out_in = {
+            "q_proj": (h, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, h),
+            "gate_proj": (inter, h),
+            "up_proj": (inter, h),
+            "down_proj": (h, inter),
+        }
         for m in MODULES:
             group = "mlp" if m.endswith(("gate_proj", "up_proj", "down_proj")) else attn
             shapes[f"model.layers.{i}.{group}.{m}"] = out_in[m]
     return shapes
 
 
-def write_adapters(out: Path, dims: dict, *, count: int, rank: int, layers: int, seed: int = 0) -> list[Path]:
+def write_adapters(
+    out: Path, dims: dict, *, count: int, rank: int, layers: int, seed: int = 0
+) -> list[Path]:
     shapes = module_shapes(dims, layers)
     folders = []
     for a in range(count):
@@ -75,17 +107,36 @@ def write_adapters(out: Path, dims: dict, *, count: int, rank: int, layers: int,
         tensors = {}
         for path, (o, i) in shapes.items():
             # Kaiming-like A and a trained-looking B, bf16 as PEFT saves after bf16 training.
-            tensors[f"base_model.model.{path}.lora_A.weight"] = (torch.randn(rank, i, generator=g) / i ** 0.5).to(torch.bfloat16)
-            tensors[f"base_model.model.{path}.lora_B.weight"] = (torch.randn(o, rank, generator=g) * 1e-3).to(torch.bfloat16)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = (
+                torch.randn(rank, i, generator=g) / i**0.5
+            ).to(torch.bfloat16)
+            tensors[f"base_model.model.{path}.lora_B.weight"] = (
+                torch.randn(o, rank, generator=g) * 1e-3
+            ).to(torch.bfloat16)
         folder = out / f"adapter_{a}"
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": dims["base_name"],
-            "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES), "lora_dropout": 0.0,
-            "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-            "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        }, indent=2))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "base_model_name_or_path": dims["base_name"],
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "target_modules": list(MODULES),
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "use_rslora": False,
+                    "use_dora": False,
+                    "fan_in_fan_out": False,
+                    "rank_pattern": {},
+                    "alpha_pattern": {},
+                    "modules_to_save": None,
+                },
+                indent=2,
+            )
+        )
         folders.append(folder)
     return folders
 
@@ -102,11 +153,17 @@ def write_base(out: Path, dims: dict, *, layers: int, vocab: int, seed: int = 1)
         save_file(tensors, str(folder / name))
         weight_map.update({k: name for k in tensors})
 
-    shard("embed.safetensors", {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g) * 0.02})
+    shard(
+        "embed.safetensors",
+        {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g) * 0.02},
+    )
     shapes = module_shapes(dims, layers)
     for i in range(layers):
-        tensors = {f"{p}.weight": torch.randn(*s, generator=g) * 0.02 for p, s in shapes.items()
-                   if p.startswith(f"model.layers.{i}.")}
+        tensors = {
+            f"{p}.weight": torch.randn(*s, generator=g) * 0.02
+            for p, s in shapes.items()
+            if p.startswith(f"model.layers.{i}.")
+        }
         tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h)
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h)
         if dims["model_type"] == "qwen2":
@@ -115,15 +172,30 @@ def write_base(out: Path, dims: dict, *, layers: int, vocab: int, seed: int = 1)
             tensors[f"model.layers.{i}.self_attn.k_proj.bias"] = torch.zeros(kv)
             tensors[f"model.layers.{i}.self_attn.v_proj.bias"] = torch.zeros(kv)
         shard(f"layer-{i:03d}.safetensors", tensors)
-    shard("head.safetensors", {"model.norm.weight": torch.ones(h),
-                               "lm_head.weight": torch.randn(vocab, h, generator=g) * 0.02})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shard(
+        "head.safetensors",
+        {
+            "model.norm.weight": torch.ones(h),
+            "lm_head.weight": torch.randn(vocab, h, generator=g) * 0.02,
+        },
+    )
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     config = {
-        "architectures": dims["architectures"], "model_type": dims["model_type"],
-        "hidden_size": h, "intermediate_size": dims["intermediate_size"],
-        "num_attention_heads": dims["num_attention_heads"], "num_key_value_heads": dims["num_key_value_heads"],
-        "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "architectures": dims["architectures"],
+        "model_type": dims["model_type"],
+        "hidden_size": h,
+        "intermediate_size": dims["intermediate_size"],
+        "num_attention_heads": dims["num_attention_heads"],
+        "num_key_value_heads": dims["num_key_value_heads"],
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
@@ -131,7 +203,9 @@ def write_base(out: Path, dims: dict, *, layers: int, vocab: int, seed: int = 1)
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(CONFIG_PRESETS), default="qwen2.5-vl-7b")
+    ap.add_argument(
+        "--preset", choices=sorted(PRESETS) + sorted(CONFIG_PRESETS), default="qwen2.5-vl-7b"
+    )
     ap.add_argument("--config", type=Path, help="a config.json to read the widths from instead")
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
@@ -145,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         dims = dims_from_config(args.config)
     elif args.preset in CONFIG_PRESETS:
         if not CONFIG_PRESETS[args.preset].is_file():
-            sys.exit(f"error: {CONFIG_PRESETS[args.preset]}: not found (needs ../shared beside the repo)")
+            sys.exit(
+                f"error: {CONFIG_PRESETS[args.preset]}: not found (needs ../shared beside the repo)"
+            )
         dims = dims_from_config(CONFIG_PRESETS[args.preset])
     else:
         dims = PRESETS[args.preset]

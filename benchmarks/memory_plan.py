@@ -68,81 +68,197 @@ GB = 1e9
 REAL: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-VL-7B-Instruct": dict(
         cls="Qwen2_5_VLConfig",
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=False),
+        text_config=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+        ),
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        tie_word_embeddings=False,
+    ),
     "Qwen/Qwen2.5-VL-72B-Instruct": dict(
         cls="Qwen2_5_VLConfig",
-        text_config=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16,
-                           out_hidden_size=8192, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=False),
+        text_config=dict(
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+        ),
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3456,
+            num_heads=16,
+            out_hidden_size=8192,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        tie_word_embeddings=False,
+    ),
     "Qwen/Qwen3-VL-8B-Instruct": dict(
         cls="Qwen3VLConfig",
-        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         vocab_size=151936,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                          "mrope_section": [24, 20, 20],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                           out_hidden_size=4096, patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, num_position_embeddings=2304,
-                           deepstack_visual_indexes=[8, 16, 24]),
-        tie_word_embeddings=False),
+        text_config=dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            out_hidden_size=4096,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
+        tie_word_embeddings=False,
+    ),
     "meta-llama/Llama-3.2-90B-Vision-Instruct": dict(
         cls="MllamaConfig",
-        text_config=dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=100,
-                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                         cross_attention_layers=list(range(3, 100, 5))),
-        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                           num_global_layers=8, attention_heads=16, image_size=560,
-                           patch_size=14, max_num_tiles=4, vision_output_dim=7680,
-                           intermediate_layers_indices=[3, 7, 15, 23, 30])),
+        text_config=dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=100,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            cross_attention_layers=list(range(3, 100, 5)),
+        ),
+        vision_config=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_global_layers=8,
+            attention_heads=16,
+            image_size=560,
+            patch_size=14,
+            max_num_tiles=4,
+            vision_output_dim=7680,
+            intermediate_layers_indices=[3, 7, 15, 23, 30],
+        ),
+    ),
     "llava-hf/llava-1.5-7b-hf": dict(
         cls="LlavaConfig",
-        text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                         vocab_size=32064),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024,
-                           intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, projection_dim=768),
-        vision_feature_layer=-2, image_seq_length=576),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        vision_feature_layer=-2,
+        image_seq_length=576,
+    ),
     "llava-hf/llava-v1.6-mistral-7b-hf": dict(
         cls="LlavaNextConfig",
-        text_config=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         vocab_size=32064),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024,
-                           intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, projection_dim=768),
+        text_config=dict(
+            model_type="mistral",
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32064,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-        vision_feature_layer=-2),
+        vision_feature_layer=-2,
+    ),
     "mistral-community/pixtral-12b": dict(
         cls="LlavaConfig",
-        text_config=dict(model_type="mistral", hidden_size=5120, intermediate_size=14336,
-                         num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, vocab_size=131072),
-        vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, head_dim=64,
-                           image_size=1024, patch_size=16),
-        vision_feature_layer=-1, vision_feature_select_strategy="full"),
+        text_config=dict(
+            model_type="mistral",
+            hidden_size=5120,
+            intermediate_size=14336,
+            num_hidden_layers=40,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            head_dim=64,
+            image_size=1024,
+            patch_size=16,
+        ),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    ),
 }
 
 #: Configs read from ../shared/data instead (the real files).
-SHARED_CONFIGS = {"meta-llama/Llama-3.2-11B-Vision-Instruct": "llama-3.2-11b-vision-base",
-                  "Qwen/Qwen2.5-VL-32B-Instruct": "qwen2.5-vl-32b-base"}
+SHARED_CONFIGS = {
+    "meta-llama/Llama-3.2-11B-Vision-Instruct": "llama-3.2-11b-vision-base",
+    "Qwen/Qwen2.5-VL-32B-Instruct": "qwen2.5-vl-32b-base",
+}
 
 
 def load_config(hub_id: str) -> Any:
@@ -181,8 +297,9 @@ def model_facts(hub_id: str, family: str) -> ModelFacts:
         return _FACTS[hub_id]
     import torch
     from accelerate import init_empty_weights
-    from emomerge.training.families import get_family
     from transformers import AutoModelForImageTextToText
+
+    from emomerge.training.models.families import get_family
 
     config = load_config(hub_id)
     with init_empty_weights():
@@ -199,9 +316,17 @@ def model_facts(hub_id: str, family: str) -> ModelFacts:
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cross = len(getattr(text, "cross_attention_layers", None) or [])
-    facts = ModelFacts(params, linear, lora, text.hidden_size, text.intermediate_size,
-                       text.num_hidden_layers, text.num_hidden_layers - cross,
-                       text.num_key_value_heads * head_dim, text.vocab_size)
+    facts = ModelFacts(
+        params,
+        linear,
+        lora,
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_hidden_layers,
+        text.num_hidden_layers - cross,
+        text.num_key_value_heads * head_dim,
+        text.vocab_size,
+    )
     _FACTS[hub_id] = facts
     return facts
 
@@ -216,9 +341,17 @@ def activation_bytes(f: ModelFacts, dropout: bool) -> int:
     return 20 * h + 4 * kv + 8 * i + ((16 * h + 3 * i) if dropout else 0)
 
 
-def training_peak(f: ModelFacts, *, tokens: int, batch: int, quantize_4bit: bool,
-                  checkpointing: bool, r: int, dropout: bool,
-                  cross_tokens: int = 0) -> dict[str, float]:
+def training_peak(
+    f: ModelFacts,
+    *,
+    tokens: int,
+    batch: int,
+    quantize_4bit: bool,
+    checkpointing: bool,
+    r: int,
+    dropout: bool,
+    cross_tokens: int = 0,
+) -> dict[str, float]:
     """Estimated peak bytes of one training step, by component (module docstring)."""
     rest = f.params - f.linear
     weights = (NF4 * f.linear + 4 * rest) if quantize_4bit else 2 * f.params
@@ -232,8 +365,13 @@ def training_peak(f: ModelFacts, *, tokens: int, batch: int, quantize_4bit: bool
         acts = 2 * f.hidden * tokens * batch * f.layers + per_layer + cross + shared
     else:
         acts = per_layer * f.layers + cross * cross_layers + shared
-    parts = {"weights": weights, "lora+adam": 16 * r * f.lora, "activations": acts,
-             "logits": 12 * f.vocab * tokens * batch, "runtime": RUNTIME}
+    parts = {
+        "weights": weights,
+        "lora+adam": 16 * r * f.lora,
+        "activations": acts,
+        "logits": 12 * f.vocab * tokens * batch,
+        "runtime": RUNTIME,
+    }
     parts["total"] = sum(parts.values())
     return parts
 
@@ -279,8 +417,8 @@ class Row:
 def page_tokens(family: str, max_pixels: int | None) -> tuple[int, int]:
     """(text-sequence image tokens, cross-attention vision tokens) of one page under the cap,
     with the real checkpoint's processor settings."""
-    from emomerge.training.families import PAGE, apply_image_cap, image_tokens, vision_tokens
-    from emomerge.training.tiny import real_processor
+    from emomerge.training.models.families import PAGE, apply_image_cap, image_tokens, vision_tokens
+    from emomerge.training.models.tiny import real_processor
 
     processor = real_processor(family)
     apply_image_cap(processor, family, max_pixels)
@@ -288,10 +426,11 @@ def page_tokens(family: str, max_pixels: int | None) -> tuple[int, int]:
     return image_tokens(processor, family, *PAGE), cross
 
 
-def plan_rows(experiments: Path = REPO / "experiments", text_tokens: int = 256,
-              gpu_gb: float = 80) -> list[Row]:
+def plan_rows(
+    experiments: Path = REPO / "experiments", text_tokens: int = 256, gpu_gb: float = 80
+) -> list[Row]:
     """One :class:`Row` per shipped experiment × architecture."""
-    from emomerge.evaluation.experiment_config import load_experiment
+    from emomerge.experiment.config import load_experiment
     from emomerge.training.curriculum import LoraSettings, TrainSettings
     from emomerge.training.trainer import plan_checkpointing
 
@@ -299,25 +438,43 @@ def plan_rows(experiments: Path = REPO / "experiments", text_tokens: int = 256,
     for path in sorted(experiments.glob("*.yaml")):
         exp = load_experiment(path)
         for arch in exp.spec.architectures:
-            train = TrainSettings.model_validate({**exp.train, **arch.train})
-            lora = LoraSettings.model_validate({**exp.lora, **arch.lora})
+            train = TrainSettings.model_validate(exp.train_of(arch))
+            lora = LoraSettings.model_validate(exp.lora_of(arch))
             family = arch.family
             f = model_facts(arch.model, family)
             img, cross = page_tokens(family, train.max_pixels)
             tokens = img + text_tokens
-            kw = dict(tokens=tokens, quantize_4bit=train.quantize_4bit, r=lora.r,
-                      dropout=lora.dropout > 0, cross_tokens=cross)
+            kw = dict(
+                tokens=tokens,
+                quantize_4bit=train.quantize_4bit,
+                r=lora.r,
+                dropout=lora.dropout > 0,
+                cross_tokens=cross,
+            )
             ckpt = plan_checkpointing(train.gradient_checkpointing, "cuda")
-            rows.append(Row(
-                exp.spec.name, arch.name or family, arch.model, family, f.params, img, cross,
-                tokens,
-                train.batch_size, train.quantize_4bit, ckpt,
-                training_peak(f, batch=train.batch_size, checkpointing=True, **kw)["total"] / GB,
-                training_peak(f, batch=train.batch_size, checkpointing=False, **kw)["total"] / GB,
-                eval_peak(f, tokens=tokens, quantize_4bit=False)["total"] / GB,
-                eval_peak(f, tokens=tokens, quantize_4bit=True)["total"] / GB,
-                max_batch(f, gpu_gb * GB, checkpointing=True, **kw),
-                max_batch(f, gpu_gb * GB, checkpointing=False, **kw)))
+            rows.append(
+                Row(
+                    exp.spec.name,
+                    arch.name or family,
+                    arch.model,
+                    family,
+                    f.params,
+                    img,
+                    cross,
+                    tokens,
+                    train.batch_size,
+                    train.quantize_4bit,
+                    ckpt,
+                    training_peak(f, batch=train.batch_size, checkpointing=True, **kw)["total"]
+                    / GB,
+                    training_peak(f, batch=train.batch_size, checkpointing=False, **kw)["total"]
+                    / GB,
+                    eval_peak(f, tokens=tokens, quantize_4bit=False)["total"] / GB,
+                    eval_peak(f, tokens=tokens, quantize_4bit=True)["total"] / GB,
+                    max_batch(f, gpu_gb * GB, checkpointing=True, **kw),
+                    max_batch(f, gpu_gb * GB, checkpointing=False, **kw),
+                )
+            )
     return rows
 
 
@@ -325,15 +482,19 @@ def anchor() -> dict[str, float]:
     """The formula at the H200 measurement: Qwen2.5-VL-7B, 7,739 image tokens, batch 1."""
     f = model_facts("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl")
     kw = dict(tokens=7739 + 256, batch=1, quantize_4bit=False, checkpointing=False, r=8)
-    return {"dropout 0.05": training_peak(f, dropout=True, **kw)["total"] / GB,
-            "no dropout": training_peak(f, dropout=False, **kw)["total"] / GB,
-            "measured": 94.7}
+    return {
+        "dropout 0.05": training_peak(f, dropout=True, **kw)["total"] / GB,
+        "no dropout": training_peak(f, dropout=False, **kw)["total"] / GB,
+        "measured": 94.7,
+    }
 
 
 def table(rows: list[Row], gpu_gb: float) -> str:
-    head = ("| experiment | architecture | params | page tokens | seq | batch | 4-bit | "
-            "train GB (ckpt) | train GB (no ckpt) | eval GB bf16 | eval GB 4-bit | "
-            f"max batch on {gpu_gb:g} GB (ckpt / no ckpt) |")
+    head = (
+        "| experiment | architecture | params | page tokens | seq | batch | 4-bit | "
+        "train GB (ckpt) | train GB (no ckpt) | eval GB bf16 | eval GB 4-bit | "
+        f"max batch on {gpu_gb:g} GB (ckpt / no ckpt) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -341,14 +502,19 @@ def table(rows: list[Row], gpu_gb: float) -> str:
             f"{f' (+{r.cross_tokens} x-attn)' if r.cross_tokens else ''} | "
             f"{r.tokens} | {r.batch} | {'yes' if r.quantize_4bit else 'no'} | "
             f"{r.train_ckpt:.1f} | {r.train_no_ckpt:.1f} | {r.eval_gb:.1f} | "
-            f"{r.eval_4bit_gb:.1f} | {r.max_batch_ckpt} / {r.max_batch_no_ckpt} |")
+            f"{r.eval_4bit_gb:.1f} | {r.max_batch_ckpt} / {r.max_batch_no_ckpt} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text-tokens", type=int, default=256,
-                    help="prompt + answer text tokens next to the page's image tokens")
+    ap.add_argument(
+        "--text-tokens",
+        type=int,
+        default=256,
+        help="prompt + answer text tokens next to the page's image tokens",
+    )
     ap.add_argument("--gpu-gb", type=float, default=80)
     ap.add_argument("--experiments", type=Path, default=REPO / "experiments")
     ap.add_argument("--json", action="store_true", help="rows as JSON instead of a table")
@@ -357,13 +523,17 @@ def main() -> None:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return
-    print(f"{dt.date.today()} · {platform.node()} · {platform.processor() or platform.machine()}"
-          f" · python {sys.version.split()[0]} · text tokens {args.text_tokens}")
+    print(
+        f"{dt.date.today()} · {platform.node()} · {platform.processor() or platform.machine()}"
+        f" · python {sys.version.split()[0]} · text tokens {args.text_tokens}"
+    )
     print(table(rows, args.gpu_gb))
     a = anchor()
-    print(f"\nanchor (Qwen2.5-VL-7B, 7,739 image tokens, batch 1, no checkpointing): formula "
-          f"{a['dropout 0.05']:.1f} GB (LoRA dropout 0.05) / {a['no dropout']:.1f} GB (none), "
-          f"measured {a['measured']} GB")
+    print(
+        f"\nanchor (Qwen2.5-VL-7B, 7,739 image tokens, batch 1, no checkpointing): formula "
+        f"{a['dropout 0.05']:.1f} GB (LoRA dropout 0.05) / {a['no dropout']:.1f} GB (none), "
+        f"measured {a['measured']} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))  # the folder holding the emomerge package
 
-PEFT_TYPES = {"ties": "ties_svd", "dare_ties": "dare_ties_svd", "task_arithmetic": "cat", "linear": "cat"}
+PEFT_TYPES = {
+    "ties": "ties_svd",
+    "dare_ties": "dare_ties_svd",
+    "task_arithmetic": "cat",
+    "linear": "cat",
+}
 PARAMS = {  # the same merge in all tools: 4 adapters at weight 1
     "ties": dict(density=0.5),
     "dare_ties": dict(density=0.5),
@@ -69,8 +74,15 @@ def leg_emomerge(spec: dict) -> dict:
         engine._Merger._streamed = lambda self, path: False
     adapters = sorted(Path(spec["adapters"]).glob("adapter_*"))
     t0 = time.perf_counter()
-    res = merge(spec["method"].split("@")[0], adapters, spec["out"], params=PARAMS[spec["method"]],
-                output=spec["output"], base=spec.get("base"), force=True)
+    res = merge(
+        spec["method"].split("@")[0],
+        adapters,
+        spec["out"],
+        params=PARAMS[spec["method"]],
+        output=spec["output"],
+        base=spec.get("base"),
+        force=True,
+    )
     return {"seconds": time.perf_counter() - t0, "err_mean": res.manifest["errors"]["mean"]}
 
 
@@ -83,15 +95,32 @@ def leg_mergekit(spec: dict) -> dict:
     method, glob = MERGEKIT[spec["method"]]
     adapters = sorted(Path(spec["adapters"]).glob("adapter_*"))
     cfg = {
-        "merge_method": method, "base_model": spec["base"], "dtype": "float32", "parameters": glob,
-        "models": [{"model": f"{spec['base']}+{a}", "parameters": {"weight": 1.0, **PARAMS[spec["method"]]}}
-                   for a in adapters],
+        "merge_method": method,
+        "base_model": spec["base"],
+        "dtype": "float32",
+        "parameters": glob,
+        "models": [
+            {
+                "model": f"{spec['base']}+{a}",
+                "parameters": {"weight": 1.0, **PARAMS[spec["method"]]},
+            }
+            for a in adapters
+        ],
     }
     t0 = time.perf_counter()
-    options = MergeOptions(lora_merge_cache=spec["cache"], copy_tokenizer=False, lazy_unpickle=False,
-                           low_cpu_memory=False, write_model_card=False, quiet=True, random_seed=0,
-                           cuda=False)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg))), spec["out"], options)
+    options = MergeOptions(
+        lora_merge_cache=spec["cache"],
+        copy_tokenizer=False,
+        lazy_unpickle=False,
+        low_cpu_memory=False,
+        write_model_card=False,
+        quiet=True,
+        random_seed=0,
+        cuda=False,
+    )
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg))), spec["out"], options
+    )
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -108,7 +137,11 @@ def leg_peft(spec: dict) -> dict:
         model.load_adapter(str(a), adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
     kind = PEFT_TYPES[spec["method"]]
-    kwargs = {"density": PARAMS[spec["method"]]["density"]} if "density" in PARAMS[spec["method"]] else {}
+    kwargs = (
+        {"density": PARAMS[spec["method"]]["density"]}
+        if "density" in PARAMS[spec["method"]]
+        else {}
+    )
     if kind.endswith("_svd"):
         kwargs["svd_rank"] = 16
     t1 = time.perf_counter()
@@ -131,7 +164,12 @@ def leg_bandwidth(spec: dict) -> dict:
     return {"seconds": best, "gb_per_s": 2 * x.numel() * 4 / best / 1e9}  # read + write
 
 
-LEGS = {"emomerge": leg_emomerge, "mergekit": leg_mergekit, "peft": leg_peft, "bandwidth": leg_bandwidth}
+LEGS = {
+    "emomerge": leg_emomerge,
+    "mergekit": leg_mergekit,
+    "peft": leg_peft,
+    "bandwidth": leg_bandwidth,
+}
 
 
 def run_leg(spec: dict, timeout: float) -> dict:
@@ -139,8 +177,12 @@ def run_leg(spec: dict, timeout: float) -> dict:
     leg are flushed first (``os.sync``), so no leg pays for another's writeback."""
     os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--leg", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--leg", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -164,6 +206,7 @@ def child(spec_json: str) -> None:
     threads = os.environ.get("BENCH_THREADS")
     if threads:
         import torch
+
         torch.set_num_threads(int(threads))
     res = LEGS[spec["leg"]](spec)
     # VmHWM: the peak RSS of this process image. ru_maxrss would carry over the parent's peak
@@ -197,10 +240,17 @@ def compare_full(ours: Path, theirs: Path) -> dict:
             y = h.get_tensor(key).double()
         d = (x - y).abs()
         scale = float(y.abs().max()) or 1.0
-        flips += int((d > 1e-4 * scale).sum())  # threshold flips (docs/DESIGN.md, Facts: ulp of the base)
+        flips += int(
+            (d > 1e-4 * scale).sum()
+        )  # threshold flips (docs/DESIGN.md, Facts: ulp of the base)
         worst = max(worst, float(torch.where(d > 1e-4 * scale, 0, d).max()) if d.numel() else 0.0)
         total += d.numel()
-    return {"max_abs_diff_rest": worst, "flipped": flips, "elements": total, "missing": len(missing)}
+    return {
+        "max_abs_diff_rest": worst,
+        "flipped": flips,
+        "elements": total,
+        "missing": len(missing),
+    }
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -213,6 +263,7 @@ def versions() -> dict:
             out[mod] = "missing"
     try:
         from importlib.metadata import version
+
         out["mergekit"] = version("mergekit")
     except Exception:  # noqa: BLE001
         pass
@@ -225,7 +276,14 @@ def machine() -> dict:
         for line in f:
             if line.startswith("MemTotal"):
                 mem = int(line.split()[1]) / 1e6
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
     return {"cores": os.cpu_count(), "ram_gb": round(mem, 1), "cpu": cpu, "load": os.getloadavg()}
 
 
@@ -233,20 +291,40 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen2.5-vl-7b")
     ap.add_argument("--layers", type=int, default=28, help="depth of the adapter-output legs")
-    ap.add_argument("--rss-layers", type=int, default=8, help="second depth, to show RSS is flat in depth (0: skip)")
-    ap.add_argument("--full-layers", type=int, default=1, help="depth of the full-output / mergekit / PEFT legs")
+    ap.add_argument(
+        "--rss-layers",
+        type=int,
+        default=8,
+        help="second depth, to show RSS is flat in depth (0: skip)",
+    )
+    ap.add_argument(
+        "--full-layers", type=int, default=1, help="depth of the full-output / mergekit / PEFT legs"
+    )
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--methods", default="ties,ties@core,task_arithmetic,dare_ties,linear",
-                    help="comma list; METHOD@core runs it in the LoRA-native core space")
-    ap.add_argument("--deep-methods", default=None,
-                    help="methods run at --layers/--rss-layers (default: all of --methods)")
+    ap.add_argument(
+        "--methods",
+        default="ties,ties@core,task_arithmetic,dare_ties,linear",
+        help="comma list; METHOD@core runs it in the LoRA-native core space",
+    )
+    ap.add_argument(
+        "--deep-methods",
+        default=None,
+        help="methods run at --layers/--rss-layers (default: all of --methods)",
+    )
     ap.add_argument("--peft-methods", default=None, help="methods with a PEFT leg (default: all)")
-    ap.add_argument("--mergekit-methods", default=None, help="methods with a mergekit leg (default: all)")
-    ap.add_argument("--mergekit-warm", default="task_arithmetic,linear",
-                    help="methods whose mergekit leg is run a second time on its baked LoRA cache")
-    ap.add_argument("--skip", default="", help="comma list of legs to skip: mergekit, peft, full, deep")
+    ap.add_argument(
+        "--mergekit-methods", default=None, help="methods with a mergekit leg (default: all)"
+    )
+    ap.add_argument(
+        "--mergekit-warm",
+        default="task_arithmetic,linear",
+        help="methods whose mergekit leg is run a second time on its baked LoRA cache",
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma list of legs to skip: mergekit, peft, full, deep"
+    )
     ap.add_argument("--engine", default="streamed", choices=("streamed", "current"))
     ap.add_argument("--timeout", type=float, default=900.0, help="per leg, seconds")
     ap.add_argument("--work", type=Path, default=Path("/tmp/emomerge_merge_speed"))
@@ -263,20 +341,33 @@ def main(argv=None) -> None:
     # the random text base (make_adapters --base) does not have.
     dims = {**MA.PRESETS[args.preset], "base_name": "random/text-base"}
     methods = [m for m in args.methods.split(",") if m]
-    deep_methods = methods if args.deep_methods is None else [m for m in args.deep_methods.split(",") if m]
+    deep_methods = (
+        methods if args.deep_methods is None else [m for m in args.deep_methods.split(",") if m]
+    )
     skip = {s for s in args.skip.split(",") if s}
-    peft_methods = ([m for m in methods if m in PEFT_TYPES] if args.peft_methods is None
-                    else args.peft_methods.split(","))
-    mk_methods = ([m for m in methods if m in MERGEKIT] if args.mergekit_methods is None
-                  else args.mergekit_methods.split(","))
+    peft_methods = (
+        [m for m in methods if m in PEFT_TYPES]
+        if args.peft_methods is None
+        else args.peft_methods.split(",")
+    )
+    mk_methods = (
+        [m for m in methods if m in MERGEKIT]
+        if args.mergekit_methods is None
+        else args.mergekit_methods.split(",")
+    )
     mk_warm = [m for m in args.mergekit_warm.split(",") if m]
-    tau = {d: args.count * sum(o * i for o, i in MA.module_shapes(dims, d).values())
-           for d in {args.layers, args.rss_layers, args.full_layers} if d}
+    tau = {
+        d: args.count * sum(o * i for o, i in MA.module_shapes(dims, d).values())
+        for d in {args.layers, args.rss_layers, args.full_layers}
+        if d
+    }
     started = dt.datetime.now(dt.timezone.utc)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     sets = {}
-    depths = sorted({d for d in (args.layers, args.rss_layers) if d} if "deep" not in skip else set())
+    depths = sorted(
+        {d for d in (args.layers, args.rss_layers) if d} if "deep" not in skip else set()
+    )
     for d in depths + [args.full_layers]:
         folder = work / f"inputs_{args.preset}_{d}l"
         if not (folder / "adapter_0").exists():
@@ -288,7 +379,9 @@ def main(argv=None) -> None:
 
     rows = []
     bw = run_leg({"leg": "bandwidth"}, args.timeout)
-    print(f"memory bandwidth (1 GiB copy, read+write): {bw.get('gb_per_s', 0):.1f} GB/s", flush=True)
+    print(
+        f"memory bandwidth (1 GiB copy, read+write): {bw.get('gb_per_s', 0):.1f} GB/s", flush=True
+    )
 
     def record(method, leg, depth, spec, *, compare_to=None):
         res = run_leg(spec, args.timeout)
@@ -296,42 +389,92 @@ def main(argv=None) -> None:
         rows.append(res)
         if compare_to is not None and res.get("ok"):
             res["vs"] = compare_full(Path(compare_to), Path(spec["out"]))
-        status = f"{res['seconds']:.1f} s, {res['peak_rss_gb']:.2f} GB" if res.get("ok") else f"FAILED: {res['error']}"
+        status = (
+            f"{res['seconds']:.1f} s, {res['peak_rss_gb']:.2f} GB"
+            if res.get("ok")
+            else f"FAILED: {res['error']}"
+        )
         print(f"{method:16s} {leg:18s} {depth:3d} layers: {status}", flush=True)
         return res
 
     for method in methods:
         if method in deep_methods:
             for d in depths:
-                record(method, "emomerge adapter", d, {
-                    "leg": "emomerge", "method": method, "adapters": str(sets[d]), "output": "adapter",
-                    "out": str(work / f"out_{method}_ad_{d}"), "engine": args.engine})
+                record(
+                    method,
+                    "emomerge adapter",
+                    d,
+                    {
+                        "leg": "emomerge",
+                        "method": method,
+                        "adapters": str(sets[d]),
+                        "output": "adapter",
+                        "out": str(work / f"out_{method}_ad_{d}"),
+                        "engine": args.engine,
+                    },
+                )
         f = args.full_layers
-        record(method, "emomerge adapter", f, {
-            "leg": "emomerge", "method": method, "adapters": str(sets[f]), "output": "adapter",
-            "out": str(work / f"out_{method}_ad_{f}"), "engine": args.engine})
+        record(
+            method,
+            "emomerge adapter",
+            f,
+            {
+                "leg": "emomerge",
+                "method": method,
+                "adapters": str(sets[f]),
+                "output": "adapter",
+                "out": str(work / f"out_{method}_ad_{f}"),
+                "engine": args.engine,
+            },
+        )
         ours_full = work / f"out_{method}_full_{f}"
         if "full" not in skip:
-            record(method, "emomerge full", f, {
-                "leg": "emomerge", "method": method, "adapters": str(sets[f]), "output": "full",
-                "base": str(base), "out": str(ours_full), "engine": args.engine})
+            record(
+                method,
+                "emomerge full",
+                f,
+                {
+                    "leg": "emomerge",
+                    "method": method,
+                    "adapters": str(sets[f]),
+                    "output": "full",
+                    "base": str(base),
+                    "out": str(ours_full),
+                    "engine": args.engine,
+                },
+            )
         if "mergekit" not in skip and method in mk_methods:
             # cold: a fresh LoRA cache, so mergekit bakes each base+LoRA into a full model first
             # (what one merge costs); warm: the same leg again on that cache (repeated merges of
             # the same adapters skip the bake)
             cache = work / f"lora_cache_{method}_{f}"
             shutil.rmtree(cache, ignore_errors=True)
-            spec = {"leg": "mergekit", "method": method, "adapters": str(sets[f]), "base": str(base),
-                    "cache": str(cache), "out": str(work / f"out_{method}_mk_{f}")}
+            spec = {
+                "leg": "mergekit",
+                "method": method,
+                "adapters": str(sets[f]),
+                "base": str(base),
+                "cache": str(cache),
+                "out": str(work / f"out_{method}_mk_{f}"),
+            }
             compare = ours_full if method != "dare_ties" and "full" not in skip else None
             record(method, "mergekit run_merge", f, spec, compare_to=compare)
             if method in mk_warm:
                 record(method, "mergekit (warm cache)", f, spec)
             shutil.rmtree(cache, ignore_errors=True)
         if "peft" not in skip and method in peft_methods:
-            record(method, f"peft {PEFT_TYPES[method]}", f, {
-                "leg": "peft", "method": method, "adapters": str(sets[f]), "base": str(base),
-                "out": str(work / f"out_{method}_peft_{f}")})
+            record(
+                method,
+                f"peft {PEFT_TYPES[method]}",
+                f,
+                {
+                    "leg": "peft",
+                    "method": method,
+                    "adapters": str(sets[f]),
+                    "base": str(base),
+                    "out": str(work / f"out_{method}_peft_{f}"),
+                },
+            )
 
     report = render(args, rows, bw, started, argv)
     print(report)
@@ -370,11 +513,21 @@ def render(args, rows, bw, started, argv) -> str:
                 notes.append(f"rank-16 rel. error mean {r['err_mean']:.3f}")
             if "vs" in r:
                 v = r["vs"]
-                notes.append(f"vs ours: {v['flipped']} of {v['elements']} elements past 1e-4 (threshold flips), "
-                             f"rest max |d| {v['max_abs_diff_rest']:.1e}, {v['missing']} tensors missing")
-            if r["leg"] == "emomerge adapter" and r["method"] in ("ties", "dare_ties") and bw.get("gb_per_s"):
-                rate = r["tau_elements"] * 4 / r["seconds"] / 1e9  # float32 τ bytes produced per second
-                notes.append(f"τ streamed at {rate:.2f} GB/s = {rate / bw['gb_per_s']:.1%} of copy bandwidth")
+                notes.append(
+                    f"vs ours: {v['flipped']} of {v['elements']} elements past 1e-4 (threshold flips), "
+                    f"rest max |d| {v['max_abs_diff_rest']:.1e}, {v['missing']} tensors missing"
+                )
+            if (
+                r["leg"] == "emomerge adapter"
+                and r["method"] in ("ties", "dare_ties")
+                and bw.get("gb_per_s")
+            ):
+                rate = (
+                    r["tau_elements"] * 4 / r["seconds"] / 1e9
+                )  # float32 τ bytes produced per second
+                notes.append(
+                    f"τ streamed at {rate:.2f} GB/s = {rate / bw['gb_per_s']:.1%} of copy bandwidth"
+                )
             if "merge_seconds" in r:
                 notes.append(f"add_weighted_adapter+save {r['merge_seconds']:.1f} s")
             wall = f"{r['seconds']:.1f}"
@@ -382,7 +535,9 @@ def render(args, rows, bw, started, argv) -> str:
         else:
             wall, rss = "—", "—"
             notes.append(f"not measured: {r.get('error')}")
-        lines.append(f"| {r['method']} | {r['leg']} | {r['layers']} | {wall} | {rss} | {ratio} | {'; '.join(notes)} |")
+        lines.append(
+            f"| {r['method']} | {r['leg']} | {r['layers']} | {wall} | {rss} | {ratio} | {'; '.join(notes)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -21,8 +21,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 #: ``--quiet`` of the commands that show the progress display (train, merge, evaluate, run, demo).
-Quiet = typer.Option(False, "--quiet", "-q", help="No progress display (shown by default only "
-                     "when stderr is a terminal).")
+Quiet = typer.Option(
+    False,
+    "--quiet",
+    "-q",
+    help="No progress display (shown by default only when stderr is a terminal).",
+)
 
 
 def show_progress(progress: bool | None = None, quiet: bool = False) -> bool:
@@ -37,8 +41,15 @@ def show_progress(progress: bool | None = None, quiet: bool = False) -> bool:
 TABLE_FORMATS = ("table", "markdown", "csv", "json")
 
 
-def render_table(title: str, header: list[str], body: list[list[str]], fmt: str = "table", *,
-                 keep: tuple[str, ...] = (), lines: bool = False) -> None:
+def render_table(
+    title: str,
+    header: list[str],
+    body: list[list[str]],
+    fmt: str = "table",
+    *,
+    keep: tuple[str, ...] = (),
+    lines: bool = False,
+) -> None:
     """Print a table: in the terminal (``table``) cells wrap instead of ending in an ellipsis and
     the ``keep`` columns (links) are never broken; ``markdown``, ``csv`` and ``json`` as
     ``leaderboard show`` writes them (title first for markdown)."""
@@ -68,8 +79,10 @@ def render_table(title: str, header: list[str], body: list[list[str]], fmt: str 
 
 
 #: Libraries whose warnings are theirs to fix, not the user's: silenced unless ``--verbose``.
-THIRD_PARTY = r"(transformers|torch|torchvision|peft|accelerate|huggingface_hub|safetensors|" \
-              r"numba|matplotlib|bitsandbytes)(\.|$)"
+THIRD_PARTY = (
+    r"(transformers|torch|torchvision|peft|accelerate|huggingface_hub|safetensors|"
+    r"numba|matplotlib|bitsandbytes)(\.|$)"
+)
 
 
 def quiet_third_party() -> None:
@@ -86,8 +99,9 @@ def quiet_third_party() -> None:
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
     # FutureWarnings raised from inside transformers' wrappers are attributed to the caller
-    warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*(deprecated|will be removed).*", category=FutureWarning
+    )
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -108,8 +122,10 @@ def check_dataset(name: str, flag: str = "--dataset") -> None:  # flag "": an ar
     if name not in DATASETS:
         close = difflib.get_close_matches(name.lower(), sorted(DATASETS), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise InputError(f"{flag}{': ' if flag else ''}unknown dataset '{name}' ({hint}expected one of "
-                         f"{', '.join(sorted(DATASETS))})")
+        raise InputError(
+            f"{flag}{': ' if flag else ''}unknown dataset '{name}' ({hint}expected one of "
+            f"{', '.join(sorted(DATASETS))})"
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -168,7 +184,11 @@ class OneLineErrors(TyperGroup):
         except click_errors.ClickException as exc:
             message = " ".join(exc.format_message().split())
             where = getattr(getattr(exc, "ctx", None), "command_path", "")
-            hint = f" (see {where} --help)" if where and isinstance(exc, click_errors.UsageError) else ""
+            hint = (
+                f" (see {where} --help)"
+                if where and isinstance(exc, click_errors.UsageError)
+                else ""
+            )
             sys.stderr.write(f"error: {message}{hint}\n")
             sys.exit(2)
         except typer.Abort:

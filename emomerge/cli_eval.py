@@ -22,8 +22,9 @@ import typer
 from emomerge._cli_common import Quiet, check_dataset, resolve_device, show_progress, user_errors
 from emomerge.merging.errors import InputError
 
-leaderboard_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                              help="Show, compare and plot leaderboard CSVs.")
+leaderboard_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Show, compare and plot leaderboard CSVs."
+)
 
 
 def check_numbers(limits: dict[str, tuple[int, int, int | None]]) -> None:
@@ -37,8 +38,11 @@ def check_numbers(limits: dict[str, tuple[int, int, int | None]]) -> None:
 #: Files and folders only a results folder holds (what ``evaluate`` writes and re-reads).
 RESULTS_ENTRIES = ("leaderboard.csv", "by_book.csv", "predictions", "details", "ablations")
 #: Files that make a folder a model, an adapter or an emomerge output of another kind.
-OTHER_KINDS = {"adapter_config.json": "an adapter folder", "config.json": "a model folder",
-               "emomerge.json": "an emomerge output (stage, merge or run)"}
+OTHER_KINDS = {
+    "adapter_config.json": "an adapter folder",
+    "config.json": "a model folder",
+    "emomerge.json": "an emomerge output (stage, merge or run)",
+}
 
 
 def _is_run(manifest: Path) -> bool:
@@ -85,70 +89,130 @@ def evaluate_cmd(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data", help="The dataset's files (folder or file).")],
     base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
-    variants: Annotated[list[Path], typer.Option(
-        "--variants", help="Adapter folders, --output full merge folders, or folders of them "
-        "(several may follow one --variants).")] = [],  # noqa: B006 (typer reads, never mutates, it)
+    variants: Annotated[
+        list[Path],
+        typer.Option(
+            "--variants",
+            help="Adapter folders, --output full merge folders, or folders of them "
+            "(several may follow one --variants).",
+        ),
+    ] = [],  # noqa: B006 (typer reads, never mutates, it)
     dataset: str = typer.Option(..., "--dataset", help="emocomics35, emoart, emid or mangavqa."),
     split: str = typer.Option("test", "--split", help="The split scored (train, val, test, ...)."),
-    out: Annotated[Path, typer.Option("--out", help="Results folder (leaderboard.csv, "
-                                      "predictions/, details/).")] = Path("results"),
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Results folder (leaderboard.csv, predictions/, details/)."),
+    ] = Path("results"),
     reader_task: str = typer.Option(None, "--task", help="Reader task (e.g. utterance, page)."),
-    task_type: str = typer.Option(None, "--task-type", help="single, multi or vqa "
-                                  "(default: from the dataset)."),
+    task_type: str = typer.Option(
+        None, "--task-type", help="single, multi or vqa (default: from the dataset)."
+    ),
     mode: str = typer.Option("auto", "--mode", help="auto, likelihood or generate."),
-    baseline: str = typer.Option(None, "--baseline", help="Variant the paired test compares "
-                                 "against (default: the last stage adapter)."),
+    baseline: str = typer.Option(
+        None,
+        "--baseline",
+        help="Variant the paired test compares against (default: the last stage adapter).",
+    ),
     paired_test: str = typer.Option("bootstrap", "--paired-test", help="bootstrap or mcnemar."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (at least 10)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed (>= 0)."),
-    multilabel: str = typer.Option("threshold", "--multilabel", help="threshold (chosen on "
-                                   "train books held out) or topk (k = gold count)."),
-    threshold: float = typer.Option(None, "--threshold", help="Fixed multi-label threshold, "
-                                    "in [0, 1]."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train books drawn "
-                                       "for the threshold when no stage recorded a hold-out."),
+    multilabel: str = typer.Option(
+        "threshold",
+        "--multilabel",
+        help="threshold (chosen on train books held out) or topk (k = gold count).",
+    ),
+    threshold: float = typer.Option(
+        None, "--threshold", help="Fixed multi-label threshold, in [0, 1]."
+    ),
+    val_fraction: float = typer.Option(
+        0.1,
+        "--val-fraction",
+        help="Share of train books drawn for the threshold when no stage recorded a hold-out.",
+    ),
     holdout_seed: int = typer.Option(0, "--holdout-seed", help="Seed of that draw."),
-    scoring: str = typer.Option("auto", "--scoring", help="Multi-label likelihood: label_set "
-                                "(every label set scored as a whole answer; each label decided "
-                                "on its presence probability; the default) or first_label."),
-    max_labels: int = typer.Option(3, "--max-labels", help="label_set: the largest "
-                                   "label set scored."),
-    length_norm: bool = typer.Option(False, "--length-norm/--no-length-norm",
-                                     help="Mean log-prob per token instead of the sum."),
-    append_eot: bool = typer.Option(False, "--append-eot/--no-append-eot", help="Score the "
-                                    "end-of-turn token after each label too."),
-    lowrank_merges: bool = typer.Option(False, "--lowrank-merges", help="Score re-factorised "
-                                        "sparse merges as their rank-limited adapters instead "
-                                        "of exactly (rows say lowrank with the error)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation: the longest "
-                                       "answer (at least 1)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward pass (speed "
-                                   "only: the rows do not change)."),
-    include_base: bool = typer.Option(True, "--include-base/--no-base", help="Score the base "
-                                      "model alone as a row too."),
-    leave_one_stage_out: bool = typer.Option(False, "--leave-one-stage-out", help="Also score "
-                                             "each merge rebuilt without each of its stages."),
-    judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint "
-                                  "(MangaVQA judge; off by default)."),
-    judge_model: str = typer.Option(None, "--judge-model", help="The judge's model name at "
-                                    "--judge-url."),
-    judge_protocol: str = typer.Option("binary", "--judge-protocol", help="binary, or "
-                                       "mangavqa-1-10 (the published MangaVQA 1-10 prompt)."),
-    image_root: Annotated[Path | None, typer.Option(
-        "--image-root", help="Where the images live (e.g. Manga109 for MangaVQA).")] = None,
-    allow_missing_images: bool = typer.Option(False, "--allow-missing-images", help="Score "
-                                              "items whose image file is missing without it."),
-    family: str = typer.Option(None, "--family", help="Model family (default: from the "
-                               "base's config)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: "
-                              "the precision training picks for the device)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when a GPU is visible, "
-                               "else cpu), cpu, cuda, cuda:N or mps."),
-    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Score "
-                                             "variants recorded as trained on another base "
-                                             "than --base."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
-                                  "display (when stderr is a terminal)."),
+    scoring: str = typer.Option(
+        "auto",
+        "--scoring",
+        help="Multi-label likelihood: label_set "
+        "(every label set scored as a whole answer; each label decided "
+        "on its presence probability; the default) or first_label.",
+    ),
+    max_labels: int = typer.Option(
+        3, "--max-labels", help="label_set: the largest label set scored."
+    ),
+    length_norm: bool = typer.Option(
+        False, "--length-norm/--no-length-norm", help="Mean log-prob per token instead of the sum."
+    ),
+    append_eot: bool = typer.Option(
+        False,
+        "--append-eot/--no-append-eot",
+        help="Score the end-of-turn token after each label too.",
+    ),
+    lowrank_merges: bool = typer.Option(
+        False,
+        "--lowrank-merges",
+        help="Score re-factorised "
+        "sparse merges as their rank-limited adapters instead "
+        "of exactly (rows say lowrank with the error).",
+    ),
+    max_new_tokens: int = typer.Option(
+        32, "--max-new-tokens", help="Generation: the longest answer (at least 1)."
+    ),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Examples per forward pass (speed only: the rows do not change)."
+    ),
+    include_base: bool = typer.Option(
+        True, "--include-base/--no-base", help="Score the base model alone as a row too."
+    ),
+    leave_one_stage_out: bool = typer.Option(
+        False,
+        "--leave-one-stage-out",
+        help="Also score each merge rebuilt without each of its stages.",
+    ),
+    judge_url: str = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible endpoint (MangaVQA judge; off by default)."
+    ),
+    judge_model: str = typer.Option(
+        None, "--judge-model", help="The judge's model name at --judge-url."
+    ),
+    judge_protocol: str = typer.Option(
+        "binary",
+        "--judge-protocol",
+        help="binary, or mangavqa-1-10 (the published MangaVQA 1-10 prompt).",
+    ),
+    image_root: Annotated[
+        Path | None,
+        typer.Option("--image-root", help="Where the images live (e.g. Manga109 for MangaVQA)."),
+    ] = None,
+    allow_missing_images: bool = typer.Option(
+        False, "--allow-missing-images", help="Score items whose image file is missing without it."
+    ),
+    family: str = typer.Option(
+        None, "--family", help="Model family (default: from the base's config)."
+    ),
+    dtype: str = typer.Option(
+        None,
+        "--dtype",
+        help="float32, bfloat16 or float16 (default: the precision training picks for the device).",
+    ),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N or mps.",
+    ),
+    allow_base_mismatch: bool = typer.Option(
+        False,
+        "--allow-different-bases",
+        "--allow-base-mismatch",
+        help="Score variants "
+        "recorded as trained on another base than --base "
+        "(--allow-base-mismatch: the older spelling).",
+    ),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        help="Show the progress display (when stderr is a terminal).",
+    ),
     quiet: bool = Quiet,
 ) -> None:
     """Score the base, every stage adapter and every merge; append rows to the leaderboard.
@@ -164,40 +228,76 @@ def evaluate_cmd(
     extra = [a for a in ctx.args]
     if any(a.startswith("-") for a in extra):
         raise InputError(f"unknown option {next(a for a in extra if a.startswith('-'))}")
-    choices = {"--mode": (mode, ("auto", "likelihood", "generate")),
-               "--paired-test": (paired_test, ("bootstrap", "mcnemar")),
-               "--multilabel": (multilabel, ("threshold", "topk")),
-               "--scoring": (scoring, ("auto", "label_set", "first_label")),
-               "--task-type": (task_type, (None, "single", "multi", "vqa"))}
+    choices = {
+        "--mode": (mode, ("auto", "likelihood", "generate")),
+        "--paired-test": (paired_test, ("bootstrap", "mcnemar")),
+        "--multilabel": (multilabel, ("threshold", "topk")),
+        "--scoring": (scoring, ("auto", "label_set", "first_label")),
+        "--task-type": (task_type, (None, "single", "multi", "vqa")),
+    }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise InputError(f"{flag}: expected one of {[a for a in allowed if a]}, got '{value}'")
-    check_numbers({"--n-boot": (n_boot, 10, None), "--seed": (seed, 0, None),
-                   "--holdout-seed": (holdout_seed, 0, None), "--max-labels": (max_labels, 1, None),
-                   "--max-new-tokens": (max_new_tokens, 1, None),
-                   "--batch-size": (batch_size, 1, None)})
+    check_numbers(
+        {
+            "--n-boot": (n_boot, 10, None),
+            "--seed": (seed, 0, None),
+            "--holdout-seed": (holdout_seed, 0, None),
+            "--max-labels": (max_labels, 1, None),
+            "--max-new-tokens": (max_new_tokens, 1, None),
+            "--batch-size": (batch_size, 1, None),
+        }
+    )
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise InputError(f"--threshold: must be a number in [0, 1], got {threshold}")
     if not (math.isfinite(val_fraction) and 0.0 < val_fraction < 1.0):
         raise InputError(f"--val-fraction: must be a number in (0, 1), got {val_fraction}")
-    check_results_folder(out, [Path(base), data, *variants, *map(Path, extra),
-                               *([image_root] if image_root else [])])
-    cfg = EvalConfig(dataset=dataset, split=split, task=task_type, mode=mode,
-                     length_norm=length_norm, append_eot=append_eot, multilabel=multilabel,
-                     threshold=threshold, val_fraction=val_fraction, holdout_seed=holdout_seed,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, n_boot=n_boot,
-                     seed=seed, baseline=baseline, paired_test=paired_test, judge_url=judge_url,
-                     judge_model=judge_model, judge_protocol=judge_protocol, scoring=scoring,
-                     max_labels=max_labels)
+    check_results_folder(
+        out, [Path(base), data, *variants, *map(Path, extra), *([image_root] if image_root else [])]
+    )
+    cfg = EvalConfig(
+        dataset=dataset,
+        split=split,
+        task=task_type,
+        mode=mode,
+        length_norm=length_norm,
+        append_eot=append_eot,
+        multilabel=multilabel,
+        threshold=threshold,
+        val_fraction=val_fraction,
+        holdout_seed=holdout_seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        n_boot=n_boot,
+        seed=seed,
+        baseline=baseline,
+        paired_test=paired_test,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_protocol=judge_protocol,
+        scoring=scoring,
+        max_labels=max_labels,
+    )
     opts = {"allow_missing_images": allow_missing_images}
     if image_root is not None:
         opts["image_root"] = image_root
-    result = evaluate_paths(base, [*variants, *map(Path, extra)], data, out, cfg,
-                            reader_task=reader_task, reader_opts=opts, include_base=include_base,
-                            leave_one_stage_out_=leave_one_stage_out, family=family, dtype=dtype,
-                            device=device, exact=not lowrank_merges,
-                            allow_base_mismatch=allow_base_mismatch,
-                            progress=show_progress(progress, quiet))
+    result = evaluate_paths(
+        base,
+        [*variants, *map(Path, extra)],
+        data,
+        out,
+        cfg,
+        reader_task=reader_task,
+        reader_opts=opts,
+        include_base=include_base,
+        leave_one_stage_out_=leave_one_stage_out,
+        family=family,
+        dtype=dtype,
+        device=device,
+        exact=not lowrank_merges,
+        allow_base_mismatch=allow_base_mismatch,
+        progress=show_progress(progress, quiet),
+    )
     from emomerge.evaluation.distributed import current_shard
 
     if not current_shard().is_main:  # under accelerate launch: the main process reports
@@ -211,10 +311,14 @@ def show_cmd(
     path: Annotated[Path, typer.Argument(help="A leaderboard CSV.")],
     by: str = typer.Option(None, "--by", help="Sort by this column, best first."),
     fmt: str = typer.Option("markdown", "--format", help="markdown, csv or json."),
-    by_book: bool = typer.Option(False, "--by-book", help="Variants × books of one metric, "
-                                 "from the by_book.csv beside the leaderboard."),
-    metric: str = typer.Option(None, "--metric", help="With --by-book: the metric shown "
-                               "(default macro_f1)."),
+    by_book: bool = typer.Option(
+        False,
+        "--by-book",
+        help="Variants × books of one metric, from the by_book.csv beside the leaderboard.",
+    ),
+    metric: str = typer.Option(
+        None, "--metric", help="With --by-book: the metric shown (default macro_f1)."
+    ),
 ) -> None:
     """Print a leaderboard (metrics with their 95% intervals, raw and Holm-adjusted p-values;
     * marks a Holm-adjusted p < 0.05)."""
@@ -272,8 +376,10 @@ def check_plot_target(out: Path, inputs: list[Path]) -> None:
         with out.open("rb") as fh:
             head = fh.read(8)
         if not head.startswith(PLOT_SUFFIXES[out.suffix.lower()]):
-            raise InputError(f"--out {out}: exists and is not a {out.suffix.lower()[1:]} plot "
-                             "(only an earlier plot is replaced)")
+            raise InputError(
+                f"--out {out}: exists and is not a {out.suffix.lower()[1:]} plot "
+                "(only an earlier plot is replaced)"
+            )
     cm_dir = out.with_name(out.stem + "_confusion")
     if cm_dir.exists() and not cm_dir.is_dir():
         raise InputError(f"--out {out}: {cm_dir} (where confusion matrices go) is a file")
@@ -286,20 +392,30 @@ def check_plot_target(out: Path, inputs: list[Path]) -> None:
 def plot_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Leaderboard CSV(s).")],
     out: Annotated[Path, typer.Option("--out", help="Plot to write (.png, .pdf or .svg).")],
-    metric: str = typer.Option(None, "--metric", help="Metric column plotted (default: each "
-                               "evaluation set's headline, macro-F1 or char-F1)."),
+    metric: str = typer.Option(
+        None,
+        "--metric",
+        help="Metric column plotted (default: each "
+        "evaluation set's headline, macro-F1 or char-F1).",
+    ),
     dataset: str = typer.Option(None, "--dataset", help="Only this dataset's rows."),
-    kinds: Annotated[list[str], typer.Option(
-        "--kinds", help="Only rows of these kinds, comma-separated (base, trivial, "
-        "single-stage, stage, merged, chain-ablation, merge-ablation); said in the "
-        "title. Default: every row.")] = [],  # noqa: B006 (typer reads, never mutates, it)
-    confusion: bool = typer.Option(True, "--confusion/--no-confusion",
-                                   help="Also write confusion-matrix PNGs per variant."),
+    kinds: Annotated[
+        list[str],
+        typer.Option(
+            "--kinds",
+            help="Only rows of these kinds, comma-separated (base, trivial, "
+            "single-stage, stage, merged, chain-ablation, merge-ablation); said in the "
+            "title. Default: every row.",
+        ),
+    ] = [],  # noqa: B006 (typer reads, never mutates, it)
+    confusion: bool = typer.Option(
+        True, "--confusion/--no-confusion", help="Also write confusion-matrix PNGs per variant."
+    ),
 ) -> None:
     """Every row's headline metric with its 95% interval, one panel per dataset (variants on the
     same rows), the baseline dashed, * for a Holm-adjusted p < 0.05, n / seeds / replicates in
     the caption: the figure `emomerge run` writes. Confusion matrices per variant."""
-    from emomerge.evaluation.plots import plot_confusions, plot_leaderboard
+    from emomerge.experiment.plots import plot_confusions, plot_leaderboard
 
     for p in paths:
         if not p.is_file():
@@ -310,8 +426,12 @@ def plot_cmd(
     typer.echo(f"wrote {fig}")
     if confusion:
         cm_dir = out.with_name(out.stem + "_confusion")
-        written = [w for p in paths if (p.parent / "details").is_dir()
-                   for w in plot_confusions(p.parent / "details", cm_dir)]
+        written = [
+            w
+            for p in paths
+            if (p.parent / "details").is_dir()
+            for w in plot_confusions(p.parent / "details", cm_dir)
+        ]
         if written:
             typer.echo(f"wrote {len(written)} confusion matrices to {cm_dir}")
 

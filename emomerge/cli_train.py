@@ -20,23 +20,32 @@ def _train(curriculum: Path, out: Path, progress: bool, max_bad_image_share: flo
     from emomerge.training.trainer import train_curriculum
 
     if max_bad_image_share is not None and not math.isfinite(max_bad_image_share):
-        raise InputError(f"--max-bad-image-share: must be a number in [0, 1], got "
-                         f"{max_bad_image_share}")
-    for folder in train_curriculum(curriculum, out, progress=progress,
-                                   max_bad_image_share=max_bad_image_share):
+        raise InputError(
+            f"--max-bad-image-share: must be a number in [0, 1], got {max_bad_image_share}"
+        )
+    for folder in train_curriculum(
+        curriculum, out, progress=progress, max_bad_image_share=max_bad_image_share
+    ):
         typer.echo(str(folder))
 
 
 def train(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML."),
     out: Path = typer.Option(..., "--out", help="Run folder (adapters/<stage>/ inside)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress "
-                                  "display (when stderr is a terminal)."),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        help="Show the progress display (when stderr is a terminal).",
+    ),
     max_bad_image_share: float = typer.Option(
-        None, "--max-bad-image-share", min=0.0, max=1.0,
+        None,
+        "--max-bad-image-share",
+        min=0.0,
+        max=1.0,
         help="Share of a stage's image files that may be unreadable (skipped with a warning, "
-             "counted in emomerge.json as dataset.skipped_images) before training stops "
-             "[default: 0.05]."),
+        "counted in emomerge.json as dataset.skipped_images) before training stops "
+        "[default: 0.05].",
+    ),
     quiet: bool = Quiet,
 ) -> None:
     """Train every stage of a curriculum (finished stages in --out are kept, not redone).
@@ -51,11 +60,12 @@ def _print_inspect(report: dict) -> None:
     typer.echo(f"{report['dataset']} at {report['path']}")
     for split, r in report["splits"].items():
         extra = "".join(f", {k} {r[k]}" for k in ("pages", "utterances") if k in r)
-        typer.echo(f"[{split}] samples {r['samples']}{extra}, missing images "
-                   f"{r['missing_images']}")
+        typer.echo(f"[{split}] samples {r['samples']}{extra}, missing images {r['missing_images']}")
         typer.echo("  labels: " + ", ".join(f"{k} {v}" for k, v in r["label_counts"].items()))
-        typer.echo("  labels per item: " + ", ".join(
-            f"{k}: {v}" for k, v in r["multi_label_counts"].items()))
+        typer.echo(
+            "  labels per item: "
+            + ", ".join(f"{k}: {v}" for k, v in r["multi_label_counts"].items())
+        )
         repairs = ", ".join(f"{k} {v}" for k, v in r["repairs"].items()) or "none"
         typer.echo(f"  parse repairs: {repairs}")
 
@@ -105,7 +115,11 @@ def _export(curriculum: Path, out: Path, precision: str | None) -> None:
 def export_llamafactory(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML."),
     out: Path = typer.Option(..., "--out", help="Export folder (must not exist or be empty)."),
-    precision: str = typer.Option(None, "--precision", help="bf16, fp16 or fp32 for the machine that trains (default: train.dtype, else this machine: bf16 on a CUDA GPU that has it, fp16 on one without, fp32 on CPU)."),
+    precision: str = typer.Option(
+        None,
+        "--precision",
+        help="bf16, fp16 or fp32 for the machine that trains (default: train.dtype, else this machine: bf16 on a CUDA GPU that has it, fp16 on one without, fp32 on CPU).",
+    ),
 ) -> None:
     """Write sharegpt JSONL, dataset_info.json, one LLaMA-Factory YAML per stage and run.sh."""
     _export(curriculum, out, precision)
@@ -113,13 +127,15 @@ def export_llamafactory(
 
 @user_errors
 def _tiny(family: str, out: Path, seed: int) -> None:
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     typer.echo(str(build_tiny_vlm(family, out, seed=seed)))
 
 
 def tiny_model(
-    family: str = typer.Argument(..., help="qwen2_5_vl, qwen3_vl, mllama, llava, llava_next, pixtral."),
+    family: str = typer.Argument(
+        ..., help="qwen2_5_vl, qwen3_vl, mllama, llava, llava_next, pixtral."
+    ),
     out: Path = typer.Argument(..., help="Folder to write the model into."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:

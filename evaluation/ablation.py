@@ -9,10 +9,10 @@ sha256), since a real-size merge takes minutes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from emomerge.merging.config import load_json
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE
 
@@ -21,10 +21,7 @@ from .variants import Variant, variant_from_dir
 
 def _manifest(path: Path) -> dict[str, Any]:
     f = path / LINEAGE_FILE
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{f}: cannot read the merge manifest ({exc})") from exc
+    raw = load_json(f, what="merge manifest")  # DESIGN.md, Configuration
     if raw.get("kind") != "merge":
         raise InputError(f"{f}: key 'kind': not a merge manifest")
     return raw
@@ -32,8 +29,10 @@ def _manifest(path: Path) -> dict[str, Any]:
 
 def _drop(params: dict[str, Any], i: int, n: int) -> dict[str, Any]:
     # per-adapter parameter lists (weights, densities) lose the dropped adapter's entry
-    return {k: [x for j, x in enumerate(v) if j != i] if isinstance(v, list) and len(v) == n
-            else v for k, v in params.items()}
+    return {
+        k: [x for j, x in enumerate(v) if j != i] if isinstance(v, list) and len(v) == n else v
+        for k, v in params.items()
+    }
 
 
 def _weights_sha256(adapter: Path) -> str:
@@ -48,9 +47,14 @@ def _weights_sha256(adapter: Path) -> str:
 
 def _recipe_of(manifest: dict[str, Any]) -> tuple:
     # what makes two merges the same: inputs (sha256), method, given parameters, seed, reference, rank
-    return ([str(a.get("sha256")) for a in manifest.get("adapters", [])], manifest.get("method"),
-            manifest.get("params_given"), manifest.get("seed"), manifest.get("reference"),
-            manifest.get("rank"))
+    return (
+        [str(a.get("sha256")) for a in manifest.get("adapters", [])],
+        manifest.get("method"),
+        manifest.get("params_given"),
+        manifest.get("seed"),
+        manifest.get("reference"),
+        manifest.get("rank"),
+    )
 
 
 def _inputs(merged: Variant) -> tuple[dict[str, Any], list[Path], list[str]]:
@@ -58,8 +62,10 @@ def _inputs(merged: Variant) -> tuple[dict[str, Any], list[Path], list[str]]:
         raise InputError(f"{merged.name}: leave-one-stage-out needs a merged variant")
     raw = _manifest(merged.path)
     inputs = [Path(a["path"] if isinstance(a, dict) else a) for a in raw["adapters"]]
-    names = [(a.get("stage") if isinstance(a, dict) else None) or p.name
-             for a, p in zip(raw["adapters"], inputs)]
+    names = [
+        (a.get("stage") if isinstance(a, dict) else None) or p.name
+        for a, p in zip(raw["adapters"], inputs)
+    ]
     return raw, inputs, names
 
 
@@ -69,8 +75,9 @@ def ablation_names(merged: Variant) -> list[str]:
     return [f"{merged.name}-without-{d}" for d in names] if len(inputs) >= 2 else []
 
 
-def leave_one_stage_out(merged: Variant, out_root: str | Path, *,
-                        exact: bool = True) -> list[Variant]:
+def leave_one_stage_out(
+    merged: Variant, out_root: str | Path, *, exact: bool = True
+) -> list[Variant]:
     """The merges of ``merged``'s inputs without one stage each, as variants (built if needed;
     ``exact``: see :func:`variants.variant_from_dir`)."""
     from emomerge.merging import merge
@@ -88,10 +95,20 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path, *,
         out = Path(out_root) / f"{merged.name.replace('/', '_')}-without-{dropped}"
         kept_params = _drop(params, i, len(inputs))
         seed, reference = int(raw.get("seed") or 0), raw.get("reference") or "base"
-        rank = raw.get("rank") if isinstance(raw.get("rank"), int) or raw.get("rank") == "auto" \
+        rank = (
+            raw.get("rank")
+            if isinstance(raw.get("rank"), int) or raw.get("rank") == "auto"
             else None
+        )
         max_error = raw.get("max_error") if rank == "auto" else None
-        expected = ([_weights_sha256(p) for p in keep], raw["method"], kept_params, seed, reference, rank)
+        expected = (
+            [_weights_sha256(p) for p in keep],
+            raw["method"],
+            kept_params,
+            seed,
+            reference,
+            rank,
+        )
         reuse = out.is_dir() and (out / LINEAGE_FILE).is_file()
         if reuse:
             try:
@@ -99,8 +116,20 @@ def leave_one_stage_out(merged: Variant, out_root: str | Path, *,
             except InputError:
                 reuse = False
         if not reuse:
-            merge(raw["method"], keep, out, params=kept_params, seed=seed, reference=reference,
-                  rank=rank, max_error=max_error, force=True)
+            # --force replaces an earlier ablation only; different bases stay what the merge
+            # itself allowed (DESIGN.md, Outputs)
+            merge(
+                raw["method"],
+                keep,
+                out,
+                params=kept_params,
+                seed=seed,
+                reference=reference,
+                rank=rank,
+                max_error=max_error,
+                force=True,
+                allow_base_mismatch=bool(raw.get("allow_base_mismatch")),
+            )
         v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}", exact=exact)
         variants.append(v)
     return variants

@@ -159,8 +159,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     ``multipletests(method="holm")`` computes the same; it is not a dependency of emomerge.
     """
     values = [float(p) for p in pvalues]
-    order = sorted((i for i, p in enumerate(values) if not math.isnan(p)),
-                   key=lambda i: values[i])
+    order = sorted((i for i, p in enumerate(values) if not math.isnan(p)), key=lambda i: values[i])
     m = len(order)
     out = [float("nan")] * len(values)
     running = 0.0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 from emomerge.training.data.holdout import book_of as _book_of
 from emomerge.training.data.holdout import has_book
@@ -36,14 +36,42 @@ FILENAME = "by_book.csv"
 LEVELS = ("book", "series")
 
 BY_BOOK_COLUMNS: tuple[str, ...] = (
-    "architecture", "base_id", "dataset", "split", "task", "mode", "baseline", "seed", "n_boot",
-    "emomerge_version", "git_hash", "date", "config_hash", "split_hash",
-    "variant", "level", "book", "title", "series", "n", "n_groups", *METRIC_COLUMNS,
+    "architecture",
+    "base_id",
+    "dataset",
+    "split",
+    "task",
+    "mode",
+    "baseline",
+    "seed",
+    "n_boot",
+    "emomerge_version",
+    "git_hash",
+    "date",
+    "config_hash",
+    "split_hash",
+    "variant",
+    "level",
+    "book",
+    "title",
+    "series",
+    "n",
+    "n_groups",
+    *METRIC_COLUMNS,
 )
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
-BY_BOOK_KEY = ("architecture", "base_id", "variant", "dataset", "split", "config_hash", "level",
-               "book", "series")
+BY_BOOK_KEY = (
+    "architecture",
+    "base_id",
+    "variant",
+    "dataset",
+    "split",
+    "config_hash",
+    "level",
+    "book",
+    "series",
+)
 
 
 def book_map(samples: Sequence[Any]) -> dict[str, str] | None:
@@ -75,9 +103,15 @@ def _unit_of(mapping: dict[str, str], pid: str, what: str) -> str:
     raise ValueError(f"{what}: no entry for prediction id {pid!r}")
 
 
-def by_book_rows(named: list[tuple[str, Predictions]], book_of: dict[str, str],
-                 series_of: dict[str, str] | None, metrics: Sequence[str], *,
-                 titles: dict[str, str] | None = None, **common: Any) -> list[dict[str, Any]]:
+def by_book_rows(
+    named: list[tuple[str, Predictions]],
+    book_of: dict[str, str],
+    series_of: dict[str, str] | None,
+    metrics: Sequence[str],
+    *,
+    titles: dict[str, str] | None = None,
+    **common: Any,
+) -> list[dict[str, Any]]:
     """One row per variant × book (then per variant × series when ``series_of`` is given).
 
     ``book_of`` / ``series_of`` map sample ids (as in ``Sample.id``) to a book / series;
@@ -103,12 +137,21 @@ def by_book_rows(named: list[tuple[str, Predictions]], book_of: dict[str, str],
             idx = np.asarray(units[level, unit], dtype=int)
             if level == "book":
                 known = {series[i] for i in idx} if series else set()
-                ident = {"book": unit, "title": (titles or {}).get(unit, ""),
-                         "series": known.pop() if len(known) == 1 else ""}
+                ident = {
+                    "book": unit,
+                    "title": (titles or {}).get(unit, ""),
+                    "series": known.pop() if len(known) == 1 else "",
+                }
             else:
                 ident = {"book": "", "title": "", "series": unit}
-            row: dict[str, Any] = {**common, "variant": name, "level": level, **ident,
-                                   "n": len(idx), "n_groups": len({p.groups[i] for i in idx})}
+            row: dict[str, Any] = {
+                **common,
+                "variant": name,
+                "level": level,
+                **ident,
+                "n": len(idx),
+                "n_groups": len({p.groups[i] for i in idx}),
+            }
             for m in metrics:
                 row[m] = METRICS[m].fn(p, idx)
             rows.append(row)
@@ -127,8 +170,10 @@ def read_by_book(path: str | Path) -> list[dict[str, str]]:
     """The rows of a ``by_book.csv``; a missing file or another CSV is an :class:`InputError`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file (per-book rows are written by "
-                         "`emomerge evaluate` beside the leaderboard)")
+        raise InputError(
+            f"{path}: no such file (per-book rows are written by "
+            "`emomerge evaluate` beside the leaderboard)"
+        )
     header, rows = read_csv(path, "an emomerge by-book table")
     if header != BY_BOOK_COLUMNS:
         raise InputError(f"{path}: not an emomerge by-book table (header differs)")
@@ -146,19 +191,15 @@ def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
             raise ValueError(f"by-book row has unknown columns {sorted(unknown)}")
         cells.append({c: fmt_value(row.get(c)) for c in BY_BOOK_COLUMNS})
     keys = {tuple(r[k] for k in BY_BOOK_KEY) for r in cells}
-    kept = [r for r in (read_by_book(path) if path.exists() else [])
-            if tuple(r[k] for k in BY_BOOK_KEY) not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept + cells)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    kept = [
+        r
+        for r in (read_by_book(path) if path.exists() else [])
+        if tuple(r[k] for k in BY_BOOK_KEY) not in keys
+    ]
+    with atomic_file(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept + cells)
     return path
 
 
@@ -176,8 +217,10 @@ def show_by_book(path: str | Path, *, metric: str | None = None, fmt: str = "mar
             raise InputError(f"{path}: no metric values")
         metric = "macro_f1" if "macro_f1" in present else present[0]
     elif metric not in present:
-        raise InputError(f"--metric: '{metric}' has no value in {path} "
-                         f"(available: {', '.join(present) or 'none'})")
+        raise InputError(
+            f"--metric: '{metric}' has no value in {path} "
+            f"(available: {', '.join(present) or 'none'})"
+        )
     columns: dict[tuple[str, str], str] = {}
     cells: dict[tuple[str, str, str], dict[tuple[str, str], str]] = {}
     for r in rows:
@@ -187,10 +230,12 @@ def show_by_book(path: str | Path, *, metric: str | None = None, fmt: str = "mar
             label = unit + (f" ({r['title']})" if r["title"] else "")
             columns[col] = f"series {label}" if r["level"] == "series" else label
         v = _num(r[metric])
-        cells.setdefault((r["dataset"], r["split"], r["variant"]), {})[col] = \
+        cells.setdefault((r["dataset"], r["split"], r["variant"]), {})[col] = (
             "" if math.isnan(v) else f"{v:.4f}"
-    order = sorted(columns, key=lambda c: (LEVELS.index(c[0]) if c[0] in LEVELS else 2,
-                                           _natural(c[1])))
+        )
+    order = sorted(
+        columns, key=lambda c: (LEVELS.index(c[0]) if c[0] in LEVELS else 2, _natural(c[1]))
+    )
     header = ["dataset", "split", "variant", "metric"] + [columns[c] for c in order]
     body = [[*key, metric, *(values.get(c, "") for c in order)] for key, values in cells.items()]
     return format_table(header, body, fmt)

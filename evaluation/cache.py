@@ -30,8 +30,9 @@ class PredictionCache:
     number of processes resumes from what all of them wrote.
     """
 
-    def __init__(self, folder: str | Path, variant_name: str, variant_hash: str,
-                 part: int | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, variant_name: str, variant_hash: str, part: int | None = None
+    ) -> None:
         self.variant_hash = variant_hash
         stem = f"{_safe(variant_name)}.{variant_hash[:12]}"
         base = Path(folder) / f"{stem}.jsonl"

@@ -36,7 +36,9 @@ def argmax_label(values: Sequence[float], label_set: Sequence[str]) -> str:
     return label_set[int(np.argmax(values))]
 
 
-def threshold_labels(values: Sequence[float], label_set: Sequence[str], threshold: float) -> list[str]:
+def threshold_labels(
+    values: Sequence[float], label_set: Sequence[str], threshold: float
+) -> list[str]:
     """Labels with p ≥ threshold (the argmax alone when none does), in label-set order."""
     p = label_probs(values)
     keep = [lab for lab, q in zip(label_set, p) if q >= threshold]
@@ -49,8 +51,13 @@ def topk_labels(values: Sequence[float], label_set: Sequence[str], k: int) -> li
     return [label_set[i] for i in sorted(order)]
 
 
-def choose_threshold(values: Sequence[Sequence[float]], gold: Sequence[Sequence[str]],
-                     label_set: Sequence[str], *, chunk: int = 256) -> float:
+def choose_threshold(
+    values: Sequence[Sequence[float]],
+    gold: Sequence[Sequence[str]],
+    label_set: Sequence[str],
+    *,
+    chunk: int = 256,
+) -> float:
     """The threshold on p(label) that maximises example-based F1 on validation samples.
 
     Candidates are the midpoints between consecutive distinct probabilities seen on validation
@@ -58,26 +65,28 @@ def choose_threshold(values: Sequence[Sequence[float]], gold: Sequence[Sequence[
     All candidates are scored at once, ``chunk`` at a time ([chunk, n, C] booleans), with the
     decision rule of :func:`threshold_labels` and the F1 of :func:`metrics.example_f1`.
     """
-    probs = np.array([label_probs(v) for v in values])                    # [n, C]
+    probs = np.array([label_probs(v) for v in values])  # [n, C]
     index = {lab: j for j, lab in enumerate(label_set)}
-    g = np.zeros(probs.shape, dtype=bool)                                  # [n, C]
+    g = np.zeros(probs.shape, dtype=bool)  # [n, C]
     for i, row in enumerate(gold):
         for lab in row:
             if lab in index:
                 g[i, index[lab]] = True
     top = np.zeros(probs.shape, dtype=bool)
-    top[np.arange(len(probs)), np.argmax(probs, axis=1)] = True           # the fallback label
+    top[np.arange(len(probs)), np.argmax(probs, axis=1)] = True  # the fallback label
     distinct = np.unique(probs)
-    cands = np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2,
-                            [min(1.0, distinct[-1] + 1e-9)]])
+    cands = np.concatenate(
+        [[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2, [min(1.0, distinct[-1] + 1e-9)]]
+    )
     f1 = np.empty(len(cands))
     for lo in range(0, len(cands), chunk):
-        pred = probs[None] >= cands[lo: lo + chunk, None, None]            # [t, n, C]
+        pred = probs[None] >= cands[lo : lo + chunk, None, None]  # [t, n, C]
         pred |= ~pred.any(axis=2, keepdims=True) & top[None]
         hits = (pred & g[None]).sum(axis=2)
         denom = pred.sum(axis=2) + g.sum(axis=1)[None]
-        f1[lo: lo + chunk] = np.mean(np.divide(2 * hits, denom, out=np.zeros(hits.shape),
-                                               where=denom > 0), axis=1)
+        f1[lo : lo + chunk] = np.mean(
+            np.divide(2 * hits, denom, out=np.zeros(hits.shape), where=denom > 0), axis=1
+        )
     best = f1.max()
     return float(cands[np.flatnonzero(f1 >= best - 1e-12)[-1]])
 
@@ -85,7 +94,9 @@ def choose_threshold(values: Sequence[Sequence[float]], gold: Sequence[Sequence[
 # ------------------------------------------------------------------ label-set (presence) scoring
 
 
-def set_marginals(values: Sequence[float], sets: Sequence[Sequence[int]], n_labels: int) -> np.ndarray:
+def set_marginals(
+    values: Sequence[float], sets: Sequence[Sequence[int]], n_labels: int
+) -> np.ndarray:
     """Presence probability of every label: Σ_{S ∋ label} p(S), p = softmax over the candidate
     label sets' scores (``sets[k]`` holds the label indices of candidate k)."""
     member = np.zeros((len(sets), n_labels))
@@ -94,8 +105,9 @@ def set_marginals(values: Sequence[float], sets: Sequence[Sequence[int]], n_labe
     return label_probs(values) @ member
 
 
-def presence_labels(marginals: Sequence[float], label_set: Sequence[str],
-                    thresholds: Sequence[float]) -> list[str]:
+def presence_labels(
+    marginals: Sequence[float], label_set: Sequence[str], thresholds: Sequence[float]
+) -> list[str]:
     """Labels whose presence probability clears their own threshold, in label-set order; the most
     probable label alone when none does (every EmoComics35 utterance carries a label)."""
     m = np.asarray(marginals, dtype=float)
@@ -122,8 +134,9 @@ def _counts(p: np.ndarray, g: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray
 def _f1(tp: np.ndarray, npred: np.ndarray, ngold: Any, empty: float = 0.0) -> np.ndarray:
     """F1 = 2 TP / (predicted + gold); ``empty`` where a label is neither gold nor predicted."""
     denom = npred + ngold
-    return np.divide(2.0 * tp, denom, out=np.full(np.shape(tp), empty, dtype=float),
-                     where=denom > 0)
+    return np.divide(
+        2.0 * tp, denom, out=np.full(np.shape(tp), empty, dtype=float), where=denom > 0
+    )
 
 
 def best_label_threshold(p: Sequence[float], gold: Sequence[bool]) -> float:
@@ -137,7 +150,9 @@ def best_label_threshold(p: Sequence[float], gold: Sequence[bool]) -> float:
     return float(cands[np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]])
 
 
-def _label_f1s(probs: np.ndarray, g: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _label_f1s(
+    probs: np.ndarray, g: np.ndarray, cands: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """[T, C] per-label F1 of ``probs ≥ t`` for every global candidate t, and [T, C] whether the
     label counts in the macro mean (in gold or predicted: :func:`metrics.multilabel_f1`)."""
     f1 = np.empty((len(cands), probs.shape[1]))
@@ -173,8 +188,9 @@ class LabelThresholds:
     @classmethod
     def fixed(cls, threshold: float, label_set: Sequence[str]) -> LabelThresholds:
         """One given threshold for every label (``--threshold``)."""
-        return cls({lab: threshold for lab in label_set}, {lab: "global" for lab in label_set},
-                   threshold)
+        return cls(
+            {lab: threshold for lab in label_set}, {lab: "global" for lab in label_set}, threshold
+        )
 
 
 def _indicators(gold: Sequence[Sequence[str]], label_set: Sequence[str]) -> np.ndarray:
@@ -202,9 +218,12 @@ def _fold_f1(probs: np.ndarray, g: np.ndarray, folds: np.ndarray) -> tuple[np.nd
     return tuple(_f1(tp, npred, ng, empty=1.0) for tp, npred, ng in counts)  # type: ignore
 
 
-def choose_label_thresholds(probs: Sequence[Sequence[float]], gold: Sequence[Sequence[str]],
-                            label_set: Sequence[str],
-                            groups: Sequence[str] | None = None) -> LabelThresholds:
+def choose_label_thresholds(
+    probs: Sequence[Sequence[float]],
+    gold: Sequence[Sequence[str]],
+    label_set: Sequence[str],
+    groups: Sequence[str] | None = None,
+) -> LabelThresholds:
     """Thresholds on presence probabilities for macro-F1, chosen on validation samples.
 
     Macro-F1 is the mean of per-label F1s, so each label's threshold can be tuned for its own F1
@@ -229,4 +248,6 @@ def choose_label_thresholds(probs: Sequence[Sequence[float]], gold: Sequence[Seq
         use_own = own_f1 >= shared_f1 - 1e-12  # ties keep the label's own threshold
     return LabelThresholds(
         {lab: float(own[c]) if use_own[c] else shared for c, lab in enumerate(label_set)},
-        {lab: "label" if use_own[c] else "global" for c, lab in enumerate(label_set)}, shared)
+        {lab: "label" if use_own[c] else "global" for c, lab in enumerate(label_set)},
+        shared,
+    )

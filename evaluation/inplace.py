@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from emomerge.merging.errors import InputError
 from emomerge.merging.updates import FullWeights, StreamedMerge, Update, read_manifest
 
@@ -49,9 +50,11 @@ def canonical_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
 
 def _check_plain(p: torch.nn.Parameter, name: str, what: str) -> None:
     if not p.dtype.is_floating_point or type(p).__name__ != "Parameter":
-        raise InputError(f"{what}: the base's '{name}' is {type(p).__name__} ({p.dtype}); exact "
-                         "evaluation writes merged weights into the base, which needs it loaded "
-                         "unquantized")
+        raise InputError(
+            f"{what}: the base's '{name}' is {type(p).__name__} ({p.dtype}); exact "
+            "evaluation writes merged weights into the base, which needs it loaded "
+            "unquantized"
+        )
 
 
 def check_full_folder(model: Any, folder: Path, base_fingerprint: str | None) -> None:
@@ -65,40 +68,52 @@ def check_full_folder(model: Any, folder: Path, base_fingerprint: str | None) ->
     manifest = read_manifest(folder)
     recorded = ((manifest or {}).get("base") or {}).get("fingerprint")
     if recorded and base_fingerprint and recorded != base_fingerprint:
-        raise InputError(f"{folder}: merged into another base (its manifest's base fingerprint "
-                         f"{recorded[:12]} is not the loaded base's {base_fingerprint[:12]})")
+        raise InputError(
+            f"{folder}: merged into another base (its manifest's base fingerprint "
+            f"{recorded[:12]} is not the loaded base's {base_fingerprint[:12]})"
+        )
     params = canonical_parameters(model)
-    buffers = {n.removeprefix(_PEFT_ROOT).replace(".base_layer.", ".")
-               for n, _ in model.named_buffers()}
+    buffers = {
+        n.removeprefix(_PEFT_ROOT).replace(".base_layer.", ".") for n, _ in model.named_buffers()
+    }
     stored = weights.names
     for name in stored:
         if name in params:
             if tuple(params[name].shape) != weights.shape(name):
-                raise InputError(f"{folder}: '{stored[name]}' is {list(weights.shape(name))} but "
-                                 f"the base's is {list(params[name].shape)} (another model?)")
+                raise InputError(
+                    f"{folder}: '{stored[name]}' is {list(weights.shape(name))} but "
+                    f"the base's is {list(params[name].shape)} (another model?)"
+                )
         elif name not in buffers:
-            raise InputError(f"{folder}: '{stored[name]}' is not a tensor of the loaded base "
-                             "(another architecture?)")
+            raise InputError(
+                f"{folder}: '{stored[name]}' is not a tensor of the loaded base "
+                "(another architecture?)"
+            )
     by_param: dict[int, list[str]] = {}
     for name, p in params.items():
         by_param.setdefault(id(p), []).append(name)
     missing = [names[0] for names in by_param.values() if not any(n in stored for n in names)]
     if missing:
-        raise InputError(f"{folder}: {len(missing)} of the base's tensors are missing (e.g. "
-                         f"'{missing[0]}'); not a complete checkpoint of this base")
+        raise InputError(
+            f"{folder}: {len(missing)} of the base's tensors are missing (e.g. "
+            f"'{missing[0]}'); not a complete checkpoint of this base"
+        )
     for names in by_param.values():  # a tied weight stored twice must be stored alike
         kept = [n for n in names if n in stored]
-        if len(kept) > 1 and not all(torch.equal(weights.tensor(kept[0]), weights.tensor(n))
-                                     for n in kept[1:]):
-            raise InputError(f"{folder}: stores '{kept[0]}' and '{kept[1]}' differently, which "
-                             "the loaded base ties (an untied head): load the folder as its "
-                             "own model instead")
-
+        if len(kept) > 1 and not all(
+            torch.equal(weights.tensor(kept[0]), weights.tensor(n)) for n in kept[1:]
+        ):
+            raise InputError(
+                f"{folder}: stores '{kept[0]}' and '{kept[1]}' differently, which "
+                "the loaded base ties (an untied head): load the folder as its "
+                "own model instead"
+            )
 
 
 @contextlib.contextmanager
-def written_into(model: Any, updates: Iterable[tuple[str, Update]], what: str, *,
-                 only_changed: bool = False) -> Iterator[int]:
+def written_into(
+    model: Any, updates: Iterable[tuple[str, Update]], what: str, *, only_changed: bool = False
+) -> Iterator[int]:
     """Replace the model's tensors by the updates' results; restore them on exit (bit for bit).
 
     Yields the number of tensors changed. ``only_changed``: keep tensors whose new value equals
@@ -114,21 +129,27 @@ def written_into(model: Any, updates: Iterable[tuple[str, Update]], what: str, *
             for name, update in updates:
                 p = params.get(name)
                 if p is None:
-                    raise InputError(f"{what}: updates '{name}', which the loaded base does not "
-                                     "have (another model?)")
+                    raise InputError(
+                        f"{what}: updates '{name}', which the loaded base does not "
+                        "have (another model?)"
+                    )
                 _check_plain(p, name, what)
                 new = update(p.data)
                 if tuple(new.shape) != tuple(p.shape):
-                    raise InputError(f"{what}: '{name}' is {list(new.shape)} but the base's is "
-                                     f"{list(p.shape)} (another model?)")
+                    raise InputError(
+                        f"{what}: '{name}' is {list(new.shape)} but the base's is "
+                        f"{list(p.shape)} (another model?)"
+                    )
                 if only_changed and torch.equal(new, p.data):
                     continue
                 if len(shared[id(p)]) > 1:
                     # a tied weight: changing it here would change every name it is tied to
-                    raise InputError(f"{what}: changes '{name}', which the loaded base ties to "
-                                     f"{[n for n in shared[id(p)] if n != name]}; exact "
-                                     "evaluation cannot untie it in place (evaluate the merge's "
-                                     "adapter, or load an untied base)")
+                    raise InputError(
+                        f"{what}: changes '{name}', which the loaded base ties to "
+                        f"{[n for n in shared[id(p)] if n != name]}; exact "
+                        "evaluation cannot untie it in place (evaluate the merge's "
+                        "adapter, or load an untied base)"
+                    )
                 if id(p) not in saved:
                     saved[id(p)] = (p, p.data.to("cpu", copy=True))
                 p.data.copy_(new)
@@ -148,7 +169,9 @@ def _streamed(variant: Any, base_path: str | Path | None) -> StreamedMerge:
     return StreamedMerge(Path(variant.path), read_manifest(variant.path) or {}, base)
 
 
-def exact_updates(variant: Any, base_path: str | Path | None) -> tuple[Iterable[tuple[str, Update]], bool]:
+def exact_updates(
+    variant: Any, base_path: str | Path | None
+) -> tuple[Iterable[tuple[str, Update]], bool]:
     """The variant's exact tensors and whether unchanged ones must be skipped (full folders)."""
     if variant.exact == FULL:
         return FullWeights(Path(variant.path)).updates(), True
@@ -168,8 +191,9 @@ def exact_variant(model: Any, variant: Any, base_path: str | Path | None) -> Ite
         yield n
 
 
-def check_against_base_folder(variants: Iterable[Any], base_path: str | Path, *,
-                              allow_base_mismatch: bool = False) -> None:
+def check_against_base_folder(
+    variants: Iterable[Any], base_path: str | Path, *, allow_base_mismatch: bool = False
+) -> None:
     """The checks of :func:`check_exact` done on the base's files, before the base is loaded
     (minutes at 7B): a full folder stores exactly the base's tensors with their shapes and was
     merged into this base (``allow_base_mismatch`` skips only that last check); a streamed
@@ -183,34 +207,45 @@ def check_against_base_folder(variants: Iterable[Any], base_path: str | Path, *,
         if v.exact == FULL:
             folder = Path(v.path)
             weights = FullWeights(folder)
-            recorded = (((read_manifest(folder) or {}).get("base") or {}).get("fingerprint"))
+            recorded = ((read_manifest(folder) or {}).get("base") or {}).get("fingerprint")
             if recorded and not allow_base_mismatch:
                 fingerprint = fingerprint or base.fingerprint()
                 if recorded != fingerprint:
-                    raise InputError(f"{folder}: merged into another base (its manifest's base "
-                                     f"fingerprint {recorded[:12]} is not {base_path}'s "
-                                     f"{fingerprint[:12]})")
+                    raise InputError(
+                        f"{folder}: merged into another base (its manifest's base "
+                        f"fingerprint {recorded[:12]} is not {base_path}'s "
+                        f"{fingerprint[:12]})"
+                    )
             missing = [n for n in shapes if n not in weights.names]
             if missing:
-                raise InputError(f"{folder}: {len(missing)} of the base's tensors are missing "
-                                 f"(e.g. '{missing[0]}'); not a complete checkpoint of this base")
+                raise InputError(
+                    f"{folder}: {len(missing)} of the base's tensors are missing "
+                    f"(e.g. '{missing[0]}'); not a complete checkpoint of this base"
+                )
             for name, key in weights.names.items():
                 if name not in shapes:
-                    raise InputError(f"{folder}: '{key}' is not a tensor of the base {base_path} "
-                                     "(another architecture?)")
+                    raise InputError(
+                        f"{folder}: '{key}' is not a tensor of the base {base_path} "
+                        "(another architecture?)"
+                    )
                 if weights.shape(name) != shapes[name]:
-                    raise InputError(f"{folder}: '{key}' is {list(weights.shape(name))} but the "
-                                     f"base's is {list(shapes[name])} (another model?)")
+                    raise InputError(
+                        f"{folder}: '{key}' is {list(weights.shape(name))} but the "
+                        f"base's is {list(shapes[name])} (another model?)"
+                    )
         elif v.exact == STREAMED:
             for name, shape in _streamed(v, base_path).shapes().items():
                 if shapes.get(name) != tuple(shape):
                     have = "does not have" if name not in shapes else f"has as {list(shapes[name])}"
-                    raise InputError(f"{v.path}: the merge updates '{name}' {list(shape)}, which "
-                                     f"the base {base_path} {have} (another base?)")
+                    raise InputError(
+                        f"{v.path}: the merge updates '{name}' {list(shape)}, which "
+                        f"the base {base_path} {have} (another base?)"
+                    )
 
 
-def check_exact(model: Any, variant: Any, base_path: str | Path | None,
-                base_fingerprint: str | None) -> None:
+def check_exact(
+    model: Any, variant: Any, base_path: str | Path | None, base_fingerprint: str | None
+) -> None:
     """What can be checked before scoring: complete full folders of this base; a streamed
     merge's inputs present and unchanged, with shapes matching the base."""
     if variant.exact == FULL:
@@ -222,13 +257,17 @@ def check_exact(model: Any, variant: Any, base_path: str | Path | None,
             p = params.get(name)
             if p is None or tuple(p.shape) != tuple(shape):
                 have = "does not have" if p is None else f"has as {list(p.shape)}"
-                raise InputError(f"{variant.path}: the merge updates '{name}' {list(shape)}, "
-                                 f"which the loaded base {have} (another base?)")
+                raise InputError(
+                    f"{variant.path}: the merge updates '{name}' {list(shape)}, "
+                    f"which the loaded base {have} (another base?)"
+                )
             if name in tied:
-                raise InputError(f"{variant.path}: the merge changes '{name}', which the loaded "
-                                 f"base ties to {tied[name]}; exact evaluation cannot untie it in "
-                                 "place (evaluate the merge's --output full folder with the "
-                                 "untied head as its own model, or --lowrank-merges)")
+                raise InputError(
+                    f"{variant.path}: the merge changes '{name}', which the loaded "
+                    f"base ties to {tied[name]}; exact evaluation cannot untie it in "
+                    "place (evaluate the merge's --output full folder with the "
+                    "untied head as its own model, or --lowrank-merges)"
+                )
 
 
 def _tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, list[str]]:
@@ -236,5 +275,6 @@ def _tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, list[str]]:
     by_id: dict[int, list[str]] = {}
     for name, p in params.items():
         by_id.setdefault(id(p), []).append(name)
-    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1
-            for n in names}
+    return {
+        n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1 for n in names
+    }

@@ -65,16 +65,18 @@ Only return a single number (1–10). Do not include any explanations, justifica
 #: The MangaVQA judge's user message: the published f-string with its leading space, indentation
 #: and the space after "Your score:", as a ``str.format`` template.
 MANGAVQA_USER = (
-    ' Input:\n'
+    " Input:\n"
     '        "question": {question},\n'
     '        "human-written answer": {gold},\n'
     '        "model\'s response": {answer},\n'
-    '\n'
-    '    Your score: \n'
+    "\n"
+    "    Your score: \n"
 )
 
-MANGAVQA_SOURCE = ("https://github.com/manga109/MangaLMM/blob/"
-                   "d477a1cfa1c61a11655f4aa2142d6829d2fbee84/evaluation/inference_VQA.py")
+MANGAVQA_SOURCE = (
+    "https://github.com/manga109/MangaLMM/blob/"
+    "d477a1cfa1c61a11655f4aa2142d6829d2fbee84/evaluation/inference_VQA.py"
+)
 
 
 def _binary_score(reply: str) -> float | None:
@@ -136,9 +138,12 @@ class Protocol:
 
     def body(self, model: str, question: str, gold: list[str], answer: str) -> dict[str, Any]:
         """The ``/chat/completions`` request body of one judgement."""
-        body: dict[str, Any] = {"model": model, "temperature": self.temperature,
-                                "max_tokens": self.max_tokens,
-                                "messages": self.messages(question, gold, answer)}
+        body: dict[str, Any] = {
+            "model": model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "messages": self.messages(question, gold, answer),
+        }
         if self.seed is not None:
             body["seed"] = self.seed
         return body
@@ -146,13 +151,30 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "binary": Protocol(
-        name="binary", user=PROMPT, system=None, scale=(0.0, 1.0), max_tokens=2, seed=None,
-        unscored_value=0.0, score=_binary_score, published_model=None,
-        source="emomerge (not a published protocol)", raw_question=False),
+        name="binary",
+        user=PROMPT,
+        system=None,
+        scale=(0.0, 1.0),
+        max_tokens=2,
+        seed=None,
+        unscored_value=0.0,
+        score=_binary_score,
+        published_model=None,
+        source="emomerge (not a published protocol)",
+        raw_question=False,
+    ),
     "mangavqa-1-10": Protocol(
-        name="mangavqa-1-10", user=MANGAVQA_USER, system=MANGAVQA_SYSTEM, scale=(1.0, 10.0),
-        max_tokens=100, seed=0, unscored_value=1.0, score=_int_1_10,
-        published_model="gpt-4o-2024-11-20", source=MANGAVQA_SOURCE),
+        name="mangavqa-1-10",
+        user=MANGAVQA_USER,
+        system=MANGAVQA_SYSTEM,
+        scale=(1.0, 10.0),
+        max_tokens=100,
+        seed=0,
+        unscored_value=1.0,
+        score=_int_1_10,
+        published_model="gpt-4o-2024-11-20",
+        source=MANGAVQA_SOURCE,
+    ),
 }
 DEFAULT_PROTOCOL = "binary"
 
@@ -160,8 +182,9 @@ DEFAULT_PROTOCOL = "binary"
 def get_protocol(name: str) -> Protocol:
     """The protocol called ``name``; an unknown name is an :class:`InputError`."""
     if name not in PROTOCOLS:
-        raise InputError(f"--judge-protocol: unknown protocol '{name}' (expected one of "
-                         f"{sorted(PROTOCOLS)})")
+        raise InputError(
+            f"--judge-protocol: unknown protocol '{name}' (expected one of {sorted(PROTOCOLS)})"
+        )
     return PROTOCOLS[name]
 
 
@@ -177,15 +200,20 @@ def provenance(protocol: str, model: str) -> dict[str, Any]:
     whether the judge is the published one (only then do the numbers sit beside the paper's)."""
     p = get_protocol(protocol)
     text = prompt_text(p)
-    return {"judge_protocol": p.name, "judge_model": model,
-            "judge_published_model": p.published_model,
-            "judge_matches_published": p.published_model is not None and
-            model == p.published_model,
-            "judge_prompt": text,
-            "judge_prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "judge_scale": list(p.scale), "judge_temperature": p.temperature,
-            "judge_seed": p.seed, "judge_max_tokens": p.max_tokens,
-            "judge_unscored_value": p.unscored_value, "judge_source": p.source}
+    return {
+        "judge_protocol": p.name,
+        "judge_model": model,
+        "judge_published_model": p.published_model,
+        "judge_matches_published": p.published_model is not None and model == p.published_model,
+        "judge_prompt": text,
+        "judge_prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "judge_scale": list(p.scale),
+        "judge_temperature": p.temperature,
+        "judge_seed": p.seed,
+        "judge_max_tokens": p.max_tokens,
+        "judge_unscored_value": p.unscored_value,
+        "judge_source": p.source,
+    }
 
 
 @dataclass
@@ -230,9 +258,14 @@ class JudgeReport:
     def to_dict(self, examples: int = 20) -> dict[str, Any]:
         """JSON-ready summary for the details file (the first ``examples`` unscored replies)."""
         bad = [v.reply for v in self.verdicts if v.score is None]
-        return {**provenance(self.protocol, self.model), "n": len(self.verdicts),
-                "mean": self.mean, "mean_scored": self.mean_scored, "unscored": len(bad),
-                "unscored_replies": bad[:examples]}
+        return {
+            **provenance(self.protocol, self.model),
+            "n": len(self.verdicts),
+            "mean": self.mean,
+            "mean_scored": self.mean_scored,
+            "unscored": len(bad),
+            "unscored_replies": bad[:examples],
+        }
 
 
 def _reply_text(raw: bytes) -> str | None:
@@ -244,36 +277,49 @@ def _reply_text(raw: bytes) -> str | None:
     return content if isinstance(content, str) else None
 
 
-def judge_verdict(url: str, model: str, question: str, gold: list[str], answer: str, *,
-                  protocol: str = DEFAULT_PROTOCOL, api_key_env: str = "OPENAI_API_KEY",
-                  timeout: float = 60.0) -> Verdict:
+def judge_verdict(
+    url: str,
+    model: str,
+    question: str,
+    gold: list[str],
+    answer: str,
+    *,
+    protocol: str = DEFAULT_PROTOCOL,
+    api_key_env: str = "OPENAI_API_KEY",
+    timeout: float = 60.0,
+) -> Verdict:
     """One judgement under ``protocol``; a reply without a score is a Verdict with score None."""
     p = get_protocol(protocol)
     headers = {"Content-Type": "application/json"}
     if os.environ.get(api_key_env):
         headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
-    req = urllib.request.Request(url.rstrip("/") + "/chat/completions",
-                                 data=json.dumps(p.body(model, question, gold, answer)).encode(),
-                                 headers=headers)
+    req = urllib.request.Request(
+        url.rstrip("/") + "/chat/completions",
+        data=json.dumps(p.body(model, question, gold, answer)).encode(),
+        headers=headers,
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:200].decode("utf-8", "replace").replace("\n", " ")
-        raise InputError(f"--judge-url {url}: judge request failed (HTTP {exc.code}: "
-                         f"{detail})") from exc
+        raise InputError(
+            f"--judge-url {url}: judge request failed (HTTP {exc.code}: {detail})"
+        ) from exc
     except (urllib.error.URLError, OSError) as exc:  # refused, unreachable, timed out
         raise InputError(f"--judge-url {url}: judge request failed ({exc})") from exc
     text = _reply_text(raw)
     if text is None:  # 200 with no message content: the judge said nothing we can score
-        return Verdict(reply=raw[:200].decode("utf-8", "replace"), score=None,
-                       value=p.unscored_value)
+        return Verdict(
+            reply=raw[:200].decode("utf-8", "replace"), score=None, value=p.unscored_value
+        )
     score = p.score(text)
     return Verdict(reply=text, score=score, value=p.unscored_value if score is None else score)
 
 
-def judge_one(url: str, model: str, question: str, gold: list[str], answer: str,
-              **kw: Any) -> float:
+def judge_one(
+    url: str, model: str, question: str, gold: list[str], answer: str, **kw: Any
+) -> float:
     """The value one judgement adds to the mean (``binary``: 1.0 correct, 0.0 otherwise)."""
     return judge_verdict(url, model, question, gold, answer, **kw).value
 
@@ -285,15 +331,30 @@ def question_of(sample: Any, raw: bool = True) -> str:
     return str(q) if q is not None else sample.messages[-1]["content"][-1].get("text", "")
 
 
-def judge_report(url: str, model: str, samples: list, answers: list[str], *,
-                 protocol: str = DEFAULT_PROTOCOL, **kw: Any) -> JudgeReport:
+def judge_report(
+    url: str,
+    model: str,
+    samples: list,
+    answers: list[str],
+    *,
+    protocol: str = DEFAULT_PROTOCOL,
+    **kw: Any,
+) -> JudgeReport:
     """Every (sample, answer) pair judged in order, with the unscored replies counted."""
     p = get_protocol(protocol)  # an unknown name fails before any request
     report = JudgeReport(protocol=protocol, model=model)
     for s, a in zip(samples, answers):
-        report.verdicts.append(judge_verdict(url, model, question_of(s, p.raw_question),
-                                             list(s.labels or [s.target]), a,
-                                             protocol=protocol, **kw))
+        report.verdicts.append(
+            judge_verdict(
+                url,
+                model,
+                question_of(s, p.raw_question),
+                list(s.labels or [s.target]),
+                a,
+                protocol=protocol,
+                **kw,
+            )
+        )
     return report
 
 

@@ -12,8 +12,9 @@ correctness) only accuracy / subset_accuracy / exact_match carry it. Macro-F1 av
 dataset's declared ``label_set`` for every row alike; ``per_label_f1`` holds its terms.
 ``kind`` is base / stage / merged, or trivial for the label-frequency baselines of
 :mod:`.trivial` (sanity checks: their p stays raw, outside every Holm family).
-The file is rewritten through a temporary file in the same folder and ``os.replace``, so a reader
-never sees half a file and a crash leaves the previous version intact.
+The file is rewritten through a temporary file in the same folder and ``os.replace``
+(:func:`emomerge.merging.atomic.atomic_file`), so a reader never sees half a file and a crash
+leaves the previous version intact.
 """
 
 from __future__ import annotations
@@ -22,40 +23,86 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 
-#: Every metric a row may carry, in column order; a task leaves the others empty.
-METRIC_COLUMNS = ("accuracy", "macro_f1", "subset_accuracy", "example_f1", "micro_f1",
-                  "single_accuracy", "single_macro_f1", "exact_match", "char_f1", "judge_score")
+from .metrics import METRICS
+
+#: Every metric a row may carry, in column order (metrics.METRICS's: one source for the names);
+#: a task leaves the others empty.
+METRIC_COLUMNS: tuple[str, ...] = tuple(METRICS)
 
 #: Values of ``representation``: how the row's weights relate to the adapters evaluated —
 #: the exact merged update, a low-rank (truncated) one, the base model alone, or no model at all.
 REPRESENTATIONS = ("exact", "lowrank", "base", "trivial")
 
 COLUMNS: tuple[str, ...] = (
-    "architecture", "base_id", "variant", "kind", "stage_index", "lineage", "method",
-    "method_params", "stages_merged", "representation", "represented_rank",
-    "lowrank_error_mean", "lowrank_error_max", "dataset", "split", "task", "mode", "label_set",
-    "n", "n_groups", "n_books", "baseline",
+    "architecture",
+    "base_id",
+    "variant",
+    "kind",
+    "stage_index",
+    "lineage",
+    "method",
+    "method_params",
+    "stages_merged",
+    "representation",
+    "represented_rank",
+    "lowrank_error_mean",
+    "lowrank_error_max",
+    "dataset",
+    "split",
+    "task",
+    "mode",
+    "label_set",
+    "n",
+    "n_groups",
+    "n_books",
+    "baseline",
     *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
-    "per_label_f1", "parse_failures", "skipped_images", "scoring", "threshold",
-    "threshold_source", "seed", "n_boot",
-    "emomerge_version", "git_hash", "date", "config_hash", "variant_hash", "split_hash",
-    "base_name", "base_fingerprint",
+    "per_label_f1",
+    "parse_failures",
+    "skipped_images",
+    "scoring",
+    "threshold",
+    "threshold_source",
+    "seed",
+    "n_boot",
+    "emomerge_version",
+    "git_hash",
+    "date",
+    "config_hash",
+    "variant_hash",
+    "split_hash",
+    "base_name",
+    "base_fingerprint",
+    "versions",
+    "git_dirty",
 )
 
 #: Columns added after the first release: a leaderboard written before any of them is read with
 #: them empty (and rewritten with all of them on the next upsert) rather than refused.
 LATER_COLUMNS: tuple[str, ...] = (
-    "threshold_source", "representation", "represented_rank", "lowrank_error_mean",
-    "lowrank_error_max", "label_set", "n_books", *(f"{m}_p_holm" for m in METRIC_COLUMNS),
-    "per_label_f1", "scoring", "threshold", "skipped_images", "base_name", "base_fingerprint",
+    "threshold_source",
+    "representation",
+    "represented_rank",
+    "lowrank_error_mean",
+    "lowrank_error_max",
+    "label_set",
+    "n_books",
+    *(f"{m}_p_holm" for m in METRIC_COLUMNS),
+    "per_label_f1",
+    "scoring",
+    "threshold",
+    "skipped_images",
+    "base_name",
+    "base_fingerprint",
+    "versions",
+    "git_dirty",
 )
 
 #: The columns that identify a row: a row with the same values is replaced on upsert.
@@ -96,8 +143,7 @@ def format_label_set(labels: Sequence[str]) -> str:
 def format_per_label(d: dict[str, float]) -> str:
     """The ``per_label_f1`` cell: ``"Anger=0.4123;Disgust=0;..."`` in the dict's (label-set)
     order, 4 significant digits (NaN → ``nan``)."""
-    return ";".join(f"{lab}={'nan' if math.isnan(v) else format(v, '.4g')}"
-                    for lab, v in d.items())
+    return ";".join(f"{lab}={'nan' if math.isnan(v) else format(v, '.4g')}" for lab, v in d.items())
 
 
 def parse_per_label(cell: str) -> dict[str, float]:
@@ -134,8 +180,10 @@ def read_csv(path: Path, what: str) -> tuple[tuple[str, ...], list[dict[str, str
             rows = []
             for line in reader:
                 if len(line) > len(header):
-                    raise InputError(f"{path}:{reader.line_num}: {len(line)} cells but the "
-                                     f"header has {len(header)} columns (not {what}?)")
+                    raise InputError(
+                        f"{path}:{reader.line_num}: {len(line)} cells but the "
+                        f"header has {len(header)} columns (not {what}?)"
+                    )
                 rows.append(dict(zip(header, line)))
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not a UTF-8 text file (byte {exc.start}; not {what})") from exc
@@ -157,21 +205,17 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 
 def _write_atomic(path: Path, rows: Iterable[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
-def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]]) -> Path:
-    """Add ``new_rows`` to the CSV at ``path``, replacing rows with the same :data:`ROW_KEY`."""
+def upsert_rows(
+    path: str | Path, new_rows: Sequence[dict[str, object]], *, replace_all: bool = False
+) -> Path:
+    """Add ``new_rows`` to the CSV at ``path``, replacing rows with the same :data:`ROW_KEY`
+    (``replace_all``: every earlier row, so the file holds exactly ``new_rows``)."""
     path = Path(path)
     cells = []
     for row in new_rows:
@@ -179,11 +223,17 @@ def upsert_rows(path: str | Path, new_rows: Sequence[dict[str, object]]) -> Path
         if unknown:
             raise ValueError(f"leaderboard row has unknown columns {sorted(unknown)}")
         if row.get("representation") not in (None, "", *REPRESENTATIONS):
-            raise ValueError(f"leaderboard row: representation {row['representation']!r} is "
-                             f"not one of {REPRESENTATIONS}")
+            raise ValueError(
+                f"leaderboard row: representation {row['representation']!r} is "
+                f"not one of {REPRESENTATIONS}"
+            )
         cells.append({c: fmt_value(row.get(c)) for c in COLUMNS})
     keys = {tuple(r[k] for k in ROW_KEY) for r in cells}
-    kept = [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
+    kept = (
+        []
+        if replace_all
+        else [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
+    )
     _write_atomic(path, kept + cells)
     return path
 
@@ -212,8 +262,10 @@ def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
         writer.writerows(body)
         return buf.getvalue()
     if fmt == "json":  # one object per row, keyed by the header
-        return json.dumps([dict(zip(header, row)) for row in body], indent=1,
-                          ensure_ascii=False) + "\n"
+        return (
+            json.dumps([dict(zip(header, row)) for row in body], indent=1, ensure_ascii=False)
+            + "\n"
+        )
     if fmt != "markdown":
         raise InputError(f"--format: expected 'markdown', 'csv' or 'json', got '{fmt}'")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -269,9 +321,17 @@ def _p(row: dict[str, str], m: str) -> str:
 
 #: Columns sorted as numbers by ``--by`` (the others as text).
 NUMERIC_COLUMNS = frozenset(
-    {*(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
-     "n", "n_groups", "n_books", "parse_failures", "represented_rank", "lowrank_error_mean",
-     "lowrank_error_max"})
+    {
+        *(f"{m}{suffix}" for m in METRIC_COLUMNS for suffix in ("", "_lo", "_hi", "_p", "_p_holm")),
+        "n",
+        "n_groups",
+        "n_books",
+        "parse_failures",
+        "represented_rank",
+        "lowrank_error_mean",
+        "lowrank_error_max",
+    }
+)
 
 
 def sort_rows(rows: list[dict[str, str]], by: str | None) -> list[dict[str, str]]:
@@ -281,6 +341,7 @@ def sort_rows(rows: list[dict[str, str]], by: str | None) -> list[dict[str, str]
     if by not in COLUMNS:
         raise InputError(f"--by: unknown column '{by}' (e.g. {', '.join(METRIC_COLUMNS[:4])})")
     if by in NUMERIC_COLUMNS:
+
         def key(r: dict[str, str]) -> tuple[bool, float]:
             v = _num(r[by])
             return (math.isnan(v), 0.0 if math.isnan(v) else -v)
@@ -317,9 +378,13 @@ def show(path: str | Path, *, by: str | None = None, fmt: str = "markdown") -> s
             value += " *"
         return [value, _p(r, m), format_p(r, f"{m}_p_holm")]
 
-    body = [[r["architecture"], r["variant"], r["kind"], r["method"], r["dataset"], r["split"],
-             r["n"]] + [c for m in metrics for c in metric_cells(r, m)]
-            + [r["parse_failures"]] + [r[c] for c in extra] for r in rows]
+    body = [
+        [r["architecture"], r["variant"], r["kind"], r["method"], r["dataset"], r["split"], r["n"]]
+        + [c for m in metrics for c in metric_cells(r, m)]
+        + [r["parse_failures"]]
+        + [r[c] for c in extra]
+        for r in rows
+    ]
     return format_table(header, body, fmt)
 
 
@@ -331,8 +396,9 @@ def _base_match(a: dict[str, str], b: dict[str, str]) -> bool:
 
     if a.get("base_fingerprint") and b.get("base_fingerprint"):
         return a["base_fingerprint"] == b["base_fingerprint"]
-    return base_identity(a.get("base_name") or a.get("base_id")) == \
-        base_identity(b.get("base_name") or b.get("base_id"))
+    return base_identity(a.get("base_name") or a.get("base_id")) == base_identity(
+        b.get("base_name") or b.get("base_id")
+    )
 
 
 def delta_interval(ra: dict[str, str], rb: dict[str, str], m: str) -> tuple[float, float]:
@@ -363,16 +429,21 @@ class Comparison:
 
     def note(self, name_a: str = "A", name_b: str = "B") -> str:
         """The count line: how many rows paired, and which did not (at most 5 named a side)."""
+
         def names(keys: list[str]) -> str:
             shown = ", ".join(keys[:5]) + (f", … ({len(keys) - 5} more)" if len(keys) > 5 else "")
             return f" ({shown})" if keys else ""
 
-        text = (f"{len(self.body) - len(self.only_a) - len(self.only_b)} rows matched; "
-                f"only in {name_a}: {len(self.only_a)}{names(self.only_a)}; "
-                f"only in {name_b}: {len(self.only_b)}{names(self.only_b)}")
+        text = (
+            f"{len(self.body) - len(self.only_a) - len(self.only_b)} rows matched; "
+            f"only in {name_a}: {len(self.only_a)}{names(self.only_a)}; "
+            f"only in {name_b}: {len(self.only_b)}{names(self.only_b)}"
+        )
         if self.only_a or self.only_b:
-            text += (" — rows pair on architecture, base (content fingerprint, else name), "
-                     "variant, dataset and split")
+            text += (
+                " — rows pair on architecture, base (content fingerprint, else name), "
+                "variant, dataset and split"
+            )
         return text
 
 
@@ -381,10 +452,15 @@ def compare_rows(path_a: str | Path, path_b: str | Path) -> Comparison:
     :func:`_base_match`) and tabulate A, B, ``Δ`` = B − A and Δ's unpaired 95% interval
     (:func:`delta_interval`) per metric. When a leaderboard holds several rows for one key
     (several configs), the last one counts."""
+
     def last(path: str | Path) -> list[dict[str, str]]:
-        return list({tuple(r[k] for k in COMPARE_KEY)
-                     + (r["base_fingerprint"], r["base_name"] or r["base_id"]): r
-                     for r in read_rows(path)}.values())
+        return list(
+            {
+                tuple(r[k] for k in COMPARE_KEY)
+                + (r["base_fingerprint"], r["base_name"] or r["base_id"]): r
+                for r in read_rows(path)
+            }.values()
+        )
 
     rows_b = last(path_b)
     last_a = {i: r for i, r in enumerate(last(path_a))}
@@ -392,8 +468,16 @@ def compare_rows(path_a: str | Path, path_b: str | Path) -> Comparison:
     used: set[int] = set()
     for ra in last_a.values():
         key = tuple(ra[k] for k in COMPARE_KEY)
-        j = next((j for j, rb in enumerate(rows_b) if j not in used
-                  and tuple(rb[k] for k in COMPARE_KEY) == key and _base_match(ra, rb)), None)
+        j = next(
+            (
+                j
+                for j, rb in enumerate(rows_b)
+                if j not in used
+                and tuple(rb[k] for k in COMPARE_KEY) == key
+                and _base_match(ra, rb)
+            ),
+            None,
+        )
         if j is not None:
             used.add(j)
         pairs.append((ra, rows_b[j] if j is not None else {}))
@@ -401,8 +485,9 @@ def compare_rows(path_a: str | Path, path_b: str | Path) -> Comparison:
     present = set(metrics_present(list(last_a.values())) + metrics_present(rows_b))
     metrics = [m for m in METRIC_COLUMNS if m in present]
     header = ["architecture", "variant", "dataset", "split"]
-    header += [h for m in metrics
-               for h in (f"{m} (A)", f"{m} (B)", f"Δ {m}", f"Δ {m} 95% CI (unpaired)")]
+    header += [
+        h for m in metrics for h in (f"{m} (A)", f"{m} (B)", f"Δ {m}", f"Δ {m} 95% CI (unpaired)")
+    ]
     body, only_a, only_b = [], [], []
     for ra, rb in pairs:
         r = ra or rb
@@ -417,8 +502,12 @@ def compare_rows(path_a: str | Path, path_b: str | Path) -> Comparison:
             delta = vb - va
             lo, hi = delta_interval(ra, rb, m)
             ci = "" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.4f}, {hi:+.4f}]"
-            cells += [fmt_value(va), fmt_value(vb), "" if math.isnan(delta) else f"{delta:+.4f}",
-                      ci]
+            cells += [
+                fmt_value(va),
+                fmt_value(vb),
+                "" if math.isnan(delta) else f"{delta:+.4f}",
+                ci,
+            ]
         body.append(cells)
     return Comparison(header, body, only_a, only_b)
 

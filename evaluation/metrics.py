@@ -4,8 +4,11 @@ Classification metrics come from scikit-learn, never re-implemented here, so a n
 leaderboard means what the sklearn documentation says it means. MangaVQA's character F1 has no
 sklearn equivalent and is the one hand-written metric (SQuAD's token F1 with characters as tokens).
 
-Every metric is declared once in :data:`METRICS` with the per-task headline list in
-:data:`HEADLINE`; the bootstrap and the leaderboard iterate those tables, not ad-hoc names.
+Every metric is declared once in :data:`METRICS` (its name, function and printed label) with the
+per-task lists in :data:`HEADLINE` (scored, with intervals), :data:`REPORTED` (the report's
+tables) and :data:`CORRECTNESS` (McNemar's per-sample test); the bootstrap, the leaderboard's
+columns and the report iterate those tables, not ad-hoc names (DESIGN.md, "Where each concept
+lives").
 """
 
 from __future__ import annotations
@@ -78,8 +81,11 @@ def macro_f1(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) ->
     """
     if not labels:
         return float("nan")
-    return float(f1_score(list(gold), _single_pred(pred), labels=list(labels), average="macro",
-                          zero_division=0))
+    return float(
+        f1_score(
+            list(gold), _single_pred(pred), labels=list(labels), average="macro", zero_division=0
+        )
+    )
 
 
 def per_class(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) -> dict:
@@ -88,8 +94,12 @@ def per_class(gold: Sequence[str], pred: Sequence[Any], labels: Sequence[str]) -
         list(gold), _single_pred(pred), labels=list(labels), zero_division=0
     )
     return {
-        lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-              "support": int(s[i])}
+        lab: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, lab in enumerate(labels)
     }
 
@@ -114,8 +124,9 @@ def _binarize(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labe
     keep = set(labels)
     y_true = mlb.fit_transform([[g for g in row if g in keep] for row in gold])
     y_pred = mlb.transform([[p for p in (row or []) if p in keep] for row in pred])
-    bad = np.array([int(any(p not in keep for p in (row or []))) for row in pred],
-                   dtype=y_pred.dtype).reshape(len(pred), 1)
+    bad = np.array(
+        [int(any(p not in keep for p in (row or []))) for row in pred], dtype=y_pred.dtype
+    ).reshape(len(pred), 1)
     return np.hstack([y_true, np.zeros_like(bad)]), np.hstack([y_pred, bad])
 
 
@@ -151,11 +162,16 @@ def multilabel_f1(gold, pred, labels, average: str) -> float:
 def per_label(gold, pred, labels) -> dict:
     """Per-label precision, recall, F1 and support of the binarized multi-label problem."""
     y_true, y_pred = _binarize(gold, pred, labels)
-    p, r, f, s = precision_recall_fscore_support(y_true[:, :-1], y_pred[:, :-1], average=None,
-                                                 zero_division=0)
+    p, r, f, s = precision_recall_fscore_support(
+        y_true[:, :-1], y_pred[:, :-1], average=None, zero_division=0
+    )
     return {
-        lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-              "support": int(s[i])}
+        lab: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, lab in enumerate(labels)
     }
 
@@ -168,8 +184,10 @@ def per_label_f1(p: Predictions) -> dict[str, float]:
     gain can be traced to the labels that made it.
     """
     if p.task == "single":
-        return {lab: d["f1"] for lab, d in
-                per_class([g[0] for g in p.gold], p.pred, p.label_set).items()}
+        return {
+            lab: d["f1"]
+            for lab, d in per_class([g[0] for g in p.gold], p.pred, p.label_set).items()
+        }
     if p.task == "multi":
         return {lab: d["f1"] for lab, d in per_label(p.gold, p.pred, p.label_set).items()}
     return {}
@@ -213,10 +231,12 @@ def char_f1(gold: Sequence[str], answer: str) -> float:
 
 @dataclass(frozen=True)
 class Metric:
-    """A headline metric: how to compute it on a subset of samples, and which way is better."""
+    """A headline metric: how to compute it on a subset of samples, how tables print its name,
+    and which way is better."""
 
     name: str
     fn: Callable[[Predictions, np.ndarray], float]
+    label: str
     higher_is_better: bool = True
 
 
@@ -285,25 +305,46 @@ def _m_judge(p: Predictions, idx: np.ndarray) -> float:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("accuracy", _m_accuracy),
-        Metric("macro_f1", _m_macro_f1),
-        Metric("subset_accuracy", _m_subset),
-        Metric("example_f1", _m_example_f1),
-        Metric("micro_f1", _m_micro_f1),
-        Metric("single_accuracy", _m_single_acc),
-        Metric("single_macro_f1", _m_single_macro_f1),
-        Metric("exact_match", _m_exact),
-        Metric("char_f1", _m_char_f1),
-        Metric("judge_score", _m_judge),
+        Metric("accuracy", _m_accuracy, "accuracy"),
+        Metric("macro_f1", _m_macro_f1, "macro-F1"),
+        Metric("subset_accuracy", _m_subset, "subset acc"),
+        Metric("example_f1", _m_example_f1, "example-F1"),
+        Metric("micro_f1", _m_micro_f1, "micro-F1"),
+        Metric("single_accuracy", _m_single_acc, "single-label acc"),
+        Metric("single_macro_f1", _m_single_macro_f1, "single-label macro-F1"),
+        Metric("exact_match", _m_exact, "exact match"),
+        Metric("char_f1", _m_char_f1, "char-F1"),
+        Metric("judge_score", _m_judge, "judge score"),
     )
 }
 
 #: The metrics reported (with intervals and p-values) for each task.
 HEADLINE: dict[str, tuple[str, ...]] = {
     "single": ("accuracy", "macro_f1"),
-    "multi": ("subset_accuracy", "example_f1", "macro_f1", "micro_f1", "single_accuracy",
-              "single_macro_f1"),
+    "multi": (
+        "subset_accuracy",
+        "example_f1",
+        "macro_f1",
+        "micro_f1",
+        "single_accuracy",
+        "single_macro_f1",
+    ),
     "vqa": ("exact_match", "char_f1", "judge_score"),
+}
+
+#: The columns of a report's table per task; the first is the task's one number in the
+#: variant × dataset grid and the plot (experiment/report.py).
+REPORTED: dict[str, tuple[str, ...]] = {
+    "multi": ("macro_f1", "example_f1", "subset_accuracy"),
+    "single": ("macro_f1", "accuracy"),
+    "vqa": ("char_f1", "exact_match"),
+}
+
+#: The metric :func:`correctness` is the per-sample form of (McNemar's test tests it).
+CORRECTNESS: dict[str, str] = {
+    "single": "accuracy",
+    "multi": "subset_accuracy",
+    "vqa": "exact_match",
 }
 
 
@@ -326,16 +367,20 @@ def details(p: Predictions) -> dict:
     """Per-class scores and confusion matrix (what the leaderboard row has no room for)."""
     if p.task == "single":
         gold = [g[0] for g in p.gold]
-        return {"per_class": per_class(gold, p.pred, p.label_set),
-                "confusion": confusion(gold, p.pred, p.label_set)}
+        return {
+            "per_class": per_class(gold, p.pred, p.label_set),
+            "confusion": confusion(gold, p.pred, p.label_set),
+        }
     if p.task == "multi":
         out: dict = {"per_label": per_label(p.gold, p.pred, p.label_set)}
         sub = single_view(p)
         if len(sub) and p.top1 is not None:
             gold = [p.gold[i][0] for i in sub]
             top1 = [p.top1[i] for i in sub]
-            out["single_view"] = {"n": len(sub),
-                                  "per_class": per_class(gold, top1, p.label_set),
-                                  "confusion": confusion(gold, top1, p.label_set)}
+            out["single_view"] = {
+                "n": len(sub),
+                "per_class": per_class(gold, top1, p.label_set),
+                "confusion": confusion(gold, top1, p.label_set),
+            }
         return out
     return {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from emomerge.merging.errors import InputError
 
 from . import decide
@@ -34,9 +35,13 @@ class ParseReport:
     out_of_set: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"failures": self.failures, "lenient": self.lenient,
-                "extra_items": self.extra_items, "by_reason": dict(self.by_reason),
-                "out_of_set": dict(self.out_of_set.most_common(50))}
+        return {
+            "failures": self.failures,
+            "lenient": self.lenient,
+            "extra_items": self.extra_items,
+            "by_reason": dict(self.by_reason),
+            "out_of_set": dict(self.out_of_set.most_common(50)),
+        }
 
 
 def label_values(record: dict[str, Any], length_norm: bool) -> list[float]:
@@ -59,10 +64,17 @@ def _record(cache: PredictionCache, split_hash: str, sample: Any) -> dict[str, A
     return rec
 
 
-def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split_hash: str, *,
-                    length_norm: bool, multilabel: str = "threshold",
-                    threshold: float | None = None,
-                    thresholds: Sequence[float] | None = None) -> Predictions:
+def from_likelihood(
+    task: str,
+    samples: list[Any],
+    cache: PredictionCache,
+    split_hash: str,
+    *,
+    length_norm: bool,
+    multilabel: str = "threshold",
+    threshold: float | None = None,
+    thresholds: Sequence[float] | None = None,
+) -> Predictions:
     """Predictions by argmax (single) or threshold / gold-count top-k (multi).
 
     Records of label-set scoring (they hold ``sets``) are decided on presence probabilities:
@@ -75,8 +87,10 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
     gold, pred, top1 = [], [], []
     for s in samples:
         if "utterance_labels" in s.meta:
-            raise InputError(f"sample {s.id}: page-level samples need --mode generate "
-                             "(use the utterance task for label likelihood)")
+            raise InputError(
+                f"sample {s.id}: page-level samples need --mode generate "
+                "(use the utterance task for label likelihood)"
+            )
         rec = _record(cache, split_hash, s)
         if "sets" in rec:
             values = list(presence(rec, len(s.label_set), length_norm))
@@ -90,8 +104,11 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
         elif multilabel == "topk":
             pred.append(decide.topk_labels(values, s.label_set, len(s.labels)))
         elif "sets" in rec:
-            per = thresholds if thresholds is not None else (
-                None if threshold is None else [threshold] * len(s.label_set))
+            per = (
+                thresholds
+                if thresholds is not None
+                else (None if threshold is None else [threshold] * len(s.label_set))
+            )
             if per is None:
                 raise ValueError("multi-label threshold decision without a threshold")
             pred.append(decide.presence_labels(values, s.label_set, per))
@@ -99,9 +116,15 @@ def from_likelihood(task: str, samples: list[Any], cache: PredictionCache, split
             if threshold is None:
                 raise ValueError("multi-label threshold decision without a threshold")
             pred.append(decide.threshold_labels(values, s.label_set, threshold))
-    return Predictions(task=task, ids=[s.id for s in samples], groups=[s.group for s in samples],
-                       gold=gold, pred=pred, label_set=list(samples[0].label_set),
-                       top1=top1 if task == "multi" else None)
+    return Predictions(
+        task=task,
+        ids=[s.id for s in samples],
+        groups=[s.group for s in samples],
+        gold=gold,
+        pred=pred,
+        label_set=list(samples[0].label_set),
+        top1=top1 if task == "multi" else None,
+    )
 
 
 def _scored(p: Parsed) -> list[str]:
@@ -111,8 +134,9 @@ def _scored(p: Parsed) -> list[str]:
     return p.labels + p.invalid
 
 
-def from_generation(task: str, samples: list[Any], cache: PredictionCache,
-                    split_hash: str) -> tuple[Predictions, ParseReport]:
+def from_generation(
+    task: str, samples: list[Any], cache: PredictionCache, split_hash: str
+) -> tuple[Predictions, ParseReport]:
     """Predictions from generated answers; every unreadable answer counted in the report."""
     rep = ParseReport()
     ids, groups, gold, pred, top1 = [], [], [], [], []
@@ -146,5 +170,12 @@ def from_generation(task: str, samples: list[Any], cache: PredictionCache,
         else:
             pred.append(_scored(p)), top1.append(p.labels[0] if p.labels else INVALID)
     label_set = list(samples[0].label_set) if samples else []
-    return Predictions(task=task, ids=ids, groups=groups, gold=gold, pred=pred,
-                       label_set=label_set, top1=top1 if task == "multi" else None), rep
+    return Predictions(
+        task=task,
+        ids=ids,
+        groups=groups,
+        gold=gold,
+        pred=pred,
+        label_set=label_set,
+        top1=top1 if task == "multi" else None,
+    ), rep

@@ -37,39 +37,120 @@ from typing import Any
 #: two real classes). "shock" is deliberately in no group: it is out of set.
 #: Japanese words (MangaVQA-trained adapters often answer in Japanese) sit in the group of their
 #: English meaning, in dictionary form: "嬉しくない" (not happy) contains none of them.
-SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in (
-    {"joy", "happy", "happiness", "joyful", "glad", "joyous",
-     "喜び", "嬉しい", "うれしい", "楽しい", "幸せ", "喜んでいる"},
-    {"anger", "angry", "furious", "rage", "enraged", "怒り", "怒っている", "怒った"},
-    {"sadness", "sad", "sorrow", "sorrowful", "unhappy", "悲しみ", "悲しい"},
-    {"fear", "afraid", "scared", "fearful", "frightened", "恐怖", "怖い", "こわい", "恐れ"},
-    {"surprise", "surprised", "astonished", "astonishment", "驚き", "驚いた", "びっくり"},
-    {"disgust", "disgusted", "disgusting", "嫌悪", "嫌悪感"},
-    {"neutral", "neutrality", "中立", "ニュートラル"},
-    {"excitement", "excited", "興奮"},
-    {"contentment", "content", "contented", "満足"},
-))
+SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(
+    frozenset(g)
+    for g in (
+        {
+            "joy",
+            "happy",
+            "happiness",
+            "joyful",
+            "glad",
+            "joyous",
+            "喜び",
+            "嬉しい",
+            "うれしい",
+            "楽しい",
+            "幸せ",
+            "喜んでいる",
+        },
+        {"anger", "angry", "furious", "rage", "enraged", "怒り", "怒っている", "怒った"},
+        {"sadness", "sad", "sorrow", "sorrowful", "unhappy", "悲しみ", "悲しい"},
+        {"fear", "afraid", "scared", "fearful", "frightened", "恐怖", "怖い", "こわい", "恐れ"},
+        {"surprise", "surprised", "astonished", "astonishment", "驚き", "驚いた", "びっくり"},
+        {"disgust", "disgusted", "disgusting", "嫌悪", "嫌悪感"},
+        {"neutral", "neutrality", "中立", "ニュートラル"},
+        {"excitement", "excited", "興奮"},
+        {"contentment", "content", "contented", "満足"},
+    )
+)
 
 #: Emotion words that are labels of none of our tasks' usual sets. Together with the synonym
 #: groups they are the vocabulary a free-text answer is checked against: a word of it that maps
 #: to no label of the task makes the answer out of set instead of silently ignored.
-OTHER_EMOTION_WORDS: frozenset[str] = frozenset({
-    "shock", "shocked", "confused", "confusion", "love", "calm", "anxious", "anxiety",
-    "embarrassed", "embarrassment", "nervous", "worried", "worry", "pride", "proud", "shame",
-    "ashamed", "guilt", "guilty", "curious", "curiosity", "amused", "amusement", "bored",
-    "boredom", "tired", "relief", "relieved", "hope", "hopeful", "awe", "annoyed", "annoyance",
-    "frustrated", "frustration", "determined", "contempt", "jealous", "jealousy", "lonely",
-    "loneliness", "nostalgia", "nostalgic", "tense", "tension", "serene", "serenity",
-    "alarmed", "aroused", "despair", "panic", "terror", "terrified", "horror", "horrified",
-    "grief", "melancholy", "irritated", "irritation", "admiration", "gratitude", "trust",
-    "anticipation", "disappointed", "disappointment",
-    "不安", "困惑", "恥ずかしい", "悔しい", "愛", "安心", "穏やか", "退屈",
-})
+OTHER_EMOTION_WORDS: frozenset[str] = frozenset(
+    {
+        "shock",
+        "shocked",
+        "confused",
+        "confusion",
+        "love",
+        "calm",
+        "anxious",
+        "anxiety",
+        "embarrassed",
+        "embarrassment",
+        "nervous",
+        "worried",
+        "worry",
+        "pride",
+        "proud",
+        "shame",
+        "ashamed",
+        "guilt",
+        "guilty",
+        "curious",
+        "curiosity",
+        "amused",
+        "amusement",
+        "bored",
+        "boredom",
+        "tired",
+        "relief",
+        "relieved",
+        "hope",
+        "hopeful",
+        "awe",
+        "annoyed",
+        "annoyance",
+        "frustrated",
+        "frustration",
+        "determined",
+        "contempt",
+        "jealous",
+        "jealousy",
+        "lonely",
+        "loneliness",
+        "nostalgia",
+        "nostalgic",
+        "tense",
+        "tension",
+        "serene",
+        "serenity",
+        "alarmed",
+        "aroused",
+        "despair",
+        "panic",
+        "terror",
+        "terrified",
+        "horror",
+        "horrified",
+        "grief",
+        "melancholy",
+        "irritated",
+        "irritation",
+        "admiration",
+        "gratitude",
+        "trust",
+        "anticipation",
+        "disappointed",
+        "disappointment",
+        "不安",
+        "困惑",
+        "恥ずかしい",
+        "悔しい",
+        "愛",
+        "安心",
+        "穏やか",
+        "退屈",
+    }
+)
 EMOTION_WORDS: frozenset[str] = frozenset().union(*SYNONYM_GROUPS, OTHER_EMOTION_WORDS)
 
 #: A negation within the three words before a label word ("not angry", "never really sad").
-_NEGATED = re.compile(r"(?:\b(?:not|no|never|without|hardly|neither|nor)|n't)\W+(?:\w+\W+){0,2}$",
-                      re.IGNORECASE)
+_NEGATED = re.compile(
+    r"(?:\b(?:not|no|never|without|hardly|neither|nor)|n't)\W+(?:\w+\W+){0,2}$", re.IGNORECASE
+)
 
 _FENCE = re.compile(r"```[\w+-]*\s*\n?(.*?)```", re.DOTALL)
 #: Separators that always split a list (ASCII and Japanese punctuation).
@@ -80,11 +161,13 @@ _AND = re.compile(r"(?:^|\s+)and\s+|\s*(?:および|と)\s*", re.IGNORECASE)
 #: "Emotion:" / "Labels:" / "Answer:" before the answer, at a line start or inside a line.
 _PREFIX = re.compile(r"(?<![\w\"'])(?:emotions?|labels?|answers?)\s*[:：]\s*", re.IGNORECASE)
 #: The same prefix repeated at later line starts ("Emotion: Joy\nEmotion: Fear").
-_LINE_PREFIX = re.compile(r"^[ \t]*(?:emotions?|labels?|answers?)[ \t]*[:：][ \t]*",
-                          re.IGNORECASE | re.MULTILINE)
+_LINE_PREFIX = re.compile(
+    r"^[ \t]*(?:emotions?|labels?|answers?)[ \t]*[:：][ \t]*", re.IGNORECASE | re.MULTILINE
+)
 #: An explanation after the answer: everything from it on is not part of the label list.
-_EXPLANATION = re.compile(r"(?<!\w)(?:explanation|reason(?:ing)?|rationale|理由|説明)\s*[:：]",
-                          re.IGNORECASE)
+_EXPLANATION = re.compile(
+    r"(?<!\w)(?:explanation|reason(?:ing)?|rationale|理由|説明)\s*[:：]", re.IGNORECASE
+)
 _STRIP = " \t\r\n\"'`.!?*()。！？「」『』【】"
 
 
@@ -151,10 +234,10 @@ def _trim(body: str, multi: bool) -> str:
     """
     m = _PREFIX.search(body)
     if m:
-        body = _LINE_PREFIX.sub("", body[m.end():])
+        body = _LINE_PREFIX.sub("", body[m.end() :])
     m = _EXPLANATION.search(body)
-    if m and body[:m.start()].strip(_STRIP):
-        body = body[:m.start()]
+    if m and body[: m.start()].strip(_STRIP):
+        body = body[: m.start()]
     body = body.strip()
     if not multi:
         body = next((line for line in body.splitlines() if line.strip(_STRIP)), "")
@@ -201,8 +284,11 @@ def _items(text: str, vocab: set[str]) -> tuple[list[str] | None, bool]:
 
 def _word_hits(text: str, words: object) -> list[tuple[int, str]]:
     """(position, word) of every whole-word, case-insensitive occurrence of ``words`` in text."""
-    return sorted((m.start(), w) for w in words
-                  for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", text, re.IGNORECASE))
+    return sorted(
+        (m.start(), w)
+        for w in words
+        for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", text, re.IGNORECASE)
+    )
 
 
 def _negated(text: str, lookup: dict[str, str]) -> list[str]:
@@ -211,15 +297,20 @@ def _negated(text: str, lookup: dict[str, str]) -> list[str]:
     for pos, word in _word_hits(text, lookup):
         m = _NEGATED.search(text[:pos])
         if m:
-            out.append(text[m.start(): pos + len(word)].strip())
+            out.append(text[m.start() : pos + len(word)].strip())
     return out
 
 
 def _scan(body: str, lookup: dict[str, str]) -> Parsed:
     """Labels of one free-text sentence; out-of-set emotion words and negations are failures."""
     negated = _negated(body, lookup)
-    labels = list(dict.fromkeys(lookup[w.lower()] for pos, w in _word_hits(body, lookup)
-                                if not _NEGATED.search(body[:pos])))
+    labels = list(
+        dict.fromkeys(
+            lookup[w.lower()]
+            for pos, w in _word_hits(body, lookup)
+            if not _NEGATED.search(body[:pos])
+        )
+    )
     others = list(dict.fromkeys(w for _, w in _word_hits(body, EMOTION_WORDS - lookup.keys())))
     if negated:
         return Parsed(labels=labels, invalid=negated + others, failure="ambiguous", lenient=True)
@@ -254,8 +345,9 @@ def parse_labels(text: str, label_set: list[str], *, multi: bool) -> Parsed:
     elif invalid:
         # A list with items we cannot read ("Shock, Joy"): keep them, never scan them away.
         negated = any(_negated(w, lookup) for w in invalid)
-        parsed = Parsed(labels=labels, invalid=invalid,
-                        failure="ambiguous" if negated else "out_of_set")
+        parsed = Parsed(
+            labels=labels, invalid=invalid, failure="ambiguous" if negated else "out_of_set"
+        )
     else:
         parsed = Parsed(labels=labels)
     if parsed.failure is None and not parsed.labels:

@@ -15,16 +15,18 @@ from typing import Any
 
 from emomerge.merging.adapters import base_identity
 from emomerge.merging.errors import InputError
+from emomerge.training.models.fingerprint import fingerprint
 
 from .ablation import ablation_names, leave_one_stage_out
 from .inplace import STREAMED
-from .predict import ModelHost, base_fingerprint
+from .predict import ModelHost
 from .runner import EvalConfig, EvalResult, evaluate
 from .variants import Variant, default_baseline, discover
 
 
-def load_checked(dataset: str, data: str | Path, split: str, reader_task: str | None = None,
-                 **reader_opts: Any) -> tuple[list[Any], int]:
+def load_checked(
+    dataset: str, data: str | Path, split: str, reader_task: str | None = None, **reader_opts: Any
+) -> tuple[list[Any], int]:
     """The split without samples whose images do not decode, and how many image files were
     skipped (``skipped_images`` in the rows); more than 5 % unreadable is one line."""
     from emomerge.training.data import read_checked
@@ -32,17 +34,22 @@ def load_checked(dataset: str, data: str | Path, split: str, reader_task: str | 
     return read_checked(dataset, data, split, reader_task, **reader_opts)
 
 
-def load_split(dataset: str, data: str | Path, split: str, reader_task: str | None = None,
-               **reader_opts: Any) -> list[Any]:
+def load_split(
+    dataset: str, data: str | Path, split: str, reader_task: str | None = None, **reader_opts: Any
+) -> list[Any]:
     """One split as samples, through ``emomerge.training.data.read_dataset``."""
     from emomerge.training.data import read_dataset
 
     return read_dataset(dataset, data, split, reader_task, **reader_opts)
 
 
-def validation_data(dataset: str, data: str | Path, reader_task: str | None,
-                    train_split: str = "train",
-                    **reader_opts: Any) -> tuple[list[Any] | None, list[Any] | None]:
+def validation_data(
+    dataset: str,
+    data: str | Path,
+    reader_task: str | None,
+    train_split: str = "train",
+    **reader_opts: Any,
+) -> tuple[list[Any] | None, list[Any] | None]:
     """Where multi-label thresholds are chosen: ``(validation split, None)`` when the dataset has
     one, else ``(None, train split)``, from which :func:`runner.evaluate` takes each variant's
     held-out books (EmoComics35 has no validation split)."""
@@ -54,12 +61,18 @@ def validation_data(dataset: str, data: str | Path, reader_task: str | None,
             return load_checked(dataset, data, names[cand], reader_task, **reader_opts)[0], None
     if train_split.lower() not in names:
         raise InputError(f"{data}: no '{train_split}' split to hold validation books out of")
-    return None, load_checked(dataset, data, names[train_split.lower()], reader_task,
-                              **reader_opts)[0]
+    return None, load_checked(
+        dataset, data, names[train_split.lower()], reader_task, **reader_opts
+    )[0]
 
 
-def train_labels(dataset: str, data: str | Path, reader_task: str | None,
-                 pool: list[Any] | None = None, **reader_opts: Any) -> list[list[str]] | None:
+def train_labels(
+    dataset: str,
+    data: str | Path,
+    reader_task: str | None,
+    pool: list[Any] | None = None,
+    **reader_opts: Any,
+) -> list[list[str]] | None:
     """The gold labels of the dataset's train split, which the trivial majority baseline counts
     (``pool``, when the train split is already read); None when there is no train split or it
     cannot be read (the baseline then counts the evaluated split, and its row says so)."""
@@ -71,8 +84,10 @@ def train_labels(dataset: str, data: str | Path, reader_task: str | None,
         names = {s.lower(): s for s in list_splits(dataset, data, reader_task)}
         if "train" not in names:
             return None
-        return [list(s.labels) for s in load_split(dataset, data, names["train"], reader_task,
-                                                   **reader_opts)]
+        return [
+            list(s.labels)
+            for s in load_split(dataset, data, names["train"], reader_task, **reader_opts)
+        ]
     except InputError:
         return None
 
@@ -85,22 +100,28 @@ def recorded_cap(variants: list[Variant]) -> int | None:
     caps = {}
     for v in variants:
         for folder in v.chain or ([v.path] if v.path else []):
-            meta = read_stage_metadata(folder) if (Path(folder) / "emomerge.json").is_file() \
-                else None
+            meta = (
+                read_stage_metadata(folder) if (Path(folder) / "emomerge.json").is_file() else None
+            )
             image = ((meta.model_extra or {}).get("image") or {}) if meta is not None else {}
             if image.get("source") == "explicit" and image.get("max_pixels"):
                 caps[folder] = int(image["max_pixels"])
     if len(set(caps.values())) > 1:
         shown = ", ".join(f"{Path(f).name}: {c}" for f, c in list(caps.items())[:4])
-        raise InputError(f"the variants were trained at different image caps ({shown}); "
-                         "evaluate them separately")
+        raise InputError(
+            f"the variants were trained at different image caps ({shown}); evaluate them separately"
+        )
     return next(iter(caps.values()), None)
 
 
 def needs_validation(cfg: EvalConfig) -> bool:
     """Whether ``cfg`` chooses a multi-label threshold on validation data."""
-    return (cfg.resolved_task() == "multi" and cfg.resolved_mode() == "likelihood"
-            and cfg.multilabel == "threshold" and cfg.threshold is None)
+    return (
+        cfg.resolved_task() == "multi"
+        and cfg.resolved_mode() == "likelihood"
+        and cfg.multilabel == "threshold"
+        and cfg.threshold is None
+    )
 
 
 # ---------------------------------------------------------------- variants against the base
@@ -120,7 +141,7 @@ class LoadedBase:
     path: Path | None  # resolved local folder, None for a hub id
     model_type: str | None = None
     #: the checkpoint fingerprint (what training records as ``base.hash``) and the sha256 of
-    #: config.json (training's record for a base without safetensors weights)
+    #: config.json (what earlier versions recorded for a base without safetensors weights)
     hashes: set[str] = field(default_factory=set)
     fingerprint: str | None = None
 
@@ -140,11 +161,8 @@ class LoadedBase:
         except (ValueError, AttributeError):
             model_type = None
         hashes = {hashlib.sha256(config).hexdigest()}
-        fingerprint: str | None = base_fingerprint(path)
-        if fingerprint == hashlib.sha256(str(base).encode()).hexdigest():  # the name fallback
-            fingerprint = None
-        return cls(str(base), path.resolve(), model_type, hashes | {fingerprint} - {None},
-                   fingerprint)
+        content = fingerprint(path)  # None: no safetensors weights to fingerprint
+        return cls(str(base), path.resolve(), model_type, hashes | {content} - {None}, content)
 
 
 def _last_part(name: str) -> str:
@@ -155,8 +173,11 @@ def other_precision(a: str | None, b: str | None) -> bool:
     """Two names of one model in other precisions or packagings (merging's ``base_identity``:
     ``unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit`` and ``Qwen/Qwen2.5-VL-7B-Instruct``): QLoRA
     trains on the 4-bit copy and is evaluated on the full-precision weights."""
-    return bool(a and b) and base_identity(a) == base_identity(b) \
+    return (
+        bool(a and b)
+        and base_identity(a) == base_identity(b)
         and _last_part(str(a)) != _last_part(str(b))
+    )
 
 
 def same_base(name: str | None, recorded_hash: str | None, loaded: LoadedBase) -> bool | None:
@@ -169,9 +190,11 @@ def same_base(name: str | None, recorded_hash: str | None, loaded: LoadedBase) -
     recorded = Path(name)
     if loaded.path is not None and (recorded / "config.json").is_file():
         # the recorded base is still on disk: compare contents, not folder names
-        return recorded.resolve() == loaded.path \
-            or bool(LoadedBase.of(recorded).hashes & loaded.hashes) \
+        return (
+            recorded.resolve() == loaded.path
+            or bool(LoadedBase.of(recorded).hashes & loaded.hashes)
             or other_precision(name, loaded.name)
+        )
     if base_identity(name) == base_identity(loaded.name):
         return True
     # a local base folder is often renamed (merging's rule): only two hub ids are compared
@@ -186,8 +209,11 @@ def adapter_folders(v: Variant) -> list[Path]:
         from emomerge.merging.updates import read_manifest
 
         folders.append(v.path)
-        folders += [Path(a["path"]) for a in (read_manifest(v.path) or {}).get("adapters", [])
-                    if isinstance(a, dict) and a.get("path")]
+        folders += [
+            Path(a["path"])
+            for a in (read_manifest(v.path) or {}).get("adapters", [])
+            if isinstance(a, dict) and a.get("path")
+        ]
     return list(dict.fromkeys(folders))
 
 
@@ -227,8 +253,9 @@ def _base_problem(adapter: Any, folder: Path, loaded: LoadedBase) -> str:
     return ""
 
 
-def check_variants(variants: list[Variant], base: str | Path, *,
-                   allow_base_mismatch: bool = False) -> None:
+def check_variants(
+    variants: list[Variant], base: str | Path, *, allow_base_mismatch: bool = False
+) -> None:
     """Refuse, before any scoring, a variant whose adapters are unreadable, truncated, hold NaN
     or Inf, do not fit the base's shapes or were recorded on another base
     (``allow_base_mismatch``: skip only the last). One :class:`InputError` line each."""
@@ -250,9 +277,13 @@ def check_variants(variants: list[Variant], base: str | Path, *,
                 continue
             seen.add(folder)
             # load, lineage chain, layouts, shapes across the chain, finiteness: merging's reader
-            tv = build_task_vectors([folder], reference="base", force=True,
-                                    base_flavour=ckpt.vlm_flavour if ckpt else None,
-                                    allow_lineage_mismatch=True)
+            tv = build_task_vectors(
+                [folder],
+                reference="base",
+                allow_base_mismatch=True,
+                base_flavour=ckpt.vlm_flavour if ckpt else None,
+                allow_lineage_mismatch=True,
+            )
             if ckpt is not None:
                 try:
                     check_against_base(tv, ckpt, [])
@@ -263,17 +294,31 @@ def check_variants(variants: list[Variant], base: str | Path, *,
             problem = _base_problem(tv.inputs[0], folder, loaded)
             if problem:
                 where = f"{v.path}" + (f" (its adapter {folder})" if folder != v.path else "")
-                raise InputError(f"{where}: {problem} but the loaded base is {loaded} (pass "
-                                 "--allow-base-mismatch if they are the same weights)")
+                raise InputError(
+                    f"{where}: {problem} but the loaded base is {loaded} (pass "
+                    "--allow-different-bases if they are the same weights)"
+                )
 
 
-def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str | Path,
-                   out: str | Path, cfg: EvalConfig, *, reader_task: str | None = None,
-                   reader_opts: dict[str, Any] | None = None, include_base: bool = True,
-                   leave_one_stage_out_: bool = False, family: str | None = None,
-                   dtype: str | None = None, device: str = "cpu", progress: bool = True,
-                   host: ModelHost | None = None, exact: bool = True,
-                   allow_base_mismatch: bool = False) -> EvalResult:
+def evaluate_paths(
+    base: str | Path,
+    variant_dirs: list[str | Path],
+    data: str | Path,
+    out: str | Path,
+    cfg: EvalConfig,
+    *,
+    reader_task: str | None = None,
+    reader_opts: dict[str, Any] | None = None,
+    include_base: bool = True,
+    leave_one_stage_out_: bool = False,
+    family: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    host: ModelHost | None = None,
+    exact: bool = True,
+    allow_base_mismatch: bool = False,
+) -> EvalResult:
     """Evaluate the base and every variant under ``variant_dirs`` on one split of ``data``.
 
     ``exact``: re-factorised sparse merges are scored exactly (recomputed from their inputs and
@@ -290,10 +335,14 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
         raise InputError("--leave-one-stage-out: no merged variant among --variants")
     check_variants(variants, base, allow_base_mismatch=allow_base_mismatch)
     # check the baseline before building any ablation merge (minutes at real size)
-    names = (["base"] if include_base else []) + [v.name for v in variants] \
+    names = (
+        (["base"] if include_base else [])
+        + [v.name for v in variants]
         + [n for v in merged for n in ablation_names(v)]
+    )
     baseline = cfg.baseline or default_baseline(
-        ([Variant("base", "base")] if include_base else []) + variants)
+        ([Variant("base", "base")] if include_base else []) + variants
+    )
     if baseline not in names:
         raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
     if merged:
@@ -304,23 +353,43 @@ def evaluate_paths(base: str | Path, variant_dirs: list[str | Path], data: str |
         shard = current_shard()
         if not shard.is_main:
             shard.barrier()
-        built = [a for v in merged for a in leave_one_stage_out(v, Path(out) / "ablations",
-                                                                 exact=exact)]
+        built = [
+            a for v in merged for a in leave_one_stage_out(v, Path(out) / "ablations", exact=exact)
+        ]
         if shard.is_main:
             shard.barrier()
         variants += built
     val = pool = None
     if needs_validation(cfg):
         val, pool = validation_data(cfg.dataset, data, reader_task, **opts)
-    labels = train_labels(cfg.dataset, data, reader_task, pool, **opts) \
-        if cfg.resolved_task() != "vqa" else None
+    labels = (
+        train_labels(cfg.dataset, data, reader_task, pool, **opts)
+        if cfg.resolved_task() != "vqa"
+        else None
+    )
     if host is None and (Path(base) / "config.json").is_file():
         from .inplace import check_against_base_folder
 
-        check_against_base_folder([v for v in variants if v.exact], base,  # before loading it
-                                  allow_base_mismatch=allow_base_mismatch)
-    host = host or ModelHost.load(base, family=family, dtype=dtype, device=device,
-                                  max_pixels=recorded_cap(variants))
-    return evaluate(host, base, variants, samples, out, cfg, val_samples=val, val_pool=pool,
-                    train_labels=labels, include_base=include_base, progress=progress,
-                    skipped_images=skipped, allow_base_mismatch=allow_base_mismatch)
+        check_against_base_folder(
+            [v for v in variants if v.exact],
+            base,  # before loading it
+            allow_base_mismatch=allow_base_mismatch,
+        )
+    host = host or ModelHost.load(
+        base, family=family, dtype=dtype, device=device, max_pixels=recorded_cap(variants)
+    )
+    return evaluate(
+        host,
+        base,
+        variants,
+        samples,
+        out,
+        cfg,
+        val_samples=val,
+        val_pool=pool,
+        train_labels=labels,
+        include_base=include_base,
+        progress=progress,
+        skipped_images=skipped,
+        allow_base_mismatch=allow_base_mismatch,
+    )

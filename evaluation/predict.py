@@ -8,7 +8,6 @@ parents too); the base alone runs with the adapters disabled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emomerge.merging.errors import InputError
+
 from emomerge.merging.progress import phase
 
 from .cache import PredictionCache
@@ -42,26 +41,12 @@ from .variants import Variant
 BatchHook = Callable[[int], None]
 
 
-def base_fingerprint(name_or_path: str | Path) -> str:
-    """The base's identity for cache keys: the merging core's content-bound checkpoint
-    fingerprint (the same ``base.hash`` training records); the id itself for a hub id."""
-    p = Path(name_or_path)
-    if (p / "config.json").is_file():
-        from emomerge.merging.checkpoint import Checkpoint
-
-        try:
-            return Checkpoint(p).fingerprint()
-        except InputError:
-            pass  # no safetensors weights: fall back to the name
-    return hashlib.sha256(str(name_or_path).encode()).hexdigest()
-
-
 def answer_suffix(family: str, tokenizer: Any) -> str:
     """The text that closes an assistant turn (what the model learned to stop on): the scored
     end of a candidate. What training supervises after it (Qwen's "\n", ``answer_tail``) is not
     scored: it follows the end of the turn whatever the label."""
     try:
-        from emomerge.training.families import get_family
+        from emomerge.training.models.families import get_family
 
         return get_family(family).answer_suffix
     except (ImportError, KeyError, AttributeError):
@@ -81,17 +66,31 @@ class ModelHost:
     base_path: str | None = None
 
     @classmethod
-    def load(cls, base: str | Path, family: str | None = None, dtype: str | None = None,
-             device: str = "cpu", *, quantize_4bit: bool | str = False,
-             device_map: str | None = None, max_pixels: int | None = None) -> ModelHost:
+    def load(
+        cls,
+        base: str | Path,
+        family: str | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+        *,
+        quantize_4bit: bool | str = False,
+        device_map: str | None = None,
+        max_pixels: int | None = None,
+    ) -> ModelHost:
         """Load the base with the training module's loader (family detection, precision, the
         image cap training used, 4-bit or spread over GPUs for models one GPU cannot hold).
         Exact evaluation of merges writes into the weights: it needs them unquantized."""
-        from emomerge.training.models import load_vlm
+        from emomerge.training.models.loading import load_vlm
 
-        model, processor, family = load_vlm(base, family=family, dtype=dtype, device=device,
-                                            quantize_4bit=quantize_4bit, device_map=device_map,
-                                            max_pixels=max_pixels)
+        model, processor, family = load_vlm(
+            base,
+            family=family,
+            dtype=dtype,
+            device=device,
+            quantize_4bit=quantize_4bit,
+            device_map=device_map,
+            max_pixels=max_pixels,
+        )
         local = str(base) if Path(base, "config.json").is_file() else None
         return cls(model.eval(), processor, family, base_path=local)
 
@@ -138,7 +137,7 @@ class ModelHost:
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
-        yield items[i: i + size]
+        yield items[i : i + size]
 
 
 def _uncached(cache: PredictionCache, split_hash: str, samples: list[Any]) -> list[Any]:
@@ -147,7 +146,9 @@ def _uncached(cache: PredictionCache, split_hash: str, samples: list[Any]) -> li
     return [s for s in samples if s.id in missing]
 
 
-def candidate_answers(label_set: list[str], max_labels: int | None) -> tuple[list[str], list[tuple[int, ...]] | None]:
+def candidate_answers(
+    label_set: list[str], max_labels: int | None
+) -> tuple[list[str], list[tuple[int, ...]] | None]:
     """The answers scored for one sample: each label (``max_labels`` None), else every label set
     of up to ``max_labels`` labels in training's target spelling, with their label indices."""
     if max_labels is None:
@@ -187,8 +188,9 @@ def _ids(inputs: dict[str, Any]) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
 
 
-def _ids_from_rep(tok: Any, image_token: str, rep_prompt: str, rep_ids: list[int],
-                  prompts: list[str]) -> list[list[int]] | None:
+def _ids_from_rep(
+    tok: Any, image_token: str, rep_prompt: str, rep_ids: list[int], prompts: list[str]
+) -> list[list[int]] | None:
     """Token ids of ``prompts`` (same images as the representative) without running the image
     processor again: the representative's ids up to a special token that all prompts share
     after their last image, then each prompt's own text tokenized.
@@ -201,8 +203,9 @@ def _ids_from_rep(tok: Any, image_token: str, rep_prompt: str, rep_ids: list[int
     specials = [str(t) for t in tok.added_tokens_decoder.values() if t.special]
     ends = [i + len(sp) for sp in specials for i in _find_all(rep_prompt, sp)]
     # the character after the split is shared too (tokens that strip whitespace stay alike)
-    ends = [e for e in ends
-            if e < common and (last_image < 0 or e >= last_image + len(image_token))]
+    ends = [
+        e for e in ends if e < common and (last_image < 0 or e >= last_image + len(image_token))
+    ]
     if last_image < 0 or not ends:
         return None
     cut = max(ends)
@@ -210,8 +213,9 @@ def _ids_from_rep(tok: Any, image_token: str, rep_prompt: str, rep_ids: list[int
     head = len(rep_ids) - len(tail)
     if head <= 0 or rep_ids[head:] != tail:
         return None
-    return [rep_ids[:head] + list(tok(q[cut:], add_special_tokens=False)["input_ids"])
-            for q in prompts]
+    return [
+        rep_ids[:head] + list(tok(q[cut:], add_special_tokens=False)["input_ids"]) for q in prompts
+    ]
 
 
 def _find_all(text: str, sub: str) -> Iterator[int]:
@@ -221,8 +225,9 @@ def _find_all(text: str, sub: str) -> Iterator[int]:
         i = text.find(sub, i + 1)
 
 
-def _page_plan(host: ModelHost, batch: list[Any], prompts: list[str], pad: int
-               ) -> tuple[dict[str, Any], list[int], list[list[int]]]:
+def _page_plan(
+    host: ModelHost, batch: list[Any], prompts: list[str], pad: int
+) -> tuple[dict[str, Any], list[int], list[list[int]]]:
     """Prefix inputs (one row per page with its images), each sample's prefix row, and each
     sample's suffix tokens: a page's prefix is its utterances' longest common token prefix, if
     that holds every image token; otherwise (or for a lone sample) each prompt but its last
@@ -236,8 +241,9 @@ def _page_plan(host: ModelHost, batch: list[Any], prompts: list[str], pad: int
             groups.append([u])
     firsts = [g[0] for g in groups]
     loaded = {u: load_images(batch[u].images) for u in firsts}
-    enc = encode_prompts(host.processor, host.family, [prompts[u] for u in firsts],
-                         [loaded[u] for u in firsts])
+    enc = encode_prompts(
+        host.processor, host.family, [prompts[u] for u in firsts], [loaded[u] for u in firsts]
+    )
     first_ids = _ids(enc)
     image_id = _image_token_id(host.processor)
     image_token = getattr(host.processor, "image_token", None) or ""
@@ -245,8 +251,17 @@ def _page_plan(host: ModelHost, batch: list[Any], prompts: list[str], pad: int
     plan: list[tuple[int, int]] = []  # (representative, prefix length) per prefix row
     owner = [0] * len(batch)
     for g, members in enumerate(groups):
-        got = _ids_from_rep(host.tokenizer, image_token, prompts[members[0]], first_ids[g],
-                            [prompts[u] for u in members]) if len(members) > 1 else None
+        got = (
+            _ids_from_rep(
+                host.tokenizer,
+                image_token,
+                prompts[members[0]],
+                first_ids[g],
+                [prompts[u] for u in members],
+            )
+            if len(members) > 1
+            else None
+        )
         if got is None:  # lone sample, or ids not derivable: each prompt is its own prefix
             for u in members:
                 owner[u] = len(plan)
@@ -265,36 +280,60 @@ def _page_plan(host: ModelHost, batch: list[Any], prompts: list[str], pad: int
                     plan.append((u, n))
     reps = [u for u, _ in plan]
     if reps != firsts:  # some prompts are their own prefix: encode those with their images
-        enc = encode_prompts(host.processor, host.family, [prompts[u] for u in reps],
-                             [loaded.get(u) or load_images(batch[u].images) for u in reps])
+        enc = encode_prompts(
+            host.processor,
+            host.family,
+            [prompts[u] for u in reps],
+            [loaded.get(u) or load_images(batch[u].images) for u in reps],
+        )
     rep_ids = _ids(enc)
     for (u, _), x in zip(plan, rep_ids):
         ids.setdefault(u, x)
     keep = [len(ids[u]) - 1 if n < 0 else n for u, n in plan]
-    suffixes = [ids[u][keep[owner[u]]:] for u in range(len(batch))]
+    suffixes = [ids[u][keep[owner[u]] :] for u in range(len(batch))]
     return cut_rows(enc, keep, pad), owner, suffixes
 
 
-def _score_batch(host: ModelHost, model: Any, batch: list[Any], conts: list[list[list[int]]],
-                 prompts: list[str], *, pad: int, chunk: int,
-                 page_cache: bool) -> list[list[Any]]:
+def _score_batch(
+    host: ModelHost,
+    model: Any,
+    batch: list[Any],
+    conts: list[list[list[int]]],
+    prompts: list[str],
+    *,
+    pad: int,
+    chunk: int,
+    page_cache: bool,
+) -> list[list[Any]]:
     """Scores of a batch of samples; with ``page_cache`` each run of same-image samples shares
     one encoding of its longest common token prefix (:func:`scoring.score_shared_prefix`), and
     its images are loaded and processed once."""
     keys = [_image_key(s.images) for s in batch]
     if not page_cache or len(set(keys)) == len(keys):  # nothing shared: plain batched prompts
-        inputs = encode_prompts(host.processor, host.family, prompts,
-                                [load_images(s.images) for s in batch])
+        inputs = encode_prompts(
+            host.processor, host.family, prompts, [load_images(s.images) for s in batch]
+        )
         return score_labels_batch(model, inputs, conts, pad, chunk=chunk)
     prefix_inputs, owner, suffixes = _page_plan(host, batch, prompts, pad)
     return score_shared_prefix(model, prefix_inputs, owner, suffixes, conts, pad, chunk=chunk)
 
 
-def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
-                   split_hash: str, *, append_eot: bool = False, max_labels: int | None = None,
-                   batch_size: int = 8, page_cache: bool = True, chunk: int = 64,
-                   progress: bool = True, on_batch: BatchHook | None = None,
-                   label: str | None = None) -> int:
+def run_likelihood(
+    host: ModelHost,
+    variant: Variant,
+    samples: list[Any],
+    cache: PredictionCache,
+    split_hash: str,
+    *,
+    append_eot: bool = False,
+    max_labels: int | None = None,
+    batch_size: int = 8,
+    page_cache: bool = True,
+    chunk: int = 64,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+    label: str | None = None,
+) -> int:
     """Score every candidate answer of every uncached sample; returns how many were scored.
 
     ``max_labels`` None scores each label as the whole answer (end-of-turn text after it when
@@ -322,8 +361,10 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
     # left padding: every prompt ends in the last column, where its first answer token is read
     old_side, tok.padding_side = tok.padding_side, "left"
     try:
-        with host.activate(variant) as model, phase(label or f"score {variant.name}", len(todo),
-                                                    enabled=progress) as bar:
+        with (
+            host.activate(variant) as model,
+            phase(label or f"score {variant.name}", len(todo), enabled=progress) as bar,
+        ):
             while done < len(todo):
                 batch = _next_batch(todo, done, batch_size, page_cache)
                 prompts, conts, sets = [], [], []
@@ -335,13 +376,22 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
                     # 63 tokenizer calls a prompt otherwise; prompts ending alike share them
                     key = (answer_context(tok, prompt), prefix, tuple(answers))
                     if key not in known:
-                        known[key] = continuation_ids(tok, key[0], [prefix + a for a in answers],
-                                                      eot)
+                        known[key] = continuation_ids(
+                            tok, key[0], [prefix + a for a in answers], eot
+                        )
                     conts.append(known[key])
                     sets.append(cand)
                 try:
-                    scores = _score_batch(host, model, batch, conts, prompts, pad=pad,
-                                          chunk=chunk, page_cache=page_cache)
+                    scores = _score_batch(
+                        host,
+                        model,
+                        batch,
+                        conts,
+                        prompts,
+                        pad=pad,
+                        chunk=chunk,
+                        page_cache=page_cache,
+                    )
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1 and chunk == 1:
                         raise
@@ -351,15 +401,20 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
                         batch_size //= 2
                     else:
                         chunk //= 2
-                    warnings.warn(f"{variant.name}: CUDA out of memory; retrying with batch size "
-                                  f"{batch_size}, chunk {chunk}", stacklevel=2)
+                    warnings.warn(
+                        f"{variant.name}: CUDA out of memory; retrying with batch size "
+                        f"{batch_size}, chunk {chunk}",
+                        stacklevel=2,
+                    )
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
                 records = []
                 for s, sc, cand in zip(batch, scores, sets):
-                    rec: dict[str, Any] = {"id": s.id,
-                                           "scores": [[x.logprob, x.n_tokens] for x in sc]}
+                    rec: dict[str, Any] = {
+                        "id": s.id,
+                        "scores": [[x.logprob, x.n_tokens] for x in sc],
+                    }
                     if cand is not None:
                         rec["sets"] = [list(c) for c in cand]
                     records.append(rec)
@@ -374,10 +429,19 @@ def run_likelihood(host: ModelHost, variant: Variant, samples: list[Any], cache:
 
 
 @torch.inference_mode()
-def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache: PredictionCache,
-                   split_hash: str, *, max_new_tokens: int = 32, batch_size: int = 8,
-                   progress: bool = True, on_batch: BatchHook | None = None,
-                   label: str | None = None) -> int:
+def run_generation(
+    host: ModelHost,
+    variant: Variant,
+    samples: list[Any],
+    cache: PredictionCache,
+    split_hash: str,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+    label: str | None = None,
+) -> int:
     """Greedy answers of every uncached sample (left-padded batches); returns how many.
     ``label``: the progress phase (default ``score <variant>``)."""
     todo = _uncached(cache, split_hash, samples)
@@ -387,18 +451,26 @@ def run_generation(host: ModelHost, variant: Variant, samples: list[Any], cache:
     old_side, tok.padding_side = tok.padding_side, "left"  # new tokens line up at the end
     done = 0
     try:
-        with host.activate(variant) as model, phase(label or f"score {variant.name}", len(todo),
-                                                    enabled=progress) as bar:
+        with (
+            host.activate(variant) as model,
+            phase(label or f"score {variant.name}", len(todo), enabled=progress) as bar,
+        ):
             device = next(model.parameters()).device
             for batch in _batches(todo, batch_size):
-                inputs = encode_prompts(host.processor, host.family,
-                                        [render_prompt(host.processor, s.messages, host.family)
-                                         for s in batch],
-                                        [load_images(s.images) for s in batch])
+                inputs = encode_prompts(
+                    host.processor,
+                    host.family,
+                    [render_prompt(host.processor, s.messages, host.family) for s in batch],
+                    [load_images(s.images) for s in batch],
+                )
                 inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                new = out[:, inputs["input_ids"].shape[1]:]
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+                new = out[:, inputs["input_ids"].shape[1] :]
                 texts = tok.batch_decode(new, skip_special_tokens=True)
                 cache.add(split_hash, [{"id": s.id, "text": t} for s, t in zip(batch, texts)])
                 done += len(batch)

@@ -12,17 +12,18 @@ same pages for both.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from emomerge.merging.errors import InputError
-
 from emomerge import __version__
+from emomerge.merging.errors import InputError
+from emomerge.merging.provenance import git_commit, software, versions_text
+from emomerge.training.models.fingerprint import fingerprint
 
 from . import decide
 from .bootstrap import add_holm, bootstrap, mcnemar, paired_bootstrap, replicate_indices
@@ -31,11 +32,10 @@ from .cache import PredictionCache, stable_hash
 from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
-from .leaderboard import (base_columns, format_label_set, format_per_label, read_rows,
-                          upsert_rows)
-from .metrics import HEADLINE, Predictions, details, per_label_f1
+from .leaderboard import base_columns, format_label_set, format_per_label, read_rows, upsert_rows
+from .metrics import CORRECTNESS, HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
-from .predict import BatchHook, ModelHost, base_fingerprint, run_generation, run_likelihood
+from .predict import BatchHook, ModelHost, run_generation, run_likelihood
 from .scoring import answer_prefix
 from .trivial import trivial_predictions
 from .variants import Variant, default_baseline, heldout_books
@@ -44,13 +44,12 @@ from .variants import Variant, default_baseline, heldout_books
 VALIDATION_SPLIT = "validation-split"
 FIXED = "fixed (--threshold)"
 
-TASK_OF_DATASET = {"emocomics35": "multi", "emoart": "single", "emid": "single",
-                   "mangavqa": "vqa"}
+TASK_OF_DATASET = {"emocomics35": "multi", "emoart": "single", "emid": "single", "mangavqa": "vqa"}
 
 #: With ``paired_test="mcnemar"`` the p-value tests per-sample exact correctness
 #: (:func:`metrics.correctness`), which is this metric's numerator: the p goes in its column
 #: only; the other metrics' ``_p`` columns stay empty (McNemar says nothing about an F1).
-MCNEMAR_METRIC = {"single": "accuracy", "multi": "subset_accuracy", "vqa": "exact_match"}
+MCNEMAR_METRIC = CORRECTNESS  # the metric McNemar's per-sample correctness is of
 
 
 @dataclass
@@ -85,8 +84,10 @@ class EvalConfig:
     def resolved_task(self) -> str:
         task = self.task or TASK_OF_DATASET.get(self.dataset)
         if task is None:
-            raise InputError(f"--task: dataset '{self.dataset}' has no default task; pass "
-                             "--task single|multi|vqa")
+            raise InputError(
+                f"--task: dataset '{self.dataset}' has no default task; pass "
+                "--task single|multi|vqa"
+            )
         return task
 
     def check(self) -> None:
@@ -99,16 +100,21 @@ class EvalConfig:
 
             get_protocol(self.judge_protocol)
         if self.scoring not in ("auto", "label_set", "first_label"):
-            raise InputError(f"--scoring: expected auto, label_set or first_label, got "
-                             f"'{self.scoring}'")
+            raise InputError(
+                f"--scoring: expected auto, label_set or first_label, got '{self.scoring}'"
+            )
         if self.max_labels < 1:
             raise InputError(f"--max-labels: must be at least 1, got {self.max_labels}")
         if self.scoring != "auto" and self.resolved_task() != "multi":
-            raise InputError(f"--scoring {self.scoring}: only multi-label tasks have a choice "
-                             f"(task '{self.resolved_task()}' scores each label as the answer)")
+            raise InputError(
+                f"--scoring {self.scoring}: only multi-label tasks have a choice "
+                f"(task '{self.resolved_task()}' scores each label as the answer)"
+            )
         # the CLI checks these too; library callers and experiments get the same one line
-        ranges = {"threshold": (self.threshold, 0.0, 1.0, True),
-                  "val-fraction": (self.val_fraction, 0.0, 1.0, False)}
+        ranges = {
+            "threshold": (self.threshold, 0.0, 1.0, True),
+            "val-fraction": (self.val_fraction, 0.0, 1.0, False),
+        }
         for flag, (value, lo, hi, closed) in ranges.items():
             if value is None:
                 continue
@@ -116,9 +122,13 @@ class EvalConfig:
             if not (math.isfinite(value) and inside):
                 bounds = f"[{lo:g}, {hi:g}]" if closed else f"({lo:g}, {hi:g})"
                 raise InputError(f"--{flag}: must be a number in {bounds}, got {value}")
-        minimums = {"n-boot": (self.n_boot, 10), "batch-size": (self.batch_size, 1),
-                    "max-new-tokens": (self.max_new_tokens, 1), "seed": (self.seed, 0),
-                    "holdout-seed": (self.holdout_seed, 0)}
+        minimums = {
+            "n-boot": (self.n_boot, 10),
+            "batch-size": (self.batch_size, 1),
+            "max-new-tokens": (self.max_new_tokens, 1),
+            "seed": (self.seed, 0),
+            "holdout-seed": (self.holdout_seed, 0),
+        }
         for flag, (value, lo) in minimums.items():
             if value < lo:
                 raise InputError(f"--{flag}: must be at least {lo}, got {value}")
@@ -162,29 +172,29 @@ class EvalResult:
 
 def git_hash() -> str:
     """The commit of the emomerge checkout (empty outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent, timeout=5,
-                              check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return git_commit()
 
 
-def inference_key(processor: Any, samples: list[Any], cfg: Any, mode: str,
-                  scoring: str = "label", *, family: str) -> dict[str, Any]:
+def inference_key(
+    processor: Any, samples: list[Any], cfg: Any, mode: str, scoring: str = "label", *, family: str
+) -> dict[str, Any]:
     """What decides the cached outputs of a variant besides its weights: hashed into the cache
     key, so outputs computed another way are never reused.
 
     Label-set scoring adds ``scoring`` and ``max_labels`` (its records hold other candidates);
     per-label scoring (``label``, ``first_label``: the same records, decided differently) keeps
     the key it had, so caches written before label sets existed stay valid. Prompts that open
-    with the tokenizer's BOS (LLaVA-1.5, LLaVA-NeXT since 0.x: ``training.batching.prompt_bos``)
-    add ``prompt``, in both modes; the other families keep their key.
+    with the tokenizer's BOS (LLaVA-1.5, LLaVA-NeXT since 0.x:
+    ``training.models.batching.prompt_bos``) add ``prompt``, in both modes; the other families
+    keep their key.
     """
-    from emomerge.training.families import get_family
+    from emomerge.training.models.families import get_family
 
-    infer: dict[str, Any] = {"mode": mode, "append_eot": cfg.append_eot,
-                             "max_new_tokens": cfg.max_new_tokens}
+    infer: dict[str, Any] = {
+        "mode": mode,
+        "append_eot": cfg.append_eot,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
     if get_family(family).prompt_bos:  # outputs cached for the BOS-less prompt are not reused
         infer["prompt"] = "bos"
     if mode == "likelihood" and scoring == "label_set":
@@ -205,9 +215,11 @@ def load_key(model: Any, processor: Any) -> dict[str, Any]:
     run loaded another way never reuses (or replaces) another's predictions and rows."""
     ip = getattr(processor, "image_processor", None)
     image = ip.to_dict() if ip is not None and hasattr(ip, "to_dict") else {}
-    return {"dtype": str(getattr(model, "dtype", "")),
-            "4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
-            "image": stable_hash({k: v for k, v in image.items() if "processor_class" not in k})}
+    return {
+        "dtype": str(getattr(model, "dtype", "")),
+        "4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
+        "image": stable_hash({k: v for k, v in image.items() if "processor_class" not in k}),
+    }
 
 
 def split_hash(samples: list[Any]) -> str:
@@ -220,28 +232,66 @@ def split_hash(samples: list[Any]) -> str:
         return stable_hash([[s.id, s.messages, s.target, s.labels] for s in samples])
 
 
-def _score(host: ModelHost, v: Variant, samples: list[Any], cache: PredictionCache, sh: str,
-           cfg: EvalConfig, mode: str, progress: bool, on_batch: BatchHook | None,
-           where: str | None = None) -> int:
+def _score(
+    host: ModelHost,
+    v: Variant,
+    samples: list[Any],
+    cache: PredictionCache,
+    sh: str,
+    cfg: EvalConfig,
+    mode: str,
+    progress: bool,
+    on_batch: BatchHook | None,
+    where: str | None = None,
+) -> int:
     # one progress bar per variant × evaluation set ("score ties on emocomics35/test")
     label = f"score {v.name} on {where or f'{cfg.dataset}/{cfg.split}'}"
     if mode == "likelihood":
         sets = cfg.resolved_scoring() == "label_set"
-        return run_likelihood(host, v, samples, cache, sh, append_eot=cfg.append_eot,
-                              max_labels=cfg.max_labels if sets else None,
-                              batch_size=cfg.batch_size, progress=progress, on_batch=on_batch,
-                              label=label)
-    return run_generation(host, v, samples, cache, sh, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, progress=progress, on_batch=on_batch,
-                          label=label)
+        return run_likelihood(
+            host,
+            v,
+            samples,
+            cache,
+            sh,
+            append_eot=cfg.append_eot,
+            max_labels=cfg.max_labels if sets else None,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            on_batch=on_batch,
+            label=label,
+        )
+    return run_generation(
+        host,
+        v,
+        samples,
+        cache,
+        sh,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        on_batch=on_batch,
+        label=label,
+    )
 
 
-def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samples: list[Any],
-             out: str | Path, cfg: EvalConfig, *, val_samples: list[Any] | None = None,
-             val_pool: list[Any] | None = None, train_labels: list[list[str]] | None = None,
-             include_base: bool = True, progress: bool = True,
-             on_batch: BatchHook | None = None, skipped_images: int = 0,
-             allow_base_mismatch: bool = False) -> EvalResult:
+def evaluate(
+    host: ModelHost,
+    base_id: str | Path,
+    variants: list[Variant],
+    samples: list[Any],
+    out: str | Path,
+    cfg: EvalConfig,
+    *,
+    val_samples: list[Any] | None = None,
+    val_pool: list[Any] | None = None,
+    train_labels: list[list[str]] | None = None,
+    include_base: bool = True,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+    skipped_images: int = 0,
+    allow_base_mismatch: bool = False,
+) -> EvalResult:
     """Score the base and ``variants`` on ``samples``; upsert rows into ``out/leaderboard.csv``.
 
     Multi-label likelihood scores label sets by default (``cfg.scoring``, :mod:`.scoring`) and
@@ -267,13 +317,15 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     cfg.check()
     task, mode = cfg.resolved_task(), cfg.resolved_mode()
     out = Path(out)
-    base_fp = base_fingerprint(base_id)
-    all_variants = ([Variant("base", "base", lineage="base", representation="base")]
-                    if include_base else []) + variants
+    # the base's identity in cache keys and rows: its content fingerprint, else (a hub id, a
+    # folder without safetensors weights) the hash of its name (DESIGN.md, Layers)
+    base_fp = fingerprint(base_id) or hashlib.sha256(str(base_id).encode()).hexdigest()
+    all_variants = (
+        [Variant("base", "base", lineage="base", representation="base")] if include_base else []
+    ) + variants
     for v in all_variants:  # before any scoring: a bad folder costs nothing
         if v.exact:
-            check_exact(host.model, v, host.base_path,
-                        None if allow_base_mismatch else base_fp)
+            check_exact(host.model, v, host.base_path, None if allow_base_mismatch else base_fp)
         if v.note:
             print(f"warning: {v.note}", file=sys.stderr)
     names = [v.name for v in all_variants]
@@ -281,20 +333,34 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     if baseline not in names:
         raise InputError(f"--baseline: '{baseline}' is not among the variants {names}")
     sh = split_hash(samples)
-    needs_val = task == "multi" and mode == "likelihood" and cfg.multilabel == "threshold" \
+    needs_val = (
+        task == "multi"
+        and mode == "likelihood"
+        and cfg.multilabel == "threshold"
         and cfg.threshold is None
+    )
     if needs_val and not val_samples and not val_pool:
-        raise InputError("multi-label threshold: no validation samples (hold out train books, "
-                         "or pass --threshold / --multilabel topk)")
+        raise InputError(
+            "multi-label threshold: no validation samples (hold out train books, "
+            "or pass --threshold / --multilabel topk)"
+        )
     vh = split_hash(val_samples or val_pool) if needs_val else ""
     scoring = cfg.resolved_scoring()
     infer = inference_key(host.processor, samples, cfg, mode, scoring, family=host.family)
     infer["load"] = load_key(host.model, host.processor)
     # batch size changes speed, not numbers: a re-run with another batch size replaces its rows
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
-    config_hash = stable_hash({**settings, "baseline": baseline, "split_hash": sh,
-                               "val_hash": vh, "task": task, "mode": mode,
-                               "load": infer["load"]})
+    config_hash = stable_hash(
+        {
+            **settings,
+            "baseline": baseline,
+            "split_hash": sh,
+            "val_hash": vh,
+            "task": task,
+            "mode": mode,
+            "load": infer["load"],
+        }
+    )
 
     # under accelerate launch each process scores whole pages of its share, into its own cache
     # part; after a barrier all read every part (:mod:`.distributed`)
@@ -306,14 +372,32 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
         cache = PredictionCache(out / "predictions", v.name, vhash, part=shard.part)
         scored = _score(host, v, shard.take(samples), cache, sh, cfg, mode, progress, on_batch)
         threshold, rep, per_label = cfg.threshold, ParseReport(), None
-        source = FIXED if (threshold is not None and task == "multi" and mode == "likelihood"
-                           and cfg.multilabel == "threshold") else ""
+        source = (
+            FIXED
+            if (
+                threshold is not None
+                and task == "multi"
+                and mode == "likelihood"
+                and cfg.multilabel == "threshold"
+            )
+            else ""
+        )
         val = h = None
         if mode == "likelihood" and needs_val:
             val, source = validation_for(v, cfg, val_samples, val_pool)
             h = split_hash(val)
-            scored += _score(host, v, shard.take(val), cache, h, cfg, mode, progress, None,
-                             where=f"{cfg.dataset} threshold set")
+            scored += _score(
+                host,
+                v,
+                shard.take(val),
+                cache,
+                h,
+                cfg,
+                mode,
+                progress,
+                None,
+                where=f"{cfg.dataset} threshold set",
+            )
         if shard.world > 1:
             shard.barrier()
             cache = PredictionCache(out / "predictions", v.name, vhash, part=shard.part)
@@ -323,27 +407,52 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
             elif source == FIXED and scoring == "label_set":
                 per_label = decide.LabelThresholds.fixed(threshold, samples[0].label_set)
             preds = from_likelihood(
-                task, samples, cache, sh, length_norm=cfg.length_norm, multilabel=cfg.multilabel,
+                task,
+                samples,
+                cache,
+                sh,
+                length_norm=cfg.length_norm,
+                multilabel=cfg.multilabel,
                 threshold=threshold,
-                thresholds=per_label.values(samples[0].label_set) if per_label else None)
+                thresholds=per_label.values(samples[0].label_set) if per_label else None,
+            )
         else:
             preds, rep = from_generation(task, samples, cache, sh)
             judged = None
             if task == "vqa" and cfg.judge_url:
                 preds, judged = _judged(preds, samples, cfg)
-        results.append(VariantResult(v, preds, rep, threshold, scored, source, scoring,
-                                     per_label, judged if mode != "likelihood" else None))
+        results.append(
+            VariantResult(
+                v,
+                preds,
+                rep,
+                threshold,
+                scored,
+                source,
+                scoring,
+                per_label,
+                judged if mode != "likelihood" else None,
+            )
+        )
 
     if train_labels is None and val_pool:
         train_labels = [list(s.labels) for s in val_pool]
     trivial = trivial_predictions(task, samples, train_labels)
     for name, p in trivial:
-        results.append(VariantResult(
-            Variant(name, "trivial", lineage="trivial", representation="trivial"), p,
-            ParseReport(), None, 0, scoring=trivial.scoring.get(name, trivial.source)))
+        results.append(
+            VariantResult(
+                Variant(name, "trivial", lineage="trivial", representation="trivial"),
+                p,
+                ParseReport(),
+                None,
+                0,
+                scoring=trivial.scoring.get(name, trivial.source),
+            )
+        )
 
-    rows = _rows(results, baseline, cfg, task, mode, host.family, str(base_id), config_hash,
-                 sh, base_fp)
+    rows = _rows(
+        results, baseline, cfg, task, mode, host.family, str(base_id), config_hash, sh, base_fp
+    )
     books = book_map(samples)
     for row in rows:
         row["n_books"] = len(set(books.values())) if books else None
@@ -360,17 +469,27 @@ def evaluate(host: ModelHost, base_id: str | Path, variants: list[Variant], samp
     add_holm(board)
     upsert_rows(path, board)
     if books:
-        common = {k: rows[0][k] for k in ("architecture", "dataset", "split", "seed",
-                                          "config_hash")}
+        common = {
+            k: rows[0][k] for k in ("architecture", "dataset", "split", "seed", "config_hash")
+        }
         metrics = [m for m in HEADLINE[task] if m != "judge_score"]
-        write_by_book(out / "by_book.csv", by_book_rows(
-            [(r.variant.name, r.preds) for r in results], books, None, metrics,
-            titles=title_map(samples), **common))
+        write_by_book(
+            out / "by_book.csv",
+            by_book_rows(
+                [(r.variant.name, r.preds) for r in results],
+                books,
+                None,
+                metrics,
+                titles=title_map(samples),
+                **common,
+            ),
+        )
     return EvalResult(rows, results, path)
 
 
-def _thresholds(cache: PredictionCache, h: str, val: list[Any], cfg: EvalConfig,
-                scoring: str) -> tuple[float, decide.LabelThresholds | None]:
+def _thresholds(
+    cache: PredictionCache, h: str, val: list[Any], cfg: EvalConfig, scoring: str
+) -> tuple[float, decide.LabelThresholds | None]:
     """The multi-label threshold(s) chosen on the validation samples ``val`` (cached under ``h``).
 
     Label sets: per-label thresholds on presence probabilities for macro-F1, each label's own or
@@ -380,16 +499,20 @@ def _thresholds(cache: PredictionCache, h: str, val: list[Any], cfg: EvalConfig,
     if scoring == "label_set":
         labels = list(val[0].label_set)
         probs = [presence(cache.get(h, s.id), len(labels), cfg.length_norm) for s in val]
-        lt = decide.choose_label_thresholds(probs, [s.labels for s in val], labels,
-                                            groups=[book_of(s) for s in val])
+        lt = decide.choose_label_thresholds(
+            probs, [s.labels for s in val], labels, groups=[book_of(s) for s in val]
+        )
         return lt.global_threshold, lt
-    return decide.choose_threshold([label_values(cache.get(h, s.id), cfg.length_norm)
-                                    for s in val], [s.labels for s in val],
-                                   val[0].label_set), None
+    return decide.choose_threshold(
+        [label_values(cache.get(h, s.id), cfg.length_norm) for s in val],
+        [s.labels for s in val],
+        val[0].label_set,
+    ), None
 
 
-def validation_for(v: Variant, cfg: EvalConfig, val_samples: list[Any] | None,
-                   val_pool: list[Any] | None) -> tuple[list[Any], str]:
+def validation_for(
+    v: Variant, cfg: EvalConfig, val_samples: list[Any] | None, val_pool: list[Any] | None
+) -> tuple[list[Any], str]:
     """The samples ``v``'s threshold is chosen on, and the row's ``threshold_source``."""
     if val_samples:
         return val_samples, VALIDATION_SPLIT
@@ -400,8 +523,10 @@ def validation_for(v: Variant, cfg: EvalConfig, val_samples: list[Any] | None,
     keep = set(books)
     val = [s for s in val_pool if book_of(s) in keep]
     if not val:
-        raise InputError(f"{v.name}: its stages held out books {books[:3]} of '{cfg.dataset}', "
-                         "but the train split given has none of them (another data folder?)")
+        raise InputError(
+            f"{v.name}: its stages held out books {books[:3]} of '{cfg.dataset}', "
+            "but the train split given has none of them (another data folder?)"
+        )
     return val, source
 
 
@@ -409,8 +534,9 @@ def _judged(preds: Predictions, samples: list[Any], cfg: EvalConfig) -> tuple[Pr
     from .judge import judge_report
 
     assert cfg.judge_model and cfg.judge_url  # EvalConfig.check ran before any generation
-    report = judge_report(cfg.judge_url, cfg.judge_model, samples, list(preds.pred),
-                          protocol=cfg.judge_protocol)
+    report = judge_report(
+        cfg.judge_url, cfg.judge_model, samples, list(preds.pred), protocol=cfg.judge_protocol
+    )
     return Predictions(**{**preds.__dict__, "judge": report.values}), report
 
 
@@ -424,8 +550,10 @@ def _scoring_text(r: VariantResult, mode: str) -> str:
             from .judge import provenance
 
             prov = provenance(r.judge.protocol, r.judge.model)
-            text += (f"; judge {r.judge.protocol} ({r.judge.model}, prompt sha256 "
-                     f"{str(prov.get('prompt_sha256', ''))[:12]}, {r.judge.unscored} unscored)")
+            text += (
+                f"; judge {r.judge.protocol} ({r.judge.model}, prompt sha256 "
+                f"{str(prov.get('prompt_sha256', ''))[:12]}, {r.judge.unscored} unscored)"
+            )
         return text
     return r.scoring
 
@@ -435,41 +563,78 @@ def _threshold_text(r: VariantResult) -> str:
     shared one), or the one threshold."""
     if r.thresholds is not None:
         # "*" marks a label decided with the shared threshold rather than its own
-        return ";".join(f"{lab}={t:.4g}" + ("*" if r.thresholds.choice.get(lab) == "global"
-                                             else "")
-                        for lab, t in r.thresholds.thresholds.items())
+        return ";".join(
+            f"{lab}={t:.4g}" + ("*" if r.thresholds.choice.get(lab) == "global" else "")
+            for lab, t in r.thresholds.thresholds.items()
+        )
     return "" if r.threshold is None else f"{r.threshold:.4g}"
 
 
-def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: str, mode: str,
-          family: str, base_id: str, config_hash: str, sh: str, base_fp: str) -> list[dict]:
-    metrics = [m for m in HEADLINE[task]
-               if m != "judge_score" or results[0].preds.judge is not None]
+def _rows(
+    results: list[VariantResult],
+    baseline: str,
+    cfg: EvalConfig,
+    task: str,
+    mode: str,
+    family: str,
+    base_id: str,
+    config_hash: str,
+    sh: str,
+    base_fp: str,
+) -> list[dict]:
+    metrics = [
+        m for m in HEADLINE[task] if m != "judge_score" or results[0].preds.judge is not None
+    ]
     reps = replicate_indices(results[0].preds.groups, cfg.n_boot, cfg.seed)
     ref = next(r for r in results if r.variant.name == baseline)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sw = software()  # the row's provenance: versions and git_dirty (DESIGN.md, Outputs)
     # base_id is this machine's path (display only); base_name + base_fingerprint pair rows
     # of runs made elsewhere (leaderboard.compare)
-    common = {"architecture": family, "base_id": base_id, **base_columns(base_id, base_fp),
-              "dataset": cfg.dataset,
-              "split": cfg.split, "task": task, "mode": mode, "baseline": baseline,
-              "seed": cfg.seed, "n_boot": cfg.n_boot, "emomerge_version": __version__,
-              "git_hash": git_hash(), "date": date, "config_hash": config_hash[:16],
-              "split_hash": sh[:16]}
+    common = {
+        "architecture": family,
+        "base_id": base_id,
+        **base_columns(base_id, base_fp),
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "task": task,
+        "mode": mode,
+        "baseline": baseline,
+        "seed": cfg.seed,
+        "n_boot": cfg.n_boot,
+        "emomerge_version": __version__,
+        "git_hash": git_hash(),
+        "date": date,
+        "config_hash": config_hash[:16],
+        "split_hash": sh[:16],
+        "versions": versions_text(sw),
+        "git_dirty": sw["git_dirty"],
+    }
     rows = []
     for r in results:
         v = r.variant
         est = bootstrap(r.preds, metrics, replicates=reps)
         row: dict[str, Any] = {
-            **common, "variant": v.name, "kind": v.kind, "stage_index": v.stage_index,
-            "lineage": v.lineage, "method": v.method, "method_params": v.method_params,
-            "stages_merged": v.stages_merged, "n": len(r.preds),
-            "n_groups": len(set(r.preds.groups)), "parse_failures": r.parse.failures,
+            **common,
+            "variant": v.name,
+            "kind": v.kind,
+            "stage_index": v.stage_index,
+            "lineage": v.lineage,
+            "method": v.method,
+            "method_params": v.method_params,
+            "stages_merged": v.stages_merged,
+            "n": len(r.preds),
+            "n_groups": len(set(r.preds.groups)),
+            "parse_failures": r.parse.failures,
             "threshold_source": r.threshold_source,
             "variant_hash": stable_hash([base_fp, v.content_hash])[:16],
-            "representation": v.representation, "represented_rank": v.represented_rank,
-            "lowrank_error_mean": v.lowrank_error_mean, "lowrank_error_max": v.lowrank_error_max,
-            "scoring": _scoring_text(r, mode), "threshold": _threshold_text(r)}
+            "representation": v.representation,
+            "represented_rank": v.represented_rank,
+            "lowrank_error_mean": v.lowrank_error_mean,
+            "lowrank_error_max": v.lowrank_error_max,
+            "scoring": _scoring_text(r, mode),
+            "threshold": _threshold_text(r),
+        }
         if task != "vqa":
             row["label_set"] = format_label_set(r.preds.label_set)
             row["per_label_f1"] = format_per_label(per_label_f1(r.preds))
@@ -485,17 +650,25 @@ def _rows(results: list[VariantResult], baseline: str, cfg: EvalConfig, task: st
     return rows
 
 
-def _write_details(folder: Path, results: list[VariantResult], rows: list[dict],
-                   cfg: EvalConfig) -> None:
+def _write_details(
+    folder: Path, results: list[VariantResult], rows: list[dict], cfg: EvalConfig
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for r, row in zip(results, rows):
         safe = r.variant.name.replace("/", "_")
-        info = {"variant": r.variant.name, "dataset": cfg.dataset, "split": cfg.split,
-                "scoring": r.scoring, "threshold": r.threshold,
-                "thresholds": r.thresholds.thresholds if r.thresholds else None,
-                "threshold_choice": r.thresholds.choice if r.thresholds else None,
-                "judge": r.judge.to_dict() if r.judge is not None else None,
-                "row": row, "parse": r.parse.to_dict(),
-                "details": details(r.preds)}
+        info = {
+            "variant": r.variant.name,
+            "dataset": cfg.dataset,
+            "split": cfg.split,
+            "scoring": r.scoring,
+            "threshold": r.threshold,
+            "thresholds": r.thresholds.thresholds if r.thresholds else None,
+            "threshold_choice": r.thresholds.choice if r.thresholds else None,
+            "judge": r.judge.to_dict() if r.judge is not None else None,
+            "row": row,
+            "parse": r.parse.to_dict(),
+            "details": details(r.preds),
+        }
         (folder / f"{cfg.dataset}__{cfg.split}__{safe}.json").write_text(
-            json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n")
+            json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n"
+        )

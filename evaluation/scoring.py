@@ -61,8 +61,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from emomerge.merging.errors import InputError
 from PIL import Image
+
+from emomerge.merging.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class LabelScore:
 
 def load_images(images: list[Any]) -> list[Image.Image]:
     """RGB PIL images from paths or PIL images (the same loader training uses)."""
-    from emomerge.training.batching import rgb_images
+    from emomerge.training.models.batching import rgb_images
 
     return rgb_images(images)
 
@@ -87,15 +88,16 @@ def load_images(images: list[Any]) -> list[Image.Image]:
 def answer_prefix(processor: Any, messages: list[dict]) -> str:
     """The whitespace the chat template puts between the prompt and an answer (training's
     ``answer_prefix``: labels are scored as they were trained, e.g. LLaVA's `` Joy``)."""
-    from emomerge.training.batching import answer_prefix as prefix
+    from emomerge.training.models.batching import answer_prefix as prefix
 
     return prefix(processor, messages)
 
 
 def render_prompt(processor: Any, messages: list[dict], family: str) -> str:
     """The chat-template prompt up to where the assistant's answer starts, as training renders it
-    (``training.batching.chat_prompt``: LLaVA-1.5 / LLaVA-NeXT open with the tokenizer's BOS)."""
-    from emomerge.training.batching import chat_prompt
+    (``training.models.batching.chat_prompt``: LLaVA-1.5 / LLaVA-NeXT open with the tokenizer's
+    BOS)."""
+    from emomerge.training.models.batching import chat_prompt
 
     return chat_prompt(processor, messages, family)
 
@@ -106,8 +108,9 @@ def label_sets(label_set: list[str] | tuple[str, ...], max_labels: int) -> list[
     if max_labels < 1:
         raise InputError(f"max_labels: must be at least 1, got {max_labels}")
     n = len(label_set)
-    return [c for k in range(1, min(max_labels, n) + 1)
-            for c in itertools.combinations(range(n), k)]
+    return [
+        c for k in range(1, min(max_labels, n) + 1) for c in itertools.combinations(range(n), k)
+    ]
 
 
 def set_text(labels: list[str]) -> str:
@@ -117,50 +120,56 @@ def set_text(labels: list[str]) -> str:
 
     unknown = [lab for lab in labels if lab not in LABELS]
     if unknown:
-        raise InputError(f"scoring label_set: label {unknown[0]!r} has no training target order "
-                         f"(multi-label targets are written over {LABELS}); use "
-                         "scoring first_label")
+        raise InputError(
+            f"scoring label_set: label {unknown[0]!r} has no training target order "
+            f"(multi-label targets are written over {LABELS}); use "
+            "scoring first_label"
+        )
     return label_text(list(labels))
 
 
-def encode_prompts(processor: Any, family: str, prompts: list[str],
-                   images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+def encode_prompts(
+    processor: Any, family: str, prompts: list[str], images: list[list[Image.Image]]
+) -> dict[str, torch.Tensor]:
     """Processor inputs for a batch of prompts, encoded as training encodes them
-    (``training.batching.process_texts``: the template already holds the special tokens; a BOS
-    the prompt opens with is its id, the rest tokenized on its own)."""
-    from emomerge.training.batching import process_texts
+    (``training.models.batching.process_texts``: the template already holds the special tokens;
+    a BOS the prompt opens with is its id, the rest tokenized on its own)."""
+    from emomerge.training.models.batching import process_texts
 
     return process_texts(processor, family, prompts, images)
 
 
-def continuation_ids(tokenizer: Any, prompt: str, labels: list[str],
-                     eot: str | None = None) -> list[list[int]]:
+def continuation_ids(
+    tokenizer: Any, prompt: str, labels: list[str], eot: str | None = None
+) -> list[list[int]]:
     """Token ids of each label (plus the end-of-turn text ``eot``) *as they follow* ``prompt``.
 
     ids(prompt + label)[len(ids(prompt)):], the way training encodes the answer
-    (``training.batching.encode_batch``). Tokenising a label on its own is not the same:
+    (``training.models.batching.encode_batch``). Tokenising a label on its own is not the same:
     SentencePiece/Metaspace tokenizers (Llama, Mistral: LLaVA-1.5, LLaVA-NeXT-Mistral) prefix a
     string's first word with "▁", so a standalone "Joy" is "▁Joy" while after the prompt it is
     "Joy" — scoring tokens the model was never trained to produce.
 
     A BOS the prompt opens with is dropped first: training encodes it as an id before the rest
-    of the text (``training.batching.process_texts``), and a special token splits the text, so
-    what follows the prompt tokenizes the same without it.
+    of the text (``training.models.batching.process_texts``), and a special token splits the
+    text, so what follows the prompt tokenizes the same without it.
     """
     bos = getattr(tokenizer, "bos_token", None)
     if bos and prompt.startswith(bos):
-        prompt = prompt[len(bos):]
+        prompt = prompt[len(bos) :]
     head = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     out = []
     for lab in labels:
         full = list(tokenizer(prompt + lab + (eot or ""), add_special_tokens=False)["input_ids"])
         if full[: len(head)] != head:
-            raise InputError(f"label {lab!r}: the prompt's tokens are not a prefix of prompt + "
-                             "label (the tokenizer merges across the boundary), so the label's "
-                             "tokens cannot be isolated; training refuses such answers too")
+            raise InputError(
+                f"label {lab!r}: the prompt's tokens are not a prefix of prompt + "
+                "label (the tokenizer merges across the boundary), so the label's "
+                "tokens cannot be isolated; training refuses such answers too"
+            )
         if len(full) == len(head):
             raise InputError(f"label {lab!r}: tokenizes to no tokens")
-        out.append(full[len(head):])
+        out.append(full[len(head) :])
     return out
 
 
@@ -186,8 +195,14 @@ def _per_token_extension(inputs: dict[str, torch.Tensor], n: int, t: int) -> dic
 
 
 @torch.inference_mode()
-def score_labels(model: Any, inputs: dict[str, torch.Tensor], conts: list[list[int]],
-                 pad_id: int, *, chunk: int = 16) -> list[LabelScore]:
+def score_labels(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    conts: list[list[int]],
+    pad_id: int,
+    *,
+    chunk: int = 16,
+) -> list[LabelScore]:
     """Scores of the continuations ``conts`` after one encoded prompt (``inputs``, batch 1).
 
     The continuations run ``chunk`` at a time, each chunk on its own copy of the prompt's cache:
@@ -207,7 +222,7 @@ def score_labels(model: Any, inputs: dict[str, torch.Tensor], conts: list[list[i
     prefix_cache = out.past_key_values
     scores = []
     for lo in range(0, len(conts), chunk):
-        part = conts[lo: lo + chunk]
+        part = conts[lo : lo + chunk]
         last = lo + chunk >= len(conts)
         # the forward pass appends to the cache it is given: every chunk but the last gets a copy
         cache = prefix_cache if last else copy.deepcopy(prefix_cache)
@@ -215,8 +230,15 @@ def score_labels(model: Any, inputs: dict[str, torch.Tensor], conts: list[list[i
     return scores
 
 
-def _continue(model: Any, inputs: dict[str, torch.Tensor], first: torch.Tensor, cache: Any,
-              conts: list[list[int]], pad_id: int, device: Any) -> list[LabelScore]:
+def _continue(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    first: torch.Tensor,
+    cache: Any,
+    conts: list[list[int]],
+    pad_id: int,
+    device: Any,
+) -> list[LabelScore]:
     n, t = len(conts), max(len(c) for c in conts)
     if t == 1:
         return [LabelScore(float(first[c[0]]), 1) for c in conts]
@@ -224,8 +246,9 @@ def _continue(model: Any, inputs: dict[str, torch.Tensor], first: torch.Tensor, 
     ids = torch.full((n, t), pad_id, dtype=torch.long, device=device)
     for i, c in enumerate(conts):
         ids[i, : len(c)] = torch.tensor(c, device=device)
-    out2 = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                 **_per_token_extension(inputs, n, t))
+    out2 = model(
+        input_ids=ids, past_key_values=cache, use_cache=True, **_per_token_extension(inputs, n, t)
+    )
     logp = torch.log_softmax(out2.logits.float(), dim=-1)  # [n, t, vocab]
     scores = []
     for i, c in enumerate(conts):
@@ -236,8 +259,9 @@ def _continue(model: Any, inputs: dict[str, torch.Tensor], first: torch.Tensor, 
 
 
 @torch.inference_mode()
-def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
-                      conts: list[list[int]]) -> list[LabelScore]:
+def score_labels_full(
+    model: Any, inputs: dict[str, torch.Tensor], conts: list[list[int]]
+) -> list[LabelScore]:
     """Reference implementation: one full forward pass (prompt + label) per label, no cache."""
     p = inputs["input_ids"].shape[1]
     scores = []
@@ -254,8 +278,7 @@ def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
         ids = torch.cat([inputs["input_ids"], torch.tensor([c])], dim=1)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits
         logp = torch.log_softmax(logits[0].float(), dim=-1)
-        scores.append(LabelScore(float(sum(logp[p - 1 + j, c[j]] for j in range(len(c)))),
-                                 len(c)))
+        scores.append(LabelScore(float(sum(logp[p - 1 + j, c[j]] for j in range(len(c)))), len(c)))
     return scores
 
 
@@ -284,9 +307,14 @@ def score_labels_full(model: Any, inputs: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------
 
 #: Per-token processor outputs ([batch, seq, ...]) that are cut and re-padded with the tokens
-#: (the keys ``training.batching.PER_TOKEN_KEYS`` opens with a BOS).
-PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
-                  "cross_attention_mask")
+#: (the keys ``training.models.batching.PER_TOKEN_KEYS`` opens with a BOS).
+PER_TOKEN_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "cross_attention_mask",
+)
 
 
 @dataclass
@@ -345,12 +373,17 @@ def _prefix_pass(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Ten
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, vocab]
     delta = mrope.rope_deltas.view(-1).to(device) if mrope is not None else 0
     cam = inputs.get("cross_attention_mask")
-    return first, _Rows(out.past_key_values, mask, mask.long().sum(-1) + delta,
-                        cam[:, -1] if cam is not None else None)
+    return first, _Rows(
+        out.past_key_values,
+        mask,
+        mask.long().sum(-1) + delta,
+        cam[:, -1] if cam is not None else None,
+    )
 
 
-def _extend(model: Any, rows: _Rows, idx: list[int], seqs: list[list[int]],
-            pad_id: int) -> tuple[torch.Tensor, _Rows]:
+def _extend(
+    model: Any, rows: _Rows, idx: list[int], seqs: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, _Rows]:
     """Run ``seqs[i]`` after row ``idx[i]`` of ``rows`` (right-padded; ``rows`` unchanged):
     logits [n, t, vocab] and the n extended rows."""
     device = rows.mask.device
@@ -367,14 +400,26 @@ def _extend(model: Any, rows: _Rows, idx: list[int], seqs: list[list[int]],
     cam = rows.cam[at] if rows.cam is not None else None
     if cam is not None:  # new tokens see the images the last prompt token saw
         extra["cross_attention_mask"] = cam[:, None].expand(n, t, *cam.shape[1:])
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                past_key_values=_select_rows(rows.cache, at), use_cache=True, **extra)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=_select_rows(rows.cache, at),
+        use_cache=True,
+        **extra,
+    )
     lens = torch.tensor([len(s) for s in seqs], device=device)
     return out.logits, _Rows(out.past_key_values, mask, rows.next_pos[at] + lens, cam)
 
 
-def _score_rows(model: Any, first: torch.Tensor, rows: _Rows, conts: list[list[list[int]]],
-                pad_id: int, chunk: int) -> list[list[LabelScore]]:
+def _score_rows(
+    model: Any,
+    first: torch.Tensor,
+    rows: _Rows,
+    conts: list[list[list[int]]],
+    pad_id: int,
+    chunk: int,
+) -> list[list[LabelScore]]:
     """Scores of ``conts[r]`` after row r: first tokens from ``first`` [R, vocab], the rest from
     continuation passes of up to ``chunk`` rows mixing the candidates of all rows."""
     scores: list[list[LabelScore | None]] = [[None] * len(c) for c in conts]
@@ -386,7 +431,7 @@ def _score_rows(model: Any, first: torch.Tensor, rows: _Rows, conts: list[list[l
             else:
                 longer.append((r, k, c))
     for lo in range(0, len(longer), chunk):
-        part = longer[lo: lo + chunk]
+        part = longer[lo : lo + chunk]
         logits, _ = _extend(model, rows, [r for r, _, _ in part], [c for _, _, c in part], pad_id)
         logp = torch.log_softmax(logits.float(), dim=-1)  # [n, t, vocab]
         for i, (r, k, c) in enumerate(part):
@@ -404,13 +449,15 @@ def _tree_mask(model: Any, cached: torch.Tensor, seg: torch.Tensor) -> torch.Ten
     n, t = seg.shape
     q = torch.arange(t, device=seg.device)
     new = (q[None, None, :] <= q[None, :, None]) & (
-        (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # [n, T(query), T(key)]
+        (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    )  # [n, T(query), T(key)]
     mask = torch.cat([cached.bool()[:, None, :].expand(n, t, cached.shape[1]), new], dim=-1)
     mask = mask[:, None]
     if _attention(model) == "eager":  # eager adds the mask to the scores: 0 / -inf floats
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min)
+            ~mask, torch.finfo(dtype).min
+        )
     return mask
 
 
@@ -424,8 +471,9 @@ def packable(model: Any) -> bool:
     return _attention(model) in ("sdpa", "eager")
 
 
-def _score_packed(model: Any, first: torch.Tensor | None, rows: _Rows, items: list[tuple],
-                  pad_id: int) -> list[list[LabelScore]]:
+def _score_packed(
+    model: Any, first: torch.Tensor | None, rows: _Rows, items: list[tuple], pad_id: int
+) -> list[list[LabelScore]]:
     """Scores of packed rows. ``items[i]`` = (cache row, head tokens, candidates): one row runs
     the head (a suffix of the prompt; may be empty) then every candidate back to back, each
     candidate at the positions it would have right after the head, under :func:`_tree_mask`.
@@ -460,40 +508,55 @@ def _score_packed(model: Any, first: torch.Tensor | None, rows: _Rows, items: li
     if rows.cam is not None:  # new tokens see the images the last cached token saw
         cam = rows.cam[at]
         extra["cross_attention_mask"] = cam[:, None].expand(n, t, *cam.shape[1:])
-    out = model(input_ids=ids, attention_mask=_tree_mask(model, rows.mask[at], seg),
-                position_ids=rows.next_pos[at, None] + pos,
-                past_key_values=_select_rows(rows.cache, at), use_cache=True, **extra)
+    out = model(
+        input_ids=ids,
+        attention_mask=_tree_mask(model, rows.mask[at], seg),
+        position_ids=rows.next_pos[at, None] + pos,
+        past_key_values=_select_rows(rows.cache, at),
+        use_cache=True,
+        **extra,
+    )
     logp = torch.log_softmax(out.logits.float(), dim=-1)  # [n, T, vocab]
     scores = []
     for i, (r, head, cands) in enumerate(items):
         f = logp[i, len(head) - 1] if head else first[r]  # type: ignore[index]
         row = []
         for off, c in zip(offs[i], cands):
-            tail = logp[i, torch.arange(off, off + len(c) - 1, device=device),
-                        torch.tensor(c[1:], device=device, dtype=torch.long)].sum()
+            tail = logp[
+                i,
+                torch.arange(off, off + len(c) - 1, device=device),
+                torch.tensor(c[1:], device=device, dtype=torch.long),
+            ].sum()
             row.append(LabelScore(float(f[c[0]] + tail), len(c)))
         scores.append(row)
     return scores
 
 
-def _packed_items(heads: list[list[int]], conts: list[list[list[int]]],
-                  owner: list[int], chunk: int) -> tuple[list[tuple], list[int]]:
+def _packed_items(
+    heads: list[list[int]], conts: list[list[list[int]]], owner: list[int], chunk: int
+) -> tuple[list[tuple], list[int]]:
     """Packed rows of at most ``chunk`` candidates each, and which prompt each row scores."""
     items, prompt_of = [], []
     for u, (head, per) in enumerate(zip(heads, conts)):
         for lo in range(0, len(per), chunk):
-            items.append((owner[u], head, per[lo: lo + chunk]))
+            items.append((owner[u], head, per[lo : lo + chunk]))
             prompt_of.append(u)
     return items, prompt_of
 
 
-def _packed_passes(model: Any, first: torch.Tensor | None, rows: _Rows, items: list[tuple],
-                   pad_id: int, per_pass: int) -> list[list[LabelScore]]:
+def _packed_passes(
+    model: Any,
+    first: torch.Tensor | None,
+    rows: _Rows,
+    items: list[tuple],
+    pad_id: int,
+    per_pass: int,
+) -> list[list[LabelScore]]:
     """Packed rows ``per_pass`` (the number of prompts) at a time: one pass per batch when each
     prompt's candidates fit one row; a smaller ``chunk`` then lowers a pass's memory."""
     out = []
     for lo in range(0, len(items), per_pass):
-        out += _score_packed(model, first, rows, items[lo: lo + per_pass], pad_id)
+        out += _score_packed(model, first, rows, items[lo : lo + per_pass], pad_id)
     return out
 
 
@@ -505,9 +568,15 @@ def _gather(parts: list[list[LabelScore]], prompt_of: list[int], n: int) -> list
 
 
 @torch.inference_mode()
-def score_labels_batch(model: Any, inputs: dict[str, torch.Tensor], conts: list[list[list[int]]],
-                       pad_id: int, *, chunk: int = 64,
-                       packed: bool | None = None) -> list[list[LabelScore]]:
+def score_labels_batch(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    conts: list[list[list[int]]],
+    pad_id: int,
+    *,
+    chunk: int = 64,
+    packed: bool | None = None,
+) -> list[list[LabelScore]]:
     """Scores of each prompt's continuations ``conts[b]`` for B left-padded prompts (``inputs``
     from :func:`encode_prompts` with the tokenizer's ``padding_side`` "left"): one forward pass
     for all prompts, then one packed pass for their candidates (``chunk`` candidates a row;
@@ -520,8 +589,9 @@ def score_labels_batch(model: Any, inputs: dict[str, torch.Tensor], conts: list[
     if not (packable(model) if packed is None else packed):
         return _score_rows(model, first, rows, conts, pad_id, chunk)
     items, prompt_of = _packed_items([[]] * len(conts), conts, list(range(len(conts))), chunk)
-    return _gather(_packed_passes(model, first, rows, items, pad_id, len(conts)), prompt_of,
-                   len(conts))
+    return _gather(
+        _packed_passes(model, first, rows, items, pad_id, len(conts)), prompt_of, len(conts)
+    )
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -548,15 +618,23 @@ def cut_rows(inputs: dict[str, Any], keep: list[int], pad_id: int) -> dict[str, 
         cut = torch.full((b, width, *v.shape[2:]), fill, dtype=v.dtype, device=v.device)
         for r in range(b):
             start = p - int(mask[r].sum())  # first real column (left padding)
-            cut[r, width - keep[r]:] = v[r, start: start + keep[r]]
+            cut[r, width - keep[r] :] = v[r, start : start + keep[r]]
         out[key] = cut
     return out
 
 
 @torch.inference_mode()
-def score_shared_prefix(model: Any, prefix_inputs: dict[str, torch.Tensor], owner: list[int],
-                        suffixes: list[list[int]], conts: list[list[list[int]]], pad_id: int, *,
-                        chunk: int = 64, packed: bool | None = None) -> list[list[LabelScore]]:
+def score_shared_prefix(
+    model: Any,
+    prefix_inputs: dict[str, torch.Tensor],
+    owner: list[int],
+    suffixes: list[list[int]],
+    conts: list[list[list[int]]],
+    pad_id: int,
+    *,
+    chunk: int = 64,
+    packed: bool | None = None,
+) -> list[list[LabelScore]]:
     """Scores for prompts that are a shared prefix plus their own suffix.
 
     ``prefix_inputs``: G left-padded prefixes with all their images (e.g. one per comic page,
@@ -573,13 +651,14 @@ def score_shared_prefix(model: Any, prefix_inputs: dict[str, torch.Tensor], owne
     _, rows = _prefix_pass(model, prefix_inputs)
     if packable(model) if packed is None else packed:
         items, prompt_of = _packed_items(suffixes, conts, owner, chunk)
-        return _gather(_packed_passes(model, None, rows, items, pad_id, len(conts)), prompt_of,
-                       len(conts))
+        return _gather(
+            _packed_passes(model, None, rows, items, pad_id, len(conts)), prompt_of, len(conts)
+        )
     out = []
     for lo in range(0, len(suffixes), chunk):
-        part = suffixes[lo: lo + chunk]
-        logits, ext = _extend(model, rows, owner[lo: lo + chunk], part, pad_id)
+        part = suffixes[lo : lo + chunk]
+        logits, ext = _extend(model, rows, owner[lo : lo + chunk], part, pad_id)
         last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
         first = torch.log_softmax(logits[torch.arange(len(part)), last].float(), dim=-1)
-        out += _score_rows(model, first, ext, conts[lo: lo + chunk], pad_id, chunk)
+        out += _score_rows(model, first, ext, conts[lo : lo + chunk], pad_id, chunk)
     return out

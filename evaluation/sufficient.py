@@ -25,8 +25,8 @@ import numpy as np
 
 from .metrics import INVALID, Predictions, char_f1, exact_match
 
-StatsFn = Callable[[Predictions], np.ndarray]    # -> [n, k]
-ReduceFn = Callable[[np.ndarray], np.ndarray]    # [B, k] sums -> [B] metric values
+StatsFn = Callable[[Predictions], np.ndarray]  # -> [n, k]
+ReduceFn = Callable[[np.ndarray], np.ndarray]  # [B, k] sums -> [B] metric values
 
 
 def _onehot(rows: list[list[str]], labels: list[str], *, gold: bool = False) -> np.ndarray:
@@ -44,13 +44,14 @@ def _onehot(rows: list[list[str]], labels: list[str], *, gold: bool = False) -> 
 
 def _counts(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
     # [n, C] each -> [n, 3C + 1]: TP | FP | FN per class | 1 (the sample takes part)
-    return np.concatenate([gold * pred, (1 - gold) * pred, gold * (1 - pred),
-                           np.ones((len(gold), 1))], axis=1)
+    return np.concatenate(
+        [gold * pred, (1 - gold) * pred, gold * (1 - pred), np.ones((len(gold), 1))], axis=1
+    )
 
 
 def _split(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     c = (sums.shape[1] - 1) // 3
-    return sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:3 * c], sums[:, -1]
+    return sums[:, :c], sums[:, c : 2 * c], sums[:, 2 * c : 3 * c], sums[:, -1]
 
 
 def _macro(sums: np.ndarray) -> np.ndarray:
@@ -74,8 +75,7 @@ def _micro(sums: np.ndarray) -> np.ndarray:
 
 
 def _ratio(sums: np.ndarray) -> np.ndarray:
-    return np.divide(sums[:, 0], sums[:, 1], out=np.full(len(sums), np.nan),
-                     where=sums[:, 1] > 0)
+    return np.divide(sums[:, 0], sums[:, 1], out=np.full(len(sums), np.nan), where=sums[:, 1] > 0)
 
 
 def _single_rows(p: Predictions) -> tuple[list[list[str]], list[list[str]]]:
@@ -122,8 +122,10 @@ def s_single_accuracy(p: Predictions) -> np.ndarray:
 
 def s_single_macro(p: Predictions) -> np.ndarray:
     top1 = p.top1 or [""] * len(p)
-    counts = _counts(_onehot(p.gold, p.label_set, gold=True),
-                     _onehot([[t or INVALID] for t in top1], p.label_set))
+    counts = _counts(
+        _onehot(p.gold, p.label_set, gold=True),
+        _onehot([[t or INVALID] for t in top1], p.label_set),
+    )
     return counts * _mask_single_gold(p)
 
 
@@ -139,12 +141,15 @@ STATS: dict[str, tuple[StatsFn, ReduceFn]] = {
     "micro_f1": (s_macro, _micro),
     "single_accuracy": (s_single_accuracy, _ratio),
     "single_macro_f1": (s_single_macro, _macro),
-    "exact_match": (_mean_of(lambda p: [exact_match(g, x or "") for g, x in zip(p.gold, p.pred)]),
-                    _ratio),
-    "char_f1": (_mean_of(lambda p: [char_f1(g, x or "") for g, x in zip(p.gold, p.pred)]),
-                _ratio),
-    "judge_score": (_mean_of(lambda p: list(p.judge) if p.judge is not None
-                             else [np.nan] * len(p)), _ratio),
+    "exact_match": (
+        _mean_of(lambda p: [exact_match(g, x or "") for g, x in zip(p.gold, p.pred)]),
+        _ratio,
+    ),
+    "char_f1": (_mean_of(lambda p: [char_f1(g, x or "") for g, x in zip(p.gold, p.pred)]), _ratio),
+    "judge_score": (
+        _mean_of(lambda p: list(p.judge) if p.judge is not None else [np.nan] * len(p)),
+        _ratio,
+    ),
 }
 
 

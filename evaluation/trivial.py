@@ -87,8 +87,9 @@ def majority_labels(labels: Sequence[Sequence[str]], label_set: Sequence[str]) -
     return half or [most_frequent(counts, label_set)]
 
 
-def trivial_predictions(task: str, samples: list[Any],
-                        train_labels: list[list[str]] | None) -> TrivialBaselines:
+def trivial_predictions(
+    task: str, samples: list[Any], train_labels: list[list[str]] | None
+) -> TrivialBaselines:
     """The trivial baselines of ``task`` on ``samples`` (none for ``vqa``).
 
     ``train_labels`` are the gold label lists of the training examples (one list per example);
@@ -109,18 +110,32 @@ def trivial_predictions(task: str, samples: list[Any],
     top = most_frequent(label_counts(counted, label_set), label_set)
 
     def make(pred: list[Any]) -> Predictions:
-        return Predictions(task=task, ids=list(ids), groups=list(groups),
-                           gold=[list(g) for g in gold], pred=pred, label_set=list(label_set),
-                           top1=[top] * len(ids) if task == "multi" else None)
+        return Predictions(
+            task=task,
+            ids=list(ids),
+            groups=list(groups),
+            gold=[list(g) for g in gold],
+            pred=pred,
+            label_set=list(label_set),
+            top1=[top] * len(ids) if task == "multi" else None,
+        )
 
     if task == "single":
         return TrivialBaselines(
-            [(MAJORITY, make([top] * len(ids)))], source,
-            {MAJORITY: f"trivial: always '{top}', the most frequent label of the {source}"})
+            [(MAJORITY, make([top] * len(ids)))],
+            source,
+            {MAJORITY: f"trivial: always '{top}', the most frequent label of the {source}"},
+        )
     major = majority_labels(counted, label_set)
     return TrivialBaselines(
-        [(MAJORITY, make([list(major) for _ in ids])),
-         (ALL_LABELS, make([list(label_set) for _ in ids]))], source,
-        {MAJORITY: f"trivial: always {{{', '.join(major)}}}, the labels of at least half the "
-                   f"examples (else the most frequent) of the {source}",
-         ALL_LABELS: "trivial: every label of the label set for every example"})
+        [
+            (MAJORITY, make([list(major) for _ in ids])),
+            (ALL_LABELS, make([list(label_set) for _ in ids])),
+        ],
+        source,
+        {
+            MAJORITY: f"trivial: always {{{', '.join(major)}}}, the labels of at least half the "
+            f"examples (else the most frequent) of the {source}",
+            ALL_LABELS: "trivial: every label of the label set for every example",
+        },
+    )

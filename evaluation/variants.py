@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emomerge.merging.config import load_json
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE, read_stage_metadata, resolve_parent
 from emomerge.merging.updates import is_full_folder, is_refactorised, read_manifest
@@ -69,10 +70,17 @@ def _merge_fields(raw: dict, manifest: Path) -> dict:
     for key in ("method", "params", "adapters"):
         if key not in raw:
             raise InputError(f"{manifest}: key '{key}' missing from the merge manifest")
-    inputs = [a.get("stage") or Path(str(a.get("path", "?"))).name
-              if isinstance(a, dict) else Path(str(a)).name for a in raw["adapters"]]
-    return {"method": str(raw["method"]), "method_params": json.dumps(raw["params"], sort_keys=True),
-            "stages_merged": ";".join(str(i) for i in inputs)}
+    inputs = [
+        a.get("stage") or Path(str(a.get("path", "?"))).name
+        if isinstance(a, dict)
+        else Path(str(a)).name
+        for a in raw["adapters"]
+    ]
+    return {
+        "method": str(raw["method"]),
+        "method_params": json.dumps(raw["params"], sort_keys=True),
+        "stages_merged": ";".join(str(i) for i in inputs),
+    }
 
 
 def _config_sha256(entry: object) -> str | None:
@@ -91,12 +99,27 @@ def _manifest_hash(raw: dict, how: str) -> str:
     # fast the merge ran
     from emomerge.merging.updates import MERGE_SEMANTICS
 
-    keep = {k: raw.get(k) for k in ("method", "params", "params_given", "seed", "reference",
-                                    "dtype", "out_dtype", "rank", "allow_lineage_mismatch",
-                                    "lineage_assumed", "lineage_missing")}
+    keep = {
+        k: raw.get(k)
+        for k in (
+            "method",
+            "params",
+            "params_given",
+            "seed",
+            "reference",
+            "dtype",
+            "out_dtype",
+            "rank",
+            "allow_lineage_mismatch",
+            "lineage_assumed",
+            "lineage_missing",
+        )
+    }
     for key in ("adapters", "ancestors"):
-        keep[key] = [[a.get("sha256"), _config_sha256(a)] if isinstance(a, dict) else str(a)
-                     for a in raw.get(key) or []]
+        keep[key] = [
+            [a.get("sha256"), _config_sha256(a)] if isinstance(a, dict) else str(a)
+            for a in raw.get(key) or []
+        ]
     keep["how"], keep["semantics"] = how, MERGE_SEMANTICS
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -123,15 +146,23 @@ def _full_variant(path: Path, name: str) -> Variant:
     from emomerge.merging.checkpoint import Checkpoint
 
     raw = read_manifest(path)
-    v = Variant(name, "merged" if raw and raw.get("kind") == "merge" else "full", path, [],
-                lineage="merge" if raw else "full", exact=FULL)
+    v = Variant(
+        name,
+        "merged" if raw and raw.get("kind") == "merge" else "full",
+        path,
+        [],
+        lineage="merge" if raw else "full",
+        exact=FULL,
+    )
     if raw and raw.get("kind") == "merge":
         fields = _merge_fields(raw, path / LINEAGE_FILE)
-        v.method, v.method_params, v.stages_merged = (fields["method"], fields["method_params"],
-                                                      fields["stages_merged"])
+        v.method, v.method_params, v.stages_merged = (
+            fields["method"],
+            fields["method_params"],
+            fields["stages_merged"],
+        )
     # content-bound and cheap: config, headers and samples of every weight file
-    v.content_hash = hashlib.sha256(
-        ("full:" + Checkpoint(path).fingerprint()).encode()).hexdigest()
+    v.content_hash = hashlib.sha256(("full:" + Checkpoint(path).fingerprint()).encode()).hexdigest()
     return v
 
 
@@ -150,13 +181,7 @@ def files_sha256(folders: list[Path]) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return raw
+    return load_json(path)  # DESIGN.md, Configuration
 
 
 def _stage_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
@@ -167,8 +192,10 @@ def _stage_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
     if parent is None:
         return [path]
     if parent in seen or not is_adapter_dir(parent):
-        raise InputError(f"{path / LINEAGE_FILE}: key 'lineage.parent': {parent} is not a usable "
-                         "adapter folder (stacked lineage needs its parent to evaluate)")
+        raise InputError(
+            f"{path / LINEAGE_FILE}: key 'lineage.parent': {parent} is not a usable "
+            "adapter folder (stacked lineage needs its parent to evaluate)"
+        )
     return _stage_chain(parent, seen + (path,)) + [path]
 
 
@@ -185,8 +212,10 @@ def variant_from_dir(path: str | Path, name: str | None = None, *, exact: bool =
     if not is_adapter_dir(path):
         if is_full_folder(path):
             return _full_variant(path, name)
-        raise InputError(f"{path}: neither an adapter folder (no adapter_config.json) nor a "
-                         "full model folder (config.json + safetensors)")
+        raise InputError(
+            f"{path}: neither an adapter folder (no adapter_config.json) nor a "
+            "full model folder (config.json + safetensors)"
+        )
     manifest = path / LINEAGE_FILE
     raw = _read_json(manifest) if manifest.is_file() else None
     if raw is None:
@@ -205,14 +234,22 @@ def variant_from_dir(path: str | Path, name: str | None = None, *, exact: bool =
             v.lowrank_error_mean = errors.get("mean")
             v.lowrank_error_max = errors.get("max")
             if problem:
-                v.note = (f"{path}: scored as its rank-{v.represented_rank} adapter "
-                          f"(mean error {float(errors.get('mean') or 0):.1%}), not exactly: "
-                          f"{problem}")
+                v.note = (
+                    f"{path}: scored as its rank-{v.represented_rank} adapter "
+                    f"(mean error {float(errors.get('mean') or 0):.1%}), not exactly: "
+                    f"{problem}"
+                )
     else:
         meta = read_stage_metadata(path)
         assert meta is not None  # kind is stage_adapter (or absent) here
-        v = Variant(name, "stage", path, _stage_chain(path), stage_index=meta.stage_index,
-                    lineage=meta.lineage.mode or "independent")
+        v = Variant(
+            name,
+            "stage",
+            path,
+            _stage_chain(path),
+            stage_index=meta.stage_index,
+            lineage=meta.lineage.mode or "independent",
+        )
     v.content_hash = files_sha256(v.chain)
     return v
 
@@ -233,16 +270,17 @@ def discover(dirs: list[str | Path], *, exact: bool = True) -> list[Variant]:
             continue
         subs = sorted(p for p in d.iterdir() if p.is_dir() and is_variant_dir(p))
         if not subs:
-            raise InputError(f"{d}: neither an adapter or full-output folder nor a folder of "
-                             "them")
+            raise InputError(f"{d}: neither an adapter or full-output folder nor a folder of them")
         found += subs
     variants = [variant_from_dir(p, exact=exact) for p in found]
     names = [v.name for v in variants]
     for v, p in zip(variants, found):
         if names.count(v.name) > 1:
             v.name = f"{Path(p).resolve().parent.name}/{v.name}"
-    stages = sorted((v for v in variants if v.kind == "stage"),
-                    key=lambda v: (v.stage_index is None, v.stage_index or 0))
+    stages = sorted(
+        (v for v in variants if v.kind == "stage"),
+        key=lambda v: (v.stage_index is None, v.stage_index or 0),
+    )
     # stable sort keeps the given order among stages without an index
     return stages + [v for v in variants if v.kind != "stage"]
 
@@ -276,11 +314,15 @@ def _stage_folders(v: Variant) -> list[Path] | None:
     """The stage folders behind ``v`` (a merge: its inputs' chains); None when unknowable."""
     if v.kind == "base" or v.path is None:
         return []
-    if v.kind == "merged" or (v.path / LINEAGE_FILE).is_file() \
-            and _read_json(v.path / LINEAGE_FILE).get("kind") == "merge":
+    if (
+        v.kind == "merged"
+        or (v.path / LINEAGE_FILE).is_file()
+        and _read_json(v.path / LINEAGE_FILE).get("kind") == "merge"
+    ):
         raw = _read_json(v.path / LINEAGE_FILE)
-        inputs = [Path(str(a.get("path") if isinstance(a, dict) else a))
-                  for a in raw.get("adapters", [])]
+        inputs = [
+            Path(str(a.get("path") if isinstance(a, dict) else a)) for a in raw.get("adapters", [])
+        ]
         if not inputs or not all(is_adapter_dir(p) for p in inputs):
             return None
         return [f for p in inputs for f in _lineage_folders(p.resolve())]

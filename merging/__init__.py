@@ -6,7 +6,8 @@ Works on tensors and safetensors files only (no transformers import), so it is f
 from .adapters import LoraAdapter, load_adapter
 from .engine import MergeResult, get_method, merge, resolve_params
 from .errors import InputError, MergeInputError
-from .methods import METHODS, MergeMethod
+from .methods import MergeMethod
+from .registry import METHODS
 from .taskvectors import TaskVectors, build_task_vectors
 
 __all__ = [

@@ -133,7 +133,9 @@ class LoraAdapter:
         data_start, header = self._handle
         return read_stored(stored_entry(self.weights_file, data_start, header, key))
 
-    def factors(self, path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(
+        self, path: str, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, R)`` with L @ R the weight-shaped update of module ``path`` (scale in L)."""
         mod = self.modules[path]
         a = self.tensor(mod.key_a).to(dtype)
@@ -224,8 +226,9 @@ def _read_keys(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, tuple]
 
 def _has_lora(shapes: dict, base_layer_key: str) -> bool:
     module = base_layer_key[: -len(".base_layer.weight")]
-    return any(f"{module}.{which}" in shapes
-               for which in ("lora_A.weight", "lora_embedding_A", "lora_A"))
+    return any(
+        f"{module}.{which}" in shapes for which in ("lora_A.weight", "lora_embedding_A", "lora_A")
+    )
 
 
 def _safetensors_data_end(path: Path) -> int | None:
@@ -299,8 +302,15 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapt
         # weight shape: linear [out, in] = B[out,r] @ A[r,in]; transposed kinds store [in, out].
         shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
         modules[module] = LoraModule(
-            path=module, kind="embedding" if embedding else "linear", key_a=found[ka],
-            key_b=found[kb], rank=rank, alpha=alpha, scale=scale, transpose=transpose, shape=shape,
+            path=module,
+            kind="embedding" if embedding else "linear",
+            key_a=found[ka],
+            key_b=found[kb],
+            rank=rank,
+            alpha=alpha,
+            scale=scale,
+            transpose=transpose,
+            shape=shape,
         )
     if not modules and not saved:
         raise MergeInputError(f"{weights_file}: holds no LoRA tensors")

@@ -13,7 +13,7 @@ is a broken model. The evidence we compare, strongest first, per adapter (inputs
    Qwen-VL base and the other way round.
 
 No evidence (a bare ``base_model_name_or_path`` we cannot place) is no objection. The families
-are mirrored from ``training.families`` (merging never imports the training side).
+are mirrored from ``training.models.families`` (merging never imports the training side).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .names import VLM_MODEL_TYPES
 
 #: family → the config ``model_type`` its checkpoints carry (pixtral loads as llava)
 _FAMILY_MODEL_TYPE = {"pixtral": "llava"}
-#: hub-id patterns that name a family (training.families' ``hub_pattern``), most specific first
+#: hub-id patterns that name a family (training.models.families' ``hub_pattern``), most
+#: specific first
 _HUB_PATTERNS = (
     ("qwen2_5_vl", r"qwen2\.5-vl|qwen2_5_vl"),
     ("qwen3_vl", r"qwen3-vl|qwen3_vl"),
@@ -89,10 +90,10 @@ def check_base_identity(pool, ckpt: Checkpoint) -> None:
         if claimed is not None and base_type is not None and claimed != base_type:
             raise MergeInputError(
                 f"{adapter.path}: trained on a {claimed} model ({source}) but the base {ckpt.path} "
-                f"is a {base_type} model (pass --allow-base-mismatch if they are the same weights)"
+                f"is a {base_type} model (pass --allow-different-bases if they are the same weights)"
             )
         if _layout_conflict(adapter, VLM_MODEL_TYPES.get(base_type or "")):
             raise MergeInputError(
                 f"{adapter.path}: its keys are in the {adapter.stored_layout} layout but the base "
-                f"{ckpt.path} is a {base_type} model (pass --allow-base-mismatch if they are the same weights)"
+                f"{ckpt.path} is a {base_type} model (pass --allow-different-bases if they are the same weights)"
             )

@@ -29,10 +29,21 @@ class Stored(NamedTuple):
 
 
 _TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -51,7 +62,9 @@ def read_header(path: Path) -> tuple[int, dict]:
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise MergeInputError(f"{path}: not a readable safetensors header ({exc})") from exc
     if 8 + n + end != size:
-        raise MergeInputError(f"{path}: {size} bytes but its header indexes {8 + n + end} (truncated?)")
+        raise MergeInputError(
+            f"{path}: {size} bytes but its header indexes {8 + n + end} (truncated?)"
+        )
     return 8 + n, header
 
 
@@ -78,8 +91,10 @@ def read_stored(stored: Stored, buffer: torch.Tensor | None = None) -> torch.Ten
     for d in stored.shape:
         count *= d
     if count * dtype.itemsize != stored.length:
-        raise MergeInputError(f"{stored.file}: a tensor of shape {list(stored.shape)} and dtype "
-                              f"{stored.dtype} cannot take {stored.length} bytes")
+        raise MergeInputError(
+            f"{stored.file}: a tensor of shape {list(stored.shape)} and dtype "
+            f"{stored.dtype} cannot take {stored.length} bytes"
+        )
     if buffer is not None and buffer.numel() >= stored.length:
         buf = buffer[: stored.length]
     else:
@@ -134,7 +149,9 @@ class Checkpoint:
             except Exception as exc:
                 raise MergeInputError(f"{single}: not a readable safetensors file ({exc})") from exc
         if any(self.path.glob("*.bin")):
-            raise MergeInputError(f"{self.path}: only pickled .bin weights; save the base as safetensors")
+            raise MergeInputError(
+                f"{self.path}: only pickled .bin weights; save the base as safetensors"
+            )
         raise MergeInputError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
     @property
@@ -177,8 +194,9 @@ class Checkpoint:
         if entry is None:
             raise MergeInputError(f"{self.path / INDEX_FILE}: '{key}' is not in shard '{file}'")
         begin, end = entry["data_offsets"]
-        return Stored(self.path / file, data_start + begin, end - begin, entry["dtype"],
-                      tuple(entry["shape"]))
+        return Stored(
+            self.path / file, data_start + begin, end - begin, entry["dtype"], tuple(entry["shape"])
+        )
 
     def _header(self, file: str) -> tuple[int, dict]:
         if file not in self._headers:

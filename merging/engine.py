@@ -23,25 +23,31 @@ import torch
 
 from emomerge import __version__
 
+from . import streaming
+from .basecheck import check_base_identity
 from .checkpoint import Checkpoint
 from .errors import MergeInputError
 from .lowrank import REFACTORS, compress, concat, refactor, refactor_auto
-from .methods import METHODS, MergeMethod
+from .methods import MergeMethod
 from .names import from_canonical
-from .basecheck import check_base_identity
 from .output import MANIFEST, tied_head, write_adapter_output, write_full_output, write_json
 from .params import effective_gamma, resolve_params
 from .progress import Bar, phase
-from .safeout import atomic_folder, check_folder_target
+from .provenance import software
+from .registry import METHODS
+from .safeout import check_folder_target, output_folder
 from .serving import vllm_max_lora_rank, vllm_note
-from . import streaming
 from .spaces import SPACES
 from .taskvectors import TaskVectors, build_task_vectors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: dtypes the written weights may be stored in (``out_dtype``); merges are computed in DTYPES
-OUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-              "float16": torch.float16}
+OUT_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 OUTPUTS = ("adapter", "full")
 #: a re-factorised sparse merge whose mean relative error is above this gets a warning
 WARN_MEAN_ERROR = 0.10
@@ -58,7 +64,8 @@ class MergeResult:
         line = f"{m['method']}: {len(m['adapters'])} adapters, {m['n_modules']} modules → {self.out} ({m['output']})"
         if m["output"] == "adapter":
             line += f", rank {m['output_rank_max']}" + vllm_note(
-                m["output_rank_max"], modules_to_save=bool(m.get("modules_to_save")))
+                m["output_rank_max"], modules_to_save=bool(m.get("modules_to_save"))
+            )
         else:
             line += ", full weights: serve as a model of its own"
         if self.errors:
@@ -78,12 +85,18 @@ class MergeResult:
         the user chose). None otherwise."""
         m = self.manifest
         mean = m.get("errors", {}).get("mean", 0.0)
-        if (m.get("output") != "adapter" or not get_method(m["method"]).sparse
-                or m.get("max_error") is not None or mean <= WARN_MEAN_ERROR):
+        if (
+            m.get("output") != "adapter"
+            or not get_method(m["method"]).sparse
+            or m.get("max_error") is not None
+            or mean <= WARN_MEAN_ERROR
+        ):
             return None
         if m.get("recipe") is not None:
-            fix = ("emomerge.output: full (or --output full --base PATH: exact), a larger emomerge.rank, "
-                   "or emomerge.rank: auto with emomerge.max_error: E")
+            fix = (
+                "emomerge.output: full (or --output full --base PATH: exact), a larger emomerge.rank, "
+                "or emomerge.rank: auto with emomerge.max_error: E"
+            )
         else:
             fix = "--output full --base PATH (exact), a larger --rank, or --rank auto --max-error E"
         return (
@@ -94,7 +107,7 @@ class MergeResult:
 
 
 def _refactor_counts(how: dict[str, dict]) -> str:
-    """"12 by svd, 2 by projection, " — how the modules were re-factorised, most used first."""
+    """ "12 by svd, 2 by projection, " — how the modules were re-factorised, most used first."""
     counts = collections.Counter(info["refactor"] for info in how.values() if "refactor" in info)
     return "".join(f"{c} by {name}, " for name, c in counts.most_common())
 
@@ -118,11 +131,14 @@ def apply_method(
     """Run a registered method on ``deltas`` ``[n, *shape]`` with resolved parameters."""
     weights = torch.tensor(resolved["weight"], dtype=deltas.dtype)
     kwargs = {
-        ("lambda_" if k == "lambda" else k): v for k, v in resolved.items() if k not in ("weight", "space")
+        ("lambda_" if k == "lambda" else k): v
+        for k, v in resolved.items()
+        if k not in ("weight", "space")
     }
     if method.random:
         kwargs["generators"] = [
-            torch.Generator().manual_seed(derive_seed(seed, module, i)) for i in range(deltas.shape[0])
+            torch.Generator().manual_seed(derive_seed(seed, module, i))
+            for i in range(deltas.shape[0])
         ]
     return method.fn(deltas, weights, **kwargs)
 
@@ -142,8 +158,9 @@ class _MergeBar:
         self._bar = Bar()  # does nothing until add_task
 
     def add_task(self, description: str, total: int, module: str = "") -> int:
-        self._bar = self._stack.enter_context(phase(f"merge {description}", total,
-                                                    unit="modules", enabled=self._enabled))
+        self._bar = self._stack.enter_context(
+            phase(f"merge {description}", total, unit="modules", enabled=self._enabled)
+        )
         return 0
 
     def update(self, task: int, module: str) -> None:
@@ -165,10 +182,21 @@ _AHEAD = 6  # finished modules held for in-order output (one layer's worth)
 class _Merger:
     """Computes the merged update of one module at a time."""
 
-    def __init__(self, method: MergeMethod, tv: TaskVectors, params: dict, *, seed: int,
-                 dtype: torch.dtype, rank: int | None, saved_base: Checkpoint | None,
-                 names: dict[str, str], max_error: float | None = None,
-                 out_dtype: torch.dtype | None = None, refactor: str = "projection"):
+    def __init__(
+        self,
+        method: MergeMethod,
+        tv: TaskVectors,
+        params: dict,
+        *,
+        seed: int,
+        dtype: torch.dtype,
+        rank: int | None,
+        saved_base: Checkpoint | None,
+        names: dict[str, str],
+        max_error: float | None = None,
+        out_dtype: torch.dtype | None = None,
+        refactor: str = "projection",
+    ):
         self.method, self.tv = method, tv
         self.out_dtype = out_dtype  # None: the base's dtype (full), float32 (adapter factors)
         self.seed, self.dtype, self.rank = seed, dtype, rank
@@ -178,7 +206,9 @@ class _Merger:
         # fixed rank, streamed sparse merges: the joint-basis projection, or "best" (the better of
         # it and a truncated SVD of the dense merged block)
         self.refactor = refactor
-        self.refactored: dict[str, dict] = {}  # path → how it was re-factorised (lowrank/streaming info)
+        self.refactored: dict[
+            str, dict
+        ] = {}  # path → how it was re-factorised (lowrank/streaming info)
         self.saved_base = saved_base
         self.stream_workers: int | None = None  # None: all cores within a module
         # Parameters per module (mergekit filters match the tensor name, e.g. "...q_proj.weight"),
@@ -200,15 +230,21 @@ class _Merger:
         return back(merged)
 
     def _streamed(self, path: str) -> bool:
-        """Sparse methods on LoRA factors run block by block (merging/streaming.py)."""
-        return (not self._native(path) and self.method.sparse
-                and streaming.supports(self.method.name, self.table[path]))
+        """Sparse methods on LoRA factors run block by block (merging/streaming/)."""
+        return (
+            not self._native(path)
+            and self.method.sparse
+            and streaming.supports(self.method, self.table[path])
+        )
 
     def _stream_inputs(self, path: str):
         factors = [self.tv.lowrank(i, path, self.dtype) for i in range(self.tv.n)]
         gens = None
         if self.method.random:  # exactly the generators apply_method would build
-            gens = [torch.Generator().manual_seed(derive_seed(self.seed, path, i)) for i in range(self.tv.n)]
+            gens = [
+                torch.Generator().manual_seed(derive_seed(self.seed, path, i))
+                for i in range(self.tv.n)
+            ]
         return factors, gens
 
     def _native(self, path: str) -> bool:
@@ -232,17 +268,26 @@ class _Merger:
         coeffs = self.coeffs(path)
         if coeffs is not None:
             total = out if out is not None else torch.empty(self.tv.shapes[path], dtype=self.dtype)
-            terms = [(f[0], f[1], c) for i, c in enumerate(coeffs)
-                     if c != 0 and (f := self.tv.lowrank(i, path, self.dtype)) is not None]
+            terms = [
+                (f[0], f[1], c)
+                for i, c in enumerate(coeffs)
+                if c != 0 and (f := self.tv.lowrank(i, path, self.dtype)) is not None
+            ]
             if not terms:
                 return total.zero_()
             # one product of the concatenated factors: a single pass over the output
             return torch.mm(*concat(terms), out=total)
         if self._streamed(path):
             factors, gens = self._stream_inputs(path)
-            return streaming.merge_dense(self.method.name, factors, self.tv.shapes[path],
-                                         self.table[path], generators=gens, workers=self.stream_workers,
-                                         out=out)
+            return streaming.merge_dense(
+                self.method,
+                factors,
+                self.tv.shapes[path],
+                self.table[path],
+                generators=gens,
+                workers=self.stream_workers,
+                out=out,
+            )
         deltas = self.tv.stacked(path, self.dtype)
         return apply_method(self.method, deltas, self.table[path], seed=self.seed, module=path)
 
@@ -262,24 +307,39 @@ class _Merger:
                     terms.append((factors[0], factors[1], c))
             if not terms:
                 shape = self.tv.shapes[path]
-                return torch.zeros(shape[0], 1, dtype=self.dtype), torch.zeros(1, shape[1], dtype=self.dtype), None
+                return (
+                    torch.zeros(shape[0], 1, dtype=self.dtype),
+                    torch.zeros(1, shape[1], dtype=self.dtype),
+                    None,
+                )
             left, right = concat(terms)
             if self.rank is not None and self.rank < left.shape[1]:
                 return compress(left, right, self.rank)
             return left, right, None
         rank = self.rank or max(
             self.tv.pool[j].modules[path].rank
-            for combo in self.tv.combos for j in combo if path in self.tv.pool[j].modules
+            for combo in self.tv.combos
+            for j in combo
+            if path in self.tv.pool[j].modules
         )
         gen = torch.Generator().manual_seed(derive_seed(self.seed, path, -1))
         info: dict = {}
         self.refactored[path] = info
         if self._streamed(path):
             fs, gens = self._stream_inputs(path)
-            return streaming.merge_factors(self.method.name, fs, self.tv.shapes[path], self.table[path],
-                                           rank, generators=gens, refactor_generator=gen,
-                                           workers=self.stream_workers, max_error=self.max_error,
-                                           info=info, refactor=self.refactor)
+            return streaming.merge_factors(
+                self.method,
+                fs,
+                self.tv.shapes[path],
+                self.table[path],
+                rank,
+                generators=gens,
+                refactor_generator=gen,
+                workers=self.stream_workers,
+                max_error=self.max_error,
+                info=info,
+                refactor=self.refactor,
+            )
         if self.max_error is not None:
             return refactor_auto(self.dense(path), self.max_error, generator=gen, info=info)
         # no joint-basis projection here: the (randomized) SVD of the dense update, either choice
@@ -303,7 +363,8 @@ class _Merger:
                 todo = iter(paths)
                 pending = collections.deque(
                     (path, pool.submit(self.factors, path))
-                    for path in itertools.islice(todo, workers + _AHEAD))
+                    for path in itertools.islice(todo, workers + _AHEAD)
+                )
                 while pending:
                     path, future = pending.popleft()
                     result = future.result()
@@ -318,10 +379,14 @@ class _Merger:
         """Merged update of a ``modules_to_save`` tensor: τ_i = W_saved_i − W_base."""
         base_key = self.saved_base.canonical[name]
         base = self.saved_base.tensor(base_key).to(self.dtype)
-        deltas = torch.stack([
-            (a.tensor(a.saved[name]).to(self.dtype) - base) if name in a.saved else torch.zeros_like(base)
-            for a in self.tv.inputs
-        ])
+        deltas = torch.stack(
+            [
+                (a.tensor(a.saved[name]).to(self.dtype) - base)
+                if name in a.saved
+                else torch.zeros_like(base)
+                for a in self.tv.inputs
+            ]
+        )
         params = {**self.table[name], "space": "dense"}  # full tensors have no LoRA factors
         return apply_method(self.method, deltas, params, seed=self.seed, module=name)
 
@@ -368,7 +433,8 @@ def merge(
     ``out_dtype`` pair, so the exported YAML computes the same thing.
 
     ``force`` replaces an earlier emomerge output at ``out`` (never an input, never anything
-    else: ``safeout``); for compatibility it also implies ``allow_base_mismatch``. ``protect``:
+    else: ``safeout``) and means nothing else; ``allow_base_mismatch`` (the CLI's
+    ``--allow-different-bases``) merges adapters recorded on different bases. ``protect``:
     further files the command reads (a recipe), which ``out`` must not be.
     """
     m = get_method(method)
@@ -384,18 +450,23 @@ def merge(
     _check_rank(rank, max_error)
     _check_refactor(refactor, rank)
     if layout is not None and layout not in ("new", "qwen-legacy", "llava-legacy", "text"):
-        raise MergeInputError(f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}")
+        raise MergeInputError(
+            f"--layout must be new, qwen-legacy, llava-legacy or text, got {layout!r}"
+        )
     out = Path(out)
     given_inputs = [*adapters, *([base] if base is not None else []), *protect]
     check_folder_target(out, given_inputs, force=force)
-    allow_base_mismatch = allow_base_mismatch or force
     if output == "full" and base is None:
         raise MergeInputError("--output full needs --base PATH (the base model folder)")
     resolved = resolve_params(m, len(adapters), params)  # names and ranges, before any I/O
     ckpt = Checkpoint(base) if base is not None else None
     tv = build_task_vectors(
-        list(adapters), reference=reference, allow_pickle=allow_pickle, force=allow_base_mismatch,
-        base_flavour=ckpt.vlm_flavour if ckpt else None, allow_lineage_mismatch=allow_lineage_mismatch,
+        list(adapters),
+        reference=reference,
+        allow_pickle=allow_pickle,
+        allow_base_mismatch=allow_base_mismatch,
+        base_flavour=ckpt.vlm_flavour if ckpt else None,
+        allow_lineage_mismatch=allow_lineage_mismatch,
     )
     saved = sorted({name for a in tv.inputs for name in a.saved})
     if saved:
@@ -406,14 +477,25 @@ def merge(
         check_against_base(tv, ckpt, saved)
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
     auto = rank == "auto"
-    merger = _Merger(m, tv, params, seed=seed, dtype=DTYPES[dtype], rank=None if auto else rank,
-                     saved_base=ckpt, names=names, max_error=max_error if auto else None,
-                     out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None, refactor=refactor)
+    merger = _Merger(
+        m,
+        tv,
+        params,
+        seed=seed,
+        dtype=DTYPES[dtype],
+        rank=None if auto else rank,
+        saved_base=ckpt,
+        names=names,
+        max_error=max_error if auto else None,
+        out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None,
+        refactor=refactor,
+    )
 
     started = _dt.datetime.now(_dt.timezone.utc)
     manifest: dict[str, Any] = {
         "kind": "merge",
         "emomerge_version": __version__,
+        "software": software(),  # versions and git_dirty (DESIGN.md, Outputs)
         "method": m.name,
         "params": resolved,
         "params_given": params,
@@ -426,12 +508,11 @@ def merge(
         "dtype": dtype,
         "out_dtype": out_dtype,
         "adapters": [_describe(a) for a in tv.inputs],
-        "ancestors": [_describe(a) for a in tv.pool[tv.n:]],
-        "task_vectors": [
-            {tv.pool[j].name: c for j, c in combo.items()} for combo in tv.combos
-        ],
-        "base": None if ckpt is None else {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint(),
-                                           "layout": ckpt.layout},
+        "ancestors": [_describe(a) for a in tv.pool[tv.n :]],
+        "task_vectors": [{tv.pool[j].name: c for j, c in combo.items()} for combo in tv.combos],
+        "base": None
+        if ckpt is None
+        else {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint(), "layout": ckpt.layout},
         "n_modules": len(tv.modules),
         "recipe": recipe,
         "allow_base_mismatch": allow_base_mismatch,
@@ -445,11 +526,15 @@ def merge(
         manifest["gamma_effective"] = effective_gamma(resolved)
     inputs = [*given_inputs, *(a.path for a in tv.pool)]
     needed = _needed_bytes(tv, ckpt, saved, output, rank)
-    with atomic_folder(out, force=force, inputs=inputs, needed_bytes=needed) as tmp, \
-            _progress(progress) as bar:
+    with (
+        output_folder(out, force=force, inputs=inputs, needed_bytes=needed) as tmp,
+        _progress(progress) as bar,
+    ):
         task = bar.add_task(f"{m.name}", total=len(tv.modules) + len(saved), module="")
         if output == "adapter":
-            errors, out_layout, ranks = write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task)
+            errors, out_layout, ranks = write_adapter_output(
+                tmp, merger, tv, saved, ckpt, layout, bar, task
+            )
             manifest["layout"] = out_layout
             manifest["output_rank_max"] = max(ranks.values(), default=0)
             manifest["vllm_max_lora_rank"] = vllm_max_lora_rank(manifest["output_rank_max"])
@@ -465,31 +550,40 @@ def merge(
                 # --refactor best also the projection's own error (projection_error)
                 manifest["refactor"] = {
                     from_canonical(path, out_layout): merger.refactored[path]
-                    for path in tv.modules if path in merger.refactored
+                    for path in tv.modules
+                    if path in merger.refactored
                 }
         else:
             errors = {}
-            manifest["untied_lm_head"] = write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task)
+            manifest["untied_lm_head"] = write_full_output(
+                tmp, merger, tv, saved, ckpt, max_shard_size, bar, task
+            )
             manifest["layout"] = ckpt.layout
         manifest["errors"] = {
             "relative_frobenius": errors,
             "max": max(errors.values(), default=0.0),
             "mean": sum(errors.values()) / len(errors) if errors else 0.0,
         }
-        manifest["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3)
+        manifest["seconds"] = round(
+            (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3
+        )
         write_json(tmp / MANIFEST, manifest)
     return MergeResult(out=out, manifest=manifest, errors=errors)
 
 
-def _needed_bytes(tv: TaskVectors, ckpt: Checkpoint | None, saved: list[str], output: str,
-                  rank: int | str | None) -> int:
+def _needed_bytes(
+    tv: TaskVectors, ckpt: Checkpoint | None, saved: list[str], output: str, rank: int | str | None
+) -> int:
     """About how many bytes the output takes (for the message when the disk is full)."""
     if output == "full" and ckpt is not None:
         return sum(ckpt.stored(key).length for file in ckpt.files() for key in ckpt.keys_in(file))
     total = sum(ckpt.stored(ckpt.canonical[name]).length for name in saved) if ckpt else 0
     for path, (rows, cols) in tv.shapes.items():
-        r = rank if isinstance(rank, int) else sum(
-            a.modules[path].rank for a in tv.pool if path in a.modules)
+        r = (
+            rank
+            if isinstance(rank, int)
+            else sum(a.modules[path].rank for a in tv.pool if path in a.modules)
+        )
         total += 4 * r * (rows + cols)
     return total
 
@@ -506,9 +600,13 @@ def _check_rank(rank: int | str | None, max_error: float | None) -> None:
         raise MergeInputError(f"--rank must be a positive integer, got {rank}")
     if max_error is not None:
         if rank != "auto":
-            raise MergeInputError("--max-error needs --rank auto (with a fixed --rank the error is only reported)")
-        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not (
-            math.isfinite(max_error) and 0 < max_error < 1
+            raise MergeInputError(
+                "--max-error needs --rank auto (with a fixed --rank the error is only reported)"
+            )
+        if (
+            isinstance(max_error, bool)
+            or not isinstance(max_error, (int, float))
+            or not (math.isfinite(max_error) and 0 < max_error < 1)
         ):
             raise MergeInputError(f"--max-error must be a number in (0, 1), got {max_error!r}")
 
@@ -531,7 +629,8 @@ def _describe(adapter) -> dict:
         "sha256": adapter.sha256,
         # the LoRA scale lives in the config: exact evaluation re-checks it (merging/updates.py)
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()
-        if config.is_file() else None,
+        if config.is_file()
+        else None,
         "base": adapter.base_name,
         "layout": adapter.layout,
         "stage": meta.stage if meta else None,
@@ -546,7 +645,7 @@ def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> 
             f"{owner.weights_file}: has full modules_to_save tensors ({', '.join(saved[:3])}); "
             "their task vectors need the base weights: pass --base PATH"
         )
-    if any(a.saved for a in tv.pool[tv.n:]) or any(
+    if any(a.saved for a in tv.pool[tv.n :]) or any(
         len(combo) > 1 and any(tv.pool[j].saved for j in combo) for combo in tv.combos
     ):
         raise MergeInputError(
@@ -554,7 +653,9 @@ def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> 
         )
     for name in saved:
         if name not in ckpt.canonical:
-            raise MergeInputError(f"{owner.weights_file}: saved tensor '{name}' is not in the base {ckpt.path}")
+            raise MergeInputError(
+                f"{owner.weights_file}: saved tensor '{name}' is not in the base {ckpt.path}"
+            )
 
 
 def check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:

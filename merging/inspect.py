@@ -20,13 +20,20 @@ def output_ranks(tv: TaskVectors) -> dict:
     methods re-factorise to the largest input rank (their default ``--rank``)."""
     exact = sparse = 0
     for path in tv.modules:
-        terms = [tv.pool[j].modules[path].rank for combo in tv.combos for j in combo
-                 if path in tv.pool[j].modules]
+        terms = [
+            tv.pool[j].modules[path].rank
+            for combo in tv.combos
+            for j in combo
+            if path in tv.pool[j].modules
+        ]
         exact, sparse = max(exact, sum(terms)), max(sparse, max(terms, default=0))
     return {
-        "exact_linear": exact, "sparse_default": sparse,
-        "vllm_max_lora_rank": {"exact_linear": vllm_max_lora_rank(exact),
-                               "sparse_default": vllm_max_lora_rank(sparse)},
+        "exact_linear": exact,
+        "sparse_default": sparse,
+        "vllm_max_lora_rank": {
+            "exact_linear": vllm_max_lora_rank(exact),
+            "sparse_default": vllm_max_lora_rank(sparse),
+        },
     }
 
 
@@ -55,13 +62,23 @@ def _inner(f1, f2) -> float:
     return float(torch.trace((l1.T @ l2) @ (r2 @ r1.T)))
 
 
-def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force: bool = False,
-                     allow_pickle: bool = False) -> dict:
+def inspect_adapters(
+    paths: list[str | Path],
+    *,
+    reference: str = "base",
+    allow_base_mismatch: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
     """A JSON-ready report: per adapter base, layout, modules, ranks, scales, norms, lineage;
     pairwise cosine similarities of the task vectors."""
     # a changed lineage parent is shown, not refused: inspect is where one looks for it
-    tv = build_task_vectors(list(paths), reference=reference, force=force, allow_pickle=allow_pickle,
-                            allow_lineage_mismatch=True)
+    tv = build_task_vectors(
+        list(paths),
+        reference=reference,
+        allow_pickle=allow_pickle,
+        allow_base_mismatch=allow_base_mismatch,
+        allow_lineage_mismatch=True,
+    )
     changed = {m["child"] for m in tv.lineage_mismatches}
     n = tv.n
     gram = torch.zeros(n, n, dtype=torch.float64)
@@ -79,34 +96,49 @@ def inspect_adapters(paths: list[str | Path], *, reference: str = "base", force:
                 if i != j:
                     gram[j, i] += value
                 else:
-                    per_module_norms[i][path] = value ** 0.5
+                    per_module_norms[i][path] = value**0.5
     norms = gram.diagonal().clamp_min(0).sqrt()
     cosine = gram / torch.outer(norms, norms).clamp_min(1e-300)
-    report = {"reference": reference, "adapters": [], "cosine": cosine.tolist(),
-              "lineage_mismatches": tv.lineage_mismatches, "lineage_assumed": tv.lineage_assumed,
-              "lineage_missing": tv.lineage_missing, "output_rank": output_ranks(tv)}
+    report = {
+        "reference": reference,
+        "adapters": [],
+        "cosine": cosine.tolist(),
+        "lineage_mismatches": tv.lineage_mismatches,
+        "lineage_assumed": tv.lineage_assumed,
+        "lineage_missing": tv.lineage_missing,
+        "output_rank": output_ranks(tv),
+    }
     for i, adapter in enumerate(tv.inputs):
         ranks = sorted({m.rank for m in adapter.modules.values()})
         scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
         meta = adapter.metadata
         top = sorted(per_module_norms[i].items(), key=lambda kv: -kv[1])[:3]
-        report["adapters"].append({
-            "path": str(adapter.path),
-            "base": adapter.base_name,
-            "layout": adapter.layout,
-            "modules": len(adapter.modules),
-            "saved_tensors": sorted(adapter.saved),
-            "ranks": ranks,
-            "scales": scales,
-            "rslora": bool(adapter.config.get("use_rslora")),
-            "task_vector_norm": float(norms[i]),
-            "largest_modules": [{"module": k, "norm": v} for k, v in top],
-            "lineage": None if meta is None else {
-                "stage": meta.stage, "mode": meta.lineage.mode, "parent": meta.lineage.parent,
-                # False: the parent on disk is not the one this adapter was trained on
-                "parent_sha256_ok": (None if not meta.lineage.parent_sha256 or meta.lineage.mode is None
-                                     else str(adapter.path) not in changed),
-            },
-            "task_vector": {tv.pool[j].name: c for j, c in tv.combos[i].items()},
-        })
+        report["adapters"].append(
+            {
+                "path": str(adapter.path),
+                "base": adapter.base_name,
+                "layout": adapter.layout,
+                "modules": len(adapter.modules),
+                "saved_tensors": sorted(adapter.saved),
+                "ranks": ranks,
+                "scales": scales,
+                "rslora": bool(adapter.config.get("use_rslora")),
+                "task_vector_norm": float(norms[i]),
+                "largest_modules": [{"module": k, "norm": v} for k, v in top],
+                "lineage": None
+                if meta is None
+                else {
+                    "stage": meta.stage,
+                    "mode": meta.lineage.mode,
+                    "parent": meta.lineage.parent,
+                    # False: the parent on disk is not the one this adapter was trained on
+                    "parent_sha256_ok": (
+                        None
+                        if not meta.lineage.parent_sha256 or meta.lineage.mode is None
+                        else str(adapter.path) not in changed
+                    ),
+                },
+                "task_vector": {tv.pool[j].name: c for j, c in tv.combos[i].items()},
+            }
+        )
     return report

@@ -1,4 +1,4 @@
-"""Fused element-wise kernels of the streamed merge (``streaming.py``), compiled with numba.
+"""Fused element-wise kernels of the streamed merge (``streaming/``), compiled with numba.
 
 Eager torch spends ~15 passes over every row block (abs, compares writing bool, counts,
 ``nonzero``, hardshrink, sums, sign election, divisor): ~10 ns per τ element, op-bound, not
@@ -22,8 +22,43 @@ from numba import njit
 _JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath=False, error_model="numpy")
 
 
-_DEBRUIJN = np.array([0, 1, 28, 2, 29, 14, 24, 3, 30, 22, 20, 15, 25, 17, 4, 8,
-                      31, 27, 13, 23, 21, 19, 16, 7, 26, 12, 18, 6, 11, 5, 10, 9], dtype=np.int64)
+_DEBRUIJN = np.array(
+    [
+        0,
+        1,
+        28,
+        2,
+        29,
+        14,
+        24,
+        3,
+        30,
+        22,
+        20,
+        15,
+        25,
+        17,
+        4,
+        8,
+        31,
+        27,
+        13,
+        23,
+        21,
+        19,
+        16,
+        7,
+        26,
+        12,
+        18,
+        6,
+        11,
+        5,
+        10,
+        9,
+    ],
+    dtype=np.int64,
+)
 
 
 _DB64 = np.uint64(0x03F79D71B4CB0A89)
@@ -101,7 +136,9 @@ def _scan_row(row, lo, hi, vals, vrow, index, pos, flat0, union):  # pragma: no 
 
 
 @njit(**_JIT)
-def bracket_count(y, rows, lo, hi, vals, index, pos, base, sums, union):  # pragma: no cover - jitted
+def bracket_count(
+    y, rows, lo, hi, vals, index, pos, base, sums, union
+):  # pragma: no cover - jitted
     """Over the first ``rows`` rows of ``y``: count |y| > hi, append every lo ≤ |y| ≤ hi to
     ``vals[0]``/``index[0]`` (flat index = ``base`` + row-major position) from ``pos`` on.
 
@@ -127,7 +164,9 @@ def bracket_count(y, rows, lo, hi, vals, index, pos, base, sums, union):  # prag
 
 
 @njit(**_JIT)
-def select(y, rows, mode, keep_t, drop_t, keep_ties, drop_ties, mask, c1, use_c1, c2, use_c2):  # pragma: no cover
+def select(
+    y, rows, mode, keep_t, drop_t, keep_ties, drop_ties, mask, c1, use_c1, c2, use_c2
+):  # pragma: no cover
     """Sparsify the first ``rows`` rows of ``y`` in place, then multiply by ``c1``, ``c2``.
 
     ``mode`` 0: keep everything; 1 (top-k): keep |y| > keep_t (``hardshrink``); 2 (band,
@@ -181,7 +220,9 @@ def _constants(dtype):  # pragma: no cover - jitted
 
 
 @njit(**_JIT)
-def _consensus_row(ys, i, o, w, normalize, positive, lam, use_lam, c, sign, acc, div):  # pragma: no cover
+def _consensus_row(
+    ys, i, o, w, normalize, positive, lam, use_lam, c, sign, acc, div
+):  # pragma: no cover
     """Row ``i`` of ``consensus`` into ``o``; one pass over the columns for up to 4 adapters
     (absent ones read as +0 with weight 0: adding +0 changes no sum)."""
     k = ys.shape[0]
@@ -208,8 +249,10 @@ def _consensus_row(ys, i, o, w, normalize, positive, lam, use_lam, c, sign, acc,
             z3 = z3 if z3 > zero else zero
             v = (((z0 + z1) + z2) + z3) * sg
             if normalize:
-                d = (((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
-                     + (w2 if z2 > zero else zero)) + (w3 if z3 > zero else zero)
+                d = (
+                    ((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
+                    + (w2 if z2 > zero else zero)
+                ) + (w3 if z3 > zero else zero)
                 if positive:
                     d = d if d > tiny else tiny
                 else:
@@ -259,7 +302,9 @@ def _consensus_row(ys, i, o, w, normalize, positive, lam, use_lam, c, sign, acc,
 
 
 @njit(**_JIT)
-def consensus(ys, rows, out, w, normalize, positive, lam, use_lam, sign, acc, div):  # pragma: no cover
+def consensus(
+    ys, rows, out, w, normalize, positive, lam, use_lam, sign, acc, div
+):  # pragma: no cover
     """TIES' sign election and disjoint mix of ``ys[:, :rows]`` (sparsified, weighted) into
     ``out[:rows]``, as ``methods.sign_consensus`` + ``methods.mix`` compute it on the stack:
 
@@ -274,8 +319,27 @@ def consensus(ys, rows, out, w, normalize, positive, lam, use_lam, sign, acc, di
 
 
 @njit(**_JIT)
-def _tally_mix4(ys, rows, base, lo, hi, keep_t, above, unc_idx, unc_raw, unc_pos, flags, out, w,
-                normalize, positive, lam, use_lam, c, sign):  # pragma: no cover - jitted
+def _tally_mix4(
+    ys,
+    rows,
+    base,
+    lo,
+    hi,
+    keep_t,
+    above,
+    unc_idx,
+    unc_raw,
+    unc_pos,
+    flags,
+    out,
+    w,
+    normalize,
+    positive,
+    lam,
+    use_lam,
+    c,
+    sign,
+):  # pragma: no cover - jitted
     """``tally_mix`` for up to 4 unit-weight adapters (see there)."""
     k = ys.shape[0]
     n = ys.shape[2]
@@ -284,8 +348,9 @@ def _tally_mix4(ys, rows, base, lo, hi, keep_t, above, unc_idx, unc_raw, unc_pos
     ones = np.uint64(0x0101010101010101)
     s3, s58 = np.uint64(3), np.uint64(58)
     for i in range(rows):
-        _tally_trim_row4(ys, i, lo, hi, keep_t, out[i], w, normalize, positive, lam, use_lam, c,
-                         sign, flags)
+        _tally_trim_row4(
+            ys, i, lo, hi, keep_t, out[i], w, normalize, positive, lam, use_lam, c, sign, flags
+        )
         for a in range(k):
             above[a] += _count_bits(words, a + 1)
         q = unc_pos[0]
@@ -304,8 +369,32 @@ def _tally_mix4(ys, rows, base, lo, hi, keep_t, above, unc_idx, unc_raw, unc_pos
 
 
 @njit(**_JIT)
-def tally_mix(ys, rows, base, lo, hi, active, keep_t, c2, use_c2, above, unc_idx, unc_raw, unc_pos,
-              union, flags, out, w, normalize, positive, lam, use_lam, sign, acc, div):  # pragma: no cover
+def tally_mix(
+    ys,
+    rows,
+    base,
+    lo,
+    hi,
+    active,
+    keep_t,
+    c2,
+    use_c2,
+    above,
+    unc_idx,
+    unc_raw,
+    unc_pos,
+    union,
+    flags,
+    out,
+    w,
+    normalize,
+    positive,
+    lam,
+    use_lam,
+    sign,
+    acc,
+    div,
+):  # pragma: no cover
     """The single pass of plain TIES over a block of raw products ``ys[:, :rows]``, row by row
     while the row is in cache:
 
@@ -335,8 +424,27 @@ def tally_mix(ys, rows, base, lo, hi, active, keep_t, c2, use_c2, above, unc_idx
     n_chunks = (n + 31) // 32
     no_vals, no_index = np.empty((1, 0), ys.dtype), np.empty((1, 0), np.int64)  # count only
     if k <= 4 and not use_c2.any():
-        _tally_mix4(ys, rows, base, lo, hi, keep_t, above, unc_idx, unc_raw, unc_pos, flags, out, w,
-                    normalize, positive, lam, use_lam, c, sign)
+        _tally_mix4(
+            ys,
+            rows,
+            base,
+            lo,
+            hi,
+            keep_t,
+            above,
+            unc_idx,
+            unc_raw,
+            unc_pos,
+            flags,
+            out,
+            w,
+            normalize,
+            positive,
+            lam,
+            use_lam,
+            c,
+            sign,
+        )
         return
     for i in range(rows):
         for t in range(n_chunks):
@@ -344,7 +452,9 @@ def tally_mix(ys, rows, base, lo, hi, active, keep_t, c2, use_c2, above, unc_idx
         hits = 0
         for a in range(k):
             if active[a]:
-                got, p = _scan_row(ys[a, i], lo[a], hi[a], no_vals, 0, no_index, 0, base + i * n, union)
+                got, p = _scan_row(
+                    ys[a, i], lo[a], hi[a], no_vals, 0, no_index, 0, base + i * n, union
+                )
                 hits += p
                 above[a] += got
         if hits:
@@ -361,7 +471,9 @@ def tally_mix(ys, rows, base, lo, hi, active, keep_t, c2, use_c2, above, unc_idx
                     q += 1
             unc_pos[0] = q
         if k <= 4 and not use_c2.any():
-            _trim_consensus_row4(ys, i, keep_t, out[i], w, normalize, positive, lam, use_lam, c, sign)
+            _trim_consensus_row4(
+                ys, i, keep_t, out[i], w, normalize, positive, lam, use_lam, c, sign
+            )
             continue
         for a in range(k):
             row = ys[a, i]
@@ -377,8 +489,9 @@ def tally_mix(ys, rows, base, lo, hi, active, keep_t, c2, use_c2, above, unc_idx
 
 
 @njit(**_JIT)
-def _tally_trim_row4(ys, i, lo, hi, keep_t, o, w, normalize, positive, lam, use_lam, c, zrow,
-                     flags):  # pragma: no cover - jitted
+def _tally_trim_row4(
+    ys, i, lo, hi, keep_t, o, w, normalize, positive, lam, use_lam, c, zrow, flags
+):  # pragma: no cover - jitted
     """``_trim_consensus_row4`` of row ``i`` fused with its tally, written to ``flags[j]`` as bits:
     bit 0 where some adapter's |y_a| lies in [lo[a], hi[a]], bit 1 + a where |y_a| > hi[a]
     (inactive adapters have lo = hi = inf: never). A byte per entry keeps the loop vectorised
@@ -413,10 +526,18 @@ def _tally_trim_row4(ys, i, lo, hi, keep_t, o, w, normalize, positive, lam, use_
     for j in range(n):
         a0, a1, a2, a3 = y0[j], y1[j], y2[j], y3[j]
         b0, b1, b2, b3 = abs(a0), abs(a1), abs(a2), abs(a3)
-        flags[j] = ((((b0 >= l0) & (b0 <= h0)) | ((b1 >= l1) & (b1 <= h1))
-                     | ((b2 >= l2) & (b2 <= h2)) | ((b3 >= l3) & (b3 <= h3)))
-                    | (np.uint8(b0 > h0) << 1) | (np.uint8(b1 > h1) << 2)
-                    | (np.uint8(b2 > h2) << 3) | (np.uint8(b3 > h3) << 4))
+        flags[j] = (
+            (
+                ((b0 >= l0) & (b0 <= h0))
+                | ((b1 >= l1) & (b1 <= h1))
+                | ((b2 >= l2) & (b2 <= h2))
+                | ((b3 >= l3) & (b3 <= h3))
+            )
+            | (np.uint8(b0 > h0) << 1)
+            | (np.uint8(b1 > h1) << 2)
+            | (np.uint8(b2 > h2) << 3)
+            | (np.uint8(b3 > h3) << 4)
+        )
         a0 = a0 if b0 > t0 else zero
         a1 = a1 if b1 > t1 else zero
         a2 = a2 if b2 > t2 else zero
@@ -429,8 +550,10 @@ def _tally_trim_row4(ys, i, lo, hi, keep_t, o, w, normalize, positive, lam, use_
         z3 = z3 if z3 > zero else zero
         v = (((z0 + z1) + z2) + z3) * sg
         if normalize:
-            d = (((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
-                 + (w2 if z2 > zero else zero)) + (w3 if z3 > zero else zero)
+            d = (
+                ((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
+                + (w2 if z2 > zero else zero)
+            ) + (w3 if z3 > zero else zero)
             if positive:
                 d = d if d > tiny else tiny
             else:
@@ -442,7 +565,9 @@ def _tally_trim_row4(ys, i, lo, hi, keep_t, o, w, normalize, positive, lam, use_
 
 
 @njit(**_JIT)
-def _trim_consensus_row4(ys, i, keep_t, o, w, normalize, positive, lam, use_lam, c, zrow):  # pragma: no cover
+def _trim_consensus_row4(
+    ys, i, keep_t, o, w, normalize, positive, lam, use_lam, c, zrow
+):  # pragma: no cover
     """``select`` mode 1 then ``_consensus_row`` for ≤ 4 unit-weight adapters, fused in
     registers: the same operations in the same order, without writing the trimmed rows back
     (a per-adapter weight test inside the loop would stop vectorisation: weighted merges take
@@ -478,8 +603,10 @@ def _trim_consensus_row4(ys, i, keep_t, o, w, normalize, positive, lam, use_lam,
         z3 = z3 if z3 > zero else zero
         v = (((z0 + z1) + z2) + z3) * sg
         if normalize:
-            d = (((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
-                 + (w2 if z2 > zero else zero)) + (w3 if z3 > zero else zero)
+            d = (
+                ((w0 if z0 > zero else zero) + (w1 if z1 > zero else zero))
+                + (w2 if z2 > zero else zero)
+            ) + (w3 if z3 > zero else zero)
             if positive:
                 d = d if d > tiny else tiny
             else:
@@ -491,7 +618,9 @@ def _trim_consensus_row4(ys, i, keep_t, o, w, normalize, positive, lam, use_lam,
 
 
 @njit(**_JIT)
-def decisions_differ(raw, index, count, provisional_t, exact_t, active, raw_out, index_out):  # pragma: no cover
+def decisions_differ(
+    raw, index, count, provisional_t, exact_t, active, raw_out, index_out
+):  # pragma: no cover
     """The positions p < ``count`` where some ``active`` adapter a's trimming of ``raw[a, p]``
     may differ between the provisional plan (keep |v| > provisional_t[a]) and the exact one
     (keep |v| > exact_t[a], or |v| = exact_t[a] for a kept tie): |v| on different sides of the

@@ -1,7 +1,7 @@
 """Lineage metadata: the ``emomerge.json`` written beside every stage adapter.
 
 The training module writes it, the merging core reads it to turn stage adapters into task
-vectors relative to the chosen reference (docs/DESIGN.md, "Lineage" and "Task vector").
+vectors relative to the chosen reference (docs/DESIGN.md, Words: "Lineage" and "Task vector").
 
 - ``continued``: the same LoRA kept training, so the adapter's ΔW is cumulative from the base.
 - ``stacked``: the parent adapter was folded into the base and a fresh LoRA trained on top, so the
@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import MergeInputError
+from .config import Strict, load_json, validate
 
 LINEAGE_FILE = "emomerge.json"
 
@@ -36,9 +36,7 @@ class BaseIdentity(BaseModel):
     family: str | None = None
 
 
-class Lineage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Lineage(Strict):
     mode: Literal["continued", "stacked"] | None = None
     #: The parent stage adapter's folder, relative to this adapter's folder (or absolute).
     parent: str | None = None
@@ -64,24 +62,17 @@ class StageMetadata(BaseModel):
 
 
 def read_stage_metadata(adapter_dir: str | Path) -> StageMetadata | None:
-    """Read ``emomerge.json`` of a stage adapter; ``None`` when absent or a merge manifest."""
+    """Read ``emomerge.json`` of a stage adapter; ``None`` when absent or a merge manifest.
+
+    Read and refused as every settings file is (DESIGN.md, Configuration): the file is written
+    by training or ``emomerge lineage set``, but may be edited or copied by hand."""
     path = Path(adapter_dir) / LINEAGE_FILE
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeInputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{path}: expected a JSON object")
+    raw = load_json(path, what="lineage file")
     if raw.get("kind", "stage_adapter") != "stage_adapter":
         return None
-    try:
-        return StageMetadata.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise MergeInputError(f"{path}: key '{loc}': {first['msg']}") from exc
+    return validate(StageMetadata, raw, path)
 
 
 def write_stage_metadata(adapter_dir: str | Path, meta: StageMetadata) -> Path:

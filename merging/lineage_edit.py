@@ -19,6 +19,8 @@ from typing import Any
 from emomerge import __version__
 
 from .adapters import load_adapter
+from .atomic import atomic_file
+from .config import validate
 from .errors import MergeInputError
 from .lineage import (
     LINEAGE_FILE,
@@ -28,7 +30,6 @@ from .lineage import (
     read_stage_metadata,
     resolve_parent,
 )
-from .safeout import write_file_atomic
 
 #: the ``lineage_recorded_by`` mark of a lineage written by ``emomerge lineage set``
 RECORDED_BY = "emomerge lineage set"
@@ -42,8 +43,14 @@ def _raw(adapter: Path) -> dict | None:
     return read_manifest(adapter)
 
 
-def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = None,
-                force: bool = False, allow_pickle: bool = False) -> dict:
+def set_lineage(
+    adapter: str | Path,
+    *,
+    mode: str,
+    parent: str | Path | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
     """Write ``adapter/emomerge.json`` saying it was trained from ``parent`` in ``mode``
     (``parent`` None: a first stage trained on the base). Returns the written document.
 
@@ -76,8 +83,11 @@ def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = N
             raise MergeInputError(f"{parent}: --parent is the adapter itself")
         parent_lora = load_adapter(parent_dir, allow_pickle=allow_pickle)
         _check_no_cycle(adapter.resolve(), parent_dir.resolve())
-        lineage = Lineage(mode=mode, parent=os.path.relpath(parent_dir.resolve(), adapter.resolve()),
-                          parent_sha256=parent_lora.sha256)
+        lineage = Lineage(
+            mode=mode,
+            parent=os.path.relpath(parent_dir.resolve(), adapter.resolve()),
+            parent_sha256=parent_lora.sha256,
+        )
     if raw is not None and raw.get("kind", "stage_adapter") == "stage_adapter":
         doc: dict[str, Any] = dict(raw)
         previous = doc.get("lineage")
@@ -86,15 +96,19 @@ def set_lineage(adapter: str | Path, *, mode: str, parent: str | Path | None = N
             doc["lineage_replaced"] = previous  # what training had recorded (--force)
     else:
         base = lora.config.get("base_model_name_or_path")
-        meta = StageMetadata(emomerge_version=__version__, stage=adapter.resolve().name,
-                             lineage=lineage,
-                             base=BaseIdentity(name_or_path=base) if base else None)
+        meta = StageMetadata(
+            emomerge_version=__version__,
+            stage=adapter.resolve().name,
+            lineage=lineage,
+            base=BaseIdentity(name_or_path=base) if base else None,
+        )
         doc = meta.model_dump(mode="json", exclude_none=True)
         doc["lineage"] = lineage.model_dump(mode="json")
     doc["lineage_recorded_by"] = RECORDED_BY
     doc["lineage_recorded"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    StageMetadata.model_validate(doc)  # what readers will accept
-    write_file_atomic(where, json.dumps(doc, indent=2) + "\n")
+    validate(StageMetadata, doc, where)  # what readers will accept (DESIGN.md, Configuration)
+    with atomic_file(where) as fh:
+        fh.write(json.dumps(doc, indent=2) + "\n")
     return doc
 
 
@@ -126,23 +140,36 @@ def show_lineage(adapter: str | Path) -> dict:
         meta = read_stage_metadata(current)
         entry: dict[str, Any] = {"adapter": str(current), "stage": meta.stage if meta else None}
         if raw is not None and raw.get("kind", "stage_adapter") != "stage_adapter":
-            entry.update(recorded_by=None, mode=None, parent=None,
-                         note=f"kind '{raw.get('kind')}': a merge/run output, no lineage")
+            entry.update(
+                recorded_by=None,
+                mode=None,
+                parent=None,
+                note=f"kind '{raw.get('kind')}': a merge/run output, no lineage",
+            )
             chain.append(entry)
             break
         if meta is None:
-            entry.update(recorded_by=None, mode=None, parent=None,
-                         note="no emomerge.json: merged as an independent update of the base")
+            entry.update(
+                recorded_by=None,
+                mode=None,
+                parent=None,
+                note="no emomerge.json: merged as an independent update of the base",
+            )
             chain.append(entry)
             break
         parent = resolve_parent(current, meta)
-        entry.update(recorded_by=(raw or {}).get("lineage_recorded_by") or "training",
-                     mode=meta.lineage.mode, parent=meta.lineage.parent,
-                     parent_sha256=meta.lineage.parent_sha256)
+        entry.update(
+            recorded_by=(raw or {}).get("lineage_recorded_by") or "training",
+            mode=meta.lineage.mode,
+            parent=meta.lineage.parent,
+            parent_sha256=meta.lineage.parent_sha256,
+        )
         if parent is not None:
             entry["parent_on_disk"] = parent.is_dir()
             if parent.is_dir() and meta.lineage.parent_sha256:
-                entry["parent_sha256_ok"] = load_adapter(parent).sha256 == meta.lineage.parent_sha256
+                entry["parent_sha256_ok"] = (
+                    load_adapter(parent).sha256 == meta.lineage.parent_sha256
+                )
         chain.append(entry)
         current = parent if parent is not None and parent.is_dir() else None
     return {"adapter": str(adapter), "chain": chain}

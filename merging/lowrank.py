@@ -25,14 +25,18 @@ AUTO_SPAN = 0.5
 REFACTORS = ("projection", "best")
 
 
-def concat(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def concat(
+    terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ c_k L_k R_k as one product: ``[c_1 L_1 | c_2 L_2 | …] @ [R_1; R_2; …]`` (exact)."""
     left = torch.cat([c * L for L, _, c in terms], dim=1)
     right = torch.cat([R for _, R, _ in terms], dim=0)
     return left, right
 
 
-def compress(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def compress(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` approximation of ``left @ right`` without forming it.
 
     QR of both factors, SVD of the small ``R×R`` core: O((m+n)·R²), never an m×n SVD.
@@ -55,8 +59,14 @@ def _tail_error(s: torch.Tensor, k: int) -> float:
 
 
 def refactor(
-    dense: torch.Tensor, rank: int, *, generator: torch.Generator | None = None, oversample: int = 10,
-    n_iter: int = 4, info: dict | None = None, start: torch.Tensor | None = None,
+    dense: torch.Tensor,
+    rank: int,
+    *,
+    generator: torch.Generator | None = None,
+    oversample: int = 10,
+    n_iter: int = 4,
+    info: dict | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-``rank`` factors of a dense update by randomized truncated SVD, and the relative error.
 
@@ -100,15 +110,26 @@ def relative_error(dense: torch.Tensor, left: torch.Tensor, right: torch.Tensor)
     left, right = left.to(dense.dtype), right.to(dense.dtype)
     res2 = norm2 = 0.0
     for r0 in range(0, m, rows):
-        block = dense[r0:r0 + rows]
+        block = dense[r0 : r0 + rows]
         norm2 += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
-        res2 += float(torch.linalg.vector_norm(torch.addmm(block, left[r0:r0 + rows], right, alpha=-1),
-                                               dtype=torch.float64)) ** 2
+        res2 += (
+            float(
+                torch.linalg.vector_norm(
+                    torch.addmm(block, left[r0 : r0 + rows], right, alpha=-1), dtype=torch.float64
+                )
+            )
+            ** 2
+        )
     return math.sqrt(res2 / norm2) if norm2 > 0.0 else 0.0
 
 
-def _range_basis(dense: torch.Tensor, q: int, generator: torch.Generator | None, n_iter: int,
-                 start: torch.Tensor | None = None) -> torch.Tensor:
+def _range_basis(
+    dense: torch.Tensor,
+    q: int,
+    generator: torch.Generator | None,
+    n_iter: int,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Halko et al.'s randomized range finder: an orthonormal ``[m, q]`` basis of D's leading
     column space, with ``n_iter`` QR-stabilised power iterations. ``start``: given columns of the
     initial block Y (the rest: D Ω for a Gaussian Ω)."""
@@ -143,8 +164,13 @@ def out_of_span(s2: torch.Tensor, norm2: float) -> float:
 
 
 def refactor_auto(
-    dense: torch.Tensor, max_error: float, *, generator: torch.Generator | None = None, start: int = 32,
-    n_iter: int = 4, info: dict | None = None,
+    dense: torch.Tensor,
+    max_error: float,
+    *,
+    generator: torch.Generator | None = None,
+    start: int = 32,
+    n_iter: int = 4,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Factors of a dense update at the smallest rank whose relative Frobenius error is ≤
     ``max_error`` (see the module docstring), and that error, measured on the product.
@@ -182,7 +208,9 @@ def refactor_auto(
         u = basis @ u
     while True:  # the rule ran on singular values: confirm on the product (rounding)
         left, right = u[:, :k] * s[:k], vh[:k]
-        error = float(torch.linalg.vector_norm(dense - left @ right, dtype=torch.float64)) / math.sqrt(norm2)
+        error = float(
+            torch.linalg.vector_norm(dense - left @ right, dtype=torch.float64)
+        ) / math.sqrt(norm2)
         if error <= max_error or k >= s.numel():
             break
         k += 1

@@ -1,4 +1,7 @@
-"""Merge methods: pure functions on stacked task vectors, and the one registry of them.
+"""Merge methods: pure functions on stacked task vectors, and what a method is (``MergeMethod``).
+
+The registry (name → ``MergeMethod``) is built in ``registry.py``; adding a method is one
+function here (or in ``svd_methods.py``) and one entry there (DESIGN.md, How to add a method).
 
 Every method takes ``deltas`` (``[n_adapters, *shape]``, the task vectors of one tensor) and
 ``weights`` (``[n_adapters]``) and returns the merged update ``[*shape]``. Per-adapter parameters
@@ -13,13 +16,13 @@ sparsify → weight → sign consensus → masked mean; DARE-TIES is the same wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
 
 from . import sparsify as sp
-from .spaces import SPACES
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -27,7 +30,9 @@ def _weights_like(weights: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
 
 
-def sign_consensus(weighted: torch.Tensor, *, elect_from: torch.Tensor | None = None) -> torch.Tensor:
+def sign_consensus(
+    weighted: torch.Tensor, *, elect_from: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mask of entries whose sign agrees with the elected sign (sign of the sum, ≥ 0 → +).
 
     ``weighted``: ``[n, *shape]``. Zero entries never agree (they were trimmed).
@@ -46,16 +51,30 @@ def mix(
     *,
     normalize: bool,
     lambda_: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ of the (masked) weighted deltas, divided by the (masked) weight sum when normalising."""
+    """Σ of the (masked) weighted deltas, divided by the (masked) weight sum when normalising.
+
+    ``out`` (unmasked only): the result is written there, in place — the streamed path mixes
+    each row block into its output buffer with this very function (the same operations, so the
+    same bytes as the dense path).
+    """
     if mask is not None:
         mixed = (weighted * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = weighted.sum(dim=0)
+        mixed = weighted.sum(dim=0) if out is None else torch.sum(weighted, 0, out=out)
         divisor = w.sum(dim=0)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if out is not None:
+        if mask is not None:
+            out.copy_(mixed)
+        if normalize:
+            out.div_(divisor)
+        if lambda_ != 1:
+            out.mul_(lambda_)
+        return out
     if normalize:
         mixed = mixed / divisor
     if lambda_ != 1:
@@ -63,7 +82,9 @@ def mix(
     return mixed
 
 
-def _sparsify_each(deltas: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _sparsify_each(
+    deltas: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     return torch.stack([fn(i, deltas[i]) for i in range(deltas.shape[0])])
 
 
@@ -127,7 +148,9 @@ def ties(
 
 
 def _dare(
-    deltas: torch.Tensor, generators: Sequence[torch.Generator], density: Sequence[float],
+    deltas: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    density: Sequence[float],
     rescale: bool | str,
 ) -> torch.Tensor:
     if rescale == "density":
@@ -141,8 +164,13 @@ def _dare(
 
 
 def dare_linear(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    generators: Sequence[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
     rescale: bool | str = True,
 ) -> torch.Tensor:
     """DARE then task arithmetic. ``rescale``: true = keep L1 norm (mergekit), "density" = 1/p."""
@@ -151,8 +179,13 @@ def dare_linear(
 
 
 def dare_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    generators: Sequence[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
     rescale: bool | str = True,
 ) -> torch.Tensor:
     """DARE then TIES sign consensus and masked mean."""
@@ -167,8 +200,14 @@ def _breadcrumbs(deltas, density, gamma, rescale):
 
 
 def breadcrumbs(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    gamma: Sequence[float], lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` and the smallest entries, then task arithmetic."""
     kept = _breadcrumbs(deltas, density, gamma, rescale)
@@ -176,8 +215,14 @@ def breadcrumbs(
 
 
 def breadcrumbs_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    gamma: Sequence[float], lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs sparsification with TIES sign consensus."""
     kept = _breadcrumbs(deltas, density, gamma, rescale)
@@ -194,9 +239,15 @@ def _della(deltas, density, epsilon, generators, rescale):
 
 
 def della(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    epsilon: Sequence[float], generators: Sequence[torch.Generator], lambda_: float = 1.0,
-    normalize: bool = True, rescale: bool = True,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA: magnitude-ranked random drop (MagPrune), then TIES sign consensus."""
     kept = _della(deltas, density, epsilon, generators, rescale)
@@ -204,19 +255,30 @@ def della(
 
 
 def della_linear(
-    deltas: torch.Tensor, weights: torch.Tensor, *, density: Sequence[float],
-    epsilon: Sequence[float], generators: Sequence[torch.Generator], lambda_: float = 1.0,
-    normalize: bool = False, rescale: bool = True,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    generators: Sequence[torch.Generator],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA MagPrune, then task arithmetic."""
     kept = _della(deltas, density, epsilon, generators, rescale)
     return _gta(deltas, weights, kept, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-# -- the registry ----------------------------------------------------------------------------
+# -- what a method is -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """One method parameter: its recipe name, type, default, range and scope."""
+    """One method parameter: its recipe name, type, default, range and scope.
+
+    ``help`` is the sentence the method commands show for its option (``emomerge ties --help``:
+    the options are generated from the parameters, ``emomerge/cli_merge.py``); one parameter
+    name has one meaning, so every method declaring it gives the same ``help``.
+    """
 
     name: str
     kind: type
@@ -241,7 +303,11 @@ class Param:
     def check(self, value: Any) -> str | None:
         """An error sentence for a bad value, or None."""
         if self.choices is not None:
-            return None if value in self.choices else f"must be one of {list(self.choices)}, got {value!r}"
+            return (
+                None
+                if value in self.choices
+                else f"must be one of {list(self.choices)}, got {value!r}"
+            )
         if self.kind is bool:
             return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -254,97 +320,66 @@ class Param:
         return None
 
 
+class Sparsifier(str, Enum):
+    """Which entries of each τ_i survive before the mix (``sparsify.py``), as the streamed path
+    (``merging/streaming/plans.py``) recomputes it block by block. Each reads the per-adapter
+    ``density`` and the ``rescale`` parameter; the others name what else they read."""
+
+    NONE = "none"  # every entry kept
+    MAGNITUDE = "magnitude"  # top density·n by |value| (sparsify.magnitude)
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # + the top ``gamma`` dropped (Breadcrumbs)
+    RANDOM_DROP = "random_drop"  # kept with probability density (DARE; rescale may be "density")
+    MAGPRUNE = "magprune"  # per-row, magnitude-ranked keep probabilities ± ``epsilon`` (DELLA)
+
+    @property
+    def random(self) -> bool:
+        """Draws from the per-adapter generators."""
+        return self in (Sparsifier.RANDOM_DROP, Sparsifier.MAGPRUNE)
+
+
+class Consensus(str, Enum):
+    """How the sparsified, weighted deltas are combined (``mix``)."""
+
+    NONE = "none"  # Σ w_i τ_i (÷ Σ w_i when normalising) × λ
+    SIGN = "sign"  # TIES: entries agreeing with the elected sign of Σ w_i τ_i, masked mean
+
+
 @dataclass(frozen=True)
 class MergeMethod:
+    """A registered merge method (``merging/registry.py``): its function, its parameters, and
+    what the rest of the package needs to know about it — the streamed path builds its plan
+    from ``sparsifier``, ``consensus`` and ``streamable`` alone, never from the name."""
+
     name: str
     fn: Callable[..., torch.Tensor]
     paper: str
     summary: str
     params: tuple[Param, ...]
-    #: False: the result is exactly Σ c_i τ_i, so adapter output stays exact in low rank.
-    sparse: bool = True
+    #: True: the result is exactly Σ c_i τ_i (c from the parameters), so adapter output stays
+    #: exact in low rank (``engine.exact_coefficients``). False: a "sparse" method.
+    linear: bool = False
+    #: draws from one seeded ``torch.Generator`` per adapter (``generators=`` keyword)
     random: bool = False
+    #: the sparsifier and consensus ``fn`` applies (what the streamed path recomputes)
+    sparsifier: Sparsifier = Sparsifier.NONE
+    consensus: Consensus = Consensus.NONE
+    #: the streamed path (``merging/streaming``) computes it from the LoRA factors block by
+    #: block: ``fn`` is ``sparsifier`` → weight → ``consensus`` → ``mix``, element-wise
+    streamable: bool = False
+    #: boolean parameters that, when true, take it off the streamed path (TIES' ``paper`` rule)
+    unstreamed_when: tuple[str, ...] = ()
     #: mergekit's merge_method for export (None: mergekit cannot express it).
     mergekit: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.sparsifier.random and not self.random:
+            raise ValueError(f"{self.name}: a random sparsifier needs random=True")
+
+    @property
+    def sparse(self) -> bool:
+        """Not linear in its inputs: adapter output is re-factorised (the engine's word)."""
+        return not self.linear
+
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
-
-
-_WEIGHT = Param("weight", float, 1.0, "scale of this adapter's task vector", per_adapter=True)
-_LAMBDA = Param("lambda", float, 1.0, "scale of the merged update")
-
-
-def _density() -> Param:
-    # mergekit's default (1.0: nothing dropped), so a recipe means the same in both tools.
-    return Param("density", float, 1.0, "fraction of entries kept", per_adapter=True, low=0.0, high=1.0)
-
-
-def _normalize(default: bool) -> Param:
-    return Param("normalize", bool, default, "divide by the (agreeing) weight sum")
-
-
-def _rescale(default: bool, dare: bool = False) -> Param:
-    if dare:
-        return Param(
-            "rescale", bool, default,
-            "true: keep each task vector's L1 norm (mergekit); 'density': ×1/p as in the DARE paper; false: none",
-            choices=(True, False, "density"),
-        )
-    return Param("rescale", bool, default, "rescale survivors to keep the L1 norm")
-
-
-_GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude outliers dropped (at most 1 − density: as mergekit, the cut shrinks so density is kept; the manifest records gamma_effective)", per_adapter=True, low=0.0, high=1.0, low_inclusive=True)
-_EPSILON = Param("epsilon", float, 0.15, "spread of keep probabilities around density", per_adapter=True, low=0.0, high=1.0)
-
-_SPACE = Param(
-    "space", str, "dense", "where the method runs: the dense weights or a LoRA-native space",
-    choices=("dense", *SPACES),
-)
-
-METHODS: dict[str, MergeMethod] = {
-    m.name: replace(m, params=m.params + (_SPACE,))
-    for m in (
-        MergeMethod("linear", linear, "https://arxiv.org/abs/2203.05482",
-                    "weighted average of task vectors", (_WEIGHT, _normalize(True)),
-                    sparse=False, mergekit="linear"),
-        MergeMethod("task_arithmetic", task_arithmetic, "https://arxiv.org/abs/2212.04089",
-                    "λ · Σ w_i τ_i", (_WEIGHT, _LAMBDA, _normalize(False)),
-                    sparse=False, mergekit="task_arithmetic"),
-        MergeMethod("ties", ties, "https://arxiv.org/abs/2306.01708",
-                    "trim by magnitude, elect sign, disjoint mean",
-                    (_WEIGHT, _density(), _LAMBDA, _normalize(True), _rescale(False),
-                     Param("paper", bool, False, "Yadav et al.'s rule: unweighted sign election, mean over the agreeing count")),
-                    mergekit="ties"),
-        MergeMethod("dare_linear", dare_linear, "https://arxiv.org/abs/2311.03099",
-                    "random drop (seeded), then task arithmetic",
-                    (_WEIGHT, _density(), _LAMBDA, _normalize(False), _rescale(True, dare=True)),
-                    random=True, mergekit="dare_linear"),
-        MergeMethod("dare_ties", dare_ties, "https://arxiv.org/abs/2311.03099",
-                    "random drop (seeded), then TIES sign consensus",
-                    (_WEIGHT, _density(), _LAMBDA, _normalize(False), _rescale(True, dare=True)),
-                    random=True, mergekit="dare_ties"),
-        MergeMethod("breadcrumbs", breadcrumbs, "https://arxiv.org/abs/2312.06795",
-                    "drop outliers and small entries, then task arithmetic",
-                    (_WEIGHT, _density(), _GAMMA, _LAMBDA, _normalize(False), _rescale(False)),
-                    mergekit="breadcrumbs"),
-        MergeMethod("breadcrumbs_ties", breadcrumbs_ties, "https://arxiv.org/abs/2312.06795",
-                    "breadcrumbs sparsification with TIES sign consensus",
-                    (_WEIGHT, _density(), _GAMMA, _LAMBDA, _normalize(False), _rescale(False)),
-                    mergekit="breadcrumbs_ties"),
-        MergeMethod("della", della, "https://arxiv.org/abs/2406.11617",
-                    "magnitude-ranked random drop (MagPrune), then TIES sign consensus",
-                    (_WEIGHT, _density(), _EPSILON, _LAMBDA, _normalize(True), _rescale(True)),
-                    random=True, mergekit="della"),
-        MergeMethod("della_linear", della_linear, "https://arxiv.org/abs/2406.11617",
-                    "magnitude-ranked random drop (MagPrune), then task arithmetic",
-                    (_WEIGHT, _density(), _EPSILON, _LAMBDA, _normalize(False), _rescale(True)),
-                    random=True, mergekit="della_linear"),
-    )
-}
-
-# SVD-based methods live in their own module; registered here so there is still one table.
-from .svd_methods import SVD_METHODS  # noqa: E402
-
-METHODS.update({m.name: replace(m, params=m.params + (_SPACE,)) for m in SVD_METHODS})

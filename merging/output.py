@@ -16,7 +16,6 @@ import torch
 from .checkpoint import Stored
 from .errors import MergeInputError
 from .names import PEFT_PREFIX, from_canonical, to_canonical
-from .safeout import atomic_folder  # noqa: F401  (re-exported: the writers' atomic output folder)
 
 MANIFEST = "emomerge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -27,7 +26,9 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def peft_factors(left: torch.Tensor, right: torch.Tensor, *, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def peft_factors(
+    left: torch.Tensor, right: torch.Tensor, *, transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A, B) from weight-shaped factors: L R = B A, or (B A)ᵀ for transposed kinds."""
     if transpose:
         return left.T.contiguous(), right.T.contiguous()
@@ -75,7 +76,11 @@ def copy_side_files(base: Path, out: Path) -> list[str]:
     """Copy config, tokenizer, processor and template files of the base (not its weights)."""
     copied = []
     for item in sorted(base.iterdir()):
-        if item.name in _SKIP_FILES or item.name.endswith(_WEIGHT_SUFFIXES) or item.name.startswith("."):
+        if (
+            item.name in _SKIP_FILES
+            or item.name.endswith(_WEIGHT_SUFFIXES)
+            or item.name.startswith(".")
+        ):
             continue
         if item.is_file():
             shutil.copy2(item, out / item.name)
@@ -84,10 +89,21 @@ def copy_side_files(base: Path, out: Path) -> list[str]:
 
 
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in _DTYPE_NAMES.items()}
 _TORCH_OF = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -136,7 +152,7 @@ class _DirectData:
         done, n = 0, len(data)
         while done < n:
             k = min(n - done, _BOUNCE - self.fill)
-            self.view[self.fill:self.fill + k] = data[done:done + k]
+            self.view[self.fill : self.fill + k] = data[done : done + k]
             self.fill += k
             done += k
             if self.fill == _BOUNCE:
@@ -147,7 +163,9 @@ class _DirectData:
             done = 0
             while done < src.length:
                 k = min(src.length - done, _BOUNCE - self.fill)
-                got = os.preadv(fh.fileno(), [self.view[self.fill:self.fill + k]], src.offset + done)
+                got = os.preadv(
+                    fh.fileno(), [self.view[self.fill : self.fill + k]], src.offset + done
+                )
                 if got <= 0:
                     raise MergeInputError(f"{src.file}: ends inside a tensor (truncated?)")
                 self.fill += got
@@ -172,7 +190,7 @@ class _DirectData:
         """Write what is buffered and cut the file to ``size`` bytes."""
         if self.fill:
             padded = -(-self.fill // _ALIGN) * _ALIGN
-            self.view[self.fill:padded] = bytes(padded - self.fill)
+            self.view[self.fill : padded] = bytes(padded - self.fill)
             self._flush(padded)
         os.ftruncate(self.fd, size)
         self.close()
@@ -201,8 +219,11 @@ class SafetensorsWriter:
         self.metadata = metadata
         bound = {"__metadata__": metadata} if metadata is not None else {}
         for key, ndim in ndims.items():
-            bound[key] = {"dtype": _WIDEST_DTYPE, "shape": [_U64_MAX] * ndim,
-                          "data_offsets": [_U64_MAX] * 2}
+            bound[key] = {
+                "dtype": _WIDEST_DTYPE,
+                "shape": [_U64_MAX] * ndim,
+                "data_offsets": [_U64_MAX] * 2,
+            }
         # the data starts on a 4 KiB boundary (a multiple of 8, as the format wants; aligned
         # for direct writes)
         self.reserved = -(-(len(_json(bound)) + 8) // _ALIGN) * _ALIGN - 8
@@ -229,8 +250,11 @@ class SafetensorsWriter:
     def _record(self, key: str, dtype: str, shape, length: int) -> None:
         if key in self.entries:
             raise ValueError(f"{self.path}: tensor '{key}' written twice")
-        self.entries[key] = {"dtype": dtype, "shape": list(shape),
-                             "data_offsets": [self.end, self.end + length]}
+        self.entries[key] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [self.end, self.end + length],
+        }
         self.end += length
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
@@ -260,8 +284,13 @@ class SafetensorsWriter:
         with open(src.file, "rb") as fh:
             with contextlib.suppress(AttributeError, OSError):
                 while done < src.length:
-                    n = os.copy_file_range(fh.fileno(), self.fh.fileno(), src.length - done,
-                                           src.offset + done, at + done)
+                    n = os.copy_file_range(
+                        fh.fileno(),
+                        self.fh.fileno(),
+                        src.length - done,
+                        src.offset + done,
+                        at + done,
+                    )
                     if n == 0:
                         break
                     done += n
@@ -336,7 +365,9 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
     factor_dtype = merger.out_dtype or torch.float32
     # Wider dtypes first keeps every tensor's data aligned to its element size (the factors are
     # out_dtype or F32, as wide as any saved floating tensor written after them).
-    saved = sorted(saved, key=lambda name: -_ITEMSIZE.get(written_dtype(base[name].dtype, merger.out_dtype), 1))
+    saved = sorted(
+        saved, key=lambda name: -_ITEMSIZE.get(written_dtype(base[name].dtype, merger.out_dtype), 1)
+    )
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     saved_modules = []
@@ -355,7 +386,8 @@ def write_adapter_output(tmp, merger, tv, saved, ckpt, layout, bar, task):
             bar.update(task, module=name)
             base_t = ckpt.tensor(ckpt.canonical[name])
             merged = (base_t.to(merger.dtype) + merger.saved_delta(name)).to(
-                _TORCH_OF[written_dtype(base[name].dtype, merger.out_dtype)])
+                _TORCH_OF[written_dtype(base[name].dtype, merger.out_dtype)]
+            )
             writer.add("base_model.model." + names[name], merged)
             saved_modules.append(names[name].rsplit(".", 1)[0].rsplit(".", 1)[-1])
             bar.advance(task)
@@ -427,8 +459,10 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
         stored[tied[0]] = stored[tied[1]]
     # what each key is written as: out_dtype for floating tensors when asked, else as stored
     target = {key: written_dtype(s.dtype, merger.out_dtype) for key, s in stored.items()}
-    sizes = {key: s.length if target[key] == s.dtype else math.prod(s.shape) * _ITEMSIZE[target[key]]
-             for key, s in stored.items()}
+    sizes = {
+        key: s.length if target[key] == s.dtype else math.prod(s.shape) * _ITEMSIZE[target[key]]
+        for key, s in stored.items()
+    }
     scratch = _Scratch()
     shards = plan_shards(sizes, max_shard_size)
     files = shard_names(len(shards))
@@ -442,16 +476,24 @@ def write_full_output(tmp, merger, tv, saved, ckpt, max_shard_size, bar, task):
                 if path in modules:
                     bar.update(task, module=path)
                     # W + ΔW as (ΔW += W): the same sum, in two buffers reused for every module
-                    base = ckpt.tensor(source[key], scratch.get("base", stored[key].length, torch.uint8))
-                    delta = merger.dense(path, out=scratch.get("delta", base.numel(), merger.dtype).view(base.shape))
+                    base = ckpt.tensor(
+                        source[key], scratch.get("base", stored[key].length, torch.uint8)
+                    )
+                    delta = merger.dense(
+                        path, out=scratch.get("delta", base.numel(), merger.dtype).view(base.shape)
+                    )
                     tensor = delta.add_(base).to(_TORCH_OF[target[key]])
                     bar.advance(task)
                 elif canon in saved_set:
                     bar.update(task, module=canon)
                     tensor = ckpt.tensor(key)
-                    tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(_TORCH_OF[target[key]])
+                    tensor = (tensor.to(merger.dtype) + merger.saved_delta(canon)).to(
+                        _TORCH_OF[target[key]]
+                    )
                     bar.advance(task)
-                elif target[key] != stored[key].dtype:  # untouched, cast as mergekit's out_dtype does
+                elif (
+                    target[key] != stored[key].dtype
+                ):  # untouched, cast as mergekit's out_dtype does
                     tensor = ckpt.tensor(source[key]).to(_TORCH_OF[target[key]])
                 else:
                     writer.copy(key, stored[key])

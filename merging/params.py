@@ -69,7 +69,11 @@ def effective_gamma(resolved: dict[str, Any]) -> list[float]:
 
 
 def resolve_params(
-    method: MergeMethod, n: int, params: dict[str, Any], *, source: str = "parameters",
+    method: MergeMethod,
+    n: int,
+    params: dict[str, Any],
+    *,
+    source: str = "parameters",
     module: str | None = None,
 ) -> dict[str, Any]:
     """Fill defaults, check names and ranges, expand per-adapter values to lists of length n.

@@ -86,11 +86,17 @@ def _new_progress(console: Console) -> Progress:
     # one line per bar on an 80-column terminal: a short bar, the info text cut, not wrapped
     return Progress(
         TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
-        BarColumn(bar_width=16), MofNCompleteColumn(),
-        RateColumn(table_column=Column(no_wrap=True)), TextColumn("ETA"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        RateColumn(table_column=Column(no_wrap=True)),
+        TextColumn("ETA"),
         TimeRemainingColumn(elapsed_when_finished=True),
-        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=30)),
-        console=console, transient=True,
+        TextColumn(
+            "{task.fields[info]}",
+            table_column=Column(no_wrap=True, overflow="ellipsis", max_width=30),
+        ),
+        console=console,
+        transient=True,
         # stdout moves above the bars only when it is the terminal too: a piped stdout keeps
         # its lines (rich would otherwise print them on the stderr console)
         redirect_stdout=sys.stdout.isatty(),
@@ -122,8 +128,9 @@ def display(enabled: bool = True, *, console: Console | None = None) -> Iterator
 
 
 @contextlib.contextmanager
-def phase(label: str, total: int | None, *, unit: str = "examples",
-          enabled: bool = True) -> Iterator[Bar]:
+def phase(
+    label: str, total: int | None, *, unit: str = "examples", enabled: bool = True
+) -> Iterator[Bar]:
     """A bar for one phase, on the active display (one started for it if none is); removed
     when the phase ends, after a last draw of its final count and rate."""
     with display(enabled) as progress:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
+from .config import Strict, key_error, load_yaml, validate
 from .engine import MergeResult, get_method, merge, resolve_params
 from .errors import MergeInputError
 from .taskvectors import build_task_vectors
@@ -33,16 +34,14 @@ Scalar = float | int | bool | str
 ParamValue = Scalar | list[Any] | None
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModelEntry(Strict):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
-class EmomergeOptions(BaseModel):
+class EmomergeOptions(Strict):
     """emomerge's own settings (mergekit has no equivalent; dropped on export)."""
 
-    model_config = ConfigDict(extra="forbid")
     output: Literal["adapter", "full"] = "adapter"
     rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     max_error: float | None = None  # with rank: auto
@@ -51,9 +50,17 @@ class EmomergeOptions(BaseModel):
     reference: Literal["base", "previous"] = "base"
     layout: Literal["new", "qwen-legacy", "llava-legacy", "text"] | None = None
 
+    @field_validator("rank", mode="wrap")
+    @classmethod
+    def _rank(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # one problem for the union (an integer ≥ 1 or 'auto'), not one per member
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(f"must be a positive integer or auto, got {v!r}") from None
 
-class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class Recipe(Strict):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
@@ -81,38 +88,13 @@ def dtypes(recipe: Recipe) -> tuple[str, str | None]:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file; errors name the file and the key."""
+    """Parse and validate a recipe file; errors name the file and the key (DESIGN.md,
+    Configuration)."""
     path = Path(path)
-    if not path.is_file():
-        raise MergeInputError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise MergeInputError(
-            f"{path}: not UTF-8 text (undecodable byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
-        ) from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise MergeInputError(f"{path}: not valid YAML{where}") from exc
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{path}: a recipe is a YAML mapping with merge_method and models")
+    raw = load_yaml(path, what="recipe file")
     if "slices" in raw:
-        raise MergeInputError(f"{path}: key 'slices': slice-wise recipes are not supported (use models)")
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        # union members' tags ('constrained-int', "literal['auto']") are not keys
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
-        msg = err["msg"][0].lower() + err["msg"][1:]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif loc == "emomerge.rank":
-            msg = f"must be a positive integer or auto, got {err.get('input')!r}"
-        elif loc == "emomerge.refactor":
-            msg = f"must be projection or best, got {err.get('input')!r}"
-        raise MergeInputError(f"{path}: key '{loc}': {msg}") from exc
+        raise key_error(path, "slices", "slice-wise recipes are not supported (use models)")
+    recipe = validate(Recipe, raw, path)
     _check_rank_options(recipe.emomerge, path)
     method = _method_or_error(recipe.merge_method, path)
     try:
@@ -125,21 +107,25 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _check_rank_options(opts: EmomergeOptions, path: Path) -> None:
     if opts.rank == "auto" and opts.max_error is None:
-        raise MergeInputError(
-            f"{path}: key 'emomerge.rank': auto needs emomerge.max_error (the largest relative "
-            "Frobenius error per module, in (0, 1))"
+        raise key_error(
+            path,
+            "emomerge.rank",
+            "auto needs emomerge.max_error (the largest "
+            "relative Frobenius error per module, in (0, 1))",
         )
     if opts.refactor == "best" and opts.rank == "auto":
-        raise MergeInputError(
-            f"{path}: key 'emomerge.refactor': best needs a fixed emomerge.rank (rank: auto already "
-            "picks the projection or the SVD per module)"
+        raise key_error(
+            path,
+            "emomerge.refactor",
+            "best needs a fixed emomerge.rank (rank: auto "
+            "already picks the projection or the SVD per module)",
         )
     if opts.max_error is not None:
         if opts.rank != "auto":
-            raise MergeInputError(f"{path}: key 'emomerge.max_error': needs emomerge.rank: auto")
+            raise key_error(path, "emomerge.max_error", "needs emomerge.rank: auto")
         if not (math.isfinite(opts.max_error) and 0 < opts.max_error < 1):
-            raise MergeInputError(
-                f"{path}: key 'emomerge.max_error': must be a number in (0, 1), got {opts.max_error!r}"
+            raise key_error(
+                path, "emomerge.max_error", f"must be a number in (0, 1), got {opts.max_error!r}"
             )
 
 
@@ -147,7 +133,7 @@ def _method_or_error(name: str, path: Path):
     try:
         return get_method(name)
     except MergeInputError as exc:
-        raise MergeInputError(f"{path}: key 'merge_method': {exc}") from exc
+        raise key_error(path, "merge_method", str(exc)) from exc
 
 
 def recipe_params(recipe: Recipe, method) -> dict[str, Any]:
@@ -187,9 +173,17 @@ def adapter_path(model: str, base_model: str | None, root: Path) -> Path:
 
 
 def run_recipe(
-    path: str | Path, out: str | Path, *, root: str | Path | None = None, force: bool = False,
-    output: str | None = None, base: str | Path | None = None, progress: bool = False,
-    allow_pickle: bool = False, allow_base_mismatch: bool = False, allow_lineage_mismatch: bool = False,
+    path: str | Path,
+    out: str | Path,
+    *,
+    root: str | Path | None = None,
+    force: bool = False,
+    output: str | None = None,
+    base: str | Path | None = None,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    allow_base_mismatch: bool = False,
+    allow_lineage_mismatch: bool = False,
 ) -> MergeResult:
     """Run a recipe natively (command-line ``output``/``base`` override the recipe's)."""
     path = Path(path)
@@ -248,16 +242,22 @@ def export_mergekit(
         base_model = str(Path(base_model).resolve())
     mk_method = method.mergekit
     if mk_method is None:
-        raise MergeInputError(f"merge_method '{method.name}': mergekit has no equivalent; cannot export")
+        raise MergeInputError(
+            f"merge_method '{method.name}': mergekit has no equivalent; cannot export"
+        )
     if recipe.parameters.get("paper"):
-        raise MergeInputError("parameters.paper: the paper-faithful TIES rule has no mergekit equivalent")
+        raise MergeInputError(
+            "parameters.paper: the paper-faithful TIES rule has no mergekit equivalent"
+        )
     if recipe.parameters.get("space", "dense") != "dense":
         raise MergeInputError(
             f"parameters.space: mergekit merges dense weights only; space "
             f"'{recipe.parameters['space']}' cannot be exported"
         )
     if recipe.parameters.get("rescale") == "density":
-        raise MergeInputError("parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent")
+        raise MergeInputError(
+            "parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent"
+        )
     globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper", "space")}
     if method.name == "linear":
         # mergekit's linear averages whole models and, given a base_model, counts the base as one
@@ -282,7 +282,7 @@ def export_mergekit(
         "#  full model copy there before merging.)",
     ]
     doc: dict[str, Any] = {"merge_method": mk_method, "base_model": base_model, "models": []}
-    for i, (entry, adapter) in enumerate(zip(recipe.models, adapters)):
+    for i, adapter in enumerate(adapters):
         model_params = {}
         for p in method.params:
             if p.per_adapter and p.name in params and params[p.name][i] is not None:
@@ -290,7 +290,9 @@ def export_mergekit(
         if "weight" not in model_params:
             model_params["weight"] = 1.0
         doc["models"].append({"model": f"{base_model}+{adapter}", "parameters": model_params})
-    shared = {k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)}
+    shared = {
+        k: v for k, v in globals_.items() if not (method.param(k) and method.param(k).per_adapter)
+    }
     # Write every default explicitly: the file must mean the same whatever mergekit's defaults become.
     for p in method.params:
         if not p.per_adapter and p.name not in ("paper", "space") and p.name not in shared:

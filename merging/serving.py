@@ -27,6 +27,8 @@ def vllm_note(rank: int, *, modules_to_save: bool = False) -> str:
         return ""
     needed = vllm_max_lora_rank(rank)
     if needed is None:
-        return (f"; above vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}: re-factorise "
-                f"with --rank {VLLM_MAX_LORA_RANKS[-1]} or serve the --output full merge")
+        return (
+            f"; above vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}: re-factorise "
+            f"with --rank {VLLM_MAX_LORA_RANKS[-1]} or serve the --output full merge"
+        )
     return f"; vLLM needs --max-lora-rank {needed}"

@@ -32,7 +32,9 @@ def _present(factors: Sequence[Factors | None], shape, dtype) -> list[Factors]:
     return [f if f is not None else zero for f in factors]
 
 
-def core_project(factors: Sequence[Factors | None], shape: tuple[int, int]) -> tuple[torch.Tensor, Back]:
+def core_project(
+    factors: Sequence[Factors | None], shape: tuple[int, int]
+) -> tuple[torch.Tensor, Back]:
     """Core space: lossless projection of every update onto the shared factor bases."""
     dtype = next(f[0].dtype for f in factors if f is not None)
     fs = _present(factors, shape, dtype)

@@ -106,7 +106,11 @@ def bernoulli_inverse(
 
 
 def della_magprune(
-    t: torch.Tensor, density: float, *, epsilon: float, generator: torch.Generator,
+    t: torch.Tensor,
+    density: float,
+    *,
+    epsilon: float,
+    generator: torch.Generator,
     rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA MagPrune: per row, keep probability rises linearly with magnitude rank.

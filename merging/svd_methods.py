@@ -1,4 +1,4 @@
-"""LoRA-native, SVD-based merge methods (TSV-Merge, Iso-C, Iso-CTS): registered in methods.py.
+"""LoRA-native, SVD-based merge methods (TSV-Merge, Iso-C, Iso-CTS): registered in registry.py.
 
 Each works per weight matrix on the singular vectors of the task vectors, so each commutes with
 the isometric ``core`` and ``knots`` projections (the same singular vectors, expressed in a
@@ -18,8 +18,6 @@ in a module (weight 0, or no LoRA there) takes no part, and ``n`` counts the oth
 from __future__ import annotations
 
 import torch
-
-from .methods import _LAMBDA, _WEIGHT, MergeMethod, Param
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -107,7 +105,10 @@ def _cts_split(rank: int, n: int, common_fraction: float) -> tuple[int, int]:
 
 
 def iso_cts(
-    deltas: torch.Tensor, weights: torch.Tensor, *, common_space_fraction: float = 0.8,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    common_space_fraction: float = 0.8,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """Iso-CTS (Marczak et al., ICML 2025, §4; code: iso_cts): flat spectrum, common + task subspaces.
@@ -136,29 +137,3 @@ def iso_cts(
     u_star = _polar(torch.cat(us, dim=1))  # [out, ≤R]
     v_star = _polar(torch.cat(vhs, dim=0).T)  # [in, ≤R]
     return lambda_ * torch.cat(ss).mean() * (u_star @ v_star.T)
-
-
-# -- registry entries ------------------------------------------------------------------------
-_FRACTION = Param(
-    "fraction", float, 0.0, "fraction of each task's singular components kept (0: 1/n, the paper's)",
-    low=0.0, high=1.0, low_inclusive=True,
-)
-_COMMON = Param(
-    "common_space_fraction", float, 0.8, "share of the merged rank given to the common subspace",
-    low=0.0, high=1.0, low_inclusive=True,
-)
-
-SVD_METHODS: tuple[MergeMethod, ...] = (
-    MergeMethod("tsv", tsv, "https://arxiv.org/abs/2412.00081",
-                "TSV-Merge: keep each task's top singular vectors, decorrelate them (Procrustes)",
-                (_WEIGHT, _FRACTION, _LAMBDA), sparse=True, mergekit=None,
-                extra={"core_equivalent": True}),
-    MergeMethod("iso_c", iso_c, "https://arxiv.org/abs/2502.04959",
-                "Iso-C: task arithmetic with its singular values replaced by their mean",
-                (_WEIGHT, _LAMBDA), sparse=True, mergekit=None,
-                extra={"core_equivalent": True}),
-    MergeMethod("iso_cts", iso_cts, "https://arxiv.org/abs/2502.04959",
-                "Iso-CTS: Iso-C over the common subspace plus each task's own directions",
-                (_WEIGHT, _COMMON, _LAMBDA), sparse=True, mergekit=None,
-                extra={"core_equivalent": True}),
-)

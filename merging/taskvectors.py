@@ -1,7 +1,8 @@
 """Task vectors of stage adapters relative to a reference, as low-rank terms, module by module.
 
 Each stage model is ``base + U_i`` where the cumulative update U_i is a signed sum of the
-adapters' own updates ΔW_j = s_j B_j A_j, read off the lineage (docs/DESIGN.md):
+adapters' own updates ΔW_j = s_j B_j A_j, read off the lineage (docs/DESIGN.md, Words:
+"Lineage"):
 
 - no parent: U_i = ΔW_i
 - stacked (parent folded into the base, fresh LoRA on top): U_i = U_parent + ΔW_i
@@ -111,8 +112,12 @@ def _cumulative(idx: int, chain: _Chain, stack: tuple[int, ...] = ()) -> Combo:
     combo: Combo = defaultdict(float)
     if parent_dir is None or meta is None or meta.lineage.mode is None:
         combo[idx] += 1.0
-    elif (meta.lineage.mode == "continued" and chain.allow_missing_continued
-          and parent_dir not in chain.index_of and not parent_dir.exists()):
+    elif (
+        meta.lineage.mode == "continued"
+        and chain.allow_missing_continued
+        and parent_dir not in chain.index_of
+        and not parent_dir.exists()
+    ):
         # The parent's update cancels (U_parent − ΔW_parent) when the chain above it is
         # continued too, which is what training writes; recorded, since it is not checked.
         chain.assumed.append(
@@ -145,8 +150,14 @@ def _check_parent(child: LoraAdapter, parent: LoraAdapter, chain: _Chain) -> Non
     found = parent.sha256
     if found == recorded:
         return
-    chain.mismatches.append({"child": str(child.path), "parent": str(parent.weights_file),
-                             "recorded_sha256": recorded, "found_sha256": found})
+    chain.mismatches.append(
+        {
+            "child": str(child.path),
+            "parent": str(parent.weights_file),
+            "recorded_sha256": recorded,
+            "found_sha256": found,
+        }
+    )
     if not chain.allow_lineage_mismatch:
         raise MergeInputError(
             f"{parent.weights_file}: sha256 {found[:12]}… differs from the parent_sha256 "
@@ -181,14 +192,15 @@ def build_task_vectors(
     *,
     reference: str = "base",
     allow_pickle: bool = False,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
     base_flavour: str | None = None,
     base_name: str | None = None,
     allow_lineage_mismatch: bool = False,
 ) -> TaskVectors:
     """Read the adapters, follow their lineage and check everything before any merge work.
 
-    ``base_flavour``: the VLM layout family of the base checkpoint (when one is given), used to
+    ``allow_base_mismatch``: adapters recorded on different bases are merged anyway (the user
+    says they are the same weights: ``--allow-different-bases``). ``base_flavour``: the VLM layout family of the base checkpoint (when one is given), used to
     decide what an ambiguous ``model.layers.N`` adapter is. ``base_name``: identity to check the
     adapters against (besides each other). Every lineage link read is checked against the
     ``parent_sha256`` the child recorded (``allow_lineage_mismatch``: go on, listed in
@@ -205,9 +217,13 @@ def build_task_vectors(
         raise MergeInputError(f"{dup}: the same adapter is given twice")
     if reference == "previous":
         _check_lineage_recorded(inputs)
-    chain = _Chain(list(inputs), {p: i for i, p in enumerate(resolved)}, allow_pickle,
-                   allow_missing_continued=reference == "base",
-                   allow_lineage_mismatch=allow_lineage_mismatch)
+    chain = _Chain(
+        list(inputs),
+        {p: i for i, p in enumerate(resolved)},
+        allow_pickle,
+        allow_missing_continued=reference == "base",
+        allow_lineage_mismatch=allow_lineage_mismatch,
+    )
     pool, index_of = chain.pool, chain.index_of
 
     combos: list[Combo] = []
@@ -221,16 +237,24 @@ def build_task_vectors(
             u_i = {j: c for j, c in diff.items() if c != 0.0}
         combos.append(dict(u_i))
 
-    _check_bases(pool, force, base_name)
+    _check_bases(pool, allow_base_mismatch, base_name)
     _resolve_layouts(pool, base_flavour)
     shapes = _check_shapes(pool)
     for adapter in pool:
         check_finite(adapter)
     used = {j for combo in combos for j in combo}
     modules = sorted({m for j in used for m in pool[j].modules}, key=_natural_key)
-    return TaskVectors(inputs, pool, combos, reference, modules, {m: shapes[m] for m in modules},
-                       lineage_mismatches=chain.mismatches, lineage_assumed=chain.assumed,
-                       lineage_missing=[str(a.path) for a in pool if a.metadata is None])
+    return TaskVectors(
+        inputs,
+        pool,
+        combos,
+        reference,
+        modules,
+        {m: shapes[m] for m in modules},
+        lineage_mismatches=chain.mismatches,
+        lineage_assumed=chain.assumed,
+        lineage_missing=[str(a.path) for a in pool if a.metadata is None],
+    )
 
 
 def _check_lineage_recorded(inputs: list[LoraAdapter]) -> None:
@@ -251,8 +275,8 @@ def _natural_key(path: str):
     return [int(part) if part.isdigit() else part for part in path.split(".")]
 
 
-def _check_bases(pool: list[LoraAdapter], force: bool, base_name: str | None) -> None:
-    if force:
+def _check_bases(pool: list[LoraAdapter], allow: bool, base_name: str | None) -> None:
+    if allow:
         return
     named = [(a, base_identity(a.base_name)) for a in pool if base_identity(a.base_name)]
     if base_name and named:
@@ -262,14 +286,14 @@ def _check_bases(pool: list[LoraAdapter], force: bool, base_name: str | None) ->
             if want != ident and not Path(base_name).is_dir():
                 raise MergeInputError(
                     f"{adapter.path}: trained on '{adapter.base_name}', not on the base "
-                    f"'{base_name}' (pass --force if they are the same weights)"
+                    f"'{base_name}' (pass --allow-different-bases if they are the same weights)"
                 )
     if len({ident for _, ident in named}) > 1:
         first, ident0 = named[0]
         other = next(a for a, ident in named if ident != ident0)
         raise MergeInputError(
             f"{other.path}: trained on '{other.base_name}' but {first.path} on "
-            f"'{first.base_name}' (pass --force if they are the same weights)"
+            f"'{first.base_name}' (pass --allow-different-bases if they are the same weights)"
         )
 
 

@@ -20,7 +20,6 @@ transformers: a caller hands in the base tensors.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from .adapters import sha256_file
 from .checkpoint import Checkpoint
+from .config import load_json
 from .errors import MergeInputError
 from .names import to_canonical
 from .output import MANIFEST
@@ -47,20 +47,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeInputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{path}: expected a JSON object")
-    return raw
+    return load_json(path, what="manifest")  # DESIGN.md, Configuration
 
 
 def is_full_folder(folder: str | Path) -> bool:
     """A model folder with safetensors weights (``config.json`` + weights or an index)."""
     p = Path(folder)
     return (p / "config.json").is_file() and (
-        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    )
 
 
 def is_refactorised(manifest: dict[str, Any]) -> bool:
@@ -99,16 +94,25 @@ class StreamedMerge:
             p = Path(a["path"])
             weights = p / "adapter_model.safetensors"
             if not weights.is_file():
-                raise MergeInputError(f"{where}: input adapter {p} is gone; the exact merge "
-                                      "needs its inputs (or evaluate an --output full folder)")
+                raise MergeInputError(
+                    f"{where}: input adapter {p} is gone; the exact merge "
+                    "needs its inputs (or evaluate an --output full folder)"
+                )
             if sha256_file(weights) != a["sha256"]:
-                raise MergeInputError(f"{weights}: changed since the merge {self.folder} was "
-                                      "made (sha256 differs from its manifest)")
+                raise MergeInputError(
+                    f"{weights}: changed since the merge {self.folder} was "
+                    "made (sha256 differs from its manifest)"
+                )
             config = p / "adapter_config.json"
-            if a.get("config_sha256") and config.is_file() and \
-                    hashlib.sha256(config.read_bytes()).hexdigest() != a["config_sha256"]:
-                raise MergeInputError(f"{config}: changed since the merge {self.folder} was made "
-                                      "(its LoRA scale changes the merge)")
+            if (
+                a.get("config_sha256")
+                and config.is_file()
+                and hashlib.sha256(config.read_bytes()).hexdigest() != a["config_sha256"]
+            ):
+                raise MergeInputError(
+                    f"{config}: changed since the merge {self.folder} was made "
+                    "(its LoRA scale changes the merge)"
+                )
             paths.append(p)
         method = get_method(str(m["method"]))
         params = dict(m.get("params_given") or {})
@@ -119,18 +123,31 @@ class StreamedMerge:
         out_dtype = m.get("out_dtype")
         if out_dtype is not None and out_dtype not in OUT_DTYPES:
             raise MergeInputError(f"{where}: key 'out_dtype': unknown dtype {out_dtype!r}")
-        tv = build_task_vectors(paths, reference=str(m["reference"]),
-                                base_flavour=self.base.vlm_flavour if self.base else None,
-                                allow_lineage_mismatch=bool(m.get("allow_lineage_mismatch")))
+        tv = build_task_vectors(
+            paths,
+            reference=str(m["reference"]),
+            base_flavour=self.base.vlm_flavour if self.base else None,
+            allow_lineage_mismatch=bool(m.get("allow_lineage_mismatch")),
+        )
         saved = sorted({name for a in tv.inputs for name in a.saved})
         if saved and self.base is None:
-            raise MergeInputError(f"{where}: the merge has modules_to_save tensors; their exact "
-                                  "update needs the base model folder")
+            raise MergeInputError(
+                f"{where}: the merge has modules_to_save tensors; their exact "
+                "update needs the base model folder"
+            )
         names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
         self._saved = saved
-        self._merger = _Merger(method, tv, params, seed=int(m["seed"]), dtype=DTYPES[m["dtype"]],
-                               rank=None, saved_base=self.base, names=names,
-                               out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None)
+        self._merger = _Merger(
+            method,
+            tv,
+            params,
+            seed=int(m["seed"]),
+            dtype=DTYPES[m["dtype"]],
+            rank=None,
+            saved_base=self.base,
+            names=names,
+            out_dtype=OUT_DTYPES[out_dtype] if out_dtype else None,
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """canonical tensor name → shape, for every tensor the merge changes (``modules_to_save``
@@ -145,6 +162,7 @@ class StreamedMerge:
         """``(canonical tensor name, base tensor → merged tensor)`` for every changed tensor."""
         merger = self._merger
         for path in merger.tv.modules:
+
             def fold(w: torch.Tensor, path: str = path) -> torch.Tensor:
                 # as output.write_full_output: ΔW += W as stored on disk, in the merge dtype, then
                 # the dtype the full output would store (out_dtype, else the stored one), then
@@ -154,11 +172,13 @@ class StreamedMerge:
                 if self.base is None or path + ".weight" not in self.base.canonical:
                     return delta.add_(w).to(merger.out_dtype or w.dtype).to(w.dtype)
                 stored = self.base.tensor(self.base.canonical[path + ".weight"])
-                return delta.add_(stored.to(w.device)).to(merger.out_dtype or stored.dtype) \
-                    .to(w.dtype)
+                return (
+                    delta.add_(stored.to(w.device)).to(merger.out_dtype or stored.dtype).to(w.dtype)
+                )
 
             yield path + ".weight", fold
         for name in self._saved:
+
             def fold_saved(w: torch.Tensor, name: str = name) -> torch.Tensor:
                 delta = merger.saved_delta(name).to(w.device)
                 return (w.to(merger.dtype) + delta).to(w.dtype)
@@ -189,6 +209,7 @@ class FullWeights:
     def updates(self) -> Iterator[tuple[str, Update]]:
         """``(canonical name, base tensor → stored tensor)`` for every stored tensor."""
         for name in self.names:
+
             def stored(w: torch.Tensor, name: str = name) -> torch.Tensor:
                 return self.tensor(name).to(device=w.device, dtype=w.dtype)
 

@@ -1,10 +1,11 @@
 """pyproject's dependencies are exactly what the code imports.
 
-Every .py file of merging/, training/, evaluation/ and emomerge/ is parsed with ``ast``; the
-top-level modules imported that are neither stdlib (``sys.stdlib_module_names``) nor our own
-package are mapped to their distributions (``importlib.metadata.packages_distributions``) and
-must equal ``[project].dependencies``. An import inside a ``try`` that catches ImportError is
-optional (a fallback, or an extra such as bitsandbytes) and not required.
+Every .py file of merging/, training/, evaluation/, experiment/ and emomerge/ is parsed with
+``ast``; the top-level modules imported that are neither stdlib (``sys.stdlib_module_names``) nor
+our own package are mapped to their distributions
+(``importlib.metadata.packages_distributions``) and must equal ``[project].dependencies``. An
+import inside a ``try`` that catches ImportError is optional (a fallback, or an extra such as
+bitsandbytes) and not required.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("merging", "training", "evaluation", "emomerge")
+FOLDERS = ("merging", "training", "evaluation", "experiment", "emomerge")
 OWN = {"emomerge"}
 #: declared but never imported by our code, each for a reason that holds at run time
 RUNTIME_ONLY = {
@@ -89,7 +90,10 @@ def distributions(modules) -> dict[str, str]:
 def declared(pyproject: Path) -> tuple[set[str], set[str]]:
     """``(dependencies, extras)`` names, normalised."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    name = lambda req: normalise(re.match(r"[A-Za-z0-9._-]+", req.strip()).group(0))
+
+    def name(req):
+        return normalise(re.match(r"[A-Za-z0-9._-]+", req.strip()).group(0))
+
     deps = {name(r) for r in project.get("dependencies", [])}
     extras = {name(r) for group in project.get("optional-dependencies", {}).values() for r in group}
     return deps, extras
@@ -101,13 +105,17 @@ def mismatch(folders, pyproject: Path) -> dict[str, list[str]]:
     deps, extras = declared(pyproject)
     want = set(needed.values()) | set(RUNTIME_ONLY)
     return {
-        "imported but not declared": sorted(f"{d} ({', '.join(sorted(required[m]))})"
-                                            for m, d in needed.items() if d not in deps),
+        "imported but not declared": sorted(
+            f"{d} ({', '.join(sorted(required[m]))})" for m, d in needed.items() if d not in deps
+        ),
         "declared but not imported": sorted(deps - want),
         "optional import of an undeclared package": sorted(
-            f"{d} ({', '.join(sorted(optional[m]))})" for m, d in distributions(
-                [m for m in optional if m in importlib.metadata.packages_distributions()]).items()
-            if d not in deps | extras and d not in _FALLBACKS),
+            f"{d} ({', '.join(sorted(optional[m]))})"
+            for m, d in distributions(
+                [m for m in optional if m in importlib.metadata.packages_distributions()]
+            ).items()
+            if d not in deps | extras and d not in _FALLBACKS
+        ),
     }
 
 
@@ -137,8 +145,10 @@ def test_an_undeclared_import_is_caught(tmp_path):
         "    try:\n        import bitsandbytes\n    except ImportError:\n        pass\n"
     )
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\ndependencies = ["numpy>=1", "torchvision", "PyYAML"]\n'
-                         '[project.optional-dependencies]\ngpu = ["bitsandbytes"]\n')
+    pyproject.write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy>=1", "torchvision", "PyYAML"]\n'
+        '[project.optional-dependencies]\ngpu = ["bitsandbytes"]\n'
+    )
     got = mismatch([pkg], pyproject)
     assert got["imported but not declared"] == [f"scipy ({pkg / 'a.py'})"]
     assert got["declared but not imported"] == ["pyyaml"]

@@ -24,9 +24,12 @@ def _commands(cmd, path=()):
 
 
 def test_every_option_and_argument_of_every_command_has_help():
-    missing = [f"{path}: {p.name}" for path, cmd in _commands(typer.main.get_command(app))
-               for p in cmd.params
-               if not getattr(p, "hidden", False) and not (getattr(p, "help", "") or "").strip()]
+    missing = [
+        f"{path}: {p.name}"
+        for path, cmd in _commands(typer.main.get_command(app))
+        for p in cmd.params
+        if not getattr(p, "hidden", False) and not (getattr(p, "help", "") or "").strip()
+    ]
     assert missing == []
     # and the walk did see the commands (a test that cannot fail is no test)
     paths = {path for path, _ in _commands(typer.main.get_command(app))}
@@ -45,8 +48,16 @@ def test_each_method_command_lists_only_its_own_parameters():
         return {o for p in cmd.params if not p.hidden for o in p.opts}
 
     assert {"--normalize", "--space", "--weights", "--out"} <= options("linear")
-    assert not {"--density", "--gamma", "--epsilon", "--lambda", "--rescale", "--paper",
-                "--fraction", "--common-space-fraction"} & options("linear")
+    assert not {
+        "--density",
+        "--gamma",
+        "--epsilon",
+        "--lambda",
+        "--rescale",
+        "--paper",
+        "--fraction",
+        "--common-space-fraction",
+    } & options("linear")
     assert {"--density", "--lambda", "--rescale", "--paper"} <= options("ties")
     assert "--gamma" not in options("ties") and "--gamma" in options("breadcrumbs")
     assert {"--fraction"} == options("tsv") & {"--fraction", "--density", "--epsilon"}
@@ -55,13 +66,36 @@ def test_each_method_command_lists_only_its_own_parameters():
     assert "[method default 1.0, range (0, 1]]" in density.help
 
 
+def test_rendered_help_shows_each_methods_default_and_range():
+    """rich renders the help; the bracketed suffix must survive it (not be read as markup)."""
+    r = CliRunner().invoke(app, ["ties", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if "--density" in ln)
+    assert "[method default 1.0, range (0, 1]]" in line
+
+
 def test_unknown_dataset_is_named_with_the_closest_one(tmp_path):
-    r = CliRunner().invoke(app, ["evaluate", "--base", str(tmp_path), "--data", str(tmp_path),
-                                 "--dataset", "emocomic35", "--out", str(tmp_path / "r")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--base",
+            str(tmp_path),
+            "--data",
+            str(tmp_path),
+            "--dataset",
+            "emocomic35",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [
-        ("error: --dataset: unknown dataset 'emocomic35' (did you mean 'emocomics35'? expected "
-         "one of emid, emoart, emocomics35, mangavqa)")]
+        (
+            "error: --dataset: unknown dataset 'emocomic35' (did you mean 'emocomics35'? expected "
+            "one of emid, emoart, emocomics35, mangavqa)"
+        )
+    ]
     assert not (tmp_path / "r").exists()
     r = CliRunner().invoke(app, ["data", "inspect", "EmoArt", str(tmp_path)])
     assert r.exit_code == 2 and "did you mean 'emoart'?" in r.output
@@ -78,8 +112,20 @@ def test_device_auto_is_the_default_and_a_wrong_device_is_one_line(tmp_path):
     import inspect
 
     assert inspect.signature(evaluate_cmd).parameters["device"].default.default == "auto"
-    r = CliRunner().invoke(app, ["evaluate", "--base", str(tmp_path), "--data", str(tmp_path),
-                                 "--dataset", "emoart", "--device", "gpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--base",
+            str(tmp_path),
+            "--data",
+            str(tmp_path),
+            "--dataset",
+            "emoart",
+            "--device",
+            "gpu",
+        ],
+    )
     assert r.exit_code == 2 and r.output.startswith("error: --device: expected auto, cpu")
 
 
@@ -90,8 +136,9 @@ def test_merge_without_root_points_at_it(tmp_path, monkeypatch):
     for i, name in enumerate(("emoart", "emid")):
         write_adapter(tmp_path / "runs" / "demo" / "adapters" / name, shapes, seed=i, r=2)
     recipe = tmp_path / "linear.yaml"
-    recipe.write_text("merge_method: linear\nmodels:\n  - model: adapters/emoart\n"
-                      "  - model: adapters/emid\n")
+    recipe.write_text(
+        "merge_method: linear\nmodels:\n  - model: adapters/emoart\n  - model: adapters/emid\n"
+    )
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["merge", str(recipe), "--out", "m"])
     assert r.exit_code == 2
@@ -106,8 +153,11 @@ def test_merge_without_root_points_at_it(tmp_path, monkeypatch):
 def test_other_libraries_warnings_are_silenced_ours_are_not(monkeypatch):
     from emomerge._cli_common import quiet_third_party
 
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
-                "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+    for var in (
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "TRANSFORMERS_VERBOSITY",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+    ):
         monkeypatch.delenv(var, raising=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

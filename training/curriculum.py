@@ -1,57 +1,57 @@
 """The curriculum YAML: a base model, LoRA settings and an ordered list of training stages.
 
 Validated with pydantic (unknown keys are errors) when loaded, so a typo fails before any model
-is read; errors name the file and the key. Relative paths resolve against the YAML's folder.
+is read; errors name the file and the key, in the shared format (DESIGN.md, Configuration).
+Relative paths resolve against the YAML's folder.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from emomerge.merging.errors import InputError
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
+from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
+
+from emomerge.merging.config import (
+    SafeName,
+    Strict,
+    known_name,
+    load_yaml,
+    overrides,
+    require_mapping,
+    validate,
 )
 
 from .data import DATASETS
 
-_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: A dataset the readers know (training/data), refused with the known names otherwise.
+DatasetName = Annotated[str, AfterValidator(known_name("dataset", DATASETS))]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _compiles(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ValueError(f"not a valid regex ({exc})") from exc
+    return v
 
 
-class LoraSettings(_Strict):
+#: A Python regular expression, checked to compile.
+Regex = Annotated[str, AfterValidator(_compiles)]
+
+
+class LoraSettings(Strict):
     """LoRA hyper-parameters (PEFT ``LoraConfig``); targets default to the family's LM regex."""
 
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_regex: str | None = None
+    target_regex: Regex | None = None
     use_rslora: bool = False
 
-    @field_validator("target_regex")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regex ({exc})") from exc
-        return v
 
-
-class TrainSettings(_Strict):
+class TrainSettings(Strict):
     """Optimisation settings shared by all stages (a stage may override ``lr``)."""
 
     batch_size: int = Field(2, ge=1)
@@ -75,7 +75,7 @@ class TrainSettings(_Strict):
     #: Upper bound on the pixels the vision encoder sees per image, turned into each family's
     #: processor setting when the model is loaded (Qwen: ``max_pixels``; Pixtral:
     #: ``longest_edge``; LLaVA-NeXT: the any-res grids kept). null = the family default, ≈ 1 MP
-    #: (``emomerge.training.families.IMAGE_CAPS``). Set explicitly, it is part of the stage's
+    #: (``emomerge.training.models.families.IMAGE_CAPS``). Set explicitly, it is part of the stage's
     #: fingerprint; the resolved cap is in every stage's ``emomerge.json`` (``image``).
     max_pixels: int | None = Field(None, ge=1)
 
@@ -92,7 +92,7 @@ class TrainSettings(_Strict):
         return data
 
 
-class HoldoutSettings(_Strict):
+class HoldoutSettings(Strict):
     """Books held out of a stage's training split, for evaluation's validation part.
 
     ``ceil(fraction × #books)`` books (at least one, never all) drawn with ``seed``; the stage
@@ -104,11 +104,11 @@ class HoldoutSettings(_Strict):
     seed: int = 0
 
 
-class Stage(_Strict):
+class Stage(Strict):
     """One stage: a dataset split and how long to train on it."""
 
-    name: str
-    dataset: str
+    name: SafeName
+    dataset: DatasetName
     path: str
     split: str = "train"
     #: The split the stage is evaluated on; "auto" = "test" when the dataset has one (with
@@ -133,20 +133,6 @@ class Stage(_Strict):
     #: Reader options: image_root, manga109_root, allow_missing_images.
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _folder_safe(cls, v: str) -> str:
-        if not _STAGE_NAME.match(v):
-            raise ValueError("must be a folder-safe name (letters, digits, '_', '-', '.')")
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset '{v}' (expected one of {sorted(DATASETS)})")
-        return v
-
     @field_validator("options")
     @classmethod
     def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -164,8 +150,9 @@ class Stage(_Strict):
     @model_validator(mode="after")
     def _eval_path_needs_a_split(self) -> Stage:
         if self.eval_path is not None and self.eval_split is None:
-            raise ValueError("'eval_path' names an evaluation file but 'eval_split' is null; "
-                             "drop one of them")
+            raise ValueError(
+                "'eval_path' names an evaluation file but 'eval_split' is null; drop one of them"
+            )
         return self
 
     @model_serializer(mode="wrap")
@@ -180,7 +167,7 @@ class Stage(_Strict):
         return data
 
 
-class Curriculum(_Strict):
+class Curriculum(Strict):
     """A sequence of stages trained one after the other on one base model."""
 
     name: str | None = None
@@ -215,21 +202,16 @@ class Curriculum(_Strict):
         return str(local.resolve()) if local.exists() else self.base_model
 
 
-def _raise(source: str, exc: ValidationError) -> None:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    raise InputError(f"{source}: key '{loc}': {msg}") from exc
+#: An experiment's overrides of a curriculum's settings: any field of LoraSettings /
+#: TrainSettings, each optional, typed and constrained as there (DESIGN.md, Configuration).
+LoraOverrides = overrides(LoraSettings, "LoraOverrides")
+TrainOverrides = overrides(TrainSettings, "TrainOverrides")
 
 
 def parse_curriculum(data: Any, source: str = "<curriculum>") -> Curriculum:
-    """Validate a curriculum mapping; errors name ``source`` and the key."""
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping at the top level")
-    try:
-        cur = Curriculum.model_validate(data)
-    except ValidationError as exc:
-        _raise(source, exc)
+    """Validate a curriculum mapping; errors name ``source`` and the key (DESIGN.md,
+    Configuration)."""
+    cur = validate(Curriculum, require_mapping(data, source), source)
     cur.source = source
     return cur
 
@@ -237,12 +219,4 @@ def parse_curriculum(data: Any, source: str = "<curriculum>") -> Curriculum:
 def load_curriculum(path: str | Path) -> Curriculum:
     """Read and validate a curriculum YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: curriculum file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a UTF-8 text file (byte {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_curriculum(data, str(path))
+    return parse_curriculum(load_yaml(path, what="curriculum file"), str(path))

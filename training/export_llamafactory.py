@@ -29,28 +29,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from emomerge import __version__
+from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import LINEAGE_FILE, BaseIdentity, Lineage, StageMetadata
 
-from emomerge import __version__
-
 from .curriculum import Curriculum
-from .families import IMAGE_CAPS, detect_family, get_family
-from .fsutil import publish_permissions
-from .stages import ADAPTER_FILE, StagePlan, base_hash, plan_stages
+from .models.families import IMAGE_CAPS, detect_family, get_family
+from .models.fingerprint import fingerprint
+from .stages import ADAPTER_FILE, StagePlan, plan_stages
 from .trainer import _as_curriculum
 
 LF_IMAGE = "<image>"
-TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-        "assistant_tag": "assistant", "system_tag": "system"}
+TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
 LM_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 #: ``image_max_pixels`` that never shrinks an image: the families whose architecture fixes the
 #: input (LLaVA-1.5's crop, Mllama's tiles, LLaVA-NeXT's grid) get the original image, as in
@@ -106,8 +109,9 @@ def lf_default_system(base: str, family: str) -> str:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{base}: cannot load the tokenizer ({first})") from exc
     if not bos:
-        raise InputError(f"{base}: the tokenizer has no BOS token, which {family} prompts open "
-                         "with")
+        raise InputError(
+            f"{base}: the tokenizer has no BOS token, which {family} prompts open with"
+        )
     return str(bos)
 
 
@@ -136,9 +140,13 @@ def sharegpt_record(plan: StagePlan, idx: int, tmp: Path, family: str) -> dict[s
         raise InputError(f"sample {s.id}: prompt contains the literal '{LF_IMAGE}' token")
     # our samples put the images before the text (Sample.messages), as every template renders
     user = (LF_IMAGE + layout.image_sep) * len(images) + s.prompt_text + layout.user_tail
-    return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": layout.answer_prefix + s.target}],
-            "images": images}
+    return {
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": layout.answer_prefix + s.target},
+        ],
+        "images": images,
+    }
 
 
 def export_precision(cur: Curriculum, *, cuda: bool, bf16_supported: bool) -> tuple[str, str]:
@@ -170,7 +178,7 @@ def _machine_precision(cur: Curriculum) -> tuple[str, str]:
 
 def image_pixels(family: str, image: dict[str, Any], own: dict[str, Any]) -> dict[str, int]:
     """``image_max_pixels`` / ``image_min_pixels`` for the resolved cap ``image``
-    (:func:`~.models.image_cap_record`); ``own`` is the checkpoint's record without any cap.
+    (:func:`~.models.loading.image_cap_record`); ``own`` is the checkpoint's record without any cap.
 
     LLaMA-Factory shrinks every image to ``image_max_pixels`` (default 768 x 768) before the
     processor sees it and enlarges it to ``image_min_pixels`` (default 32 x 32). Qwen: the cap
@@ -181,42 +189,68 @@ def image_pixels(family: str, image: dict[str, Any], own: dict[str, Any]) -> dic
     kind = IMAGE_CAPS[family].kind
     settings = image["settings"]
     if kind == "pixels":
-        return {"image_max_pixels": settings["max_pixels"],
-                "image_min_pixels": settings["min_pixels"]}
+        return {
+            "image_max_pixels": settings["max_pixels"],
+            "image_min_pixels": settings["min_pixels"],
+        }
     if kind == "pinpoints" and settings != own["settings"]:
-        raise InputError("train.max_pixels: LLaMA-Factory cannot drop LLaVA-NeXT grid pinpoints "
-                         f"(kept {settings['image_grid_pinpoints']}); drop train.max_pixels for "
-                         "the export")
+        raise InputError(
+            "train.max_pixels: LLaMA-Factory cannot drop LLaVA-NeXT grid pinpoints "
+            f"(kept {settings['image_grid_pinpoints']}); drop train.max_pixels for "
+            "the export"
+        )
     if kind == "longest_edge" and settings != own["settings"]:
         return {"image_max_pixels": settings["longest_edge"] ** 2, "image_min_pixels": 1}
     return {"image_max_pixels": NO_PRE_RESIZE, "image_min_pixels": 1}
 
 
-def stage_yaml(cur: Curriculum, plan: StagePlan, family: str, base: str, previous: list[str],
-               precision: str, pixels: dict[str, int],
-               default_system: str | None = None) -> dict[str, Any]:
+def stage_yaml(
+    cur: Curriculum,
+    plan: StagePlan,
+    family: str,
+    base: str,
+    previous: list[str],
+    precision: str,
+    pixels: dict[str, int],
+    default_system: str | None = None,
+) -> dict[str, Any]:
     """The llamafactory-cli train config of one stage (paths relative to the export folder);
     ``default_system`` None: the family layout's (:func:`lf_default_system` resolves a BOS)."""
     t, lora, stage = cur.train, cur.lora, plan.stage
     cfg: dict[str, Any] = {
         "model_name_or_path": base,
-        "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_rank": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
         # With freeze_vision_tower LLaMA-Factory rewrites these names into a regex that skips the
         # vision tower, so LoRA lands on the language model only (as emomerge's family regex).
-        "lora_target": LM_PROJ, "freeze_vision_tower": True,
-        "freeze_multi_modal_projector": True, "use_rslora": lora.use_rslora,
-        "dataset": f"emomerge_{stage.name}", "dataset_dir": "data",
+        "lora_target": LM_PROJ,
+        "freeze_vision_tower": True,
+        "freeze_multi_modal_projector": True,
+        "use_rslora": lora.use_rslora,
+        "dataset": f"emomerge_{stage.name}",
+        "dataset_dir": "data",
         "template": get_family(family).llamafactory_template,
-        "default_system": (LF_LAYOUTS[family].default_system if default_system is None
-                           else default_system), **pixels, "cutoff_len": 4096,
+        "default_system": (
+            LF_LAYOUTS[family].default_system if default_system is None else default_system
+        ),
+        **pixels,
+        "cutoff_len": 4096,
         "output_dir": f"adapters/{stage.name}",
-        "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
         "per_device_train_batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum, "learning_rate": stage.lr or t.lr,
+        "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": stage.lr or t.lr,
         "lr_scheduler_type": t.scheduler,
-        "weight_decay": t.weight_decay, "seed": cur.seed + plan.index,
-        "bf16": precision == "bf16", "fp16": precision == "fp16",
+        "weight_decay": t.weight_decay,
+        "seed": cur.seed + plan.index,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
     }
     if t.max_grad_norm:
         cfg["max_grad_norm"] = t.max_grad_norm
@@ -242,23 +276,41 @@ def stage_yaml(cur: Curriculum, plan: StagePlan, family: str, base: str, previou
     return cfg
 
 
-def _lineage(cur: Curriculum, plan: StagePlan, prev: StagePlan | None, base: str, family: str,
-             base_sha: str | None, image: dict[str, Any], cfg: dict[str, Any],
-             precision: str) -> StageMetadata:
+def _lineage(
+    cur: Curriculum,
+    plan: StagePlan,
+    prev: StagePlan | None,
+    base: str,
+    family: str,
+    base_sha: str | None,
+    image: dict[str, Any],
+    cfg: dict[str, Any],
+    precision: str,
+) -> StageMetadata:
     """The stage's ``emomerge.json`` as far as it is known before training: the fields training
     writes, but ``steps``/losses (LLaMA-Factory's ``trainer_state.json`` has them) and
     ``lineage.parent_sha256``, which run.sh fills once the parent is trained. No
     ``settings_sha256``: that fingerprints emomerge's own trainer for resuming, not this one."""
     train = {**cur.train.model_dump(), "lr": plan.stage.lr or cur.train.lr}
     return StageMetadata(
-        emomerge_version=__version__, stage=plan.stage.name, stage_index=plan.index,
+        emomerge_version=__version__,
+        stage=plan.stage.name,
+        stage_index=plan.index,
         lineage=Lineage(mode=cur.lineage, parent=f"../{prev.stage.name}" if prev else None),
         base=BaseIdentity(name_or_path=base, hash=base_sha, family=family),
-        dataset=plan.dataset_record(cur), seed=cur.seed,
-        lora=cur.lora.model_dump(), train=train, image=image, trained_by="llamafactory",
-        llamafactory={"template": cfg["template"], "default_system": cfg["default_system"],
-                      "precision": precision, "image_max_pixels": cfg["image_max_pixels"],
-                      "image_min_pixels": cfg["image_min_pixels"]},
+        dataset=plan.dataset_record(cur),
+        seed=cur.seed,
+        lora=cur.lora.model_dump(),
+        train=train,
+        image=image,
+        trained_by="llamafactory",
+        llamafactory={
+            "template": cfg["template"],
+            "default_system": cfg["default_system"],
+            "precision": precision,
+            "image_max_pixels": cfg["image_max_pixels"],
+            "image_min_pixels": cfg["image_min_pixels"],
+        },
     )
 
 
@@ -294,55 +346,80 @@ def run_script(names: list[str], yaml_names: list[str]) -> str:
     partial weights are removed first, because LLaMA-Factory refuses an output_dir holding
     adapter weights and transformers 5 has no ``overwrite_output_dir`` any more.
     """
-    lines = ["#!/bin/sh", "# usage: sh run.sh   (from anywhere; LLaMA-Factory's environment active)",
-             "set -eu", 'cd "$(dirname "$0")"', "PYTHON=${PYTHON:-python}", ""]
+    lines = [
+        "#!/bin/sh",
+        "# usage: sh run.sh   (from anywhere; LLaMA-Factory's environment active)",
+        "set -eu",
+        'cd "$(dirname "$0")"',
+        "PYTHON=${PYTHON:-python}",
+        "",
+    ]
     for i, (name, yaml_name) in enumerate(zip(names, yaml_names)):
         out = f"adapters/{name}"
-        lines += [f'if [ -f {out}/{ADAPTER_FILE} ] && [ -f {out}/train_results.json ]; then',
-                  f'    echo "stage {name}: finished, skipped"',
-                  "else",
-                  f"    rm -f {out}/{ADAPTER_FILE} {out}/adapter_model.bin {out}/adapter_config.json"]
+        lines += [
+            f"if [ -f {out}/{ADAPTER_FILE} ] && [ -f {out}/train_results.json ]; then",
+            f'    echo "stage {name}: finished, skipped"',
+            "else",
+            f"    rm -f {out}/{ADAPTER_FILE} {out}/adapter_model.bin {out}/adapter_config.json",
+        ]
         if i:
             lines.append(f'    "$PYTHON" lineage/fill_parent_sha256.py {out}')
         lines += [f"    llamafactory-cli train {yaml_name}", "fi"]
     return "\n".join(lines) + "\n"
 
 
-def _yaml_header(yaml_name: str, plan: StagePlan, n: int, cur: Curriculum, precision: str,
-                 why: str, image: dict[str, Any]) -> str:
-    return (f"# llamafactory-cli train {yaml_name}   (from the export folder; run.sh runs all)\n"
-            f"# stage {plan.index + 1}/{n} of an emomerge curriculum (lineage: {cur.lineage}); "
-            f"written by emomerge export-llamafactory {__version__}\n"
-            f"# precision: {precision} ({why}); bf16 needs a CUDA GPU that supports it\n"
-            f"# images: emomerge's cap resolved to {image['settings']} "
-            f"({image['source']}); image_max_pixels/image_min_pixels bound LLaMA-Factory's "
-            f"resize before the processor\n")
+def _yaml_header(
+    yaml_name: str,
+    plan: StagePlan,
+    n: int,
+    cur: Curriculum,
+    precision: str,
+    why: str,
+    image: dict[str, Any],
+) -> str:
+    return (
+        f"# llamafactory-cli train {yaml_name}   (from the export folder; run.sh runs all)\n"
+        f"# stage {plan.index + 1}/{n} of an emomerge curriculum (lineage: {cur.lineage}); "
+        f"written by emomerge export-llamafactory {__version__}\n"
+        f"# precision: {precision} ({why}); bf16 needs a CUDA GPU that supports it\n"
+        f"# images: emomerge's cap resolved to {image['settings']} "
+        f"({image['source']}); image_max_pixels/image_min_pixels bound LLaMA-Factory's "
+        f"resize before the processor\n"
+    )
 
 
 def _bos_note(family: str, default_system: str) -> str:
     if not LF_LAYOUTS[family].bos_as_system:
         return ""
-    return (f"# default_system {default_system!r} is the tokenizer's BOS, not a system prompt: "
-            f"the {get_family(family).llamafactory_template} template has no BOS slot, and the "
-            "released processor (and emomerge) open the prompt with it (docs/INTEROP.md)\n")
+    return (
+        f"# default_system {default_system!r} is the tokenizer's BOS, not a system prompt: "
+        f"the {get_family(family).llamafactory_template} template has no BOS slot, and the "
+        "released processor (and emomerge) open the prompt with it (docs/INTEROP.md)\n"
+    )
 
 
-def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
-                        out_dir: str | Path, *, precision: str | None = None) -> Path:
+def export_llamafactory(
+    curriculum_yaml_or_obj: Curriculum | dict | str | Path,
+    out_dir: str | Path,
+    *,
+    precision: str | None = None,
+) -> Path:
     """Write the LLaMA-Factory export of a curriculum into ``out_dir`` (created atomically).
 
     ``precision`` ("bf16", "fp16", "fp32") overrides :func:`export_precision`'s choice.
     """
-    from .models import image_cap_record
+    from .models.loading import image_cap_record
 
     cur = _as_curriculum(curriculum_yaml_or_obj)
     if precision is not None and precision not in ("bf16", "fp16", "fp32"):
         raise InputError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
     if cur.lineage == "stacked" and cur.train.quantize_4bit and len(cur.stages) > 1:
-        raise InputError("lineage 'stacked' with train.quantize_4bit cannot be exported: "
-                         "LLaMA-Factory refuses a new adapter on a 4-bit base (\"Cannot create new "
-                         "adapter upon a quantized model\"); use lineage: continued, or drop "
-                         "quantize_4bit")
+        raise InputError(
+            "lineage 'stacked' with train.quantize_4bit cannot be exported: "
+            'LLaMA-Factory refuses a new adapter on a 4-bit base ("Cannot create new '
+            'adapter upon a quantized model"); use lineage: continued, or drop '
+            "quantize_4bit"
+        )
     final = Path(out_dir).resolve()
     if final.exists() and any(final.iterdir()):
         raise InputError(f"{final}: already exists and is not empty")
@@ -358,46 +435,45 @@ def export_llamafactory(curriculum_yaml_or_obj: Curriculum | dict | str | Path,
     default_system = lf_default_system(base, family)
     plans = plan_stages(cur, final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:  # an empty folder at final is replaced
         (tmp / "data").mkdir()
         (tmp / "lineage").mkdir()
         info, previous, yaml_names = {}, [], []
-        base_sha = base_hash(base)
+        base_sha = fingerprint(base)
         for plan in plans:
             name = plan.stage.name
             with (tmp / "data" / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
                 for i in range(len(plan.samples)):
-                    fh.write(json.dumps(sharegpt_record(plan, i, tmp, family),
-                                        ensure_ascii=False) + "\n")
-            info[f"emomerge_{name}"] = {"file_name": f"{name}.jsonl", "formatting": "sharegpt",
-                                        "columns": {"messages": "messages", "images": "images"},
-                                        "tags": TAGS}
-            cfg = stage_yaml(cur, plan, family, base, previous, precision, pixels,
-                             default_system)
+                    fh.write(
+                        json.dumps(sharegpt_record(plan, i, tmp, family), ensure_ascii=False) + "\n"
+                    )
+            info[f"emomerge_{name}"] = {
+                "file_name": f"{name}.jsonl",
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages", "images": "images"},
+                "tags": TAGS,
+            }
+            cfg = stage_yaml(cur, plan, family, base, previous, precision, pixels, default_system)
             yaml_name = f"{plan.index + 1:02d}_{name}.yaml"
-            header = (_yaml_header(yaml_name, plan, len(plans), cur, precision, why, image)
-                      + _bos_note(family, default_system))
-            (tmp / yaml_name).write_text(header + yaml.safe_dump(cfg, sort_keys=False,
-                                                                 allow_unicode=True))
+            header = _yaml_header(
+                yaml_name, plan, len(plans), cur, precision, why, image
+            ) + _bos_note(family, default_system)
+            (tmp / yaml_name).write_text(
+                header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+            )
             prev = plans[plan.index - 1] if plan.index else None
             meta = _lineage(cur, plan, prev, base, family, base_sha, image, cfg, precision)
             (tmp / "adapters" / name).mkdir(parents=True)
             (tmp / "adapters" / name / LINEAGE_FILE).write_text(
-                json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+                json.dumps(meta.model_dump(mode="json"), indent=2) + "\n"
+            )
             previous.append(cfg["output_dir"])
             yaml_names.append(yaml_name)
         (tmp / "data" / "dataset_info.json").write_text(
-            json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+            json.dumps(info, indent=2, ensure_ascii=False) + "\n"
+        )
         (tmp / "lineage" / "fill_parent_sha256.py").write_text(FILL_PARENT)
         (tmp / "run.sh").write_text(run_script([p.stage.name for p in plans], yaml_names))
-        publish_permissions(tmp)
-        mode = (tmp / "run.sh").stat().st_mode
-        os.chmod(tmp / "run.sh", mode | (mode & 0o444) >> 2)  # executable wherever readable
-        if final.exists():
-            final.rmdir()
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # executable: atomic_folder publishes it 0o777 & ~umask (readable = executable)
+        (tmp / "run.sh").chmod(0o700)
     return final

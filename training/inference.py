@@ -12,7 +12,7 @@ from typing import Any
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import read_stage_metadata, resolve_parent
 
-from .models import load_vlm
+from .models.loading import load_vlm
 
 
 def lineage_chain(adapter_dir: str | Path) -> list[Path]:
@@ -32,9 +32,14 @@ def lineage_chain(adapter_dir: str | Path) -> list[Path]:
     return chain
 
 
-def load_stage_model(adapter_dir: str | Path, base: str | Path | None = None,
-                     family: str | None = None, dtype: str | None = None, device: str = "cpu",
-                     merge: bool = False) -> tuple[Any, Any, str]:
+def load_stage_model(
+    adapter_dir: str | Path,
+    base: str | Path | None = None,
+    family: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    merge: bool = False,
+) -> tuple[Any, Any, str]:
     """``(model, processor, family)`` for a stage adapter, with stacked ancestors folded in.
 
     ``base`` defaults to the base recorded in the adapter's ``emomerge.json``. With ``merge`` the

@@ -1,6 +1,6 @@
 """Sequential LoRA training over a curriculum: one PEFT adapter per stage, resumable, accelerate-ready.
 
-Lineage modes (DESIGN.md):
+Lineage modes (docs/DESIGN.md, Words: "Lineage"):
 - ``continued``: stage k loads stage k-1's adapter as trainable and keeps training it, so every
   adapter's ΔW is cumulative from the base.
 - ``stacked``: stages 0..k-1 are folded into the base (PEFT ``merge_and_unload``), then a fresh
@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from emomerge.merging.atomic import atomic_folder
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
 from emomerge.merging.progress import phase
 
-from .batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .curriculum import Curriculum, load_curriculum, parse_curriculum
 from .data import samples_sha256
-from .families import detect_family, get_family
-from .fsutil import publish_permissions
-from .models import image_cap_record, load_vlm, machine_precision, resolve_model
-from .stages import StagePlan, base_hash, check_resumable, is_complete, plan_stages, stage_metadata
+from .models.batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
+from .models.families import detect_family, get_family
+from .models.fingerprint import fingerprint
+from .models.loading import image_cap_record, load_vlm, machine_precision, resolve_model
+from .stages import StagePlan, check_resumable, is_complete, plan_stages, stage_metadata
 
 
 def lora_config(cur: Curriculum, family: str):
@@ -39,9 +39,15 @@ def lora_config(cur: Curriculum, family: str):
     from peft import LoraConfig
 
     lora = cur.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_regex or get_family(family).lora_target_regex,
-                      use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_regex or get_family(family).lora_target_regex,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def plan_checkpointing(setting: bool | str, device: str) -> bool:
@@ -79,21 +85,30 @@ def enable_checkpointing(model: Any) -> None:
         config.use_cache = False
 
 
-def build_stage_model(cur: Curriculum, base: str, family: str,
-                      finished: list[Path]) -> tuple[Any, Any]:
+def build_stage_model(
+    cur: Curriculum, base: str, family: str, finished: list[Path]
+) -> tuple[Any, Any]:
     """The trainable PEFT model a stage starts from, given the finished adapters before it."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     t = cur.train
     device = t.device or _device()
-    model, processor, _ = load_vlm(base, family, t.dtype, device, t.quantize_4bit,
-                                   max_pixels=t.max_pixels,
-                                   where=f"{cur.source}: key 'train.max_pixels'")
+    model, processor, _ = load_vlm(
+        base,
+        family,
+        t.dtype,
+        device,
+        t.quantize_4bit,
+        max_pixels=t.max_pixels,
+        where=f"{cur.source}: key 'train.max_pixels'",
+    )
     checkpointing = plan_checkpointing(t.gradient_checkpointing, device)
     if t.quantize_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS),
+        )
     elif checkpointing:
         enable_checkpointing(model)
     if cur.lineage == "continued" and finished:
@@ -113,8 +128,15 @@ def _optimizer_steps(plan: StagePlan, n_batches: int, grad_accum: int) -> int:
     return max(1, math.ceil(n_batches * plan.stage.epochs / grad_accum))
 
 
-def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, processor: Any,
-                family: str, progress: bool) -> tuple[Any, int, list[float]]:
+def train_stage(
+    accelerator: Any,
+    cur: Curriculum,
+    plan: StagePlan,
+    model: Any,
+    processor: Any,
+    family: str,
+    progress: bool,
+) -> tuple[Any, int, list[float]]:
     """Train ``model`` on one stage; return the unwrapped model, steps done and per-step losses."""
     import torch
     from torch.utils.data import DataLoader
@@ -123,18 +145,25 @@ def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, 
     t = cur.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.stage.lr or t.lr, weight_decay=t.weight_decay)
-    loader = DataLoader(plan.samples, batch_size=t.batch_size, shuffle=True,
-                        collate_fn=partial(encode_batch, processor, family),
-                        generator=torch.Generator().manual_seed(cur.seed + plan.index))
+    loader = DataLoader(
+        plan.samples,
+        batch_size=t.batch_size,
+        shuffle=True,
+        collate_fn=partial(encode_batch, processor, family),
+        generator=torch.Generator().manual_seed(cur.seed + plan.index),
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total = _optimizer_steps(plan, len(loader), t.grad_accum)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = get_scheduler(
+        t.scheduler,
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total),
+        num_training_steps=total,
+    )
     label = f"train {plan.stage.name} (stage {plan.index + 1}/{len(cur.stages)})"
     model.train()
     step, losses, micro = 0, [], []
-    with phase(label, total, unit="steps", enabled=progress and accelerator.is_main_process) \
-            as bar:
+    with phase(label, total, unit="steps", enabled=progress and accelerator.is_main_process) as bar:
         while step < total:
             for batch in loader:
                 with accelerator.accumulate(model):
@@ -162,20 +191,14 @@ def train_stage(accelerator: Any, cur: Curriculum, plan: StagePlan, model: Any, 
 
 def _write_stage(model: Any, plan: StagePlan, meta: Any) -> None:
     """Save adapter + lineage into a temporary folder, then rename it into place."""
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.stage.name}.tmp-", dir=plan.out_dir.parent))
-    try:
+    with atomic_folder(plan.out_dir) as tmp:
         model.save_pretrained(str(tmp))
         write_stage_metadata(tmp, meta)
-        publish_permissions(tmp)
-        tmp.rename(plan.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def check_stage_images(cur: Curriculum, plans: list[StagePlan],
-                       max_bad_share: float | None = None) -> dict[int, int]:
+def check_stage_images(
+    cur: Curriculum, plans: list[StagePlan], max_bad_share: float | None = None
+) -> dict[int, int]:
     """Drop the samples with unreadable images from every stage before any training starts.
 
     Returns ``{stage index: skipped image files}`` (``dataset.skipped_images`` in each stage's
@@ -186,13 +209,17 @@ def check_stage_images(cur: Curriculum, plans: list[StagePlan],
     files skips the same ones and matches; one that sees another set (a file repaired or newly
     broken) is refused as other data by ``check_resumable``.
     """
-    share = (max_bad_share if max_bad_share is not None
-             else getattr(cur.train, "max_bad_image_share", MAX_BAD_IMAGE_SHARE))
+    share = (
+        max_bad_share
+        if max_bad_share is not None
+        else getattr(cur.train, "max_bad_image_share", MAX_BAD_IMAGE_SHARE)
+    )
     skipped = {}
     for plan in plans:
         where = f"{cur.source}: stages.{plan.index} ({plan.stage.name})"
-        plan.samples, skipped[plan.index] = check_images(plan.samples, max_bad_share=share,
-                                                         where=where)
+        plan.samples, skipped[plan.index] = check_images(
+            plan.samples, max_bad_share=share, where=where
+        )
         if skipped[plan.index]:
             plan.data_sha256 = samples_sha256(plan.samples)
     return skipped
@@ -211,9 +238,14 @@ def _as_curriculum(obj: Curriculum | dict | str | Path) -> Curriculum:
     return load_curriculum(obj)
 
 
-def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out_dir: str | Path,
-                     *, progress: bool = True, max_stages: int | None = None,
-                     max_bad_image_share: float | None = None) -> list[Path]:
+def train_curriculum(
+    curriculum_yaml_or_obj: Curriculum | dict | str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    max_stages: int | None = None,
+    max_bad_image_share: float | None = None,
+) -> list[Path]:
     """Train every stage of a curriculum into ``out_dir/adapters/<stage>/``; return those folders.
 
     Finished stages (complete folders from an earlier, interrupted run with the same curriculum)
@@ -231,29 +263,39 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
     cur = _as_curriculum(curriculum_yaml_or_obj)
     out = Path(out_dir)
     # A missing local base is one line now, not a hub lookup after the data is read.
-    base = resolve_model(cur.resolved_base(), where=f"{cur.source}: key 'base_model'",
-                         relative_to=_source_dir(cur))
+    base = resolve_model(
+        cur.resolved_base(), where=f"{cur.source}: key 'base_model'", relative_to=_source_dir(cur)
+    )
     family = cur.family or detect_family(base)
     plan = machine_precision(cur.train.quantize_4bit, cur.train.dtype, cur.train.device)
     plans = plan_stages(cur, out)
     skipped = check_stage_images(cur, plans, max_bad_image_share)
-    accelerator = Accelerator(gradient_accumulation_steps=cur.train.grad_accum,
-                              cpu=plan.device == "cpu")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cur.train.grad_accum, cpu=plan.device == "cpu"
+    )
     if accelerator.is_main_process:
         for stale in (out / "adapters").glob(".*.tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-    base_sha = base_hash(base)
+    base_sha = fingerprint(base)
     # the processor alone: the resolved cap is compared with finished stages before training
-    image = image_cap_record(base, family, cur.train.max_pixels,
-                             where=f"{cur.source}: key 'train.max_pixels'")
+    image = image_cap_record(
+        base, family, cur.train.max_pixels, where=f"{cur.source}: key 'train.max_pixels'"
+    )
     checkpointing = plan_checkpointing(cur.train.gradient_checkpointing, plan.device)
     done: list[Path] = []
     for i, stage_plan in enumerate(plans):
         if max_stages is not None and i >= max_stages:
             break
         if is_complete(stage_plan.out_dir):
-            check_resumable(stage_plan, cur, base, family=family, base_sha=base_sha,
-                            parent=plans[i - 1] if i else None, image=image)
+            check_resumable(
+                stage_plan,
+                cur,
+                base,
+                family=family,
+                base_sha=base_sha,
+                parent=plans[i - 1] if i else None,
+                image=image,
+            )
             done.append(stage_plan.out_dir)
             continue
         if stage_plan.out_dir.exists():
@@ -261,14 +303,25 @@ def train_curriculum(curriculum_yaml_or_obj: Curriculum | dict | str | Path, out
         # Seed before building: a fresh LoRA's A matrices are drawn at creation.
         set_seed(cur.seed + i)
         model, processor = build_stage_model(cur, base, family, done)
-        model, steps, losses = train_stage(accelerator, cur, stage_plan, model, processor,
-                                           family, progress)
+        model, steps, losses = train_stage(
+            accelerator, cur, stage_plan, model, processor, family, progress
+        )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             prev = plans[i - 1] if i else None
-            meta = stage_metadata(stage_plan, cur, prev, base, family, base_sha, steps, losses,
-                                  accelerator.num_processes, image=image,
-                                  gradient_checkpointing=checkpointing)
+            meta = stage_metadata(
+                stage_plan,
+                cur,
+                prev,
+                base,
+                family,
+                base_sha,
+                steps,
+                losses,
+                accelerator.num_processes,
+                image=image,
+                gradient_checkpointing=checkpointing,
+            )
             meta.dataset["skipped_images"] = skipped[i]
             _write_stage(model, stage_plan, meta)
         accelerator.wait_for_everyone()

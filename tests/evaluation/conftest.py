@@ -30,18 +30,20 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     return build_tiny_vlm(FAMILY, tmp_path_factory.mktemp("base") / "tiny-qwen2_5_vl", seed=0)
 
 
-def _stage_adapter(base: Path, out: Path, *, seed: int, stage: str, index: int,
-                   parent: str | None) -> Path:
+def _stage_adapter(
+    base: Path, out: Path, *, seed: int, stage: str, index: int, parent: str | None
+) -> Path:
     import torch
-    from emomerge.merging.lineage import BaseIdentity, Lineage, StageMetadata, write_stage_metadata
-    from emomerge.training.families import LM_ONLY_REGEX
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
+
+    from emomerge.merging.lineage import BaseIdentity, Lineage, StageMetadata, write_stage_metadata
+    from emomerge.training.models.families import LM_ONLY_REGEX
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(str(base))
@@ -50,20 +52,32 @@ def _stage_adapter(base: Path, out: Path, *, seed: int, stage: str, index: int,
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LM_ONLY_REGEX, init_lora_weights=False)
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(str(out))
-    write_stage_metadata(out, StageMetadata(
-        stage=stage, stage_index=index,
-        lineage=Lineage(mode="continued" if parent else None, parent=parent),
-        base=BaseIdentity(name_or_path=str(base), family=FAMILY), seed=seed, steps=0))
+    write_stage_metadata(
+        out,
+        StageMetadata(
+            stage=stage,
+            stage_index=index,
+            lineage=Lineage(mode="continued" if parent else None, parent=parent),
+            base=BaseIdentity(name_or_path=str(base), family=FAMILY),
+            seed=seed,
+            steps=0,
+        ),
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def stage_dirs(tiny_base, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    s1 = _stage_adapter(tiny_base, root / "s1_emoart", seed=1, stage="emoart", index=0,
-                        parent=None)
-    s2 = _stage_adapter(tiny_base, root / "s2_emocomics35", seed=2, stage="emocomics35",
-                        index=1, parent="../s1_emoart")
+    s1 = _stage_adapter(tiny_base, root / "s1_emoart", seed=1, stage="emoart", index=0, parent=None)
+    s2 = _stage_adapter(
+        tiny_base,
+        root / "s2_emocomics35",
+        seed=2,
+        stage="emocomics35",
+        index=1,
+        parent="../s1_emoart",
+    )
     return [s1, s2]
 
 

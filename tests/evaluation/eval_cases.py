@@ -17,9 +17,14 @@ SINGLE_LABELS = ["A", "B", "C", "D"]
 
 
 def single_preds() -> Predictions:
-    return Predictions(task="single", ids=[f"s{i}" for i in range(6)],
-                       groups=[f"s{i}" for i in range(6)], gold=[[g] for g in SINGLE_GOLD],
-                       pred=SINGLE_PRED, label_set=SINGLE_LABELS)
+    return Predictions(
+        task="single",
+        ids=[f"s{i}" for i in range(6)],
+        groups=[f"s{i}" for i in range(6)],
+        gold=[[g] for g in SINGLE_GOLD],
+        pred=SINGLE_PRED,
+        label_set=SINGLE_LABELS,
+    )
 
 
 # Multi-label: 4 utterances on 2 pages, Fear never gold nor predicted.
@@ -37,7 +42,11 @@ MULTI_LABELS = ["Anger", "Joy", "Sadness", "Fear"]
 
 def multi_preds() -> Predictions:
     return Predictions(
-        task="multi", ids=["s1", "s2", "s3", "s4"], groups=["p1", "p1", "p2", "p2"],
+        task="multi",
+        ids=["s1", "s2", "s3", "s4"],
+        groups=["p1", "p1", "p2", "p2"],
         gold=[["Anger"], ["Joy", "Sadness"], ["Sadness"], ["Anger", "Joy"]],
         pred=[["Anger"], ["Joy"], ["Anger"], ["Anger", "Joy"]],
-        label_set=MULTI_LABELS, top1=["Anger", "Joy", "Anger", "Anger"])
+        label_set=MULTI_LABELS,
+        top1=["Anger", "Joy", "Anger", "Anger"],
+    )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
+
 from emomerge.evaluation import predict
 from emomerge.evaluation.cache import PredictionCache
 from emomerge.evaluation.predict import (
@@ -35,21 +37,24 @@ from emomerge.evaluation.scoring import (
 )
 from emomerge.evaluation.variants import Variant
 from emomerge.training.data.sample import Sample, user_message
-from PIL import Image
 
 LABELS = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
-TEXTS = ["Which emotions?",
-         ("This comic page contains the following utterance, spoken by ALICE (panel 2, balloon "
-          "1):\n\"I can't believe you did that, after everything we went through!\"\nWhich "
-          "emotions does the speaker express?"),
-         "Emotions of: \"Oh.\""]
+TEXTS = [
+    "Which emotions?",
+    (
+        "This comic page contains the following utterance, spoken by ALICE (panel 2, balloon "
+        '1):\n"I can\'t believe you did that, after everything we went through!"\nWhich '
+        "emotions does the speaker express?"
+    ),
+    'Emotions of: "Oh."',
+]
 SIZES = [(64, 48), (120, 90), (40, 100)]  # different image token counts too
 BASE = Variant("base", "base")
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     return predict.ModelHost.load(build_tiny_vlm("llava", tmp_path_factory.mktemp("llava") / "m"))
 
@@ -64,15 +69,17 @@ def _candidates(h, messages, max_labels, with_eot=True):
     prompt = render_prompt(h.processor, messages, h.family)
     answers, _ = candidate_answers(LABELS, max_labels)
     eot = answer_suffix(h.family, h.tokenizer) if with_eot else None
-    return prompt, continuation_ids(h.tokenizer, prompt,
-                                    [answer_prefix(h.processor, messages) + a for a in answers],
-                                    eot)
+    return prompt, continuation_ids(
+        h.tokenizer, prompt, [answer_prefix(h.processor, messages) + a for a in answers], eot
+    )
 
 
 def _one_by_one(h, model, prompts, images, conts):
     pad = h.tokenizer.pad_token_id
-    return [score_labels(model, encode_prompts(h.processor, h.family, [p], [im]), c, pad)
-            for p, im, c in zip(prompts, images, conts)]
+    return [
+        score_labels(model, encode_prompts(h.processor, h.family, [p], [im]), c, pad)
+        for p, im, c in zip(prompts, images, conts)
+    ]
 
 
 def _assert_close(got, want):
@@ -85,12 +92,14 @@ def _assert_close(got, want):
 
 def _left(h):
     """The tokenizer set to left padding for the duration (run_likelihood does the same)."""
+
     class _Ctx:
         def __enter__(self):
             self.old, h.tokenizer.padding_side = h.tokenizer.padding_side, "left"
 
         def __exit__(self, *exc):
             h.tokenizer.padding_side = self.old
+
     return _Ctx()
 
 
@@ -104,13 +113,14 @@ def test_batched_prompts_equal_one_prompt_path(any_host, max_labels, packed):
     prompts, conts = zip(*(_candidates(h, m, max_labels) for m in msgs))
     with h.activate(BASE) as model, _left(h):
         inputs = encode_prompts(h.processor, h.family, list(prompts), images)
-        assert not bool(inputs["attention_mask"].all())            # the batch is padded
-        got = score_labels_batch(model, inputs, list(conts), h.tokenizer.pad_token_id, chunk=40,
-                                 packed=packed)
+        assert not bool(inputs["attention_mask"].all())  # the batch is padded
+        got = score_labels_batch(
+            model, inputs, list(conts), h.tokenizer.pad_token_id, chunk=40, packed=packed
+        )
     with h.activate(BASE) as model:
         want = _one_by_one(h, model, prompts, images, conts)
     assert len(conts[0]) == (63 if max_labels else 7)
-    assert len({len(c) for c in conts[0]}) > 1                    # ragged continuations
+    assert len({len(c) for c in conts[0]}) > 1  # ragged continuations
     _assert_close(got, want)
 
 
@@ -119,14 +129,20 @@ def test_batched_prompts_equal_full_forward(host):
     msgs = [user_message(1, t) for t in TEXTS[:2]]
     images = [[Image.new("RGB", s, (200, 40 * i, 60))] for i, s in enumerate(SIZES[:2])]
     prompts, conts = zip(*(_candidates(host, m, 2) for m in msgs))
-    conts = [c[::4] for c in conts]                               # 7 of the 28 sets each
+    conts = [c[::4] for c in conts]  # 7 of the 28 sets each
     with host.activate(BASE) as model:
-        want = [score_labels_full(model, encode_prompts(host.processor, host.family, [p], [im]),
-                                  c) for p, im, c in zip(prompts, images, conts)]
+        want = [
+            score_labels_full(model, encode_prompts(host.processor, host.family, [p], [im]), c)
+            for p, im, c in zip(prompts, images, conts)
+        ]
         with _left(host):
-            got = score_labels_batch(model, encode_prompts(host.processor, host.family,
-                                                           list(prompts), images),
-                                     conts, host.tokenizer.pad_token_id, chunk=5)
+            got = score_labels_batch(
+                model,
+                encode_prompts(host.processor, host.family, list(prompts), images),
+                conts,
+                host.tokenizer.pad_token_id,
+                chunk=5,
+            )
     _assert_close(got, want)
 
 
@@ -139,9 +155,12 @@ def test_packed_candidates_under_eager_attention(llava):
     llava.model.set_attn_implementation("eager")
     try:
         with _left(llava):
-            got = score_labels_batch(llava.model, encode_prompts(llava.processor, llava.family,
-                                                                 list(prompts), images),
-                                     list(conts), llava.tokenizer.pad_token_id)
+            got = score_labels_batch(
+                llava.model,
+                encode_prompts(llava.processor, llava.family, list(prompts), images),
+                list(conts),
+                llava.tokenizer.pad_token_id,
+            )
     finally:
         llava.model.set_attn_implementation("sdpa")
     _assert_close(got, want)
@@ -166,9 +185,12 @@ def test_shared_prefix_equals_whole_prompts(any_host, packed):
     one prefix per page, encoded once (the EmoComics35 prompt puts the utterance after both)."""
     h = any_host
     pages = [Image.new("RGB", (96, 72), (200, 30, 30)), Image.new("RGB", (50, 110), (0, 90, 200))]
-    utts = ["\"No!\"", "\"What a lovely day it is today, my friend.\"", "\"Hm.\""]
-    msgs = [user_message(1, f"This comic page contains the following utterance: {u}\nWhich?")
-            for _ in pages for u in utts]
+    utts = ['"No!"', '"What a lovely day it is today, my friend."', '"Hm."']
+    msgs = [
+        user_message(1, f"This comic page contains the following utterance: {u}\nWhich?")
+        for _ in pages
+        for u in utts
+    ]
     images = [[pg] for pg in pages for _ in utts]
     prompts, conts = zip(*(_candidates(h, m, 3) for m in msgs))
     pad = h.tokenizer.pad_token_id
@@ -177,13 +199,24 @@ def test_shared_prefix_equals_whole_prompts(any_host, packed):
         ids = [r[m.bool()].tolist() for r, m in zip(full["input_ids"], full["attention_mask"])]
         cut = [common_prefix(ids[:3]), common_prefix(ids[3:])]
         image_id = h.processor.image_token_id
-        assert all(max(i for i, t in enumerate(ids[u]) if t == image_id) < cut[u // 3]
-                   for u in range(6))                              # images inside the prefix
-        prefix = cut_rows(encode_prompts(h.processor, h.family, [prompts[0], prompts[3]],
-                                         [images[0], images[3]]), cut, pad)
-        got = score_shared_prefix(model, prefix, [0, 0, 0, 1, 1, 1],
-                                  [ids[u][cut[u // 3]:] for u in range(6)], list(conts), pad,
-                                  chunk=50, packed=packed)
+        assert all(
+            max(i for i, t in enumerate(ids[u]) if t == image_id) < cut[u // 3] for u in range(6)
+        )  # images inside the prefix
+        prefix = cut_rows(
+            encode_prompts(h.processor, h.family, [prompts[0], prompts[3]], [images[0], images[3]]),
+            cut,
+            pad,
+        )
+        got = score_shared_prefix(
+            model,
+            prefix,
+            [0, 0, 0, 1, 1, 1],
+            [ids[u][cut[u // 3] :] for u in range(6)],
+            list(conts),
+            pad,
+            chunk=50,
+            packed=packed,
+        )
     with h.activate(BASE) as model:
         want = _one_by_one(h, model, prompts, images, conts)
     _assert_close(got, want)
@@ -202,9 +235,14 @@ def _reference(h, samples, max_labels):
         for s in samples:
             # run_likelihood closes label sets with the end-of-turn text, single labels not
             prompt, conts = _candidates(h, s.messages, max_labels, max_labels is not None)
-            out.append(score_labels(model, encode_prompts(h.processor, h.family, [prompt],
-                                                          [load_images(s.images)]), conts,
-                                    h.tokenizer.pad_token_id))
+            out.append(
+                score_labels(
+                    model,
+                    encode_prompts(h.processor, h.family, [prompt], [load_images(s.images)]),
+                    conts,
+                    h.tokenizer.pad_token_id,
+                )
+            )
     return [[(x.logprob, x.n_tokens) for x in row] for row in out]
 
 
@@ -223,20 +261,22 @@ def _count_image_rows(monkeypatch, model):
         if kw.get("pixel_values") is not None:
             seen.append(int(kw["input_ids"].shape[0]))
         return forward(*args, **kw)
+
     monkeypatch.setattr(model, "forward", spy)
     return seen
 
 
 @pytest.mark.parametrize("max_labels", [None, 3])
-def test_run_likelihood_page_cache_equals_per_utterance(any_host, emocomics_dir, tmp_path,
-                                                        monkeypatch, max_labels):
+def test_run_likelihood_page_cache_equals_per_utterance(
+    any_host, emocomics_dir, tmp_path, monkeypatch, max_labels
+):
     """EmoComics35 utterance prompts: each page's image is encoded once per batch."""
     from emomerge.training.data import read_dataset
 
     h = any_host
     samples = read_dataset("emocomics35", emocomics_dir, "train")
     pages = [s.group for s in samples]
-    assert len(set(pages)) < len(samples)                         # pages with several utterances
+    assert len(set(pages)) < len(samples)  # pages with several utterances
     want = _reference(h, samples, max_labels)
     seen = _count_image_rows(monkeypatch, h.model)
     got = _run(h, samples, tmp_path, "paged", max_labels=max_labels, batch_size=8)
@@ -244,8 +284,10 @@ def test_run_likelihood_page_cache_equals_per_utterance(any_host, emocomics_dir,
     # a page is never split across batches of 8 here (pages hold at most 4 utterances)
     assert sum(seen) == len(set(pages))
     seen.clear()
-    _close_records(_run(h, samples, tmp_path, "plain", max_labels=max_labels, batch_size=8,
-                        page_cache=False), want)
+    _close_records(
+        _run(h, samples, tmp_path, "plain", max_labels=max_labels, batch_size=8, page_cache=False),
+        want,
+    )
     assert sum(seen) == len(samples)
 
 
@@ -253,14 +295,30 @@ def test_prefix_without_the_image_falls_back_to_whole_prompts(host, tmp_path):
     """Text before the image that differs between utterances: no common prefix holds the image,
     so each prompt is encoded whole (still batched) and the scores stay the same."""
     page = Image.new("RGB", (80, 60), (10, 200, 10))
-    samples = [Sample(id=f"u{i}", images=[page], target="Joy", labels=["Joy"],
-                      label_set=LABELS, group="p",
-                      messages=[{"role": "user", "content": [
-                          {"type": "text", "text": f"Utterance {t}. Page:"}, {"type": "image"},
-                          {"type": "text", "text": "Which?"}]}])
-               for i, t in enumerate(["\"a\"", "\"quite a lot longer\"", "\"b\""])]
-    _close_records(_run(host, samples, tmp_path, "x", max_labels=2, batch_size=4),
-                   _reference(host, samples, 2))
+    samples = [
+        Sample(
+            id=f"u{i}",
+            images=[page],
+            target="Joy",
+            labels=["Joy"],
+            label_set=LABELS,
+            group="p",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"Utterance {t}. Page:"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Which?"},
+                    ],
+                }
+            ],
+        )
+        for i, t in enumerate(['"a"', '"quite a lot longer"', '"b"'])
+    ]
+    _close_records(
+        _run(host, samples, tmp_path, "x", max_labels=2, batch_size=4), _reference(host, samples, 2)
+    )
 
 
 def test_answer_context_tokenizes_candidates_like_the_whole_prompt(any_host):
@@ -273,20 +331,31 @@ def test_answer_context_tokenizes_candidates_like_the_whole_prompt(any_host):
         cands = [answer_prefix(h.processor, msgs) + a for a in answers]
         context = answer_context(h.tokenizer, prompt)
         assert len(context) < len(prompt)
-        assert continuation_ids(h.tokenizer, context, cands, eot) == \
-            continuation_ids(h.tokenizer, prompt, cands, eot)
+        assert continuation_ids(h.tokenizer, context, cands, eot) == continuation_ids(
+            h.tokenizer, prompt, cands, eot
+        )
 
 
 def test_next_batch_keeps_pages_whole():
     pages = [1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 4]
-    s = [Sample(id=str(i), images=[f"p{p}.jpg"], messages=[], target="", labels=[],
-                label_set=[], group=f"p{p}") for i, p in enumerate(pages)]
+    s = [
+        Sample(
+            id=str(i),
+            images=[f"p{p}.jpg"],
+            messages=[],
+            target="",
+            labels=[],
+            label_set=[],
+            group=f"p{p}",
+        )
+        for i, p in enumerate(pages)
+    ]
     sizes, start = [], 0
     while start < len(s):
         b = predict._next_batch(s, start, 4, True)
         sizes.append(len(b))
         start += len(b)
-    assert sizes == [3, 2, 4, 3]    # page 2 not split at 4; page 3 (6 > 4) split, rest + page 4
+    assert sizes == [3, 2, 4, 3]  # page 2 not split at 4; page 3 (6 > 4) split, rest + page 4
     assert len(predict._next_batch(s, 0, 4, False)) == 4
 
 
@@ -307,20 +376,31 @@ def test_cuda_oom_halves_the_batch_and_retries(host, emocomics_dir, tmp_path, mo
         if rows > 2 if limit == "rows" else (kw.get("past_key_values") and width > 30):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(*args, **kw)
+
     monkeypatch.setattr(host.model, "forward", tight)
     last = "batch size 2, chunk 8" if limit == "rows" else "batch size 1, chunk 4"
     with pytest.warns(UserWarning, match=f"out of memory; retrying with {last}"):
         got = _run(host, samples, tmp_path, "oom", max_labels=3, batch_size=8, chunk=8)
     _close_records(got, want)
-    assert len(shapes) > 6                                # it did run out and retry
+    assert len(shapes) > 6  # it did run out and retry
 
 
 def test_cuda_oom_at_size_one_is_raised(host, tmp_path, monkeypatch):
     def never(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
     monkeypatch.setattr(host.model, "forward", never)
-    s = [Sample(id="a", images=[Image.new("RGB", (32, 32))], messages=user_message(1, "Which?"),
-                target="Joy", labels=["Joy"], label_set=LABELS, group="a")]
+    s = [
+        Sample(
+            id="a",
+            images=[Image.new("RGB", (32, 32))],
+            messages=user_message(1, "Which?"),
+            target="Joy",
+            labels=["Joy"],
+            label_set=LABELS,
+            group="a",
+        )
+    ]
     cache = PredictionCache(tmp_path, "v", "h" * 16)
     with pytest.warns(UserWarning), pytest.raises(torch.cuda.OutOfMemoryError):
         run_likelihood(host, BASE, s, cache, "split", batch_size=2, chunk=2, progress=False)
@@ -331,15 +411,24 @@ def test_batched_generation_equals_one_by_one(any_host, tmp_path):
     """Left-padded batches of mixed prompt lengths and image sizes decode to the same greedy
     answers as one prompt at a time."""
     h = any_host
-    samples = [Sample(id=f"q{i}", images=[Image.new("RGB", SIZES[i % 3], (50 * i, 90, 140))],
-                      messages=user_message(1, TEXTS[i % 3] + "!" * i), target="",
-                      labels=[], label_set=[], group=f"q{i}")
-               for i in range(5)]
+    samples = [
+        Sample(
+            id=f"q{i}",
+            images=[Image.new("RGB", SIZES[i % 3], (50 * i, 90, 140))],
+            messages=user_message(1, TEXTS[i % 3] + "!" * i),
+            target="",
+            labels=[],
+            label_set=[],
+            group=f"q{i}",
+        )
+        for i in range(5)
+    ]
     texts = {}
     for b in (1, 5):
         cache = PredictionCache(tmp_path / str(b), "v", "h" * 16)
-        run_generation(h, BASE, samples, cache, "split", max_new_tokens=12, batch_size=b,
-                       progress=False)
+        run_generation(
+            h, BASE, samples, cache, "split", max_new_tokens=12, batch_size=b, progress=False
+        )
         texts[b] = [cache.get("split", s.id)["text"] for s in samples]
-    assert any(texts[1])                                          # something was generated
+    assert any(texts[1])  # something was generated
     assert texts[5] == texts[1]

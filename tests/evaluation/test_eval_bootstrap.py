@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from emomerge.evaluation.bootstrap import (
     bootstrap,
     group_index,
@@ -12,7 +13,6 @@ from emomerge.evaluation.bootstrap import (
     replicate_indices,
 )
 from emomerge.evaluation.metrics import Predictions
-
 from tests.evaluation.eval_cases import multi_preds, single_preds
 
 # Correctness of single_preds(): [1, 0, 1, 1, 1, 0]. Five hand-picked replicates:
@@ -36,7 +36,9 @@ def test_percentile_interval_by_hand():
 def test_paired_bootstrap_by_hand():
     # delta = 2/3 - 1 = -1/3; replicate deltas 0, -1, -1/3, -1/2, -1/6; centred |d* - d| =
     # 1/3, 2/3, 0, 1/6, 1/6 -> two are >= 1/3 -> p = (1 + 2) / (5 + 1) = 1/2
-    delta, p = paired_bootstrap(single_preds(), perfect(single_preds()), "accuracy", replicates=REPS)
+    delta, p = paired_bootstrap(
+        single_preds(), perfect(single_preds()), "accuracy", replicates=REPS
+    )
     assert delta == pytest.approx(-1 / 3)
     assert p == pytest.approx(0.5)
 
@@ -50,8 +52,14 @@ def test_mcnemar_exact_by_hand():
     # discordant pairs: a right/b wrong 0, a wrong/b right 2 -> P(X=0)+P(X=2), X~Bin(2,1/2) = 1/2
     assert mcnemar(single_preds(), perfect(single_preds())) == pytest.approx(0.5)
     gold = [["A"]] * 10
-    a = Predictions("single", [str(i) for i in range(10)], [str(i) for i in range(10)], gold,
-                    ["B"] * 5 + ["A"] * 5, ["A", "B"])
+    a = Predictions(
+        "single",
+        [str(i) for i in range(10)],
+        [str(i) for i in range(10)],
+        gold,
+        ["B"] * 5 + ["A"] * 5,
+        ["A", "B"],
+    )
     b = Predictions(**{**a.__dict__, "pred": ["A"] * 10})
     # 5 discordant, all one way: 2 * (1/2)^5 = 1/16
     assert mcnemar(a, b) == pytest.approx(1 / 16)
@@ -68,8 +76,10 @@ def test_group_resampling_keeps_pages_whole_and_is_seeded():
         assert all(g <= members or not (g & members) for g in whole)
     again = replicate_indices(groups, 20, seed=7)
     assert all((x == y).all() for x, y in zip(reps, again))
-    assert any((x != y).any() if len(x) == len(y) else True
-               for x, y in zip(reps, replicate_indices(groups, 20, seed=8)))
+    assert any(
+        (x != y).any() if len(x) == len(y) else True
+        for x, y in zip(reps, replicate_indices(groups, 20, seed=8))
+    )
 
 
 def test_multilabel_bootstrap_interval_brackets_value():
@@ -81,15 +91,20 @@ def test_multilabel_bootstrap_interval_brackets_value():
 def _random_preds(task: str, rng: np.random.Generator, n: int = 40) -> Predictions:
     labels = ["A", "B", "C", "D", "E"]
     if task == "single":
-        gold = [[labels[i]] for i in rng.integers(0, 4, n)]            # E never gold
-        pred = [None if r < 0.1 else labels[i] for r, i in zip(rng.random(n),
-                                                              rng.integers(0, 5, n))]
+        gold = [[labels[i]] for i in rng.integers(0, 4, n)]  # E never gold
+        pred = [
+            None if r < 0.1 else labels[i] for r, i in zip(rng.random(n), rng.integers(0, 5, n))
+        ]
         top1 = None
     elif task == "multi":
-        gold = [sorted({labels[i] for i in rng.integers(0, 4, rng.integers(1, 3))})
-                for _ in range(n)]
-        pred = [sorted({labels[i] for i in rng.integers(0, 5, rng.integers(0, 3))})
-                + (["Shock"] if rng.random() < 0.1 else []) for _ in range(n)]
+        gold = [
+            sorted({labels[i] for i in rng.integers(0, 4, rng.integers(1, 3))}) for _ in range(n)
+        ]
+        pred = [
+            sorted({labels[i] for i in rng.integers(0, 5, rng.integers(0, 3))})
+            + (["Shock"] if rng.random() < 0.1 else [])
+            for _ in range(n)
+        ]
         top1 = [labels[i] for i in rng.integers(0, 5, n)]
     else:
         words = ["東京", "京都", "大阪", "ABC", "ＡＢＣ"]
@@ -128,12 +143,16 @@ def test_fast_replicates_fixed_label_set_and_empty_single_view():
 
     labels = ["A", "B", "C", "D"]
     # page g0: two two-label utterances (no single-gold sample); g1: one A; g2: one C, wrong
-    p = Predictions("multi", ["u0", "u1", "u2", "u3"], ["g0", "g0", "g1", "g2"],
-                    [["A", "B"], ["B", "C"], ["A"], ["C"]],
-                    [["A"], ["B", "C", "Shock"], ["A"], ["D"]], labels,
-                    top1=["A", "B", "A", "D"])
-    reps = [np.array([0, 1, 0, 1]), np.array([2, 2]), np.array([3, 0, 1]),
-            np.array([0, 1, 2, 3])]
+    p = Predictions(
+        "multi",
+        ["u0", "u1", "u2", "u3"],
+        ["g0", "g0", "g1", "g2"],
+        [["A", "B"], ["B", "C"], ["A"], ["C"]],
+        [["A"], ["B", "C", "Shock"], ["A"], ["D"]],
+        labels,
+        top1=["A", "B", "A", "D"],
+    )
+    reps = [np.array([0, 1, 0, 1]), np.array([2, 2]), np.array([3, 0, 1]), np.array([0, 1, 2, 3])]
     weights = weight_matrix(reps, len(p))
     for name in HEADLINE["multi"]:
         fast = replicate_values(p, name, weights)

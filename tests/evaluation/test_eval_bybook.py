@@ -7,6 +7,11 @@ import io
 from types import SimpleNamespace
 
 import pytest
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.preprocessing import MultiLabelBinarizer
+from typer.testing import CliRunner
+
+from emomerge.cli import app
 from emomerge.evaluation.bybook import (
     BY_BOOK_COLUMNS,
     book_map,
@@ -18,34 +23,52 @@ from emomerge.evaluation.bybook import (
 )
 from emomerge.evaluation.metrics import Predictions
 from emomerge.merging.errors import InputError
-from sklearn.metrics import accuracy_score, f1_score
-from sklearn.preprocessing import MultiLabelBinarizer
-from typer.testing import CliRunner
-
-from emomerge.cli import app
 
 LABELS = ["Anger", "Fear", "Joy", "Sadness"]
 # (sample id, page, FileNr, title, gold); books 7 and 12 are one series, 30 another
-UNITS = [("u1", "p1", 7, "Comic A", ["Anger"]), ("u2", "p1", 7, "Comic A", ["Joy", "Fear"]),
-         ("u3", "p2", 7, "Comic A", ["Sadness"]), ("u4", "p3", 12, "Comic B", ["Joy"]),
-         ("u5", "p3", 12, "Comic B", ["Anger", "Joy"]), ("u6", "p4", 30, "Comic C", ["Fear"])]
+UNITS = [
+    ("u1", "p1", 7, "Comic A", ["Anger"]),
+    ("u2", "p1", 7, "Comic A", ["Joy", "Fear"]),
+    ("u3", "p2", 7, "Comic A", ["Sadness"]),
+    ("u4", "p3", 12, "Comic B", ["Joy"]),
+    ("u5", "p3", 12, "Comic B", ["Anger", "Joy"]),
+    ("u6", "p4", 30, "Comic C", ["Fear"]),
+]
 PRED_A = [["Anger"], ["Joy"], ["Sadness"], ["Joy"], ["Anger"], ["Joy"]]
 PRED_B = [["Joy"], ["Joy", "Fear"], ["Anger"], ["Joy"], ["Anger", "Joy"], ["Fear"]]
-SERIES = {"u1": "Alpha", "u2": "Alpha", "u3": "Alpha", "u4": "Alpha", "u5": "Alpha",
-          "u6": "Beta"}
-COMMON = {"architecture": "qwen2_5_vl", "base_id": "tiny", "dataset": "emocomics35",
-          "split": "test", "config_hash": "c1"}
+SERIES = {"u1": "Alpha", "u2": "Alpha", "u3": "Alpha", "u4": "Alpha", "u5": "Alpha", "u6": "Beta"}
+COMMON = {
+    "architecture": "qwen2_5_vl",
+    "base_id": "tiny",
+    "dataset": "emocomics35",
+    "split": "test",
+    "config_hash": "c1",
+}
 
 
 def samples() -> list[SimpleNamespace]:
-    return [SimpleNamespace(id=i, group=g, labels=gold, label_set=LABELS,
-                            meta={"file_nr": nr, "title": t, "page": 1})
-            for i, g, nr, t, gold in UNITS]
+    return [
+        SimpleNamespace(
+            id=i,
+            group=g,
+            labels=gold,
+            label_set=LABELS,
+            meta={"file_nr": nr, "title": t, "page": 1},
+        )
+        for i, g, nr, t, gold in UNITS
+    ]
 
 
 def preds(pred: list[list[str]]) -> Predictions:
-    return Predictions("multi", [u[0] for u in UNITS], [u[1] for u in UNITS],
-                       [u[4] for u in UNITS], pred, LABELS, top1=[p[0] for p in pred])
+    return Predictions(
+        "multi",
+        [u[0] for u in UNITS],
+        [u[1] for u in UNITS],
+        [u[4] for u in UNITS],
+        pred,
+        LABELS,
+        top1=[p[0] for p in pred],
+    )
 
 
 def sk(idx: list[int], pred: list[list[str]]) -> dict[str, float]:
@@ -53,21 +76,33 @@ def sk(idx: list[int], pred: list[list[str]]) -> dict[str, float]:
     mlb = MultiLabelBinarizer(classes=LABELS).fit([LABELS])
     y_true = mlb.transform([UNITS[i][4] for i in idx])
     y_pred = mlb.transform([pred[i] for i in idx])
-    return {"macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
-            "subset_accuracy": accuracy_score(y_true, y_pred)}
+    return {
+        "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+        "subset_accuracy": accuracy_score(y_true, y_pred),
+    }
 
 
 def rows() -> list[dict]:
     s = samples()
-    return by_book_rows([("a", preds(PRED_A)), ("b", preds(PRED_B))], book_map(s), SERIES,
-                        ["macro_f1", "subset_accuracy"], titles=title_map(s), **COMMON)
+    return by_book_rows(
+        [("a", preds(PRED_A)), ("b", preds(PRED_B))],
+        book_map(s),
+        SERIES,
+        ["macro_f1", "subset_accuracy"],
+        titles=title_map(s),
+        **COMMON,
+    )
 
 
 def test_book_and_series_rows_equal_sklearn_on_each_subset():
     got = rows()
     assert [(r["variant"], r["level"], r["book"], r["series"]) for r in got[:5]] == [
-        ("a", "book", "7", "Alpha"), ("a", "book", "12", "Alpha"), ("a", "book", "30", "Beta"),
-        ("a", "series", "", "Alpha"), ("a", "series", "", "Beta")]
+        ("a", "book", "7", "Alpha"),
+        ("a", "book", "12", "Alpha"),
+        ("a", "book", "30", "Beta"),
+        ("a", "series", "", "Alpha"),
+        ("a", "series", "", "Beta"),
+    ]
     members = {"7": [0, 1, 2], "12": [3, 4], "30": [5], "Alpha": [0, 1, 2, 3, 4], "Beta": [5]}
     for r in got:
         idx = members[r["book"] or r["series"]]
@@ -94,8 +129,15 @@ def test_no_series_means_no_series_rows_and_no_books_means_none():
 
 def test_page_level_ids_map_to_their_page_sample():
     book = {"000007-p00001": "7"}
-    p = Predictions("multi", ["000007-p00001#u000", "000007-p00001#u001"], ["g", "g"],
-                    [["Joy"], ["Fear"]], [["Joy"], ["Joy"]], LABELS, top1=["Joy", "Joy"])
+    p = Predictions(
+        "multi",
+        ["000007-p00001#u000", "000007-p00001#u001"],
+        ["g", "g"],
+        [["Joy"], ["Fear"]],
+        [["Joy"], ["Joy"]],
+        LABELS,
+        top1=["Joy", "Joy"],
+    )
     (r,) = by_book_rows([("v", p)], book, None, ["subset_accuracy"])
     assert r["book"] == "7" and r["n"] == 2 and r["subset_accuracy"] == pytest.approx(1 / 2)
 
@@ -133,23 +175,36 @@ def test_write_upserts_atomically_and_refuses_foreign_files(tmp_path):
 def test_cli_show_by_book(tmp_path):
     write_by_book(tmp_path / "by_book.csv", rows())
     runner = CliRunner()
-    lb = str(tmp_path / "leaderboard.csv")      # need not exist: only its folder is read
-    res = runner.invoke(app, ["leaderboard", "show", lb, "--by-book", "--metric",
-                              "subset_accuracy", "--format", "csv"])
+    lb = str(tmp_path / "leaderboard.csv")  # need not exist: only its folder is read
+    res = runner.invoke(
+        app,
+        ["leaderboard", "show", lb, "--by-book", "--metric", "subset_accuracy", "--format", "csv"],
+    )
     assert res.exit_code == 0, res.output
     table = list(csv.reader(io.StringIO(res.output)))
-    assert table[0] == ["dataset", "split", "variant", "metric", "7 (Comic A)", "12 (Comic B)",
-                        "30 (Comic C)", "series Alpha", "series Beta"]
+    assert table[0] == [
+        "dataset",
+        "split",
+        "variant",
+        "metric",
+        "7 (Comic A)",
+        "12 (Comic B)",
+        "30 (Comic C)",
+        "series Alpha",
+        "series Beta",
+    ]
     body = {r[2]: r for r in table[1:]}
-    want_a = [sk(i, PRED_A)["subset_accuracy"] for i in ([0, 1, 2], [3, 4], [5],
-                                                         [0, 1, 2, 3, 4], [5])]
+    want_a = [
+        sk(i, PRED_A)["subset_accuracy"] for i in ([0, 1, 2], [3, 4], [5], [0, 1, 2, 3, 4], [5])
+    ]
     assert [float(x) for x in body["a"][4:]] == pytest.approx(want_a, abs=5e-5)
     assert body["b"][3] == "subset_accuracy"
     md = runner.invoke(app, ["leaderboard", "show", lb, "--by-book"])
     assert md.exit_code == 0 and md.output.startswith("| dataset | split | variant | metric |")
-    assert "| macro_f1 |" in md.output            # macro-F1 by default
-    missing = runner.invoke(app, ["leaderboard", "show", str(tmp_path / "sub" / "lb.csv"),
-                                  "--by-book"])
+    assert "| macro_f1 |" in md.output  # macro-F1 by default
+    missing = runner.invoke(
+        app, ["leaderboard", "show", str(tmp_path / "sub" / "lb.csv"), "--by-book"]
+    )
     assert missing.exit_code == 2
     assert "by_book.csv: no such file" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
@@ -167,9 +222,23 @@ def test_cli_plain_show_still_works_and_metric_needs_by_book(tmp_path):
     from emomerge.evaluation.leaderboard import upsert_rows
 
     lb = tmp_path / "leaderboard.csv"
-    upsert_rows(lb, [{"architecture": "qwen2_5_vl", "variant": "m1", "kind": "merged",
-                      "dataset": "emoart", "split": "test", "n": 5, "macro_f1": 0.5,
-                      "macro_f1_p": 0.01, "macro_f1_p_holm": 0.02, "n_boot": 1000}])
+    upsert_rows(
+        lb,
+        [
+            {
+                "architecture": "qwen2_5_vl",
+                "variant": "m1",
+                "kind": "merged",
+                "dataset": "emoart",
+                "split": "test",
+                "n": 5,
+                "macro_f1": 0.5,
+                "macro_f1_p": 0.01,
+                "macro_f1_p_holm": 0.02,
+                "n_boot": 1000,
+            }
+        ],
+    )
     runner = CliRunner()
     res = runner.invoke(app, ["leaderboard", "show", str(lb)])
     assert res.exit_code == 0, res.output

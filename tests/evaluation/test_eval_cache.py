@@ -13,7 +13,9 @@ def test_truncated_line_is_skipped_and_keys_are_separate(tmp_path):
         fh.write('{"variant": "' + "v" * 64 + '", "split": "split-a", "id": "3", "te')  # killed
     again = PredictionCache(tmp_path, "s1", "v" * 64)
     assert len(again) == 3
-    assert again.get("split-a", "1")["text"] == "Joy" and again.get("split-b", "1")["text"] == "Anger"
+    assert (
+        again.get("split-a", "1")["text"] == "Joy" and again.get("split-b", "1")["text"] == "Anger"
+    )
     assert again.missing("split-a", ["1", "2", "3"]) == ["3"]
     # appending after the torn line starts a new line, so the new record is readable
     again.add("split-a", [{"id": "3", "text": "Sadness"}])

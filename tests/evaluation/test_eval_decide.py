@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from emomerge.evaluation import decide
 from emomerge.evaluation.holdout import holdout_books, holdout_by_book
 from emomerge.merging.errors import InputError
@@ -20,7 +21,7 @@ def test_probs_argmax_threshold_topk():
     np.testing.assert_allclose(decide.label_probs(VALUES), [0.5, 0.3, 0.2])
     assert decide.argmax_label(VALUES, LABELS) == "A"
     assert decide.threshold_labels(VALUES, LABELS, 0.25) == ["A", "B"]
-    assert decide.threshold_labels(VALUES, LABELS, 0.9) == ["A"]      # none clears: argmax
+    assert decide.threshold_labels(VALUES, LABELS, 0.9) == ["A"]  # none clears: argmax
     assert decide.topk_labels(VALUES, LABELS, 2) == ["A", "B"]
     assert decide.topk_labels(VALUES, LABELS, 1) == ["A"]
 
@@ -57,14 +58,14 @@ def test_vectorised_threshold_search_equals_the_plain_loop():
     rng = np.random.default_rng(4)
     labels = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
     values = rng.normal(size=(60, 7)).tolist()
-    gold = [sorted({labels[j] for j in rng.integers(0, 7, rng.integers(1, 4))})
-            for _ in range(60)]
+    gold = [sorted({labels[j] for j in rng.integers(0, 7, rng.integers(1, 4))}) for _ in range(60)]
     probs = np.array([decide.label_probs(v) for v in values])
     distinct = np.unique(probs)
-    cands = np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2,
-                            [min(1.0, distinct[-1] + 1e-9)]])
+    cands = np.concatenate(
+        [[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2, [min(1.0, distinct[-1] + 1e-9)]]
+    )
     best_t, best_f = None, -1.0
-    for t in cands[::-1]:                        # highest first: ties keep the higher one
+    for t in cands[::-1]:  # highest first: ties keep the higher one
         f = example_f1(gold, [decide.threshold_labels(v, labels, t) for v in values], labels)
         if f > best_f + 1e-12:
             best_t, best_f = float(t), f

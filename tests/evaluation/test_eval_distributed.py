@@ -18,7 +18,7 @@ import pytest
 from emomerge.evaluation.distributed import Shard
 from emomerge.evaluation.leaderboard import read_rows
 
-VOLATILE = ("date", "git_hash")
+VOLATILE = ("date", "git_hash", "versions", "git_dirty")  # when, and with what software
 
 
 class S:
@@ -39,23 +39,62 @@ def _evaluate(args, out, processes):
     script = shutil.which("emomerge") or str(Path(sys.executable).parent / "emomerge")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", script] if processes > 1 else [script])
-    proc = subprocess.run([*launch, "evaluate", *args, "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            script,
+        ]
+        if processes > 1
+        else [script]
+    )
+    proc = subprocess.run(
+        [*launch, "evaluate", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("rows →") == 1  # only the main process reports
-    return [{k: v for k, v in r.items() if k not in VOLATILE}
-            for r in read_rows(out / "leaderboard.csv")]
+    return [
+        {k: v for k, v in r.items() if k not in VOLATILE}
+        for r in read_rows(out / "leaderboard.csv")
+    ]
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_leaderboard(tiny_base, stage_dirs, merge_dirs,
-                                                        emocomics_dir, tmp_path):
-    args = ["--base", str(tiny_base), "--variants", str(stage_dirs[0].parent), *map(str, merge_dirs),
-            "--dataset", "emocomics35", "--data", str(emocomics_dir), "--task", "utterance",
-            "--n-boot", "50", "--batch-size", "2"]
+def test_two_processes_give_the_one_process_leaderboard(
+    tiny_base, stage_dirs, merge_dirs, emocomics_dir, tmp_path
+):
+    args = [
+        "--base",
+        str(tiny_base),
+        "--variants",
+        str(stage_dirs[0].parent),
+        *map(str, merge_dirs),
+        "--dataset",
+        "emocomics35",
+        "--data",
+        str(emocomics_dir),
+        "--task",
+        "utterance",
+        "--n-boot",
+        "50",
+        "--batch-size",
+        "2",
+    ]
     one = _evaluate(args, tmp_path / "one", 1)
     two = _evaluate(args, tmp_path / "two", 2)
     assert [r["variant"] for r in two] == [r["variant"] for r in one]

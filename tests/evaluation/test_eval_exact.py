@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emomerge.evaluation.inplace import FULL, STREAMED, check_exact
-from emomerge.evaluation.predict import ModelHost, base_fingerprint
+from emomerge.evaluation.predict import ModelHost
 from emomerge.evaluation.variants import discover, variant_from_dir
 from emomerge.merging import merge
 from emomerge.merging.errors import InputError
+from emomerge.training.models.fingerprint import fingerprint
 
 DENSITY = {"density": 0.5}
 
@@ -37,16 +38,18 @@ def state_sha256(model) -> str:
 
 def last_logits(model, processor, samples) -> torch.Tensor:
     """Next-token logits after each sample's prompt (images through the processor)."""
-    from emomerge.training.batching import rgb_images
+    from emomerge.training.models.batching import rgb_images
 
     out = []
     with torch.inference_mode():
         for s in samples:
-            prompt = processor.apply_chat_template(s.messages, add_generation_prompt=True,
-                                                   tokenize=False)
+            prompt = processor.apply_chat_template(
+                s.messages, add_generation_prompt=True, tokenize=False
+            )
             images = rgb_images(s.images)
-            inputs = processor(text=[prompt], images=images or None, return_tensors="pt",
-                               add_special_tokens=False)
+            inputs = processor(
+                text=[prompt], images=images or None, return_tensors="pt", add_special_tokens=False
+            )
             out.append(model(**inputs).logits[0, -1].float())
     return torch.stack(out)
 
@@ -62,8 +65,9 @@ def samples(emocomics_dir):
 def ties(stage_dirs, tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("exact")
     low = merge("ties", stage_dirs, root / "ties", params=DENSITY, rank=2).out
-    full = merge("ties", stage_dirs, root / "ties-full", params=DENSITY, output="full",
-                 base=tiny_base).out
+    full = merge(
+        "ties", stage_dirs, root / "ties-full", params=DENSITY, output="full", base=tiny_base
+    ).out
     return Path(low), Path(full)
 
 
@@ -99,9 +103,11 @@ def test_in_place_equals_full_folder_and_restores_the_base(host, stage_dirs, tie
 
 def test_content_hashes_tell_exact_and_lowrank_apart(ties):
     low_dir, full_dir = ties
-    hashes = {variant_from_dir(low_dir).content_hash,
-              variant_from_dir(low_dir, exact=False).content_hash,
-              variant_from_dir(full_dir).content_hash}
+    hashes = {
+        variant_from_dir(low_dir).content_hash,
+        variant_from_dir(low_dir, exact=False).content_hash,
+        variant_from_dir(full_dir).content_hash,
+    }
     assert len(hashes) == 3
 
 
@@ -125,14 +131,15 @@ def test_changed_input_falls_back_to_lowrank_and_says_why(stage_dirs, tmp_path):
 
 
 def test_full_folder_of_another_base_is_refused(host, stage_dirs, tmp_path):
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     other = build_tiny_vlm("qwen2_5_vl", tmp_path / "other-base", seed=1)
-    out = merge("ties", stage_dirs, tmp_path / "full-other", params=DENSITY, output="full",
-                base=other).out
+    out = merge(
+        "ties", stage_dirs, tmp_path / "full-other", params=DENSITY, output="full", base=other
+    ).out
     v = variant_from_dir(out)
     with pytest.raises(InputError, match="merged into another base"):
-        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+        check_exact(host.model, v, host.base_path, fingerprint(host.base_path))
 
 
 def _rewrite(folder: Path, edit) -> None:
@@ -142,24 +149,32 @@ def _rewrite(folder: Path, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda t: t.pop(next(k for k in sorted(t) if "layers.1.mlp.up_proj" in k)),
-     "of the base's tensors are missing"),
-    (lambda t: t.__setitem__(next(k for k in sorted(t) if "layers.0.mlp.down_proj" in k),
-                             torch.zeros(3, 3)), "but the base's is"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda t: t.pop(next(k for k in sorted(t) if "layers.1.mlp.up_proj" in k)),
+            "of the base's tensors are missing",
+        ),
+        (
+            lambda t: t.__setitem__(
+                next(k for k in sorted(t) if "layers.0.mlp.down_proj" in k), torch.zeros(3, 3)
+            ),
+            "but the base's is",
+        ),
+    ],
+)
 def test_incomplete_full_folder_is_refused(host, ties, tmp_path, damage, message):
     folder = shutil.copytree(ties[1], tmp_path / "broken")
     _rewrite(Path(folder), damage)
     v = variant_from_dir(folder)
     before = state_sha256(host.model)
     with pytest.raises(InputError, match=message):
-        check_exact(host.model, v, host.base_path, base_fingerprint(host.base_path))
+        check_exact(host.model, v, host.base_path, fingerprint(host.base_path))
     assert state_sha256(host.model) == before
 
 
-def test_rows_say_how_each_merge_was_represented(host, tiny_base, ties, emocomics_dir,
-                                                 tmp_path):
+def test_rows_say_how_each_merge_was_represented(host, tiny_base, ties, emocomics_dir, tmp_path):
     """Through the runner: exact (streamed) and full-folder rows give identical per-example
     scores; the rank-2 adapter of the same merge differs and its row says lowrank + error."""
     import json
@@ -169,30 +184,32 @@ def test_rows_say_how_each_merge_was_represented(host, tiny_base, ties, emocomic
 
     low_dir, full_dir = ties
     test = load_split("emocomics35", emocomics_dir, "test", "utterance")[:6]
-    exact, low = variant_from_dir(low_dir, name="ties"), variant_from_dir(low_dir, exact=False,
-                                                                         name="ties-rank2")
+    exact, low = (
+        variant_from_dir(low_dir, name="ties"),
+        variant_from_dir(low_dir, exact=False, name="ties-rank2"),
+    )
     full = variant_from_dir(full_dir, name="ties-full")
-    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20,
-                     baseline="base")
+    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20, baseline="base")
     res = evaluate(host, tiny_base, [exact, full, low], test, tmp_path, cfg, progress=False)
     rows = {r["variant"]: r for r in res.rows}
 
     def records(name):
         path = next((tmp_path / "predictions").glob(f"{name}.*.jsonl"))
-        return sorted(((r["id"], r["scores"]) for r in map(json.loads, path.open())))
+        return sorted((r["id"], r["scores"]) for r in map(json.loads, path.open()))
 
     assert records("ties") == records("ties-full")  # same scores, bit for bit
     assert records("ties") != records("ties-rank2")
-    assert (rows["ties"]["representation"], rows["ties-full"]["representation"]) == \
-        ("exact", "exact")
+    assert (rows["ties"]["representation"], rows["ties-full"]["representation"]) == (
+        "exact",
+        "exact",
+    )
     low_row = rows["ties-rank2"]
     assert low_row["representation"] == "lowrank" and low_row["represented_rank"] == 2
     manifest = json.loads((low_dir / "emomerge.json").read_text())
     assert low_row["lowrank_error_mean"] == manifest["errors"]["mean"] > 0
 
 
-def test_cli_refuses_a_broken_full_folder_before_scoring(tiny_base, ties, emocomics_dir,
-                                                        tmp_path):
+def test_cli_refuses_a_broken_full_folder_before_scoring(tiny_base, ties, emocomics_dir, tmp_path):
     from typer.testing import CliRunner
 
     from emomerge.cli import app
@@ -200,10 +217,28 @@ def test_cli_refuses_a_broken_full_folder_before_scoring(tiny_base, ties, emocom
     folder = Path(shutil.copytree(ties[1], tmp_path / "broken"))
     _rewrite(folder, lambda t: t.pop(next(k for k in sorted(t) if "layers.1.mlp.up_proj" in k)))
     out = tmp_path / "results"
-    res = CliRunner().invoke(app, [
-        "evaluate", "--base", str(tiny_base), "--variants", str(folder), "--dataset",
-        "emocomics35", "--data", str(emocomics_dir), "--task", "utterance", "--threshold", "0.3",
-        "--out", str(out), "--n-boot", "20"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--base",
+            str(tiny_base),
+            "--variants",
+            str(folder),
+            "--dataset",
+            "emocomics35",
+            "--data",
+            str(emocomics_dir),
+            "--task",
+            "utterance",
+            "--threshold",
+            "0.3",
+            "--out",
+            str(out),
+            "--n-boot",
+            "20",
+        ],
+    )
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "missing" in lines[0] and str(folder) in lines[0]
@@ -224,11 +259,11 @@ def test_an_unreadable_image_is_skipped_and_counted(tiny_base, tmp_path):
     page = Path(test[0].images[0])
     on_page = sum(Path(s.images[0]) == page for s in test)
     page.write_bytes(b"not an image")
-    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20,
-                     baseline="base")
+    cfg = EvalConfig(dataset="emocomics35", split="test", threshold=0.3, n_boot=20, baseline="base")
     with pytest.warns(UserWarning):
-        res = evaluate_paths(tiny_base, [], data, tmp_path / "out", cfg, reader_task="utterance",
-                             progress=False)
+        res = evaluate_paths(
+            tiny_base, [], data, tmp_path / "out", cfg, reader_task="utterance", progress=False
+        )
     row = res.rows[0]
     assert (row["variant"], row["skipped_images"], row["n"]) == ("base", 1, len(test) - on_page)
 

@@ -11,22 +11,30 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from emomerge.evaluation import variants as V
 from emomerge.evaluation.runner import VALIDATION_SPLIT, EvalConfig, validation_for
 from emomerge.merging.lineage import Lineage, StageMetadata, write_stage_metadata
 
 
-def _stage(root: Path, name: str, dataset: str, books: list[str] | None,
-           parent: str | None = None) -> Path:
+def _stage(
+    root: Path, name: str, dataset: str, books: list[str] | None, parent: str | None = None
+) -> Path:
     d = root / name
     d.mkdir()
     (d / "adapter_config.json").write_text("{}")
     record = {"name": dataset, "split": "train", "sha256": "0" * 64}
     if books is not None:
         record["holdout"] = {"books": books, "fraction": 0.25, "seed": 3}
-    write_stage_metadata(d, StageMetadata(stage=name, stage_index=0, dataset=record,
-                                          lineage=Lineage(mode="continued" if parent else None,
-                                                          parent=parent)))
+    write_stage_metadata(
+        d,
+        StageMetadata(
+            stage=name,
+            stage_index=0,
+            dataset=record,
+            lineage=Lineage(mode="continued" if parent else None, parent=parent),
+        ),
+    )
     return d
 
 
@@ -34,9 +42,16 @@ def _merge(root: Path, name: str, inputs: list[Path]) -> Path:
     d = root / name
     d.mkdir()
     (d / "adapter_config.json").write_text("{}")
-    (d / "emomerge.json").write_text(json.dumps({
-        "kind": "merge", "method": "linear", "params": {},
-        "adapters": [{"path": str(p), "stage": p.name} for p in inputs]}))
+    (d / "emomerge.json").write_text(
+        json.dumps(
+            {
+                "kind": "merge",
+                "method": "linear",
+                "params": {},
+                "adapters": [{"path": str(p), "stage": p.name} for p in inputs],
+            }
+        )
+    )
     return d
 
 
@@ -45,12 +60,19 @@ def folders(tmp_path):
     art = _stage(tmp_path, "art", "emoart", None)
     ec = _stage(tmp_path, "ec", "emocomics35", ["b1", "b2"], parent="../art")
     ec2 = _stage(tmp_path, "ec2", "emocomics35", ["b3"])
-    ec_all = _stage(tmp_path, "ec_all", "emocomics35", None)      # trained on every book
+    ec_all = _stage(tmp_path, "ec_all", "emocomics35", None)  # trained on every book
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "adapter_config.json").write_text("{}")                # no emomerge.json
-    return {"art": art, "ec": ec, "ec2": ec2, "ec_all": ec_all, "bare": bare,
-            "m": _merge(tmp_path, "m", [ec, ec2]), "m_all": _merge(tmp_path, "m_all", [ec, ec_all])}
+    (bare / "adapter_config.json").write_text("{}")  # no emomerge.json
+    return {
+        "art": art,
+        "ec": ec,
+        "ec2": ec2,
+        "ec_all": ec_all,
+        "bare": bare,
+        "m": _merge(tmp_path, "m", [ec, ec2]),
+        "m_all": _merge(tmp_path, "m_all", [ec, ec_all]),
+    }
 
 
 def test_recorded_books_per_variant(folders):
@@ -67,9 +89,17 @@ def test_recorded_books_per_variant(folders):
 
 
 def _pool() -> list[SimpleNamespace]:
-    return [SimpleNamespace(id=f"{b}-{i}", group=f"{b}-p{i}", meta={"file_nr": b},
-                            labels=["Joy"], label_set=["Joy", "Fear"])
-            for b in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8") for i in range(2)]
+    return [
+        SimpleNamespace(
+            id=f"{b}-{i}",
+            group=f"{b}-p{i}",
+            meta={"file_nr": b},
+            labels=["Joy"],
+            label_set=["Joy", "Fear"],
+        )
+        for b in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8")
+        for i in range(2)
+    ]
 
 
 def test_threshold_books_follow_the_record_and_the_holdout_seed(folders):
@@ -81,16 +111,24 @@ def test_threshold_books_follow_the_record_and_the_holdout_seed(folders):
     # no record: a seeded draw of 2 of the 8 books, labelled as not held out
     val, source = validation_for(V.variant_from_dir(folders["ec_all"]), cfg, None, pool)
     assert source == V.NOT_HELD_OUT and len({s.meta["file_nr"] for s in val}) == 2
+
     # the draw follows holdout_seed, never the bootstrap seed
-    books = lambda c: sorted({s.meta["file_nr"] for s in
-                              validation_for(V.Variant("base", "base"), c, None, pool)[0]})
+    def books(c):
+        return sorted(
+            {s.meta["file_nr"] for s in validation_for(V.Variant("base", "base"), c, None, pool)[0]}
+        )
+
     other_boot = EvalConfig(dataset="emocomics35", val_fraction=0.25, seed=7, holdout_seed=0)
     assert books(other_boot) == books(cfg)
-    assert any(books(EvalConfig(dataset="emocomics35", val_fraction=0.25, holdout_seed=h))
-               != books(cfg) for h in range(1, 6))
+    assert any(
+        books(EvalConfig(dataset="emocomics35", val_fraction=0.25, holdout_seed=h)) != books(cfg)
+        for h in range(1, 6)
+    )
     # a validation split wins over everything
-    assert validation_for(V.variant_from_dir(folders["ec"]), cfg, pool[:2], pool) == \
-        (pool[:2], VALIDATION_SPLIT)
+    assert validation_for(V.variant_from_dir(folders["ec"]), cfg, pool[:2], pool) == (
+        pool[:2],
+        VALIDATION_SPLIT,
+    )
 
 
 def test_recorded_books_missing_from_the_pool_is_an_input_error(folders):
@@ -98,5 +136,6 @@ def test_recorded_books_missing_from_the_pool_is_an_input_error(folders):
 
     pool = [s for s in _pool() if s.meta["file_nr"] not in ("b1", "b2")]
     with pytest.raises(InputError, match="held out books"):
-        validation_for(V.variant_from_dir(folders["ec"]), EvalConfig(dataset="emocomics35"),
-                       None, pool)
+        validation_for(
+            V.variant_from_dir(folders["ec"]), EvalConfig(dataset="emocomics35"), None, pool
+        )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from emomerge.evaluation.bootstrap import add_holm, holm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from emomerge.evaluation.bootstrap import add_holm, holm
 
 
 def test_holm_by_hand():
@@ -40,36 +41,50 @@ def _step_down_rejects(p: list[float], alpha: float) -> set[int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0, 1), min_size=1, max_size=8),
-       st.sampled_from([0.01, 0.05, 0.1, 0.2]))
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=8), st.sampled_from([0.01, 0.05, 0.1, 0.2]))
 def test_adjusted_p_rejects_exactly_what_the_step_down_procedure_rejects(p, alpha):
     adj = holm(p)
     assert all(a >= x for a, x in zip(adj, p)) and all(a <= 1 for a in adj)
     got = {i for i, a in enumerate(adj) if a <= alpha}
     # floating-point ties at the boundary (p == alpha / k) are the only possible disagreement
-    edge = {i for i, x in enumerate(p) if any(abs(x * k - alpha) < 1e-12
-                                               for k in range(1, len(p) + 1))}
+    edge = {
+        i for i, x in enumerate(p) if any(abs(x * k - alpha) < 1e-12 for k in range(1, len(p) + 1))
+    }
     assert got - edge == _step_down_rejects(p, alpha) - edge
 
 
-def _row(variant: str, p: float | None, *, kind: str = "merged", seed: int = 0,
-         config: str = "c1") -> dict:
-    row = {"architecture": "qwen2_5_vl", "dataset": "emoart", "split": "test", "seed": seed,
-           "baseline": "s2", "config_hash": config, "variant": variant, "kind": kind,
-           "macro_f1": 0.5}
+def _row(
+    variant: str, p: float | None, *, kind: str = "merged", seed: int = 0, config: str = "c1"
+) -> dict:
+    row = {
+        "architecture": "qwen2_5_vl",
+        "dataset": "emoart",
+        "split": "test",
+        "seed": seed,
+        "baseline": "s2",
+        "config_hash": config,
+        "variant": variant,
+        "kind": kind,
+        "macro_f1": 0.5,
+    }
     if p is not None:
         row["macro_f1_p"] = p
     return row
 
 
 def test_add_holm_families_skip_trivial_and_untested_rows():
-    rows = [_row("s2", None, kind="stage"),                       # the baseline: no p
-            _row("m1", 0.01), _row("m2", 0.04), _row("m3", 0.03),
-            _row("trivial-majority", 0.001, kind="trivial"),
-            _row("m4", float("nan")),                             # no test made
-            _row("m1", 0.02, seed=1), _row("m2", 0.5, seed=1),    # another family (seed)
-            _row("m1", 0.02, config="c2")]                        # another family (config)
-    rows[1]["accuracy_p"] = 0.2                                   # second metric, own family
+    rows = [
+        _row("s2", None, kind="stage"),  # the baseline: no p
+        _row("m1", 0.01),
+        _row("m2", 0.04),
+        _row("m3", 0.03),
+        _row("trivial-majority", 0.001, kind="trivial"),
+        _row("m4", float("nan")),  # no test made
+        _row("m1", 0.02, seed=1),
+        _row("m2", 0.5, seed=1),  # another family (seed)
+        _row("m1", 0.02, config="c2"),
+    ]  # another family (config)
+    rows[1]["accuracy_p"] = 0.2  # second metric, own family
     rows[2]["accuracy_p"] = 0.01
     add_holm(rows)
     # family seed 0 / c1, macro_f1 (m1 m2 m3; trivial and NaN rows out, so m = 3):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from emomerge.evaluation import metrics as M
 from emomerge.evaluation.metrics import INVALID, Predictions
-
 from tests.evaluation.eval_cases import MULTI_LABELS, multi_preds, single_preds
 
 
@@ -22,8 +22,12 @@ def test_single_label_headline():
 def test_single_label_per_class_and_confusion():
     d = M.details(single_preds())
     pc = d["per_class"]
-    assert (pc["A"]["precision"], pc["A"]["recall"], pc["A"]["f1"]) == pytest.approx((1, .5, 2 / 3))
-    assert (pc["B"]["precision"], pc["B"]["recall"], pc["B"]["f1"]) == pytest.approx((2 / 3, 1, .8))
+    assert (pc["A"]["precision"], pc["A"]["recall"], pc["A"]["f1"]) == pytest.approx(
+        (1, 0.5, 2 / 3)
+    )
+    assert (pc["B"]["precision"], pc["B"]["recall"], pc["B"]["f1"]) == pytest.approx(
+        (2 / 3, 1, 0.8)
+    )
     assert pc["C"]["recall"] == pytest.approx(0.5) and pc["C"]["support"] == 2
     assert pc["D"]["support"] == 0
     cm = d["confusion"]
@@ -51,7 +55,9 @@ def test_multi_label_per_label_and_set_semantics():
     assert d["single_view"]["n"] == 2
     # Order inside a label list must not matter (sets, never positions).
     p = multi_preds()
-    swapped = Predictions(**{**p.__dict__, "pred": [["Anger"], ["Joy"], ["Anger"], ["Joy", "Anger"]]})
+    swapped = Predictions(
+        **{**p.__dict__, "pred": [["Anger"], ["Joy"], ["Anger"], ["Joy", "Anger"]]}
+    )
     assert M.compute(swapped)["subset_accuracy"] == pytest.approx(1 / 2)
 
 
@@ -64,7 +70,7 @@ def test_multi_label_out_of_set_prediction_is_not_credited():
 
 def test_vqa_exact_match_and_char_f1():
     assert M.exact_match(["東京タワー"], " 東京タワー ") == 1.0
-    assert M.exact_match(["ＡＢＣ１２３"], "ABC123") == 1.0          # NFKC: full-width digits
+    assert M.exact_match(["ＡＢＣ１２３"], "ABC123") == 1.0  # NFKC: full-width digits
     assert M.exact_match(["東京"], "京都") == 0.0
     # 京都 vs 東京: one shared char, P 1/2, R 1/2 -> 1/2
     assert M.char_f1(["東京"], "京都") == pytest.approx(1 / 2)
@@ -72,8 +78,14 @@ def test_vqa_exact_match_and_char_f1():
     assert M.char_f1(["東京"], "東京都") == pytest.approx(4 / 5)
     # best over alternative gold answers
     assert M.char_f1(["大阪", "東京"], "東京") == pytest.approx(1.0)
-    p = Predictions(task="vqa", ids=["a", "b"], groups=["a", "b"], gold=[["東京"], ["ＡＢ"]],
-                    pred=["東京都", "AB"], label_set=[])
+    p = Predictions(
+        task="vqa",
+        ids=["a", "b"],
+        groups=["a", "b"],
+        gold=[["東京"], ["ＡＢ"]],
+        pred=["東京都", "AB"],
+        label_set=[],
+    )
     got = M.compute(p, ["exact_match", "char_f1"])
     assert got["exact_match"] == pytest.approx(1 / 2)
     assert got["char_f1"] == pytest.approx((4 / 5 + 1) / 2)
@@ -90,17 +102,25 @@ def test_out_of_set_item_next_to_a_right_label_is_not_an_exact_match():
     # gold {Joy}, answer "Joy, Shock": the sets differ -> subset accuracy 0, as McNemar says;
     # example F1 = 2*|{Joy}| / (|gold| 1 + |pred| 2) = 2/3; micro: TP 1 (Joy), FP 1 (the invalid
     # column), FN 0 -> 2/3; macro over the label set only: Joy F1 1, Anger 0 -> 1/2.
-    p = Predictions(task="multi", ids=["u"], groups=["p"], gold=[["Joy"]],
-                    pred=[["Joy", "Shock"]], label_set=["Anger", "Joy"], top1=["Joy"])
+    p = Predictions(
+        task="multi",
+        ids=["u"],
+        groups=["p"],
+        gold=[["Joy"]],
+        pred=[["Joy", "Shock"]],
+        label_set=["Anger", "Joy"],
+        top1=["Joy"],
+    )
     got = M.compute(p)
     assert got["subset_accuracy"] == 0.0
     assert got["example_f1"] == pytest.approx(2 / 3)
     assert got["micro_f1"] == pytest.approx(2 / 3)
     assert got["macro_f1"] == pytest.approx(1 / 2)
     assert M.correctness(p).tolist() == [0]
-    assert list(M.details(p)["per_label"]) == ["Anger", "Joy"]   # no column for the invalid item
+    assert list(M.details(p)["per_label"]) == ["Anger", "Joy"]  # no column for the invalid item
     # the fast bootstrap statistics read the same encoding
     from emomerge.evaluation.bootstrap import bootstrap
+
     est = bootstrap(p, ["subset_accuracy", "example_f1", "micro_f1", "macro_f1"], n_boot=20)
     assert (est["subset_accuracy"].lo, est["subset_accuracy"].hi) == (0.0, 0.0)
     assert est["example_f1"].hi == pytest.approx(2 / 3)
@@ -115,8 +135,9 @@ def test_generated_out_of_set_words_reach_the_metrics():
     from emomerge.evaluation.cache import PredictionCache
     from emomerge.evaluation.outputs import from_generation
 
-    s = SimpleNamespace(id="u1", group="p1", labels=["Joy"], label_set=["Anger", "Joy"],
-                        meta={}, target="")
+    s = SimpleNamespace(
+        id="u1", group="p1", labels=["Joy"], label_set=["Anger", "Joy"], meta={}, target=""
+    )
     with tempfile.TemporaryDirectory() as d:
         cache = PredictionCache(d, "v", "h" * 16)
         cache.add("sh", [{"id": "u1", "text": "['Joy', 'Shock']"}])
@@ -128,7 +149,7 @@ def test_generated_out_of_set_words_reach_the_metrics():
 
 # ---------------------------------------------------------------- fixed label sets
 
-FIXED = ["Anger", "Disgust", "Fear", "Joy"]   # Disgust is the rare label
+FIXED = ["Anger", "Disgust", "Fear", "Joy"]  # Disgust is the rare label
 
 
 def _pair_single() -> tuple[Predictions, Predictions]:
@@ -136,9 +157,17 @@ def _pair_single() -> tuple[Predictions, Predictions]:
     gold = ["Anger", "Anger", "Joy", "Joy", "Fear", "Disgust"]
     a = ["Anger", "Joy", "Joy", "Joy", "Fear", "Disgust"]
     b = ["Anger", "Anger", "Joy", "Joy", "Fear", "Joy"]
-    mk = (lambda pred: Predictions("single", [f"s{i}" for i in range(6)],
-                                    [f"s{i}" for i in range(6)], [[g] for g in gold], pred,
-                                    FIXED))
+
+    def mk(pred):
+        return Predictions(
+            "single",
+            [f"s{i}" for i in range(6)],
+            [f"s{i}" for i in range(6)],
+            [[g] for g in gold],
+            pred,
+            FIXED,
+        )
+
     return mk(a), mk(b)
 
 
@@ -156,12 +185,24 @@ def test_single_macro_f1_averages_the_fixed_label_set_for_every_variant():
     # the present-labels mean (the old rule) would be the same here, since gold has Disgust;
     # drop Disgust's sample and the old rule would skip it for b entirely:
     keep = [0, 1, 2, 3, 4]
-    b2 = Predictions("single", [b.ids[i] for i in keep], [b.groups[i] for i in keep],
-                     [b.gold[i] for i in keep], [b.pred[i] for i in keep], FIXED)
-    fixed = f1_score([g[0] for g in b2.gold], b2.pred, labels=FIXED, average="macro",
-                     zero_division=0)
-    old = f1_score([g[0] for g in b2.gold], b2.pred, labels=["Anger", "Fear", "Joy"],
-                   average="macro", zero_division=0)
+    b2 = Predictions(
+        "single",
+        [b.ids[i] for i in keep],
+        [b.groups[i] for i in keep],
+        [b.gold[i] for i in keep],
+        [b.pred[i] for i in keep],
+        FIXED,
+    )
+    fixed = f1_score(
+        [g[0] for g in b2.gold], b2.pred, labels=FIXED, average="macro", zero_division=0
+    )
+    old = f1_score(
+        [g[0] for g in b2.gold],
+        b2.pred,
+        labels=["Anger", "Fear", "Joy"],
+        average="macro",
+        zero_division=0,
+    )
     # Anger 1, Fear 1, Joy 1, Disgust 0 -> 3/4 (old rule: 1)
     assert M.compute(b2)["macro_f1"] == pytest.approx(fixed) == pytest.approx(3 / 4)
     assert old == pytest.approx(1.0)
@@ -173,18 +214,32 @@ def test_multilabel_macro_f1_is_over_the_fixed_label_set():
 
     gold = [["Anger"], ["Anger", "Disgust"], ["Joy"], ["Fear", "Joy"]]
     a = [["Anger"], ["Anger", "Disgust"], ["Joy"], ["Joy"]]
-    b = [["Anger"], ["Anger"], ["Joy"], ["Joy", "Shock"]]      # never Disgust; Shock out of set
+    b = [["Anger"], ["Anger"], ["Joy"], ["Joy", "Shock"]]  # never Disgust; Shock out of set
     mlb = MultiLabelBinarizer(classes=FIXED).fit([FIXED])
     for pred in (a, b):
-        p = Predictions("multi", ["u1", "u2", "u3", "u4"], ["p1", "p1", "p2", "p2"], gold, pred,
-                        FIXED, top1=[row[0] for row in pred])
+        p = Predictions(
+            "multi",
+            ["u1", "u2", "u3", "u4"],
+            ["p1", "p1", "p2", "p2"],
+            gold,
+            pred,
+            FIXED,
+            top1=[row[0] for row in pred],
+        )
         y_true = mlb.transform(gold)
         y_pred = mlb.transform([[x for x in row if x in FIXED] for row in pred])
         expected = f1_score(y_true, y_pred, average="macro", zero_division=0)
         assert M.compute(p)["macro_f1"] == pytest.approx(expected)
     # by hand, b: Anger 1, Disgust 0 (1 FN), Fear 0 (1 FN), Joy 1 -> 1/2
-    pb = Predictions("multi", ["u1", "u2", "u3", "u4"], ["p1", "p1", "p2", "p2"], gold, b,
-                     FIXED, top1=["Anger"] * 4)
+    pb = Predictions(
+        "multi",
+        ["u1", "u2", "u3", "u4"],
+        ["p1", "p1", "p2", "p2"],
+        gold,
+        b,
+        FIXED,
+        top1=["Anger"] * 4,
+    )
     assert M.compute(pb)["macro_f1"] == pytest.approx(1 / 2)
     # Shock stays a false positive for micro: TP 4, FP 1 (Shock), FN 2 -> 8/11, no macro column
     assert M.compute(pb)["micro_f1"] == pytest.approx(8 / 11)
@@ -202,12 +257,18 @@ def test_multilabel_macro_fixed_differs_from_present_labels_rule():
     mlb = MultiLabelBinarizer(classes=FIXED).fit([FIXED])
     got, old = [], []
     for pred in (a, b):
-        p = Predictions("multi", ["u1", "u2", "u3"], ["p1", "p2", "p3"], gold, pred, FIXED,
-                        top1=[row[0] for row in pred])
+        p = Predictions(
+            "multi",
+            ["u1", "u2", "u3"],
+            ["p1", "p2", "p3"],
+            gold,
+            pred,
+            FIXED,
+            top1=[row[0] for row in pred],
+        )
         y_true, y_pred = mlb.transform(gold), mlb.transform(pred)
         got.append(M.compute(p)["macro_f1"])
-        assert got[-1] == pytest.approx(f1_score(y_true, y_pred, average="macro",
-                                                 zero_division=0))
+        assert got[-1] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
         cols = (y_true.sum(0) + y_pred.sum(0)) > 0
         old.append(f1_score(y_true[:, cols], y_pred[:, cols], average="macro", zero_division=0))
     # fixed set, by hand: a: Anger 1, Disgust 0, Fear 1, Joy 1 -> 3/4;
@@ -221,7 +282,8 @@ def test_multilabel_macro_fixed_differs_from_present_labels_rule():
 def test_per_label_f1_in_label_set_order():
     # single: per class of eval_cases.single_preds (A 2/3, B 4/5, C 2/3, D 0)
     assert M.per_label_f1(single_preds()) == pytest.approx(
-        {"A": 2 / 3, "B": 4 / 5, "C": 2 / 3, "D": 0.0})
+        {"A": 2 / 3, "B": 4 / 5, "C": 2 / 3, "D": 0.0}
+    )
     assert list(M.per_label_f1(single_preds())) == ["A", "B", "C", "D"]
     # multi: eval_cases.multi_preds (Anger 4/5, Joy 1, Sadness 0, Fear 0)
     got = M.per_label_f1(multi_preds())

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import pytest
+
 from emomerge.evaluation.parsing import label_lookup, parse_labels, parse_page
 
 EC = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("Joy", ["Joy"]),
-    ("joy.", ["Joy"]),
-    ("Happy", ["Joy"]),
-    ("ANGRY", ["Anger"]),
-    ('["Joy", "Fear"]', ["Joy", "Fear"]),
-    ("['Joy', 'Fear']", ["Joy", "Fear"]),
-    ("[Neutral]", ["Neutral"]),                      # unquoted, as in the EmoComics35 CSV
-    ("[Joy, Sadness]", ["Joy", "Sadness"]),
-    ("```json\n[\"Surprise\"]\n```", ["Surprise"]),
-    ("```\nanger, fear\n```", ["Anger", "Fear"]),
-    ('{"emotions": ["sad", "Fear"]}', ["Sadness", "Fear"]),
-    ("Joy and Surprise", ["Joy", "Surprise"]),
-    ("['Joy', 'joy', 'Happy']", ["Joy"]),            # duplicates collapse
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("Joy", ["Joy"]),
+        ("joy.", ["Joy"]),
+        ("Happy", ["Joy"]),
+        ("ANGRY", ["Anger"]),
+        ('["Joy", "Fear"]', ["Joy", "Fear"]),
+        ("['Joy', 'Fear']", ["Joy", "Fear"]),
+        ("[Neutral]", ["Neutral"]),  # unquoted, as in the EmoComics35 CSV
+        ("[Joy, Sadness]", ["Joy", "Sadness"]),
+        ('```json\n["Surprise"]\n```', ["Surprise"]),
+        ("```\nanger, fear\n```", ["Anger", "Fear"]),
+        ('{"emotions": ["sad", "Fear"]}', ["Sadness", "Fear"]),
+        ("Joy and Surprise", ["Joy", "Surprise"]),
+        ("['Joy', 'joy', 'Happy']", ["Joy"]),  # duplicates collapse
+    ],
+)
 def test_parses_multi_label_shapes(text, labels):
     got = parse_labels(text, EC, multi=True)
     assert got.ok, got
@@ -58,8 +62,20 @@ def test_free_text_is_scanned_for_label_words_and_flagged():
 def test_synonym_never_chooses_between_two_classes():
     # EmoArt's set has both Happy and Glad: "joy" could mean either, so it stays out of set,
     # while "sadness" has one candidate (Sad) and maps.
-    emoart = ["Calm", "Excited", "Contentment", "Frustrated", "Sad", "Aroused", "Alarmed",
-              "Bored", "Happy", "Annoyed", "Tired", "Glad"]
+    emoart = [
+        "Calm",
+        "Excited",
+        "Contentment",
+        "Frustrated",
+        "Sad",
+        "Aroused",
+        "Alarmed",
+        "Bored",
+        "Happy",
+        "Annoyed",
+        "Tired",
+        "Glad",
+    ]
     lookup = label_lookup(emoart)
     assert "joy" not in lookup and lookup["happy"] == "Happy" and lookup["glad"] == "Glad"
     assert parse_labels("Joy", emoart, multi=False).failure == "out_of_set"
@@ -70,14 +86,17 @@ def test_page_answers_with_length_mismatch():
     per, extra = parse_page("[['Anger'], ['Fear', 'Sadness'], 'Joy']", 3, EC)
     assert [p.labels for p in per] == [["Anger"], ["Fear", "Sadness"], ["Joy"]] and extra == 0
     # CSV-style nested strings, one utterance short: the last is a 'missing' failure.
-    per, extra = parse_page('```python\n["[\'Anger\']", "[\'Shock\']"]\n```', 3, EC)
+    per, extra = parse_page("```python\n[\"['Anger']\", \"['Shock']\"]\n```", 3, EC)
     assert per[0].labels == ["Anger"] and per[1].failure == "out_of_set"
     assert per[2].failure == "missing" and extra == 0
     per, extra = parse_page("['Joy', 'Joy', 'Joy', 'Fear']", 2, EC)
     assert all(p.ok for p in per) and extra == 2
     # The page task's own target shape (training.data.emocomics35, task "page").
-    per, extra = parse_page('[{"utterance": 1, "emotions": ["Joy"]}, '
-                            '{"utterance": 2, "emotions": ["Fear", "Anger"]}]', 2, EC)
+    per, extra = parse_page(
+        '[{"utterance": 1, "emotions": ["Joy"]}, {"utterance": 2, "emotions": ["Fear", "Anger"]}]',
+        2,
+        EC,
+    )
     assert [p.labels for p in per] == [["Joy"], ["Fear", "Anger"]]
     per, extra = parse_page("no list here", 2, EC)
     assert [p.failure for p in per] == ["unparsable", "unparsable"]
@@ -120,33 +139,51 @@ def test_page_answer_as_unquoted_nested_list():
     assert [p.failure for p in per] == ["unparsable", "unparsable"]
 
 
-EMOART = ["Calm", "Excited", "Contentment", "Frustrated", "Sad", "Aroused", "Alarmed", "Bored",
-          "Happy", "Annoyed", "Tired", "Glad"]
+EMOART = [
+    "Calm",
+    "Excited",
+    "Contentment",
+    "Frustrated",
+    "Sad",
+    "Aroused",
+    "Alarmed",
+    "Bored",
+    "Happy",
+    "Annoyed",
+    "Tired",
+    "Glad",
+]
 
 
-@pytest.mark.parametrize("text, multi, labels", [
-    ("Emotions: Joy, Fear", True, ["Joy", "Fear"]),
-    ("emotion: joy", False, ["Joy"]),
-    ("LABEL: Sadness", False, ["Sadness"]),
-    ("Labels: anger; fear", True, ["Anger", "Fear"]),
-    ("Answer: Surprise", False, ["Surprise"]),
-    ("Sure! Emotion: Joy", False, ["Joy"]),                  # the prefix inside a line
-    ("Emotion:\nNeutral", False, ["Neutral"]),
-    ('Emotions: ["Joy", "Fear"]', True, ["Joy", "Fear"]),    # a prefixed JSON list
-    ("Emotion: Joy\nEmotion: Fear", True, ["Joy", "Fear"]),  # repeated at line starts
-])
+@pytest.mark.parametrize(
+    "text, multi, labels",
+    [
+        ("Emotions: Joy, Fear", True, ["Joy", "Fear"]),
+        ("emotion: joy", False, ["Joy"]),
+        ("LABEL: Sadness", False, ["Sadness"]),
+        ("Labels: anger; fear", True, ["Anger", "Fear"]),
+        ("Answer: Surprise", False, ["Surprise"]),
+        ("Sure! Emotion: Joy", False, ["Joy"]),  # the prefix inside a line
+        ("Emotion:\nNeutral", False, ["Neutral"]),
+        ('Emotions: ["Joy", "Fear"]', True, ["Joy", "Fear"]),  # a prefixed JSON list
+        ("Emotion: Joy\nEmotion: Fear", True, ["Joy", "Fear"]),  # repeated at line starts
+    ],
+)
 def test_label_prefix_is_dropped(text, multi, labels):
     got = parse_labels(text, EC, multi=multi)
     assert got.ok, got
     assert got.labels == labels and not got.lenient and got.invalid == []
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("angry and scared", ["Anger", "Fear"]),
-    ("Joy, Fear and Sadness", ["Joy", "Fear", "Sadness"]),
-    ("Joy, Fear, and Sadness", ["Joy", "Fear", "Sadness"]),   # Oxford comma
-    ("happy AND surprised", ["Joy", "Surprise"]),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("angry and scared", ["Anger", "Fear"]),
+        ("Joy, Fear and Sadness", ["Joy", "Fear", "Sadness"]),
+        ("Joy, Fear, and Sadness", ["Joy", "Fear", "Sadness"]),  # Oxford comma
+        ("happy AND surprised", ["Joy", "Surprise"]),
+    ],
+)
 def test_and_splits_between_label_words(text, labels):
     got = parse_labels(text, EC, multi=True)
     assert got.ok and got.labels == labels and not got.lenient
@@ -176,13 +213,28 @@ def test_single_label_reads_the_first_line_only():
     assert got.ok and got.labels == ["Anger"]
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("喜び", ["Joy"]), ("嬉しい", ["Joy"]), ("うれしい", ["Joy"]), ("楽しい", ["Joy"]),
-    ("怒り", ["Anger"]), ("怒っている", ["Anger"]), ("悲しみ", ["Sadness"]),
-    ("悲しい。", ["Sadness"]), ("恐怖", ["Fear"]), ("怖い", ["Fear"]), ("こわい", ["Fear"]),
-    ("驚き", ["Surprise"]), ("驚いた", ["Surprise"]), ("嫌悪", ["Disgust"]),
-    ("中立", ["Neutral"]), ("「喜び」", ["Joy"]), ("Emotion: 悲しみ", ["Sadness"]),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("喜び", ["Joy"]),
+        ("嬉しい", ["Joy"]),
+        ("うれしい", ["Joy"]),
+        ("楽しい", ["Joy"]),
+        ("怒り", ["Anger"]),
+        ("怒っている", ["Anger"]),
+        ("悲しみ", ["Sadness"]),
+        ("悲しい。", ["Sadness"]),
+        ("恐怖", ["Fear"]),
+        ("怖い", ["Fear"]),
+        ("こわい", ["Fear"]),
+        ("驚き", ["Surprise"]),
+        ("驚いた", ["Surprise"]),
+        ("嫌悪", ["Disgust"]),
+        ("中立", ["Neutral"]),
+        ("「喜び」", ["Joy"]),
+        ("Emotion: 悲しみ", ["Sadness"]),
+    ],
+)
 def test_japanese_emotion_words_map_through_their_group(text, labels):
     got = parse_labels(text, EC, multi=False)
     assert got.ok, got
@@ -192,7 +244,7 @@ def test_japanese_emotion_words_map_through_their_group(text, labels):
 def test_japanese_lists_and_the_one_candidate_rule():
     got = parse_labels("怒り、恐怖", EC, multi=True)
     assert got.ok and got.labels == ["Anger", "Fear"]
-    got = parse_labels("喜びと驚き", EC, multi=True)                  # と between two words
+    got = parse_labels("喜びと驚き", EC, multi=True)  # と between two words
     assert got.ok and got.labels == ["Joy", "Surprise"]
     # EmoArt has Happy and Glad, both in the joy group: 喜び must not choose between them
     joy = parse_labels("喜び", EMOART, multi=False)

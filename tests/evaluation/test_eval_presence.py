@@ -14,6 +14,8 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from emomerge.evaluation import decide
 from emomerge.evaluation.predict import answer_suffix, candidate_answers
 from emomerge.evaluation.scoring import (
@@ -26,7 +28,6 @@ from emomerge.evaluation.scoring import (
     set_text,
 )
 from emomerge.merging.errors import InputError
-from PIL import Image
 
 LABELS = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
 
@@ -34,10 +35,13 @@ LABELS = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
 def test_candidate_sets_are_every_subset_up_to_max_labels():
     for k, n in [(1, 7), (2, 7 + 21), (3, 7 + 21 + 35), (7, 127), (9, 127)]:
         got = label_sets(LABELS, k)
-        brute = {tuple(i for i in range(7) if mask >> i & 1) for mask in range(1, 128)
-                 if mask.bit_count() <= k}
+        brute = {
+            tuple(i for i in range(7) if mask >> i & 1)
+            for mask in range(1, 128)
+            if mask.bit_count() <= k
+        }
         assert len(got) == n and set(got) == brute
-    assert label_sets(LABELS, 3)[:2] == [(0,), (1,)]       # singletons first
+    assert label_sets(LABELS, 3)[:2] == [(0,), (1,)]  # singletons first
     with pytest.raises(InputError, match="max_labels"):
         label_sets(LABELS, 0)
 
@@ -62,8 +66,9 @@ def test_marginals_equal_a_brute_force_sum():
         assert decide.set_marginals(values, sets, 7)[j] == pytest.approx(want, rel=1e-9)
     # all mass on {Anger, Joy}: both present with probability 1, the rest 0
     one = [0.0 if s == (0, 3) else -1e4 for s in sets]
-    np.testing.assert_allclose(decide.set_marginals(one, sets, 7), [1, 0, 0, 1, 0, 0, 0],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        decide.set_marginals(one, sets, 7), [1, 0, 0, 1, 0, 0, 0], atol=1e-12
+    )
     assert decide.presence_labels([0.9, 0.2, 0.6], ["A", "B", "C"], [0.5, 0.5, 0.7]) == ["A"]
     assert decide.presence_labels([0.3, 0.2, 0.4], ["A", "B", "C"], [0.5] * 3) == ["C"]
 
@@ -74,12 +79,19 @@ def _label_set_scores(model_host, model, messages, img, chunk):
 
     prefix = answer_prefix(model_host.processor, messages)
     answers, _ = candidate_answers(LABELS, 3)
-    conts = continuation_ids(model_host.tokenizer, prompt, [prefix + a for a in answers],
-                             answer_suffix(model_host.family, model_host.tokenizer))
+    conts = continuation_ids(
+        model_host.tokenizer,
+        prompt,
+        [prefix + a for a in answers],
+        answer_suffix(model_host.family, model_host.tokenizer),
+    )
     inputs = encode_prompts(model_host.processor, model_host.family, [prompt], [[img]])
     pad = model_host.tokenizer.pad_token_id
-    return conts, score_labels(model, inputs, conts, pad, chunk=chunk), \
-        score_labels_full(model, inputs, conts)
+    return (
+        conts,
+        score_labels(model, inputs, conts, pad, chunk=chunk),
+        score_labels_full(model, inputs, conts),
+    )
 
 
 def test_label_set_scores_cached_equal_full_forward_qwen(host, stage_dirs):
@@ -88,9 +100,10 @@ def test_label_set_scores_cached_equal_full_forward_qwen(host, stage_dirs):
 
     img = Image.new("RGB", (64, 48), (220, 30, 30))
     with host.activate(variant_from_dir(stage_dirs[1])) as model:
-        conts, fast, slow = _label_set_scores(host, model, user_message(1, "Which emotions?"),
-                                              img, chunk=16)
-    assert len(conts) == 63 and len({len(c) for c in conts}) > 2   # ragged, four chunks
+        conts, fast, slow = _label_set_scores(
+            host, model, user_message(1, "Which emotions?"), img, chunk=16
+        )
+    assert len(conts) == 63 and len({len(c) for c in conts}) > 2  # ragged, four chunks
     for f, s in zip(fast, slow):
         assert f.n_tokens == s.n_tokens
         assert f.logprob == pytest.approx(s.logprob, abs=1e-4)
@@ -99,12 +112,13 @@ def test_label_set_scores_cached_equal_full_forward_qwen(host, stage_dirs):
 def test_label_set_scores_cached_equal_full_forward_llava(tmp_path):
     from emomerge.evaluation.predict import ModelHost
     from emomerge.training.data.sample import user_message
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     llava = ModelHost.load(build_tiny_vlm("llava", tmp_path / "llava", seed=0))
     img = Image.new("RGB", (40, 50), (30, 200, 90))
-    conts, fast, slow = _label_set_scores(llava, llava.model, user_message(1, "Which?"), img,
-                                          chunk=10)
+    conts, fast, slow = _label_set_scores(
+        llava, llava.model, user_message(1, "Which?"), img, chunk=10
+    )
     assert len(conts) == 63
     for f, s in zip(fast, slow):
         assert f.logprob == pytest.approx(s.logprob, abs=1e-4)
@@ -119,7 +133,7 @@ def _f1(pred, gold):
 
 def _brute_best(cands, score):
     best_t, best = None, -1.0
-    for t in sorted(cands, reverse=True):           # highest first: ties keep the higher one
+    for t in sorted(cands, reverse=True):  # highest first: ties keep the higher one
         f = score(t)
         if f > best + 1e-12:
             best_t, best = t, f
@@ -130,7 +144,7 @@ def test_per_label_threshold_equals_a_plain_search():
     rng = np.random.default_rng(3)
     for trial in range(20):
         n = int(rng.integers(5, 40))
-        p = np.round(rng.random(n), 2)              # rounding: ties between samples
+        p = np.round(rng.random(n), 2)  # rounding: ties between samples
         gold = (rng.random(n) < p).tolist() if trial % 5 else [False] * n
         d = sorted(set(p.tolist()))
         cands = [d[0] / 2] + [(a + b) / 2 for a, b in itertools.pairwise(d)] + [d[-1] + 1e-9]
@@ -144,13 +158,13 @@ def test_global_threshold_equals_a_plain_macro_f1_search():
     rng = np.random.default_rng(5)
     probs = np.round(rng.random((30, 4)), 2)
     gold = rng.random((30, 4)) < probs
-    gold[:, 3] = False                               # a label absent from validation
+    gold[:, 3] = False  # a label absent from validation
 
     def macro(t):
         f1s = []
         for c in range(4):
             pred = [x >= t for x in probs[:, c]]
-            if any(pred) or gold[:, c].any():        # labels neither gold nor predicted: out
+            if any(pred) or gold[:, c].any():  # labels neither gold nor predicted: out
                 f1s.append(_f1(pred, gold[:, c].tolist()))
         return sum(f1s) / len(f1s) if f1s else 0.0
 
@@ -176,11 +190,15 @@ def test_own_threshold_only_where_it_beats_the_shared_one_out_of_fold():
     rng = np.random.default_rng(1)
     probs = rng.random((40, 3))
     gold2 = [[lab for lab, q in zip("XYZ", row) if rng.random() < q] for row in probs]
-    lt2 = decide.choose_label_thresholds(probs, gold2, list("XYZ"),
-                                         groups=[f"b{i % 5}" for i in range(40)])
+    lt2 = decide.choose_label_thresholds(
+        probs, gold2, list("XYZ"), groups=[f"b{i % 5}" for i in range(40)]
+    )
     for c, lab in enumerate("XYZ"):
-        want = lt2.global_threshold if lt2.choice[lab] == "global" else \
-            decide.best_label_threshold(probs[:, c], [lab in g for g in gold2])
+        want = (
+            lt2.global_threshold
+            if lt2.choice[lab] == "global"
+            else decide.best_label_threshold(probs[:, c], [lab in g for g in gold2])
+        )
         assert lt2.thresholds[lab] == pytest.approx(want)
     # no groups: every label its own threshold
     assert set(decide.choose_label_thresholds(rows, gold, ["A", "B"]).choice.values()) == {"label"}
@@ -188,8 +206,20 @@ def test_own_threshold_only_where_it_beats_the_shared_one_out_of_fold():
 
 # ------------------------------------------------------------------ the trained acceptance test
 
-FILLER = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "red", "blue", "music",
-          "image"]
+FILLER = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "red",
+    "blue",
+    "music",
+    "image",
+]
 
 
 def _write_second_label_data(root, seed=0):
@@ -210,11 +240,21 @@ def _write_second_label_data(root, seed=0):
             img = root / "images" / f"{file_nr:06d}" / "images" / f"page{page:05d}.jpg"
             img.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (56, 56), (128, 128, 128)).save(img)
-            rows.append({"SourceFile": "x", "Page": page, "PageUtterances": str(texts),
-                         "PageSpeakers": str(["A"] * 3), "PageEmotions": str(emos),
-                         "PagePanels": "[1, 2, 3]", "PageBalloons": "[1, 1, 1]",
-                         "FileNr": file_nr, "Split": "TEST" if b >= 6 else "TRAIN",
-                         "ComicBookTitle": f"Book {b}", "image_path": "x"})
+            rows.append(
+                {
+                    "SourceFile": "x",
+                    "Page": page,
+                    "PageUtterances": str(texts),
+                    "PageSpeakers": str(["A"] * 3),
+                    "PageEmotions": str(emos),
+                    "PagePanels": "[1, 2, 3]",
+                    "PageBalloons": "[1, 1, 1]",
+                    "FileNr": file_nr,
+                    "Split": "TEST" if b >= 6 else "TRAIN",
+                    "ComicBookTitle": f"Book {b}",
+                    "image_path": "x",
+                }
+            )
     with (root / "ec.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=ec.COLUMNS)
         w.writeheader()
@@ -225,9 +265,10 @@ def _write_second_label_data(root, seed=0):
 @pytest.fixture(scope="module")
 def second_label_run(tmp_path_factory):
     import torch
-    from emomerge.training.tiny import build_tiny_vlm
-    from emomerge.training.trainer import train_curriculum
     from transformers import AutoModelForImageTextToText
+
+    from emomerge.training.models.tiny import build_tiny_vlm
+    from emomerge.training.trainer import train_curriculum
 
     root = tmp_path_factory.mktemp("second_label")
     base = build_tiny_vlm("qwen2_5_vl", root / "base", seed=0)
@@ -239,10 +280,21 @@ def second_label_run(tmp_path_factory):
         model.model.language_model.norm.weight.mul_(20.0)
     model.save_pretrained(str(base))
     data = _write_second_label_data(root / "data")
-    cur = {"base_model": str(base), "seed": 0, "lora": {"r": 8, "alpha": 16},
-           "train": {"batch_size": 4, "lr": 5e-3},
-           "stages": [{"name": "ec", "dataset": "emocomics35", "path": str(data), "steps": 60,
-                       "holdout": {"fraction": 0.2, "seed": 0}}]}
+    cur = {
+        "base_model": str(base),
+        "seed": 0,
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"batch_size": 4, "lr": 5e-3},
+        "stages": [
+            {
+                "name": "ec",
+                "dataset": "emocomics35",
+                "path": str(data),
+                "steps": 60,
+                "holdout": {"fraction": 0.2, "seed": 0},
+            }
+        ],
+    }
     adapters = train_curriculum(cur, root / "run", progress=False)
     return base, data, adapters[0], root
 
@@ -262,8 +314,17 @@ def test_presence_scoring_recovers_the_second_label(second_label_run):
     f1 = {}
     for scoring in ("label_set", "first_label"):
         cfg = EvalConfig(dataset="emocomics35", scoring=scoring, n_boot=10)
-        res = evaluate(host, base, discover([adapter]), test, root / "out", cfg, val_pool=pool,
-                       include_base=False, progress=False)
+        res = evaluate(
+            host,
+            base,
+            discover([adapter]),
+            test,
+            root / "out",
+            cfg,
+            val_pool=pool,
+            include_base=False,
+            progress=False,
+        )
         r = res.results[0]
         assert r.scoring == scoring and r.threshold_source  # the stage's held-out books
         pl = per_label(r.preds.gold, r.preds.pred, r.preds.label_set)

@@ -37,8 +37,7 @@ def gold():
 
 def macro_f1(gold, pred):
     mlb = MultiLabelBinarizer(classes=LABELS)
-    return f1_score(mlb.fit_transform(gold), mlb.transform(pred), average="macro",
-                    zero_division=0)
+    return f1_score(mlb.fit_transform(gold), mlb.transform(pred), average="macro", zero_division=0)
 
 
 def test_oracle_scored_by_label_sets_sees_every_label(gold):
@@ -47,8 +46,9 @@ def test_oracle_scored_by_label_sets_sees_every_label(gold):
     for g in gold:
         first3 = tuple(sorted(LABELS.index(lab) for lab in label_text(g).split(", ")[:3]))
         values = [0.0 if s == first3 else -30.0 for s in sets]  # the oracle's answer
-        preds.append(presence_labels(set_marginals(values, sets, len(LABELS)), LABELS,
-                                     [0.5] * len(LABELS)))
+        preds.append(
+            presence_labels(set_marginals(values, sets, len(LABELS)), LABELS, [0.5] * len(LABELS))
+        )
     f1 = macro_f1(gold, preds)
     assert f1 > 0.995  # all but the 3 utterances with four labels
     assert sum(len(g) > 3 for g in gold) == 3
@@ -59,8 +59,10 @@ def test_oracle_scored_by_first_label_tops_out_low(gold):
     # set's first label in training's order; every threshold on the softmax is tried
     first = [label_text(g).split(", ")[0] for g in gold]
     values = [[0.0 if lab == f else -30.0 for lab in LABELS] for f in first]
-    best = max(macro_f1(gold, [threshold_labels(v, LABELS, t) for v in values])
-               for t in np.linspace(0.0, 1.0, 21))
+    best = max(
+        macro_f1(gold, [threshold_labels(v, LABELS, t) for v in values])
+        for t in np.linspace(0.0, 1.0, 21)
+    )
     assert best < 0.8
     # Surprise, last in the order, is rarely first: most of its utterances are missed
     carried = [g for g in gold if "Surprise" in g]

@@ -7,14 +7,14 @@ import io
 import re
 
 import pytest
-from emomerge.evaluation.runner import EvalConfig, evaluate
-from emomerge.merging import merge
-from emomerge.merging.progress import ENV, display, phase, wanted
-from emomerge.training.data import read_dataset
 from rich.console import Console
 from typer.testing import CliRunner
 
 from emomerge.cli import app
+from emomerge.evaluation.runner import EvalConfig, evaluate
+from emomerge.merging import merge
+from emomerge.merging.progress import ENV, display, phase, wanted
+from emomerge.training.data import read_dataset
 
 
 def _terminal() -> tuple[Console, io.StringIO]:
@@ -39,29 +39,49 @@ def test_evaluate_draws_phase_counts_and_rate(host, tiny_base, stage_dirs, emoar
     cfg = EvalConfig(dataset="emoart", split="test", n_boot=10, seed=0)
     console, buf = _terminal()
     with display(True, console=console):
-        evaluate(host, tiny_base, [s1], emoart_test, tmp_path / "on", cfg, include_base=False,
-                 progress=True)
+        evaluate(
+            host,
+            tiny_base,
+            [s1],
+            emoart_test,
+            tmp_path / "on",
+            cfg,
+            include_base=False,
+            progress=True,
+        )
     text = _plain(buf)
     n = len(emoart_test)
     # the bar's last draw: the whole split done, its rate, the elapsed time after "ETA"
-    line = next(ln for ln in text.splitlines()
-                if "score s1_emoart on emoart/test" in ln and f"{n}/{n}" in ln)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if "score s1_emoart on emoart/test" in ln and f"{n}/{n}" in ln
+    )
     rate = float(re.search(r"(\d+\.\d\d) examples/s", line).group(1))
     assert rate > 0
     assert re.search(r"ETA \d:\d\d:\d\d", line)
 
     console, buf = _terminal()  # the library switch: progress=False draws nothing
     with display(True, console=console):
-        evaluate(host, tiny_base, [s1], emoart_test, tmp_path / "off", cfg, include_base=False,
-                 progress=False)
+        evaluate(
+            host,
+            tiny_base,
+            [s1],
+            emoart_test,
+            tmp_path / "off",
+            cfg,
+            include_base=False,
+            progress=False,
+        )
     assert "score" not in _plain(buf) and "examples/s" not in _plain(buf)
 
 
 def test_merge_draws_its_phase_in_modules(stage_dirs, tmp_path):
     console, buf = _terminal()
     with display(True, console=console):
-        res = merge("ties", stage_dirs, tmp_path / "ties", params={"density": 0.5}, rank=4,
-                    progress=True)
+        res = merge(
+            "ties", stage_dirs, tmp_path / "ties", params={"density": 0.5}, rank=4, progress=True
+        )
     n = res.manifest["n_modules"]
     line = next(ln for ln in _plain(buf).splitlines() if "merge ties" in ln and f"{n}/{n}" in ln)
     assert re.search(r"\d+\.\d\d modules/s", line)
@@ -108,16 +128,35 @@ def test_wanted_terminal_flags_and_environment(monkeypatch):
 
 
 def _evaluate(tiny_base, stage_dirs, emoart_dir, out, *extra):
-    res = CliRunner().invoke(app, [
-        "evaluate", "--base", str(tiny_base), "--variants", str(stage_dirs[0]), "--no-base",
-        "--dataset", "emoart", "--data", str(emoart_dir), "--split", "test", "--out", str(out),
-        "--n-boot", "10", *extra])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--base",
+            str(tiny_base),
+            "--variants",
+            str(stage_dirs[0]),
+            "--no-base",
+            "--dataset",
+            "emoart",
+            "--data",
+            str(emoart_dir),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--n-boot",
+            "10",
+            *extra,
+        ],
+    )
     assert res.exit_code == 0, res.output + str(res.exception)
     return res
 
 
-def test_cli_evaluate_progress_forced_piped_and_quiet(tiny_base, stage_dirs, emoart_dir,
-                                                      tmp_path, monkeypatch):
+def test_cli_evaluate_progress_forced_piped_and_quiet(
+    tiny_base, stage_dirs, emoart_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv(ENV, "1")  # stands in for a terminal on stderr
     monkeypatch.setenv("COLUMNS", "200")  # a wide one: every column drawn in full
     forced = _evaluate(tiny_base, stage_dirs, emoart_dir, tmp_path / "forced")
@@ -140,12 +179,23 @@ def test_cli_merge_progress_forced_and_quiet(stage_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, "1")
     monkeypatch.setenv("COLUMNS", "200")
     runner = CliRunner()
-    args = ["ties", "--adapters", str(stage_dirs[0]), "--adapters", str(stage_dirs[1]),
-            "--density", "0.5", "--rank", "4"]
+    args = [
+        "ties",
+        "--adapters",
+        str(stage_dirs[0]),
+        "--adapters",
+        str(stage_dirs[1]),
+        "--density",
+        "0.5",
+        "--rank",
+        "4",
+    ]
     drawn = runner.invoke(app, [*args, "--out", str(tmp_path / "on")])
     assert drawn.exit_code == 0, drawn.output
-    assert re.search(r"merge ties .*(\d+)/\1 \d+\.\d\d modules/s",
-                     re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.stderr))
+    assert re.search(
+        r"merge ties .*(\d+)/\1 \d+\.\d\d modules/s",
+        re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.stderr),
+    )
     quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
     assert quiet.exit_code == 0, quiet.output
     assert "modules/s" not in quiet.output and "merge ties" not in quiet.output

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from emomerge.evaluation.holdout import holdout_by_book
 from emomerge.evaluation.leaderboard import compare, read_rows, show
 from emomerge.evaluation.runner import EvalConfig, evaluate
@@ -40,23 +41,39 @@ def test_variants_metadata(variants):
     assert by["linear"].stages_merged == "emoart;emocomics35"
 
 
-def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoart_dir,
-                                           tmp_path):
+def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoart_dir, tmp_path):
     test, val = ec35
-    assert any(len(s.labels) > 1 for s in test)      # multi-label utterances present
+    assert any(len(s.labels) > 1 for s in test)  # multi-label utterances present
     cfg = EvalConfig(dataset="emocomics35", split="test", n_boot=50, seed=0)
-    res = evaluate(host, tiny_base, variants, test, tmp_path, cfg, val_samples=val,
-                   progress=False)
+    res = evaluate(host, tiny_base, variants, test, tmp_path, cfg, val_samples=val, progress=False)
     rows = res.rows
-    assert [r["variant"] for r in rows] == ["base", "s1_emoart", "s2_emocomics35", "linear",
-                                            "ties", "trivial-majority", "trivial-all-labels"]
-    assert [r["kind"] for r in rows] == ["base", "stage", "stage", "merged", "merged",
-                                         "trivial", "trivial"]
+    assert [r["variant"] for r in rows] == [
+        "base",
+        "s1_emoart",
+        "s2_emocomics35",
+        "linear",
+        "ties",
+        "trivial-majority",
+        "trivial-all-labels",
+    ]
+    assert [r["kind"] for r in rows] == [
+        "base",
+        "stage",
+        "stage",
+        "merged",
+        "merged",
+        "trivial",
+        "trivial",
+    ]
     # the all-labels row predicts every label for every utterance: its per-label recall is 1,
     # so each label's F1 is 2·support / (support + n), checked against the gold labels here
     lab_set = list(test[0].label_set)
-    f1 = {lab: 2 * sum(lab in s.labels for s in test) / (sum(lab in s.labels for s in test)
-                                                          + len(test)) for lab in lab_set}
+    f1 = {
+        lab: 2
+        * sum(lab in s.labels for s in test)
+        / (sum(lab in s.labels for s in test) + len(test))
+        for lab in lab_set
+    }
     assert rows[-1]["macro_f1"] == pytest.approx(sum(f1.values()) / len(lab_set))
     rows = rows[:5]
     for r in rows:
@@ -99,18 +116,27 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
 def test_killed_evaluation_reuses_its_cache(host, tiny_base, variants, ec35, tmp_path):
     test, _ = ec35
     variants = variants[:2]  # base + two stages are enough to show the resume
-    cfg = EvalConfig(dataset="emocomics35", split="test", n_boot=20, batch_size=3,
-                     multilabel="topk")
+    cfg = EvalConfig(
+        dataset="emocomics35", split="test", n_boot=20, batch_size=3, multilabel="topk"
+    )
     seen: list[int] = []
 
     def die_after_first_batch(done: int) -> None:
         seen.append(done)
-        if len(seen) == 2:   # base finished (one batch is 3 of 8), second batch of base
+        if len(seen) == 2:  # base finished (one batch is 3 of 8), second batch of base
             raise Killed
 
     with pytest.raises(Killed):
-        evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False,
-                 on_batch=die_after_first_batch)
+        evaluate(
+            host,
+            tiny_base,
+            variants,
+            test,
+            tmp_path / "run",
+            cfg,
+            progress=False,
+            on_batch=die_after_first_batch,
+        )
     cached = list((tmp_path / "run" / "predictions").glob("base.*.jsonl"))
     assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 6
     again = evaluate(host, tiny_base, variants, test, tmp_path / "run", cfg, progress=False)
@@ -126,20 +152,30 @@ def test_killed_evaluation_reuses_its_cache(host, tiny_base, variants, ec35, tmp
 
 def test_generation_mode_counts_parse_failures(host, tiny_base, variants, emoart_dir, tmp_path):
     art = read_dataset("emoart", emoart_dir, "test")[:4]
-    cfg = EvalConfig(dataset="emoart", split="test", mode="generate", max_new_tokens=3,
-                     n_boot=20, batch_size=4, baseline="base")
+    cfg = EvalConfig(
+        dataset="emoart",
+        split="test",
+        mode="generate",
+        max_new_tokens=3,
+        n_boot=20,
+        batch_size=4,
+        baseline="base",
+    )
     res = evaluate(host, tiny_base, variants[:1], art, tmp_path, cfg, progress=False)
     for r, row in zip(res.results, res.rows):
         if r.variant.kind == "trivial":
             continue
-        texts = [json.loads(line)["text"] for line in
-                 next((tmp_path / "predictions").glob(f"{r.variant.name}.*.jsonl")).open()]
+        texts = [
+            json.loads(line)["text"]
+            for line in next((tmp_path / "predictions").glob(f"{r.variant.name}.*.jsonl")).open()
+        ]
         assert len(texts) == len(art)
         # every answer is either a parsed label or counted, never dropped
         n_invalid = sum(p is None for p in r.preds.pred)
         assert row["parse_failures"] == r.parse.failures == n_invalid
-        info = json.loads((tmp_path / "details" / f"emoart__test__{r.variant.name}.json")
-                          .read_text())
+        info = json.loads(
+            (tmp_path / "details" / f"emoart__test__{r.variant.name}.json").read_text()
+        )
         assert info["parse"]["failures"] == n_invalid
 
 
@@ -147,8 +183,9 @@ def test_scoring_settings_are_checked():
     from emomerge.merging.errors import InputError
 
     assert EvalConfig(dataset="emocomics35").resolved_scoring() == "label_set"
-    assert EvalConfig(dataset="emocomics35", scoring="first_label").resolved_scoring() \
-        == "first_label"
+    assert (
+        EvalConfig(dataset="emocomics35", scoring="first_label").resolved_scoring() == "first_label"
+    )
     assert EvalConfig(dataset="emoart").resolved_scoring() == "label"
     assert EvalConfig(dataset="emocomics35", mode="generate").resolved_scoring() == ""
     with pytest.raises(InputError, match="--scoring label_set: only multi-label"):
@@ -160,8 +197,8 @@ def test_scoring_settings_are_checked():
 def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, tmp_path):
     from emomerge.evaluation.cache import PredictionCache, stable_hash
     from emomerge.evaluation.outputs import presence
-    from emomerge.evaluation.predict import base_fingerprint
     from emomerge.evaluation.runner import inference_key, load_key, split_hash
+    from emomerge.training.models.fingerprint import fingerprint
 
     test = ec35[0][:6]
     cfg = EvalConfig(dataset="emocomics35", threshold=0.2, n_boot=10)
@@ -169,17 +206,18 @@ def test_fixed_threshold_applies_to_every_label_presence(host, tiny_base, ec35, 
     assert r.threshold_source == "fixed (--threshold)"
     assert r.thresholds.thresholds == {lab: 0.2 for lab in test[0].label_set}
     # the predictions are the labels whose presence probability clears 0.2 (argmax if none)
-    infer = inference_key(host.processor, test, cfg, "likelihood", "label_set",
-                          family=host.family)
+    infer = inference_key(host.processor, test, cfg, "likelihood", "label_set", family=host.family)
     infer["load"] = load_key(host.model, host.processor)  # how the base was loaded
-    cache = PredictionCache(tmp_path / "predictions", "base",
-                            stable_hash([base_fingerprint(tiny_base), "", infer]))
+    cache = PredictionCache(
+        tmp_path / "predictions", "base", stable_hash([fingerprint(tiny_base), "", infer])
+    )
     sh = split_hash(test)
     for s, pred in zip(test, r.preds.pred):
         m = presence(cache.get(sh, s.id), 7)
         assert len(cache.get(sh, s.id)["sets"]) == 63 and m.sum() > 1 - 1e-9
-        want = [lab for lab, q in zip(s.label_set, m) if q >= 0.2] or \
-            [s.label_set[int(np.argmax(m))]]
+        want = [lab for lab, q in zip(s.label_set, m) if q >= 0.2] or [
+            s.label_set[int(np.argmax(m))]
+        ]
         assert pred == want
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
+
 from emomerge.evaluation.scoring import (
     continuation_ids,
     encode_prompts,
@@ -11,11 +13,14 @@ from emomerge.evaluation.scoring import (
     score_labels_full,
 )
 from emomerge.evaluation.variants import Variant, variant_from_dir
-from PIL import Image
 
 LABELS = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
-MESSAGES = [{"role": "user", "content": [{"type": "image"},
-                                         {"type": "text", "text": "Which emotions? Joy, Fear."}]}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "Which emotions? Joy, Fear."}],
+    }
+]
 
 
 @pytest.mark.parametrize("with_eot", [False, True])
@@ -23,10 +28,10 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"},
 def test_cached_prefix_matches_full_forward(host, stage_dirs, with_eot, adapter):
     img = Image.new("RGB", (64, 48), (220, 30, 30))
     prompt = render_prompt(host.processor, MESSAGES, host.family)
-    assert prompt.endswith("<|im_start|>assistant\n")   # the generation prompt is included
+    assert prompt.endswith("<|im_start|>assistant\n")  # the generation prompt is included
     inputs = encode_prompts(host.processor, host.family, [prompt], [[img]])
     conts = continuation_ids(host.tokenizer, prompt, LABELS, "<|im_end|>" if with_eot else None)
-    assert len({len(c) for c in conts}) > 1             # labels of different token counts
+    assert len({len(c) for c in conts}) > 1  # labels of different token counts
     variant = variant_from_dir(stage_dirs[1]) if adapter else Variant("base", "base")
     with host.activate(variant) as model:
         fast = score_labels(model, inputs, conts, host.tokenizer.pad_token_id)
@@ -45,7 +50,7 @@ def test_adapters_change_scores(host, stage_dirs, merge_dirs):
     for v in [Variant("base", "base")] + [variant_from_dir(d) for d in stage_dirs + merge_dirs]:
         with host.activate(v) as model:
             got.append([round(x.logprob, 4) for x in score_labels(model, inputs, conts, 0)])
-    assert len({tuple(g) for g in got}) == len(got)      # five different models
+    assert len({tuple(g) for g in got}) == len(got)  # five different models
 
 
 def test_stacked_chain_activates_parents_too(host, stage_dirs, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from emomerge.evaluation import metrics as M
 from emomerge.evaluation.trivial import (
     ALL_LABELS,
@@ -20,9 +21,12 @@ SINGLE_SET = ["A", "B", "C", "D"]
 MULTI_SET = ["Anger", "Joy", "Sadness", "Fear"]
 
 
-def sample(sid: str, group: str, labels: list[str], label_set: list[str], **meta) -> SimpleNamespace:
-    return SimpleNamespace(id=sid, group=group, labels=labels, label_set=label_set, meta=meta,
-                           target=", ".join(labels))
+def sample(
+    sid: str, group: str, labels: list[str], label_set: list[str], **meta
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        id=sid, group=group, labels=labels, label_set=label_set, meta=meta, target=", ".join(labels)
+    )
 
 
 def single_samples() -> list[SimpleNamespace]:
@@ -38,7 +42,7 @@ def test_single_majority_from_train_labels_by_hand():
     train = [["A"], ["A"], ["B"], ["A"], ["B"], ["C"]]
     tb = trivial_predictions("single", single_samples(), train)
     assert tb.source == FROM_TRAIN and [name for name, _ in tb] == [MAJORITY]
-    (_, p), = tb
+    ((_, p),) = tb
     assert p.pred == ["A"] * 5 and p.top1 is None
     got = M.compute(p)
     # gold A B A C D, always A: accuracy 2/5; A: TP 2 FP 3 -> F1 4/7, B C D 0 -> (4/7)/4 = 1/7
@@ -71,24 +75,41 @@ def test_multi_majority_and_all_labels_by_hand():
     #   Anger TP2 FP2 -> 2/3, Joy 2/3, Sadness 0, Fear 0 -> macro 1/3; micro TP4 FP4 FN2 -> 4/7
     #   single view (u1 Anger, u3 Sadness), top1 Anger: acc 1/2, macro (2/3)/4 = 1/6
     got = M.compute(maj)
-    assert got == pytest.approx({"subset_accuracy": 1 / 4, "example_f1": 13 / 24,
-                                 "macro_f1": 1 / 3, "micro_f1": 4 / 7,
-                                 "single_accuracy": 1 / 2, "single_macro_f1": 1 / 6})
+    assert got == pytest.approx(
+        {
+            "subset_accuracy": 1 / 4,
+            "example_f1": 13 / 24,
+            "macro_f1": 1 / 3,
+            "micro_f1": 4 / 7,
+            "single_accuracy": 1 / 2,
+            "single_macro_f1": 1 / 6,
+        }
+    )
     # every label: subset 0; example F1 (2/5 + 2/3 + 2/5 + 2/3)/4 = 8/15
     #   Anger, Joy, Sadness TP2 FP2 -> 2/3 each, Fear TP0 FP4 -> 0: macro 1/2; micro TP6 FP10 -> 6/11
     got = M.compute(every)
-    assert got == pytest.approx({"subset_accuracy": 0.0, "example_f1": 8 / 15,
-                                 "macro_f1": 1 / 2, "micro_f1": 6 / 11,
-                                 "single_accuracy": 1 / 2, "single_macro_f1": 1 / 6})
+    assert got == pytest.approx(
+        {
+            "subset_accuracy": 0.0,
+            "example_f1": 8 / 15,
+            "macro_f1": 1 / 2,
+            "micro_f1": 6 / 11,
+            "single_accuracy": 1 / 2,
+            "single_macro_f1": 1 / 6,
+        }
+    )
 
 
 def test_multi_majority_without_a_half_label_is_the_most_frequent():
     # n = 5, Anger 2 (< half): no label reaches half -> the single most frequent
-    assert majority_labels([["Anger"], ["Joy"], ["Sadness"], ["Fear"], ["Anger"]],
-                           MULTI_SET) == ["Anger"]
+    assert majority_labels([["Anger"], ["Joy"], ["Sadness"], ["Fear"], ["Anger"]], MULTI_SET) == [
+        "Anger"
+    ]
     # exactly half counts
-    assert majority_labels([["Joy"], ["Joy", "Fear"], ["Anger"], ["Fear"]], MULTI_SET) == \
-        ["Joy", "Fear"]
+    assert majority_labels([["Joy"], ["Joy", "Fear"], ["Anger"], ["Fear"]], MULTI_SET) == [
+        "Joy",
+        "Fear",
+    ]
 
 
 def test_vqa_has_none_and_bad_task_is_an_input_error():
@@ -98,8 +119,13 @@ def test_vqa_has_none_and_bad_task_is_an_input_error():
 
 
 def test_page_samples_expand_like_generated_answers():
-    page = sample("000001-p00001", "000001-p00001", ["Anger", "Joy"], MULTI_SET,
-                  utterance_labels=[["Anger"], ["Joy"]])
+    page = sample(
+        "000001-p00001",
+        "000001-p00001",
+        ["Anger", "Joy"],
+        MULTI_SET,
+        utterance_labels=[["Anger"], ["Joy"]],
+    )
     (_, p), _ = trivial_predictions("multi", [page], [["Joy"], ["Joy"]])
     assert p.ids == ["000001-p00001#u000", "000001-p00001#u001"]
     assert p.groups == ["000001-p00001"] * 2 and p.gold == [["Anger"], ["Joy"]]
@@ -115,9 +141,13 @@ def test_predictions_pair_with_a_likelihood_variant(tmp_path, task):
     samples = single_samples() if task == "single" else multi_samples()
     cache = PredictionCache(tmp_path, "v", "h" * 16)
     n_labels = len(samples[0].label_set)
-    cache.add("sh", [{"id": s.id, "scores": [[-1.0 - ((i + j) % n_labels), 1]
-                                              for j in range(n_labels)]}
-                     for i, s in enumerate(samples)])
+    cache.add(
+        "sh",
+        [
+            {"id": s.id, "scores": [[-1.0 - ((i + j) % n_labels), 1] for j in range(n_labels)]}
+            for i, s in enumerate(samples)
+        ],
+    )
     kw = {} if task == "single" else {"multilabel": "topk"}
     model = from_likelihood(task, samples, cache, "sh", length_norm=False, **kw)
     for _, p in trivial_predictions(task, samples, None):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # the demo killed and resumed in real subprocesses (~40 s)
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -30,16 +32,19 @@ def _finished(out: Path) -> dict[Path, tuple[str, int]]:
         if folder.is_symlink():
             continue
         weights = folder / "adapter_model.safetensors"
-        found[weights] = (hashlib.sha256(weights.read_bytes()).hexdigest(),
-                          weights.stat().st_mtime_ns)
+        found[weights] = (
+            hashlib.sha256(weights.read_bytes()).hexdigest(),
+            weights.stat().st_mtime_ns,
+        )
     return found
 
 
 @pytest.fixture(scope="module")
 def killed_then_resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "emomerge-demo"
-    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=ENV)
+    proc = subprocess.Popen(
+        _cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
     deadline = time.monotonic() + 180
     try:
         # kill once two stages of the main chain are on disk (the run is mid-chain)
@@ -57,8 +62,9 @@ def killed_then_resumed(tmp_path_factory):
     assert len(before) >= 2
     assert not (out / "leaderboard.csv").exists()
     start = time.perf_counter()
-    res = subprocess.run(_cmd(out), capture_output=True, text=True, env=ENV, timeout=600,
-                         check=False)
+    res = subprocess.run(
+        _cmd(out), capture_output=True, text=True, env=ENV, timeout=600, check=False
+    )
     seconds = time.perf_counter() - start
     return out, before, res, seconds
 
@@ -71,10 +77,22 @@ def test_resumed_demo_completes_and_prints_the_leaderboard(killed_then_resumed):
     for name in ("leaderboard.csv", "leaderboard.md", "plot.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert f"plot:        {out.resolve() / 'plot.png'}" in res.stdout
-    for variant in ("base", "single-stage", "emoart", "emid", "mangavqa", "emocomics35",
-                    "linear", "ties", "tsv", "chain-without-emoart", "chain-without-emid",
-                    "chain-without-mangavqa", "ties-without-emoart",
-                    "ties-without-emocomics35"):
+    for variant in (
+        "base",
+        "single-stage",
+        "emoart",
+        "emid",
+        "mangavqa",
+        "emocomics35",
+        "linear",
+        "ties",
+        "tsv",
+        "chain-without-emoart",
+        "chain-without-emid",
+        "chain-without-mangavqa",
+        "ties-without-emoart",
+        "ties-without-emocomics35",
+    ):
         assert f"| {variant} |" in res.stdout
     assert "macro-F1 [95% CI]" in res.stdout and "p vs emocomics35" in res.stdout
 
@@ -98,8 +116,10 @@ def test_quick_demo_scores_its_two_datasets(killed_then_resumed):
     emoart = [r for r in rows if r["dataset"] == "emoart"]
     assert all(r["accuracy"] and r["macro_f1"] and not r["example_f1"] for r in emoart)
     # the grid: one column per dataset, before the per-set tables
-    grid = ("| variant | kind | method | emoart/test macro-F1 [95% CI] "
-            "| emocomics35/test macro-F1 [95% CI] |")
+    grid = (
+        "| variant | kind | method | emoart/test macro-F1 [95% CI] "
+        "| emocomics35/test macro-F1 [95% CI] |"
+    )
     assert grid in res.stdout
     assert res.stdout.index(grid) < res.stdout.index("### tiny-qwen2_5_vl — emoart/test")
     assert "n = 19 utterances on 6 pages" in res.stdout
@@ -108,10 +128,10 @@ def test_quick_demo_scores_its_two_datasets(killed_then_resumed):
 def test_full_demo_scores_every_test_split(tmp_path):
     """The full demo's four evaluation sets read their test splits with their own task, and the
     chain's stages (the overlap guard) accept them."""
-    from emomerge.evaluation.experiment import curriculum_of
-    from emomerge.evaluation.experiment_config import parse_experiment
-    from emomerge.evaluation.experiment_demo import FULL, QUICK, STAGES, demo_experiment
     from emomerge.evaluation.runner import TASK_OF_DATASET
+    from emomerge.experiment.config import parse_experiment
+    from emomerge.experiment.demo import FULL, QUICK, STAGES, demo_experiment
+    from emomerge.experiment.run import curriculum_of
     from emomerge.training.curriculum import parse_curriculum
     from emomerge.training.data import read_dataset
     from emomerge.training.data.emoart import LABELS as EMOART_LABELS
@@ -123,17 +143,22 @@ def test_full_demo_scores_every_test_split(tmp_path):
     exp = parse_experiment(demo_experiment(FULL), tmp_path / "experiment.yaml")
     sets = exp.spec.evaluation.sets
     assert [(s.label, s.split, s.task) for s in sets] == [
-        ("emoart", "test", "dominant_emotion"), ("emid", "test", "matching"),
-        ("mangavqa", "test", None), ("emocomics35", "test", "utterance")]
+        ("emoart", "test", "dominant_emotion"),
+        ("emid", "test", "matching"),
+        ("mangavqa", "test", None),
+        ("emocomics35", "test", "utterance"),
+    ]
     assert exp.spec.evaluation.baseline == "last_stage"
     found = {}
     for s in sets:
         samples = read_dataset(s.dataset, s.path, s.split, s.task, **s.options)
         found[s.dataset] = (TASK_OF_DATASET[s.dataset], len(samples), samples[0].label_set)
-    assert found == {"emoart": ("single", 10, EMOART_LABELS),
-                     "emid": ("single", 13, ["yes", "no"]),
-                     "mangavqa": ("vqa", 13, []),
-                     "emocomics35": ("multi", 47, found["emocomics35"][2])}
+    assert found == {
+        "emoart": ("single", 10, EMOART_LABELS),
+        "emid": ("single", 13, ["yes", "no"]),
+        "mangavqa": ("vqa", 13, []),
+        "emocomics35": ("multi", 47, found["emocomics35"][2]),
+    }
     assert len(found["emocomics35"][2]) == 7
     # training reads each stage's test split and refuses any overlap with its train split
     cur = curriculum_of(exp, exp.spec.architectures[0], "model", 0, exp.stages)
@@ -148,14 +173,15 @@ def test_finished_stages_are_not_redone(killed_then_resumed):
     after = _finished(out)
     for weights, (sha, mtime) in before.items():
         assert after[weights] == (sha, mtime), f"{weights} was rewritten"
-    main_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[train]")
-                     and " main:" in ln)
+    main_line = next(
+        ln for ln in res.stdout.splitlines() if ln.startswith("[train]") and " main:" in ln
+    )
     assert "emoart" not in main_line.split("trained", 1)[-1]  # the first stage was reused
 
 
 def test_an_edited_recipe_recomputes_only_its_merge_and_scores(killed_then_resumed, tmp_path):
-    from emomerge.evaluation.experiment import run_experiment
-    from emomerge.evaluation.experiment_config import MERGE_CONFIGS
+    from emomerge.experiment.config import MERGE_CONFIGS
+    from emomerge.experiment.run import run_experiment
 
     out, _, res, _ = killed_then_resumed
     assert res.returncode == 0

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from emomerge.evaluation.experiment_config import MERGE_CONFIGS, load_experiment
-from emomerge.merging.errors import InputError
 from typer.testing import CliRunner
+
+from emomerge.experiment.config import MERGE_CONFIGS, load_experiment
+from emomerge.merging.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,16 +18,35 @@ def _good() -> dict:
     return {
         "name": "t",
         "architectures": ["model/tiny"],
-        "curriculum": {"lineage": "continued", "lora": {"r": 4}, "stages": [
-            {"name": "emoart", "dataset": "emoart", "path": "data/emoart", "steps": 2},
-            {"name": "emocomics35", "dataset": "emocomics35", "path": "data/ec",
-             "task": "utterance", "steps": 2}]},
-        "merges": [{"name": "lin", "inline": {
-            "merge_method": "linear",
-            "models": [{"model": "adapters/emoart", "parameters": {"weight": 0.5}},
-                       {"model": "adapters/emocomics35", "parameters": {"weight": 0.5}}]}}],
-        "evaluation": {"sets": [{"dataset": "emocomics35", "path": "data/ec",
-                                 "task": "utterance"}]},
+        "curriculum": {
+            "lineage": "continued",
+            "lora": {"r": 4},
+            "stages": [
+                {"name": "emoart", "dataset": "emoart", "path": "data/emoart", "steps": 2},
+                {
+                    "name": "emocomics35",
+                    "dataset": "emocomics35",
+                    "path": "data/ec",
+                    "task": "utterance",
+                    "steps": 2,
+                },
+            ],
+        },
+        "merges": [
+            {
+                "name": "lin",
+                "inline": {
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": "adapters/emoart", "parameters": {"weight": 0.5}},
+                        {"model": "adapters/emocomics35", "parameters": {"weight": 0.5}},
+                    ],
+                },
+            }
+        ],
+        "evaluation": {
+            "sets": [{"dataset": "emocomics35", "path": "data/ec", "task": "utterance"}]
+        },
         "seeds": [0, 1],
     }
 
@@ -70,26 +90,29 @@ def test_evaluation_set_scoring_keys(tmp_path):
     assert (s.scoring, s.max_labels, s.length_norm) == ("first_label", 2, True)
 
 
-@pytest.mark.parametrize("dotted, value, key", [
-    ("architectures", [], "architectures"),
-    ("seeds", [1, 1], "seeds"),
-    ("evaluation.n_boot", 3, "evaluation.n_boot"),
-    ("evaluation.sets.0.dataset", "emocomics36", "evaluation.sets.0.dataset"),
-    ("evaluation.baseline", "nope", "evaluation.baseline"),
-    ("curriculum.stages.1.steps", 0, "curriculum.stages.1.steps"),
-    ("curriculum.stages.0.dataset", "art", "curriculum.stages.0.dataset"),
-    ("curriculum.lora", {"r": 0}, "curriculum.lora.r"),
-    ("curriculum.lineage", "sideways", "curriculum.lineage"),
-    ("ablations.merge_without_stage", ["ties"], "ablations.merge_without_stage"),
-    ("merges.0.inline.merge_method", "tie", "merges.0.inline"),
-    ("merges.0.inline.models.0.model", "adapters/emid", "merges.0.inline"),
-    ("merges.0.name", "emoart", "merges"),
-    ("merges.0", {"recipe": "no_such_recipe.yaml"}, "merges.0.recipe"),
-    ("threads", 0, "threads"),
-    ("evaluation.sets.0.scoring", "presence", "evaluation.sets.0.scoring"),
-    ("evaluation.sets.0.max_labels", 0, "evaluation.sets.0.max_labels"),
-    ("bogus", 1, "bogus"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, key",
+    [
+        ("architectures", [], "architectures"),
+        ("seeds", [1, 1], "seeds"),
+        ("evaluation.n_boot", 3, "evaluation.n_boot"),
+        ("evaluation.sets.0.dataset", "emocomics36", "evaluation.sets.0.dataset"),
+        ("evaluation.baseline", "nope", "evaluation.baseline"),
+        ("curriculum.stages.1.steps", 0, "curriculum.stages.1.steps"),
+        ("curriculum.stages.0.dataset", "art", "curriculum.stages.0.dataset"),
+        ("curriculum.lora", {"r": 0}, "curriculum.lora.r"),
+        ("curriculum.lineage", "sideways", "curriculum.lineage"),
+        ("ablations.merge_without_stage", ["ties"], "ablations.merge_without_stage"),
+        ("merges.0.inline.merge_method", "tie", "merges.0.inline"),
+        ("merges.0.inline.models.0.model", "adapters/emid", "merges.0.inline"),
+        ("merges.0.name", "emoart", "merges"),
+        ("merges.0", {"recipe": "no_such_recipe.yaml"}, "merges.0.recipe"),
+        ("threads", 0, "threads"),
+        ("evaluation.sets.0.scoring", "presence", "evaluation.sets.0.scoring"),
+        ("evaluation.sets.0.max_labels", 0, "evaluation.sets.0.max_labels"),
+        ("bogus", 1, "bogus"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, dotted, value, key):
     path = _write(tmp_path, _set(_good(), dotted, value))
     with pytest.raises(InputError) as err:
@@ -114,22 +137,26 @@ def test_cli_bad_experiment_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_experiment_loads(path, tmp_path):
     text = path.read_text()
     assert text.startswith(f"# emomerge run experiments/{path.name}")
     exp = load_experiment(path, inline_dir=tmp_path)
     assert exp.stage_names == ["emoart", "emid", "mangavqa", "emocomics35"]
-    assert sorted(m.name for m in exp.merges) == sorted(p.stem for p in MERGE_CONFIGS.glob("*.yaml"))
+    assert sorted(m.name for m in exp.merges) == sorted(
+        p.stem for p in MERGE_CONFIGS.glob("*.yaml")
+    )
     assert len(exp.spec.seeds) >= 2 and exp.spec.evaluation.sets[0].dataset == "emocomics35"
 
 
 def test_the_paper_families_are_covered():
-    from emomerge.evaluation.experiment_config import load_experiment as load
+    from emomerge.experiment.config import load_experiment as load
 
-    families = {a.family for p in (REPO / "experiments").glob("*.yaml")
-                for a in load(p).spec.architectures}
+    families = {
+        a.family for p in (REPO / "experiments").glob("*.yaml") for a in load(p).spec.architectures
+    }
     assert families == {"qwen2_5_vl", "qwen3_vl", "mllama", "llava", "llava_next", "pixtral"}
 
 
@@ -144,11 +171,18 @@ def test_inline_recipes_without_a_folder_leave_nothing_behind(tmp_path):
     path = _write(tmp_path, _good())
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    code = ("import sys; from emomerge.evaluation.experiment_config import load_experiment; "
-            "exp = load_experiment(sys.argv[1]); p = exp.merges[0].path; "
-            "assert p.is_file() and p.parent.parent.name == 'tmp', p; print(p)")
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          env={**os.environ, "TMPDIR": str(scratch)}, check=False)
+    code = (
+        "import sys; from emomerge.experiment.config import load_experiment; "
+        "exp = load_experiment(sys.argv[1]); p = exp.merges[0].path; "
+        "assert p.is_file() and p.parent.parent.name == 'tmp', p; print(p)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert list(scratch.iterdir()) == []
     # an experiment without inline recipes makes no folder at all

@@ -6,17 +6,22 @@ import yaml
 from typer.testing import CliRunner
 
 from emomerge.cli import app
-from emomerge.evaluation.experiment_config import load_experiment
-from emomerge.evaluation.experiment_demo import prepare_demo
-from emomerge.evaluation.experiment_plan import plan_experiment
+from emomerge.experiment.config import load_experiment
+from emomerge.experiment.demo import prepare_demo
+from emomerge.experiment.plan import plan_experiment
 
 
 def test_plan_counts_the_quick_demo(tmp_path):
     path = prepare_demo(tmp_path / "demo", quick=True)
     plan = plan_experiment(load_experiment(path), seconds_per_example=2.0)
     # chains: main, single-stage, and the chain without each of the 3 auxiliary stages
-    assert plan.chains == ["main", "single-stage", "without-emoart", "without-emid",
-                           "without-mangavqa"]
+    assert plan.chains == [
+        "main",
+        "single-stage",
+        "without-emoart",
+        "without-emid",
+        "without-mangavqa",
+    ]
     # distinct stage prefixes: main 4; single-stage 1; without-emoart 3 (emid first);
     # without-emid 2 (emoart is main's); without-mangavqa 1 (emoart, emid are main's)
     assert plan.stages == 4 + 1 + 3 + 2 + 1
@@ -27,8 +32,9 @@ def test_plan_counts_the_quick_demo(tmp_path):
     assert {n: s.variants for n, s in sets.items()} == {"emoart": 16, "emocomics35": 16}
     from emomerge.evaluation.pipeline import load_split
 
-    test = load_split("emocomics35", tmp_path / "demo" / "data" / "emocomics35", "test",
-                      "utterance")
+    test = load_split(
+        "emocomics35", tmp_path / "demo" / "data" / "emocomics35", "test", "utterance"
+    )
     assert sets["emocomics35"].examples == len(test) and sets["emocomics35"].validation > 0
     assert sets["emoart"].validation == 0  # single-label: no threshold to choose
     total = sum(s.variants * (s.examples + s.validation) for s in plan.sets)

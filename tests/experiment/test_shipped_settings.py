@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from emomerge.evaluation.experiment_config import load_experiment
+
+from emomerge.experiment.config import load_experiment
 from emomerge.training.curriculum import TrainSettings
-from emomerge.training.families import IMAGE_CAPS, PAGE, apply_image_cap, image_tokens
-from emomerge.training.tiny import real_processor
+from emomerge.training.models.families import IMAGE_CAPS, PAGE, apply_image_cap, image_tokens
+from emomerge.training.models.tiny import real_processor
 from emomerge.training.trainer import plan_checkpointing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,8 +23,9 @@ GPU = 80e9
 def _memory_plan():
     """benchmarks/memory_plan.py as a module (a script, not part of the package)."""
     if "memory_plan" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("memory_plan",
-                                                      REPO / "benchmarks" / "memory_plan.py")
+        spec = importlib.util.spec_from_file_location(
+            "memory_plan", REPO / "benchmarks" / "memory_plan.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["memory_plan"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
@@ -32,14 +34,25 @@ def _memory_plan():
 
 #: tokens one 1988 × 3052 page adds to the text sequence, per family, under its default cap
 #: (real checkpoints' processor settings; see tests/training/test_image_cap.py for the arithmetic)
-PAGE_TOKENS = {"qwen2_5_vl": 975, "qwen3_vl": 975, "pixtral": 2752, "llava_next": 2160,
-               "llava": 576, "mllama": 1}
+PAGE_TOKENS = {
+    "qwen2_5_vl": 975,
+    "qwen3_vl": 975,
+    "pixtral": 2752,
+    "llava_next": 2160,
+    "llava": 576,
+    "mllama": 1,
+}
 
 #: what each shipped architecture needs: (batch size, 4-bit) as shipped
 SHIPPED_ARCHS = {
-    "llama_3_2_11b_vision": (1, True), "llama_3_2_90b_vision": (1, True),
-    "llava_1_5_7b": (2, False), "llava_next_mistral_7b": (2, False), "pixtral_12b": (2, False),
-    "qwen2_5_vl_7b": (2, False), "qwen2_5_vl_72b": (1, True), "qwen3_vl_8b": (2, False),
+    "llama_3_2_11b_vision": (1, True),
+    "llama_3_2_90b_vision": (1, True),
+    "llava_1_5_7b": (2, False),
+    "llava_next_mistral_7b": (2, False),
+    "pixtral_12b": (2, False),
+    "qwen2_5_vl_7b": (2, False),
+    "qwen2_5_vl_72b": (1, True),
+    "qwen3_vl_8b": (2, False),
 }
 
 
@@ -57,7 +70,7 @@ def test_every_shipped_architecture_is_covered():
 
 @pytest.mark.parametrize("exp,arch", list(_archs()))
 def test_resolved_settings_fit_one_80gb_gpu(exp, arch):
-    train = TrainSettings.model_validate({**exp.train, **arch.train})
+    train = TrainSettings.model_validate(exp.train_of(arch))
     assert (train.batch_size, train.quantize_4bit) == SHIPPED_ARCHS[arch.name]
     # the shipped files leave the cap and checkpointing to their defaults
     assert train.max_pixels is None and train.gradient_checkpointing == "auto"
@@ -75,8 +88,14 @@ def test_resolved_settings_fit_one_80gb_gpu(exp, arch):
     plan = _memory_plan()
     f = plan.model_facts(arch.model, arch.family)
     _, cross = plan.page_tokens(arch.family, train.max_pixels)
-    kw = dict(tokens=tokens + 256, batch=train.batch_size, quantize_4bit=train.quantize_4bit,
-              r=exp.lora["r"], dropout=exp.lora["dropout"] > 0, cross_tokens=cross)
+    kw = dict(
+        tokens=tokens + 256,
+        batch=train.batch_size,
+        quantize_4bit=train.quantize_4bit,
+        r=exp.lora["r"],
+        dropout=exp.lora["dropout"] > 0,
+        cross_tokens=cross,
+    )
     on = plan.training_peak(f, checkpointing=True, **kw)["total"]
     assert on <= GPU, f"{arch.name}: {on / 1e9:.1f} GB with checkpointing"
     # evaluation: bf16 on one 80 GB GPU up to ~12B; the 72B / 90B need 4-bit (or device_map
@@ -91,7 +110,9 @@ def test_checkpointing_is_what_makes_the_shipped_batches_fit():
     """Without checkpointing the plan refuses Pixtral's batch 2 and the 72B's batch 1."""
     rows = {r.arch: r for r in _memory_plan().plan_rows(REPO / "experiments")}
     assert {a for a, r in rows.items() if r.train_no_ckpt > GPU / 1e9} == {
-        "pixtral_12b", "qwen2_5_vl_72b"}
+        "pixtral_12b",
+        "qwen2_5_vl_72b",
+    }
     assert all(r.train_ckpt <= GPU / 1e9 and r.max_batch_ckpt >= r.batch for r in rows.values())
 
 

@@ -71,18 +71,32 @@ def write_adapter(
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     targets = sorted({p.rsplit(".", 1)[-1] for p in list(modules) + list(embeddings or {})})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": rslora, "fan_in_fan_out": fan_in_fan_out, "target_modules": targets,
-        "lora_dropout": 0.0, "bias": "none", "use_dora": False, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     if lineage is not None:
-        (folder / "emomerge.json").write_text(json.dumps({"kind": "stage_adapter", "lineage": lineage}))
+        (folder / "emomerge.json").write_text(
+            json.dumps({"kind": "stage_adapter", "lineage": lineage})
+        )
     return dense
 
 
-def lm_modules(layers: int = 2, hidden: int = 16, inter: int = 24, prefix: str = "model.layers") -> dict:
+def lm_modules(
+    layers: int = 2, hidden: int = 16, inter: int = 24, prefix: str = "model.layers"
+) -> dict:
     shapes = {}
     for i in range(layers):
         shapes[f"{prefix}.{i}.self_attn.q_proj"] = (hidden, hidden)
@@ -91,8 +105,14 @@ def lm_modules(layers: int = 2, hidden: int = 16, inter: int = 24, prefix: str =
     return shapes
 
 
-def write_base(folder: Path, shapes: dict[str, tuple[int, ...]], *, model_type: str = "llama",
-               seed: int = 123, extra: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+def write_base(
+    folder: Path,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    model_type: str = "llama",
+    seed: int = 123,
+    extra: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
     """A base checkpoint folder: ``{path}.weight`` tensors for each module (+ extra tensors)."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

@@ -45,7 +45,9 @@ def test_a_buffer_too_small_is_not_used(tmp_path, tensors):
     data_start, header = read_header(path)
     small = torch.zeros(4, dtype=torch.uint8)
     got = read_stored(stored_entry(path, data_start, header, "a.weight"), small)
-    assert torch.equal(got, tensors["a.weight"]) and torch.equal(small, torch.zeros(4, dtype=torch.uint8))
+    assert torch.equal(got, tensors["a.weight"]) and torch.equal(
+        small, torch.zeros(4, dtype=torch.uint8)
+    )
 
 
 def test_truncated_and_unknown_are_clear_errors(tmp_path, tensors):

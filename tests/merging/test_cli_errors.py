@@ -32,13 +32,14 @@ def ab(tmp_path):
 
 def assert_one_line_error(result, *needles, out=None):
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     if out is not None:
         assert not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return lines[0]
 
 
 def test_truncated_safetensors(ab):
@@ -61,11 +62,30 @@ def test_shape_mismatch(ab):
     assert_one_line_error(r, "down_proj", "[16, 12]", "[8, 12]", "different bases", out=ab / "out")
 
 
-def test_different_bases_and_force(ab):
+def test_different_bases_need_allow_different_bases_not_force(ab):
+    """--force replaces outputs only; adapters of different bases need --allow-different-bases
+    (--allow-base-mismatch: the older spelling), recorded in the manifest."""
     write_adapter(ab / "c", SHAPES, seed=3, base="meta-llama/Llama-3.2-11B-Vision-Instruct")
-    r = run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out"])
-    assert_one_line_error(r, "Llama-3.2-11B-Vision-Instruct", "--force", out=ab / "out")
-    assert run(["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out", "--force"]).exit_code == 0
+    args = ["linear", "--adapters", ab / "a", ab / "c", "--out", ab / "out"]
+    r = run(args)
+    assert_one_line_error(
+        r, "Llama-3.2-11B-Vision-Instruct", "--allow-different-bases", out=ab / "out"
+    )
+    r = run([*args, "--force"])
+    line = assert_one_line_error(
+        r, "Llama-3.2-11B-Vision-Instruct", "--allow-different-bases", out=ab / "out"
+    )
+    assert "--force" not in line
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run([*args, "--allow-different-bases"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((ab / "out" / "emomerge.json").read_text())["allow_base_mismatch"] is True
+    r = run([*args[:-1], ab / "old", "--allow-base-mismatch"])
+    assert r.exit_code == 0, r.output
+    # inspect: the same option (and no --force, which would mean nothing there)
+    assert run(["inspect", ab / "a", ab / "c"]).exit_code == 2
+    assert run(["inspect", ab / "a", ab / "c", "--allow-different-bases"]).exit_code == 0
+    assert run(["inspect", ab / "a", ab / "c", "--force"]).exit_code == 2
 
 
 def test_quantized_base_counts_as_the_same_base(ab):
@@ -103,7 +123,9 @@ def test_unknown_method_and_bad_params(ab):
     assert_one_line_error(r, "density", out=ab / "out")
     r = run(["linear", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--out", ab / "out"])
     assert_one_line_error(r, "'density' is not a parameter of linear", out=ab / "out")
-    r = run(["ties", "--adapters", ab / "a", ab / "b", "--weights", "1", "2", "3", "--out", ab / "out"])
+    r = run(
+        ["ties", "--adapters", ab / "a", ab / "b", "--weights", "1", "2", "3", "--out", ab / "out"]
+    )
     assert_one_line_error(r, "--weights has 3 values for 2 adapters", out=ab / "out")
 
 
@@ -115,15 +137,24 @@ def test_pickle_refused_unless_allowed(ab):
     torch.save(t, ab / "b" / "adapter_model.bin")
     r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out"])
     assert_one_line_error(r, "adapter_model.bin", "--allow-pickle", out=ab / "out")
-    assert run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out", "--allow-pickle"]).exit_code == 0
+    assert (
+        run(
+            ["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "out", "--allow-pickle"]
+        ).exit_code
+        == 0
+    )
 
 
 def test_dora_and_other_peft_types_refused(ab):
     cfg = json.loads((ab / "b" / "adapter_config.json").read_text())
     (ab / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "DoRA")
+    assert_one_line_error(
+        run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "DoRA"
+    )
     (ab / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
-    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "IA3")
+    assert_one_line_error(
+        run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "o"]), "IA3"
+    )
 
 
 def test_existing_out_refused_without_force(ab):
@@ -149,24 +180,55 @@ def test_failure_mid_write_leaves_nothing(ab, monkeypatch):
 
 
 def test_full_output_needs_base(ab):
-    assert_one_line_error(run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--out", ab / "o"]), "--base")
+    assert_one_line_error(
+        run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--out", ab / "o"]),
+        "--base",
+    )
 
 
 def test_console_script_end_to_end(ab):
     """The real entry point, with --adapters taking several values."""
     proc = subprocess.run(
-        [sys.executable, "-c", "from emomerge.cli import main; main()", "ties", "--adapters",
-         str(ab / "a"), str(ab / "b"), "--weights", "0.7", "0.3", "--density", "0.5", "--out", str(ab / "m")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from emomerge.cli import main; main()",
+            "ties",
+            "--adapters",
+            str(ab / "a"),
+            str(ab / "b"),
+            "--weights",
+            "0.7",
+            "0.3",
+            "--density",
+            "0.5",
+            "--out",
+            str(ab / "m"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((ab / "m" / "emomerge.json").read_text())
     assert manifest["params"]["weight"] == [0.7, 0.3]
     assert manifest["params"]["density"] == [0.5, 0.5]
     assert [a["sha256"] for a in manifest["adapters"]][0] and len(manifest["adapters"]) == 2
-    proc = subprocess.run([sys.executable, "-c", "from emomerge.cli import main; main()", "ties",
-                           "--adapters", str(ab / "a"), "--density", "7", "--out", str(ab / "x")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from emomerge.cli import main; main()",
+            "ties",
+            "--adapters",
+            str(ab / "a"),
+            "--density",
+            "7",
+            "--out",
+            str(ab / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
@@ -182,7 +244,9 @@ def test_rank_auto_and_max_error_checked(ab):
         r = run(adapters + ["--rank", "auto", "--max-error", bad])
         assert_one_line_error(r, "--max-error must be a number in (0, 1)", out=ab / "out")
     r = run(adapters + ["--rank", "sixteen"])
-    assert_one_line_error(r, "--rank must be a positive integer or auto", "'sixteen'", out=ab / "out")
+    assert_one_line_error(
+        r, "--rank must be a positive integer or auto", "'sixteen'", out=ab / "out"
+    )
     r = run(adapters + ["--rank", "0"])
     assert_one_line_error(r, "--rank must be a positive integer", out=ab / "out")
 
@@ -198,10 +262,15 @@ def _dense_ties(ab, density, path):
         t = load_file(str(ab / name / "adapter_model.safetensors"))
         cfg = json.loads((ab / name / "adapter_config.json").read_text())
         scale = cfg["lora_alpha"] / cfg["r"]
-        deltas.append(scale * t[f"base_model.model.{path}.lora_B.weight"].double()
-                      @ t[f"base_model.model.{path}.lora_A.weight"].double())
+        deltas.append(
+            scale
+            * t[f"base_model.model.{path}.lora_B.weight"].double()
+            @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        )
     m = get_method("ties")
-    return apply_method(m, torch.stack(deltas), resolve_params(m, 2, {"density": density}), seed=0, module=path)
+    return apply_method(
+        m, torch.stack(deltas), resolve_params(m, 2, {"density": density}), seed=0, module=path
+    )
 
 
 def test_warning_when_the_adapter_is_far_from_the_merge(ab):
@@ -214,31 +283,63 @@ def test_warning_when_the_adapter_is_far_from_the_merge(ab):
     t = load_file(str(ab / "m" / "adapter_model.safetensors"))
     errors = []
     for path in SHAPES:
-        got = t[f"base_model.model.{path}.lora_B.weight"].double() @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        got = (
+            t[f"base_model.model.{path}.lora_B.weight"].double()
+            @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        )
         d = _dense_ties(ab, 0.5, path)
         errors.append(float(torch.linalg.matrix_norm(got - d) / torch.linalg.matrix_norm(d)))
     mean = sum(errors) / len(errors)
     assert mean > 0.10
-    lines = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1, r.stderr
     assert f"mean relative error of {mean:.1%}" in lines[0]
     assert "--output full" in lines[0] and "--rank auto --max-error" in lines[0]
-    assert not [l for l in r.stdout.splitlines() if l.startswith("warning:")]
+    assert not [ln for ln in r.stdout.splitlines() if ln.startswith("warning:")]
 
 
 def test_no_warning_when_the_adapter_is_close(ab):
     """High density at a rank as large as the module: the error is ~0, no warning."""
-    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.99", "--rank", "8", "--out", ab / "m"])
+    r = run(
+        [
+            "ties",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--density",
+            "0.99",
+            "--rank",
+            "8",
+            "--out",
+            ab / "m",
+        ]
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((ab / "m" / "emomerge.json").read_text())
     assert manifest["errors"]["mean"] < 1e-5
     assert "warning:" not in r.stderr
     # --rank auto: the user chose the bound, no warning even above 10 %
-    r = run(["ties", "--adapters", ab / "a", ab / "b", "--density", "0.5", "--rank", "auto",
-             "--max-error", "0.4", "--out", ab / "auto"])
+    r = run(
+        [
+            "ties",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--density",
+            "0.5",
+            "--rank",
+            "auto",
+            "--max-error",
+            "0.4",
+            "--out",
+            ab / "auto",
+        ]
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((ab / "auto" / "emomerge.json").read_text())
-    assert manifest["rank_rule"] == "auto, max_error 0.4" and 0.1 < manifest["errors"]["mean"] <= 0.4
+    assert (
+        manifest["rank_rule"] == "auto, max_error 0.4" and 0.1 < manifest["errors"]["mean"] <= 0.4
+    )
     assert "warning:" not in r.stderr and "max_error 0.4" in r.stdout
     # linear methods are exact: never a warning
     r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "lin"])

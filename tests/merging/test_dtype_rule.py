@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from emomerge.merging.recipe import Recipe, dtypes, export_mergekit, run_recipe
 
 from . import tiny_models as T
@@ -43,10 +44,18 @@ def lora_cache(tmp_path_factory) -> Path:
 
 
 def recipe_doc(tiny: T.Tiny, method: str, per: dict, glob: dict, **dtype) -> dict:
-    models = [{"model": str(a), "parameters": {k: v[i] for k, v in per.items()}}
-              for i, a in enumerate(tiny.adapters)]
-    return {"merge_method": method, "base_model": str(tiny.base), "models": models,
-            "parameters": glob, "emomerge": {"output": "full"}, **dtype}
+    models = [
+        {"model": str(a), "parameters": {k: v[i] for k, v in per.items()}}
+        for i, a in enumerate(tiny.adapters)
+    ]
+    return {
+        "merge_method": method,
+        "base_model": str(tiny.base),
+        "models": models,
+        "parameters": glob,
+        "emomerge": {"output": "full"},
+        **dtype,
+    }
 
 
 def run_native(doc: dict, folder: Path) -> dict[str, torch.Tensor]:
@@ -58,12 +67,14 @@ def run_native(doc: dict, folder: Path) -> dict[str, torch.Tensor]:
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """One bf16 ulp at each element (8 significant bits)."""
-    x = x.double().abs().clamp_min(2.0 ** -126)
+    x = x.double().abs().clamp_min(2.0**-126)
     return torch.exp2(torch.floor(torch.log2(x)) - 7)
 
 
 def test_rule_reads_the_same_from_a_recipe():
-    rec = lambda **kw: Recipe.model_validate({"merge_method": "linear", "models": [{"model": "a"}], **kw})
+    def rec(**kw):
+        return Recipe.model_validate({"merge_method": "linear", "models": [{"model": "a"}], **kw})
+
     assert dtypes(rec()) == ("float32", None)
     assert dtypes(rec(dtype="bfloat16")) == ("float32", "bfloat16")
     assert dtypes(rec(dtype="float16")) == ("float32", "float16")
@@ -75,22 +86,29 @@ def test_rule_reads_the_same_from_a_recipe():
 def test_bf16_recipe_matches_mergekit_on_the_export(case, qwen, lora_cache, tmp_path):
     method, per, glob, trimming = CASES[case]
     doc = recipe_doc(qwen, method, per, glob, dtype="bfloat16")
-    exported = yaml.safe_load(export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base),
-                                              root=tmp_path))
+    exported = yaml.safe_load(
+        export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base), root=tmp_path)
+    )
     assert (exported["dtype"], exported["out_dtype"]) == ("float32", "bfloat16")
 
     ours = run_native(doc, tmp_path / "ours")
     theirs = run_mergekit(yaml.safe_dump(exported), tmp_path / "mk", lora_cache)
     base = T.load_state(qwen.base)
     assert set(ours) == set(theirs) == set(base)
-    assert {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()} == {torch.bfloat16}
-    config = lambda folder: json.loads((folder / "config.json").read_text())
+    assert (
+        {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()} == {torch.bfloat16}
+    )
+
+    def config(folder):
+        return json.loads((folder / "config.json").read_text())
+
     assert config(tmp_path / "ours")["dtype"] == config(tmp_path / "mk")["dtype"] == "bfloat16"
 
     # The computation: the same recipe stored in float32, by both tools.
     ours32 = run_native({**doc, "out_dtype": "float32"}, tmp_path / "ours32")
-    theirs32 = run_mergekit(yaml.safe_dump({**exported, "out_dtype": "float32"}), tmp_path / "mk32",
-                            lora_cache)
+    theirs32 = run_mergekit(
+        yaml.safe_dump({**exported, "out_dtype": "float32"}), tmp_path / "mk32", lora_cache
+    )
     worst, flips, total = compare(ours32, theirs32, sorted(base))
     if trimming:
         assert flips <= FLIP_BUDGET * total, (worst, flips, total)
@@ -116,15 +134,22 @@ def test_mergekit_yaml_with_out_dtype_runs_the_same_in_both(qwen, lora_cache, tm
     """Direction 2: a YAML as a mergekit user writes it, run by emomerge natively and mergekit."""
     per = {"weight": WEIGHTS, "density": [0.6, 0.6, 0.6]}
     doc = {
-        "merge_method": "ties", "base_model": str(qwen.base),
-        "models": [{"model": f"{qwen.base}+{a}", "parameters": {k: v[i] for k, v in per.items()}}
-                   for i, a in enumerate(qwen.adapters)],
-        "parameters": {"lambda": 1.0, "normalize": True}, "dtype": "float32", "out_dtype": "bfloat16",
+        "merge_method": "ties",
+        "base_model": str(qwen.base),
+        "models": [
+            {"model": f"{qwen.base}+{a}", "parameters": {k: v[i] for k, v in per.items()}}
+            for i, a in enumerate(qwen.adapters)
+        ],
+        "parameters": {"lambda": 1.0, "normalize": True},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
     }
     ours = run_native({**doc, "emomerge": {"output": "full"}}, tmp_path / "ours")
     theirs = run_mergekit(yaml.safe_dump(doc), tmp_path / "mk", lora_cache)
     base = T.load_state(qwen.base)
-    assert {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()} == {torch.bfloat16}
+    assert (
+        {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()} == {torch.bfloat16}
+    )
     worst, flips, total = compare(ours, theirs, sorted(base))
     assert flips <= FLIP_BUDGET * total, (worst, flips, total)
     touched = {qwen.base_key(p) for p in T.dense_updates(qwen.adapters[0])}
@@ -136,8 +161,9 @@ def test_the_old_bf16_export_computes_something_else(qwen, lora_cache, tmp_path)
     disagrees with the float32 computation far beyond rounding flips — what the rule fixes."""
     method, per, glob, _ = CASES["task_arithmetic"]
     doc = recipe_doc(qwen, method, per, glob, dtype="bfloat16")
-    exported = yaml.safe_load(export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base),
-                                              root=tmp_path))
+    exported = yaml.safe_load(
+        export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base), root=tmp_path)
+    )
     old = {k: v for k, v in exported.items() if k != "out_dtype"} | {"dtype": "bfloat16"}
     ours = run_native(doc, tmp_path / "ours")
     theirs = run_mergekit(yaml.safe_dump(old), tmp_path / "mk_old", lora_cache)
@@ -149,10 +175,17 @@ def test_the_old_bf16_export_computes_something_else(qwen, lora_cache, tmp_path)
 
 def test_export_names_the_local_base_dtype_when_the_recipe_names_none(qwen, tmp_path):
     doc = recipe_doc(qwen, "linear", {"weight": WEIGHTS}, {})
-    exported = yaml.safe_load(export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base),
-                                              root=tmp_path))
+    exported = yaml.safe_load(
+        export_mergekit(Recipe.model_validate(doc), base_model=str(qwen.base), root=tmp_path)
+    )
     # the tiny base is float32: mergekit computes and stores float32, as our full output does
     assert (exported["dtype"], exported["out_dtype"]) == ("float32", "float32")
-    hub = yaml.safe_load(export_mergekit(Recipe.model_validate(doc), base_model="Qwen/Qwen2.5-VL-7B-Instruct",
-                                         root=tmp_path, reference_check=False))
+    hub = yaml.safe_load(
+        export_mergekit(
+            Recipe.model_validate(doc),
+            base_model="Qwen/Qwen2.5-VL-7B-Instruct",
+            root=tmp_path,
+            reference_check=False,
+        )
+    )
     assert hub["dtype"] == "float32" and "out_dtype" not in hub

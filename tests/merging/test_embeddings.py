@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
-from emomerge.merging import merge
 from safetensors.torch import load_file
+
+from emomerge.merging import merge
 
 from .tiny_models import _TEXT, VOCAB
 
@@ -26,8 +27,9 @@ def build(root, tied: bool):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**{**_TEXT, "tie_word_embeddings": tied}))
     model.save_pretrained(root / "base")
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                  lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -51,10 +53,17 @@ def test_embedding_and_head_loras_merge_exactly(tmp_path, tied):
     base_keys = load_file(str(tmp_path / "base" / "model.safetensors"))
     assert ("lm_head.weight" in base_keys) is not tied
 
-    full = merge("task_arithmetic", [tmp_path / "adapter"], tmp_path / "full", output="full",
-                 base=tmp_path / "base")
+    full = merge(
+        "task_arithmetic",
+        [tmp_path / "adapter"],
+        tmp_path / "full",
+        output="full",
+        base=tmp_path / "base",
+    )
     assert full.manifest["untied_lm_head"] is tied
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (
+        json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"] is False
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
     with torch.no_grad():
         got = model(input_ids=ids).logits

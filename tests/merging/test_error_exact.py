@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from emomerge.merging import streaming
 from emomerge.merging.lowrank import refactor
 
@@ -18,16 +19,28 @@ M, N, R = 1024, 1100, 8  # 1 126 400 elements > 2^20: the streamed, bracketed se
 @pytest.fixture(scope="module")
 def case():
     g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(M, R, generator=g) * 0.1, torch.randn(R, N, generator=g) * 0.1) for _ in range(3)]
-    params = {"weight": [1.0, 1.0, 1.0], "density": [0.99] * 3, "normalize": True, "rescale": False,
-              "paper": False, "lambda": 1.0}
+    factors = [
+        (torch.randn(M, R, generator=g) * 0.1, torch.randn(R, N, generator=g) * 0.1)
+        for _ in range(3)
+    ]
+    params = {
+        "weight": [1.0, 1.0, 1.0],
+        "density": [0.99] * 3,
+        "normalize": True,
+        "rescale": False,
+        "paper": False,
+        "lambda": 1.0,
+    }
     dense = streaming.merge_dense("ties", factors, (M, N), params).double()
     s2 = torch.linalg.svdvals(dense).square()
     return factors, params, dense, s2
 
 
 def true_error(dense, left, right):
-    return float(torch.linalg.vector_norm(dense - left.double() @ right.double()) / torch.linalg.vector_norm(dense))
+    return float(
+        torch.linalg.vector_norm(dense - left.double() @ right.double())
+        / torch.linalg.vector_norm(dense)
+    )
 
 
 @pytest.mark.parametrize("rank", [16, 24])
@@ -44,6 +57,8 @@ def test_dense_refactor_error_is_exact(case):
     _, _, dense, _ = case
     d32 = dense.float()
     left, right, err = refactor(d32, 24, generator=torch.Generator().manual_seed(1))
-    reference = float(torch.linalg.vector_norm(d32.double() - (left @ right).double())
-                      / torch.linalg.vector_norm(d32.double()))
+    reference = float(
+        torch.linalg.vector_norm(d32.double() - (left @ right).double())
+        / torch.linalg.vector_norm(d32.double())
+    )
     assert err == pytest.approx(reference, rel=1e-8, abs=0)

@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from emomerge.merging import build_task_vectors
 from typer.testing import CliRunner
 
 from emomerge.cli import app
 from emomerge.cli_merge import expand_variadic
+from emomerge.merging import build_task_vectors
 
 from .helpers import lm_modules, write_adapter
 
@@ -44,10 +44,24 @@ def plain(tmp_path):
 def test_reference_previous_without_lineage_is_one_line(plain):
     root, _ = plain
     out = root / "out"
-    result = run("task-arithmetic", "--adapters", root / "s1", root / "s2", "--reference", "previous",
-                 "--out", out)
-    one_line_error(result, str(root / "s1"), "--reference previous", "emomerge lineage set",
-                   "--parent", "--mode continued|stacked")
+    result = run(
+        "task-arithmetic",
+        "--adapters",
+        root / "s1",
+        root / "s2",
+        "--reference",
+        "previous",
+        "--out",
+        out,
+    )
+    one_line_error(
+        result,
+        str(root / "s1"),
+        "--reference previous",
+        "emomerge lineage set",
+        "--parent",
+        "--mode continued|stacked",
+    )
     assert not out.exists()
     # every place that needs a parent: inspect and the library call too
     one_line_error(run("inspect", root / "s1", "--reference", "previous"), str(root / "s1"))
@@ -61,7 +75,9 @@ def test_lineage_set_then_task_vectors_follow_it(plain, mode):
     assert run("lineage", "set", root / "s1", "--mode", mode).exit_code == 0
     r2 = run("lineage", "set", root / "s2", "--parent", root / "s1", "--mode", mode)
     assert r2.exit_code == 0, r2.output
-    assert run("lineage", "set", root / "s3", "--parent", root / "s2", "--mode", mode).exit_code == 0
+    assert (
+        run("lineage", "set", root / "s3", "--parent", root / "s2", "--mode", mode).exit_code == 0
+    )
 
     doc = json.loads((root / "s2" / "emomerge.json").read_text())
     assert doc["kind"] == "stage_adapter"
@@ -70,9 +86,12 @@ def test_lineage_set_then_task_vectors_follow_it(plain, mode):
     assert doc["lineage"]["parent_sha256"] == want_sha
     assert doc["lineage_recorded_by"] == "emomerge lineage set"
     assert json.loads((root / "s1" / "emomerge.json").read_text())["lineage"]["parent"] is None
-    assert not [p for p in root.joinpath("s2").iterdir() if p.name.startswith(".")]  # no temporaries
+    assert not [
+        p for p in root.joinpath("s2").iterdir() if p.name.startswith(".")
+    ]  # no temporaries
 
-    # The model after each stage, from the definitions (docs/DESIGN.md), and τ relative to each reference.
+    # The model after each stage, from the definitions (docs/DESIGN.md, Words), and τ relative to
+    # each reference.
     if mode == "stacked":
         model = [d1, {p: d1[p] + d2[p] for p in SHAPES}, {p: d1[p] + d2[p] + d3[p] for p in SHAPES}]
     else:
@@ -81,8 +100,12 @@ def test_lineage_set_then_task_vectors_follow_it(plain, mode):
         tv = build_task_vectors([root / "s1", root / "s2", root / "s3"], reference=reference)
         for i in range(3):
             for path in SHAPES:
-                expect = model[i][path] - (model[i - 1][path] if reference == "previous" and i else 0)
-                np.testing.assert_allclose(tv.dense(i, path, torch.float64).numpy(), expect, atol=1e-12)
+                expect = model[i][path] - (
+                    model[i - 1][path] if reference == "previous" and i else 0
+                )
+                np.testing.assert_allclose(
+                    tv.dense(i, path, torch.float64).numpy(), expect, atol=1e-12
+                )
 
     shown = run("lineage", "show", root / "s3")
     assert shown.exit_code == 0
@@ -97,8 +120,16 @@ def test_parent_changed_after_lineage_set_is_refused(plain):
     run("lineage", "set", root / "s1", "--mode", "continued")
     run("lineage", "set", root / "s2", "--parent", root / "s1", "--mode", "continued")
     write_adapter(root / "s1", SHAPES, seed=99)  # the parent retrained behind our back
-    result = run("task-arithmetic", "--adapters", root / "s1", root / "s2", "--reference", "previous",
-                 "--out", root / "out")
+    result = run(
+        "task-arithmetic",
+        "--adapters",
+        root / "s1",
+        root / "s2",
+        "--reference",
+        "previous",
+        "--out",
+        root / "out",
+    )
     one_line_error(result, "sha256", "--allow-lineage-mismatch")
     assert "DIFFERS" in run("lineage", "show", root / "s2").stdout
 
@@ -108,35 +139,58 @@ def test_training_lineage_needs_force(tmp_path):
     write_adapter(tmp_path / "s2", SHAPES, seed=2, lineage={"mode": "continued", "parent": "../s1"})
     meta = tmp_path / "s2" / "emomerge.json"
     before = meta.read_text()
-    result = run("lineage", "set", tmp_path / "s2", "--parent", tmp_path / "s1", "--mode", "stacked")
+    result = run(
+        "lineage", "set", tmp_path / "s2", "--parent", tmp_path / "s1", "--mode", "stacked"
+    )
     one_line_error(result, str(meta), "recorded by training", "--force")
     assert meta.read_text() == before
-    forced = run("lineage", "set", tmp_path / "s2", "--parent", tmp_path / "s1", "--mode", "stacked",
-                 "--force")
+    forced = run(
+        "lineage",
+        "set",
+        tmp_path / "s2",
+        "--parent",
+        tmp_path / "s1",
+        "--mode",
+        "stacked",
+        "--force",
+    )
     assert forced.exit_code == 0, forced.output
     doc = json.loads(meta.read_text())
     assert doc["lineage"]["mode"] == "stacked"
     assert doc["lineage_replaced"] == {"mode": "continued", "parent": "../s1"}
     # once recorded by lineage set, it may be set again without --force
-    assert run("lineage", "set", tmp_path / "s2", "--parent", tmp_path / "s1",
-               "--mode", "continued").exit_code == 0
+    assert (
+        run(
+            "lineage", "set", tmp_path / "s2", "--parent", tmp_path / "s1", "--mode", "continued"
+        ).exit_code
+        == 0
+    )
 
 
 def test_lineage_set_bad_input(plain, tmp_path):
     root, _ = plain
-    one_line_error(run("lineage", "set", root / "s2", "--parent", root / "nope", "--mode", "stacked"),
-                   str(root / "nope"))
-    one_line_error(run("lineage", "set", root / "s2", "--parent", root / "s1", "--mode", "sideways"),
-                   "--mode must be continued or stacked")
-    one_line_error(run("lineage", "set", root / "s2", "--parent", root / "s2", "--mode", "stacked"),
-                   "the adapter itself")
+    one_line_error(
+        run("lineage", "set", root / "s2", "--parent", root / "nope", "--mode", "stacked"),
+        str(root / "nope"),
+    )
+    one_line_error(
+        run("lineage", "set", root / "s2", "--parent", root / "s1", "--mode", "sideways"),
+        "--mode must be continued or stacked",
+    )
+    one_line_error(
+        run("lineage", "set", root / "s2", "--parent", root / "s2", "--mode", "stacked"),
+        "the adapter itself",
+    )
     run("lineage", "set", root / "s2", "--parent", root / "s1", "--mode", "stacked")
-    one_line_error(run("lineage", "set", root / "s1", "--parent", root / "s2", "--mode", "stacked"),
-                   "lineage would loop")
+    one_line_error(
+        run("lineage", "set", root / "s1", "--parent", root / "s2", "--mode", "stacked"),
+        "lineage would loop",
+    )
     merged = root / "merged"
     assert run("linear", "--adapters", root / "s1", root / "s3", "--out", merged).exit_code == 0
-    one_line_error(run("lineage", "set", merged, "--parent", root / "s1", "--mode", "stacked"),
-                   "kind 'merge'")
+    one_line_error(
+        run("lineage", "set", merged, "--parent", root / "s1", "--mode", "stacked"), "kind 'merge'"
+    )
     assert json.loads((merged / "emomerge.json").read_text())["kind"] == "merge"
 
 

@@ -106,14 +106,25 @@ def world(tmp_path_factory):
 def full_update(world, out, method, params):
     """Merged update per module, read back from a full-weights merge (float64 math, float32 file)."""
     root, paths, _, base = world
-    merge(method, paths, out, weights=WEIGHTS, params=params, output="full", base=root / "base", dtype="float64")
+    merge(
+        method,
+        paths,
+        out,
+        weights=WEIGHTS,
+        params=params,
+        output="full",
+        base=root / "base",
+        dtype="float64",
+    )
     t = load_file(str(out / "model.safetensors"))
     return {p: (t[f"{p}.weight"].double() - base[f"{p}.weight"].double()).numpy() for p in SHAPES}
 
 
 def adapter_update(out):
     t = load_file(str(out / "adapter_model.safetensors"))
-    return {p: (t[KEY.format(p, "B")].double() @ t[KEY.format(p, "A")].double()).numpy() for p in SHAPES}
+    return {
+        p: (t[KEY.format(p, "B")].double() @ t[KEY.format(p, "A")].double()).numpy() for p in SHAPES
+    }
 
 
 def weighted_taus(dense, path):
@@ -122,8 +133,13 @@ def weighted_taus(dense, path):
 
 def random_factors(seed, ranks=RANKS, shape=(40, 30)):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape[0], r, generator=g, dtype=torch.float64),
-             torch.randn(r, shape[1], generator=g, dtype=torch.float64)) for r in ranks]
+    return [
+        (
+            torch.randn(shape[0], r, generator=g, dtype=torch.float64),
+            torch.randn(r, shape[1], generator=g, dtype=torch.float64),
+        )
+        for r in ranks
+    ]
 
 
 # -- the KnOTS space -------------------------------------------------------------------------
@@ -144,7 +160,14 @@ def test_knots_projection_is_lossless_and_is_the_joint_svd():
 
 def test_knots_task_arithmetic_equals_dense_task_arithmetic(world, tmp_path):
     _, paths, dense, _ = world
-    res = merge("task_arithmetic", paths, tmp_path / "ta", weights=WEIGHTS, params={"space": "knots"}, dtype="float64")
+    res = merge(
+        "task_arithmetic",
+        paths,
+        tmp_path / "ta",
+        weights=WEIGHTS,
+        params={"space": "knots"},
+        dtype="float64",
+    )
     assert res.errors == {}  # exact low rank: nothing re-factorised
     for path, got in adapter_update(tmp_path / "ta").items():
         np.testing.assert_allclose(got, sum(weighted_taus(dense, path)), atol=1e-6)
@@ -216,7 +239,9 @@ def test_svd_methods_commute_with_the_lora_spaces(method, space):
     weights = torch.tensor(WEIGHTS, dtype=torch.float64)
     stacked, back = SPACES[space](factors, (40, 30))
     left, right = back(METHODS[method].fn(stacked, weights))
-    torch.testing.assert_close(left @ right, METHODS[method].fn(deltas, weights), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        left @ right, METHODS[method].fn(deltas, weights), rtol=0, atol=1e-10
+    )
 
 
 def test_iso_c_in_core_space_equals_dense_and_is_exact_low_rank(world, tmp_path):
@@ -225,7 +250,14 @@ def test_iso_c_in_core_space_equals_dense_and_is_exact_low_rank(world, tmp_path)
     core = full_update(world, tmp_path / "core", "iso_c", {"space": "core"})
     for path in SHAPES:
         np.testing.assert_allclose(core[path], dense[path], atol=1e-6)
-    res = merge("iso_c", paths, tmp_path / "lowrank", weights=WEIGHTS, params={"space": "core"}, dtype="float64")
+    res = merge(
+        "iso_c",
+        paths,
+        tmp_path / "lowrank",
+        weights=WEIGHTS,
+        params={"space": "core"},
+        dtype="float64",
+    )
     assert res.errors == {}  # the result lives in the span of the adapters: no truncation
     for path, got in adapter_update(tmp_path / "lowrank").items():
         np.testing.assert_allclose(got, dense[path], atol=2e-6)
@@ -241,8 +273,10 @@ def test_weight_zero_removes_an_adapter(fn):
 
 
 def test_tsv_gives_a_single_adapter_back():
-    (L, R), = random_factors(3, ranks=(5,))
-    torch.testing.assert_close(tsv((L @ R)[None], torch.ones(1, dtype=torch.float64)), L @ R, rtol=0, atol=1e-12)
+    ((L, R),) = random_factors(3, ranks=(5,))
+    torch.testing.assert_close(
+        tsv((L @ R)[None], torch.ones(1, dtype=torch.float64)), L @ R, rtol=0, atol=1e-12
+    )
 
 
 def test_iso_spectra_are_flat_and_iso_cts_with_all_common_is_iso_c():
@@ -252,7 +286,9 @@ def test_iso_spectra_are_flat_and_iso_cts_with_all_common_is_iso_c():
         s = torch.linalg.svdvals(out)[: sum(RANKS)]
         torch.testing.assert_close(s, s.mean().expand_as(s), rtol=1e-10, atol=0)
         assert torch.linalg.matrix_rank(out) == sum(RANKS)
-    torch.testing.assert_close(iso_cts(deltas, weights, common_space_fraction=1.0), iso_c(deltas, weights))
+    torch.testing.assert_close(
+        iso_cts(deltas, weights, common_space_fraction=1.0), iso_c(deltas, weights)
+    )
 
 
 def test_registry_entries_and_export_refuses(world):
@@ -261,7 +297,9 @@ def test_registry_entries_and_export_refuses(world):
         m = METHODS[name]
         assert m.paper.startswith("https://arxiv.org/abs/") and m.sparse and m.mergekit is None
         assert m.param("space").choices == ("dense", "core", "knots")
-        recipe = Recipe.model_validate({"merge_method": name, "models": [{"model": str(p)} for p in paths]})
+        recipe = Recipe.model_validate(
+            {"merge_method": name, "models": [{"model": str(p)} for p in paths]}
+        )
         with pytest.raises(MergeInputError, match="mergekit has no equivalent"):
             export_mergekit(recipe, base_model="/models/base", root=paths[0].parent)
 
@@ -276,7 +314,19 @@ def test_cli_iso_c_and_knots_ties(world, tmp_path):
     result = run(["iso-c", "--adapters", *paths, "--out", tmp_path / "iso"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "iso" / "adapter_model.safetensors").is_file()
-    result = run(["ties", "--space", "knots", "--density", "0.5", "--adapters", *paths, "--out", tmp_path / "kt"])
+    result = run(
+        [
+            "ties",
+            "--space",
+            "knots",
+            "--density",
+            "0.5",
+            "--adapters",
+            *paths,
+            "--out",
+            tmp_path / "kt",
+        ]
+    )
     assert result.exit_code == 0, result.output
     got = adapter_update(tmp_path / "kt")
     for path in SHAPES:  # unit weights; float32 run

@@ -41,11 +41,19 @@ CASES = {
     "linear": ("linear", {"weight": WEIGHTS}, {}, False),
     # linear is exported as mergekit task_arithmetic with the same normalize
     "linear_unnormalized": ("linear", {"weight": WEIGHTS}, {"normalize": False}, False),
-    "breadcrumbs": ("breadcrumbs", {"weight": WEIGHTS, "density": [0.6] * 3, "gamma": [0.05] * 3},
-                    {}, True),
+    "breadcrumbs": (
+        "breadcrumbs",
+        {"weight": WEIGHTS, "density": [0.6] * 3, "gamma": [0.05] * 3},
+        {},
+        True,
+    ),
     # gamma 0: mergekit's old slice bug zeroed the tensor; 0.1.5 and we keep the top density
-    "breadcrumbs_ties": ("breadcrumbs_ties", {"weight": WEIGHTS, "density": [0.6] * 3,
-                                              "gamma": [0.0] * 3}, {}, True),
+    "breadcrumbs_ties": (
+        "breadcrumbs_ties",
+        {"weight": WEIGHTS, "density": [0.6] * 3, "gamma": [0.0] * 3},
+        {},
+        True,
+    ),
     "dare_linear": ("dare_linear", {"weight": WEIGHTS, "density": [1.0] * 3}, {}, False),
     "dare_ties": ("dare_ties", {"weight": WEIGHTS, "density": [1.0] * 3}, {}, False),
 }
@@ -85,10 +93,15 @@ def recipe_for(tiny: T.Tiny, method: str, per: dict, glob: dict) -> Recipe:
         {"model": str(a), "parameters": {k: v[i] for k, v in per.items()}}
         for i, a in enumerate(tiny.adapters[: len(per["weight"])])
     ]
-    return Recipe.model_validate({
-        "merge_method": method, "base_model": str(tiny.base), "models": models,
-        "parameters": glob, "dtype": "float32",
-    })
+    return Recipe.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(tiny.base),
+            "models": models,
+            "parameters": glob,
+            "dtype": "float32",
+        }
+    )
 
 
 def run_mergekit(yaml_text: str, out: Path, cache: Path) -> dict[str, torch.Tensor]:
@@ -98,18 +111,41 @@ def run_mergekit(yaml_text: str, out: Path, cache: Path) -> dict[str, torch.Tens
 
     config = MergeConfiguration.model_validate(yaml.safe_load(yaml_text))
     options = MergeOptions(
-        lora_merge_cache=str(cache), copy_tokenizer=False, lazy_unpickle=False,
-        low_cpu_memory=False, write_model_card=False, quiet=True, random_seed=0,
+        lora_merge_cache=str(cache),
+        copy_tokenizer=False,
+        lazy_unpickle=False,
+        low_cpu_memory=False,
+        write_model_card=False,
+        quiet=True,
+        random_seed=0,
     )
     run_merge(config, str(out), options)
     return T.load_state(out)
 
 
-def run_ours(tiny: T.Tiny, method: str, per: dict, glob: dict, out: Path, *, output: str = "full",
-             extra: tuple[str, ...] = ()) -> Path:
+def run_ours(
+    tiny: T.Tiny,
+    method: str,
+    per: dict,
+    glob: dict,
+    out: Path,
+    *,
+    output: str = "full",
+    extra: tuple[str, ...] = (),
+) -> Path:
     n = len(per["weight"])
-    args = [method.replace("_", "-"), "--adapters", *map(str, tiny.adapters[:n]), "--out", str(out),
-            "--output", output, "--base", str(tiny.base), *extra]
+    args = [
+        method.replace("_", "-"),
+        "--adapters",
+        *map(str, tiny.adapters[:n]),
+        "--out",
+        str(out),
+        "--output",
+        output,
+        "--base",
+        str(tiny.base),
+        *extra,
+    ]
     args += ["--weights", *map(str, per["weight"])]
     if "normalize" in glob:
         args += ["--normalize" if glob["normalize"] else "--no-normalize"]
@@ -138,8 +174,9 @@ def compare(ours: dict, theirs: dict, keys) -> tuple[float, int, int]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_output_matches_mergekit_qwen25vl(case, qwen, lora_cache, tmp_path):
     method, per, glob, trimming = CASES[case]
-    yaml_text = export_mergekit(recipe_for(qwen, method, per, glob), base_model=str(qwen.base),
-                                root=tmp_path)
+    yaml_text = export_mergekit(
+        recipe_for(qwen, method, per, glob), base_model=str(qwen.base), root=tmp_path
+    )
     theirs = run_mergekit(yaml_text, tmp_path / "mergekit", lora_cache)
     ours = T.load_state(run_ours(qwen, method, per, glob, tmp_path / "ours"))
     base = T.load_state(qwen.base)
@@ -171,8 +208,9 @@ def test_full_output_matches_mergekit_qwen25vl(case, qwen, lora_cache, tmp_path)
 
 def test_exported_linear_recipe_runs_in_mergekit(qwen, lora_cache, tmp_path):
     _, per, glob, _ = CASES["linear"]
-    yaml_text = export_mergekit(recipe_for(qwen, "linear", per, glob), base_model=str(qwen.base),
-                                root=tmp_path)
+    yaml_text = export_mergekit(
+        recipe_for(qwen, "linear", per, glob), base_model=str(qwen.base), root=tmp_path
+    )
     # mergekit's linear would count base_model as one more model needing a weight; the export
     # writes task_arithmetic with the same normalize, which is our linear exactly.
     assert yaml.safe_load(yaml_text)["merge_method"] == "task_arithmetic"
@@ -186,10 +224,13 @@ def test_recipe_with_tensor_filters_matches_mergekit(qwen, lora_cache, tmp_path)
 
     density = [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]
     recipe_yaml = {
-        "merge_method": "ties", "base_model": str(qwen.base),
+        "merge_method": "ties",
+        "base_model": str(qwen.base),
         "models": [
-            {"model": str(qwen.adapters[0]),
-             "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.9}]}},
+            {
+                "model": str(qwen.adapters[0]),
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.9}]},
+            },
             {"model": str(qwen.adapters[1]), "parameters": {"weight": 0.6}},
             {"model": str(qwen.adapters[2]), "parameters": {"weight": 0.5, "density": 0.5}},
         ],
@@ -217,8 +258,9 @@ def test_ties_matches_mergekit_on_text_llama(llama, lora_cache, tmp_path):
     """The same on a plain causal LM (text layout, no name conversion), global density."""
     per = {"weight": [1.0, 0.6, 0.4], "density": [0.4, 0.4, 0.4]}
     glob = {}
-    yaml_text = export_mergekit(recipe_for(llama, "ties", per, glob), base_model=str(llama.base),
-                                root=tmp_path)
+    yaml_text = export_mergekit(
+        recipe_for(llama, "ties", per, glob), base_model=str(llama.base), root=tmp_path
+    )
     theirs = run_mergekit(yaml_text, tmp_path / "mergekit", lora_cache)
     ours = T.load_state(run_ours(llama, "ties", per, glob, tmp_path / "ours"))
     base = T.load_state(llama.base)
@@ -235,8 +277,9 @@ def test_dare_half_density_statistics_match_mergekit(qwen, lora_cache, tmp_path)
     scaled by one factor per tensor so that its L1 norm is 0.7·‖τ‖₁ (mergekit's rescale).
     """
     per = {"weight": [0.7], "density": [0.5]}
-    yaml_text = export_mergekit(recipe_for(qwen, "dare_linear", per, {}), base_model=str(qwen.base),
-                                root=tmp_path)
+    yaml_text = export_mergekit(
+        recipe_for(qwen, "dare_linear", per, {}), base_model=str(qwen.base), root=tmp_path
+    )
     outputs = {
         "mergekit": run_mergekit(yaml_text, tmp_path / "mergekit", lora_cache),
         "ours": T.load_state(run_ours(qwen, "dare_linear", per, {}, tmp_path / "ours")),
@@ -310,18 +353,26 @@ def test_native_vlm_full_and_adapter(family, tmp_path_factory, tmp_path):
         update = ref_ties([d[path] for d in dense], per["weight"], 0.5)
         expected = (base[key].double() + update).float()
         d = (full[key].double() - expected.double()).abs()
-        worst, flips, total = max(worst, float(d.max())), flips + int((d > TOL).sum()), total + d.numel()
+        worst, flips, total = (
+            max(worst, float(d.max())),
+            flips + int((d > TOL).sum()),
+            total + d.numel(),
+        )
     assert flips <= FLIP_BUDGET * total, (worst, flips, total)
     assert worst < 0.5  # even a flip is bounded by one trimmed entry
 
     # The adapter output at full rank (exact SVD) loads in PEFT on this model and gives the
     # full output's logits.
-    adapter = run_ours(tiny, "ties", per, {}, tmp_path / "adapter", output="adapter",
-                       extra=("--rank", "64"))
+    adapter = run_ours(
+        tiny, "ties", per, {}, tmp_path / "adapter", output="adapter", extra=("--rank", "64")
+    )
     ids = torch.tensor([[1, 5, 17, 42, 99, 7, 300, 3]])
     peft_model = PeftModel.from_pretrained(T.load_model(family, tiny.base), adapter).eval()
-    lora_layers = [m for n, m in peft_model.named_modules()
-                   if n.endswith(("q_proj", "down_proj")) and hasattr(m, "lora_A")]
+    lora_layers = [
+        m
+        for n, m in peft_model.named_modules()
+        if n.endswith(("q_proj", "down_proj")) and hasattr(m, "lora_A")
+    ]
     assert len(lora_layers) == 4
     got = T.logits(peft_model, ids)
     want = T.logits(T.load_model(family, tmp_path / "full"), ids)

@@ -24,8 +24,15 @@ def three(tmp_path_factory):
     root = tmp_path_factory.mktemp("three")
     dense = [
         write_adapter(root / "a", SHAPES, r=4, alpha=8, seed=1),
-        write_adapter(root / "b", SHAPES, r=8, alpha=16, seed=2,
-                      rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3.0}),
+        write_adapter(
+            root / "b",
+            SHAPES,
+            r=8,
+            alpha=16,
+            seed=2,
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 3.0},
+        ),
         write_adapter(root / "c", SHAPES, r=6, alpha=6, rslora=True, seed=3),
     ]
     base = write_base(root / "base", SHAPES)
@@ -49,7 +56,7 @@ def ref_breadcrumbs(t, density, gamma):
     n_bot = max(0, n - target - n_top)
     order = np.argsort(np.abs(t).ravel(), kind="stable")
     out = np.zeros(n)
-    keep = order[n_bot:n_bot + target]
+    keep = order[n_bot : n_bot + target]
     out[keep] = t.ravel()[keep]
     return out.reshape(t.shape)
 
@@ -107,8 +114,16 @@ CASES = [
 def test_full_output_matches_dense_reference(three, tmp_path, method, params):
     root, dense, base = three
     w = [0.5, 1.0, 0.8]
-    merge(method, [root / "a", root / "b", root / "c"], tmp_path / "out", weights=w,
-          params=params, output="full", base=root / "base", dtype="float64")
+    merge(
+        method,
+        [root / "a", root / "b", root / "c"],
+        tmp_path / "out",
+        weights=w,
+        params=params,
+        output="full",
+        base=root / "base",
+        dtype="float64",
+    )
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(merged) == set(base)
     for path in SHAPES:
@@ -122,7 +137,9 @@ def test_full_output_matches_dense_reference(three, tmp_path, method, params):
 def test_exact_adapter_output_is_the_dense_merge(three, tmp_path, method, params):
     root, dense, _ = three
     w = [0.2, 0.3, 1.0]
-    res = merge(method, [root / "a", root / "b", root / "c"], tmp_path / "ad", weights=w, params=params)
+    res = merge(
+        method, [root / "a", root / "b", root / "c"], tmp_path / "ad", weights=w, params=params
+    )
     tensors = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     import json
 
@@ -146,13 +163,15 @@ def test_rank_compression_error_matches_svd(three, tmp_path):
     path = "model.layers.0.self_attn.q_proj"
     total = sum(d[path] for d in dense)
     s = torch.linalg.svdvals(total)
-    best = (total - (lambda u, s, vh: (u[:, :3] * s[:3]) @ vh[:3])(*torch.linalg.svd(total)))
+    best = total - (lambda u, s, vh: (u[:, :3] * s[:3]) @ vh[:3])(*torch.linalg.svd(total))
     A = tensors[f"base_model.model.{path}.lora_A.weight"].double()
     B = tensors[f"base_model.model.{path}.lora_B.weight"].double()
     assert A.shape[0] == 3
     # the compressed product is the best rank-3 approximation (Eckart–Young)
     np.testing.assert_allclose((B @ A - total).norm().item(), best.norm().item(), rtol=1e-6)
-    assert res.errors[path] == pytest.approx((s[3:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-5)
+    assert res.errors[path] == pytest.approx(
+        (s[3:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-5
+    )
 
 
 def test_dare_masks_follow_the_seeded_generators():
@@ -160,8 +179,12 @@ def test_dare_masks_follow_the_seeded_generators():
     deltas = torch.randn(3, 20, 30, generator=g, dtype=torch.float64)
     w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
     seeds = [11, 22, 33]
-    got = M.dare_ties(deltas, w, density=[0.3, 0.5, 0.9],
-                      generators=[torch.Generator().manual_seed(s) for s in seeds])
+    got = M.dare_ties(
+        deltas,
+        w,
+        density=[0.3, 0.5, 0.9],
+        generators=[torch.Generator().manual_seed(s) for s in seeds],
+    )
     # reference: same Bernoulli draws, L1 rescale, then TIES mix without normalisation
     kept = []
     for t, d, s in zip(deltas, [0.3, 0.5, 0.9], seeds):
@@ -171,10 +194,20 @@ def test_dare_masks_follow_the_seeded_generators():
     expect = ref_ties_mix(kept, w.tolist(), normalize=False, lam=1.0)
     np.testing.assert_allclose(got.numpy(), expect, atol=1e-12)
     # DARE paper rescale: survivors × 1/p
-    got_inv = M.dare_linear(deltas, w, density=[0.5] * 3, rescale="density",
-                            generators=[torch.Generator().manual_seed(s) for s in seeds])
+    got_inv = M.dare_linear(
+        deltas,
+        w,
+        density=[0.5] * 3,
+        rescale="density",
+        generators=[torch.Generator().manual_seed(s) for s in seeds],
+    )
     expect_inv = sum(
-        wi * (t * torch.bernoulli(torch.full_like(t, 0.5), generator=torch.Generator().manual_seed(s)) / 0.5)
+        wi
+        * (
+            t
+            * torch.bernoulli(torch.full_like(t, 0.5), generator=torch.Generator().manual_seed(s))
+            / 0.5
+        )
         for wi, t, s in zip(w, deltas, seeds)
     )
     np.testing.assert_allclose(got_inv.numpy(), expect_inv.numpy(), atol=1e-12)
@@ -184,8 +217,15 @@ def test_della_probabilities_rise_with_magnitude_rank():
     t = torch.arange(1, 1001, dtype=torch.float64).reshape(1, 1000)
     keep = torch.zeros(1000)
     for s in range(200):
-        out = M.della(t[None], torch.ones(1, dtype=torch.float64), density=[0.5], epsilon=[0.3],
-                      generators=[torch.Generator().manual_seed(s)], rescale=False, normalize=False)
+        out = M.della(
+            t[None],
+            torch.ones(1, dtype=torch.float64),
+            density=[0.5],
+            epsilon=[0.3],
+            generators=[torch.Generator().manual_seed(s)],
+            rescale=False,
+            normalize=False,
+        )
         keep += (out[0] != 0).float()
     rate = keep / 200
     # p = 0.2 at the smallest entry, 0.8 at the largest, linear in rank

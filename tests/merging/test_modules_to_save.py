@@ -18,14 +18,22 @@ def lm_head_adapters(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mts")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=50)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+    )
     LlamaForCausalLM(cfg).save_pretrained(root / "base")
     heads = []
     for i in range(2):
         model = LlamaForCausalLM.from_pretrained(root / "base")
-        peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                modules_to_save=["lm_head"]))
+        peft = get_peft_model(
+            model,
+            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        )
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for name, p in peft.named_parameters():
@@ -50,15 +58,29 @@ def test_saved_tensors_merge_and_load_in_peft(lm_head_adapters, tmp_path):
 
     root, heads = lm_head_adapters
     base_head = load_file(str(root / "base" / "model.safetensors"))["lm_head.weight"]
-    merge("linear", [root / "a0", root / "a1"], tmp_path / "full", weights=[0.25, 0.75],
-          output="full", base=root / "base")
-    merge("linear", [root / "a0", root / "a1"], tmp_path / "ad", weights=[0.25, 0.75], base=root / "base")
+    merge(
+        "linear",
+        [root / "a0", root / "a1"],
+        tmp_path / "full",
+        weights=[0.25, 0.75],
+        output="full",
+        base=root / "base",
+    )
+    merge(
+        "linear",
+        [root / "a0", root / "a1"],
+        tmp_path / "ad",
+        weights=[0.25, 0.75],
+        base=root / "base",
+    )
     full = load_file(str(tmp_path / "full" / "model.safetensors"))
     expect = base_head + (0.25 * (heads[0] - base_head) + 0.75 * (heads[1] - base_head))
     np.testing.assert_allclose(full["lm_head.weight"].numpy(), expect.numpy(), atol=1e-6)
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         folded = LlamaForCausalLM.from_pretrained(tmp_path / "full")(ids).logits
-        adapted = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), tmp_path / "ad")(ids).logits
+        adapted = PeftModel.from_pretrained(
+            LlamaForCausalLM.from_pretrained(root / "base"), tmp_path / "ad"
+        )(ids).logits
     assert (folded - LlamaForCausalLM.from_pretrained(root / "base")(ids).logits).abs().max() > 1e-3
     torch.testing.assert_close(adapted, folded, atol=1e-5, rtol=1e-5)

@@ -16,12 +16,12 @@ import textwrap
 import time
 
 import pytest
-from emomerge.merging import engine, safeout
-from emomerge.merging.adapters import sha256_file
 from typer.testing import CliRunner
 
 from emomerge.cli import app
 from emomerge.cli_merge import expand_variadic
+from emomerge.merging import atomic, engine
+from emomerge.merging.adapters import sha256_file
 
 from .helpers import lm_modules, write_adapter, write_base
 
@@ -34,7 +34,7 @@ def run(args):
 
 def one_error_line(result, *needles):
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     for needle in needles:
@@ -73,15 +73,34 @@ def test_force_never_replaces_an_input_adapter(ab):
 def test_force_never_replaces_a_folder_holding_an_input_or_writes_inside_one(tmp_path):
     write_adapter(tmp_path / "runs" / "a", SHAPES, seed=1)
     write_adapter(tmp_path / "runs" / "b", SHAPES, seed=2)
-    r = run(["linear", "--adapters", tmp_path / "runs" / "a", tmp_path / "runs" / "b",
-             "--out", tmp_path / "runs", "--force"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            tmp_path / "runs" / "a",
+            tmp_path / "runs" / "b",
+            "--out",
+            tmp_path / "runs",
+            "--force",
+        ]
+    )
     one_error_line(r, "contains the input")
     assert (tmp_path / "runs" / "a" / "adapter_model.safetensors").is_file()
-    r = run(["linear", "--adapters", tmp_path / "runs" / "a", tmp_path / "runs" / "b",
-             "--out", tmp_path / "runs" / "a" / "merged"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            tmp_path / "runs" / "a",
+            tmp_path / "runs" / "b",
+            "--out",
+            tmp_path / "runs" / "a" / "merged",
+        ]
+    )
     one_error_line(r, "inside the input folder")
     assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_force_refuses_a_training_stage_and_folders_without_a_manifest(ab):
@@ -102,7 +121,20 @@ def test_force_replaces_an_earlier_merge_or_an_empty_folder(ab):
     assert run(merge_args(ab, ab / "m")).exit_code == 0
     first = json.loads((ab / "m" / "emomerge.json").read_text())
     assert first["kind"] == "merge"
-    r = run(["linear", "--adapters", ab / "a", ab / "b", "--weights", "2", "1", "--out", ab / "m", "--force"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--weights",
+            "2",
+            "1",
+            "--out",
+            ab / "m",
+            "--force",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((ab / "m" / "emomerge.json").read_text())["params"]["weight"] == [2.0, 1.0]
     (ab / "empty").mkdir()
@@ -136,9 +168,9 @@ def test_a_folder_that_appears_while_merging_is_kept(ab, monkeypatch):
 
 
 def test_a_second_writer_to_the_same_out_is_refused(ab):
-    with safeout.out_lock(ab / "out"):
+    with atomic.out_lock(ab / "out"):
         lock = json.loads((ab / ".out.lock").read_text())
-        assert lock == {"pid": os.getpid(), "host": safeout.HOST}
+        assert lock == {"pid": os.getpid(), "host": atomic.HOST}
         r = run(merge_args(ab, ab / "out"))
         one_error_line(r, str(ab / "out"), "another emomerge", f"pid {os.getpid()}")
         assert not (ab / "out").exists()
@@ -146,6 +178,7 @@ def test_a_second_writer_to_the_same_out_is_refused(ab):
     assert run(merge_args(ab, ab / "out")).exit_code == 0
 
 
+@pytest.mark.slow
 def test_two_concurrent_full_merges_one_wins_one_is_refused(ab):
     """Real processes: the second starts while the first is slowed inside its writer."""
     write_base(ab / "base", SHAPES)
@@ -156,22 +189,25 @@ def test_two_concurrent_full_merges_one_wins_one_is_refused(ab):
             real = output.SafetensorsWriter.add
             def slow(self, *a, **k):  # holds the writer until the test says go
                 for _ in range(600):
-                    if os.path.exists(r"{ab / 'go'}"):
+                    if os.path.exists(r"{ab / "go"}"):
                         break
                     time.sleep(0.1)
                 return real(self, *a, **k)
             output.SafetensorsWriter.add = slow
         from emomerge.cli import main
-        main(["linear", "--adapters", r"{ab / 'a'}", r"{ab / 'b'}", "--weights", sys.argv[2], "1",
-              "--output", "full", "--base", r"{ab / 'base'}", "--out", r"{ab / 'out'}"])
+        main(["linear", "--adapters", r"{ab / "a"}", r"{ab / "b"}", "--weights", sys.argv[2], "1",
+              "--output", "full", "--base", r"{ab / "base"}", "--out", r"{ab / "out"}"])
     """)
-    first = subprocess.Popen([sys.executable, "-c", script, "slow", "1"], stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", script, "slow", "1"], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 60
     while not leftovers(ab, "out") or not any(".tmp-" in n for n in leftovers(ab, "out")):
         assert time.time() < deadline and first.poll() is None
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-c", script, "fast", "3"], capture_output=True, text=True,
-                            check=False)
+    second = subprocess.run(
+        [sys.executable, "-c", script, "fast", "3"], capture_output=True, text=True, check=False
+    )
     (ab / "go").touch()
     assert first.wait(60) == 0, first.stderr.read()
     assert second.returncode == 2 and "another emomerge" in second.stderr, second.stderr
@@ -192,22 +228,36 @@ def test_a_killed_full_merge_leaves_nothing_after_the_next_run(ab):
             time.sleep(60)
         output.SafetensorsWriter.add = stuck
         from emomerge.cli import main
-        main(["linear", "--adapters", r"{ab / 'a'}", r"{ab / 'b'}", "--output", "full",
-              "--base", r"{ab / 'base'}", "--out", r"{ab / 'out'}"])
+        main(["linear", "--adapters", r"{ab / "a"}", r"{ab / "b"}", "--output", "full",
+              "--base", r"{ab / "base"}", "--out", r"{ab / "out"}"])
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
-    while not any((ab / n / "model.safetensors").exists() for n in leftovers(ab, "out") if ".tmp-" in n):
+    while not any(
+        (ab / n / "model.safetensors").exists() for n in leftovers(ab, "out") if ".tmp-" in n
+    ):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     tmp = [n for n in leftovers(ab, "out") if ".tmp-" in n]
-    assert len(tmp) == 1 and f"-{proc.pid}-" in tmp[0] and safeout.HOST in tmp[0]
+    assert len(tmp) == 1 and f"-{proc.pid}-" in tmp[0] and atomic.HOST in tmp[0]
     assert (ab / ".out.lock").exists()  # the holder died before releasing it
 
-    r = run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--base", ab / "base",
-             "--out", ab / "out"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--output",
+            "full",
+            "--base",
+            ab / "base",
+            "--out",
+            ab / "out",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert f"removed {ab / tmp[0]}, left by emomerge pid {proc.pid} (no longer running)" in r.stderr
     assert "stale lock" in r.stderr
@@ -216,7 +266,7 @@ def test_a_killed_full_merge_leaves_nothing_after_the_next_run(ab):
 
 
 def test_temporaries_of_live_processes_and_other_hosts_are_left_alone(ab):
-    live = ab / f".out.tmp-{safeout.HOST}-{os.getpid()}-abcd"
+    live = ab / f".out.tmp-{atomic.HOST}-{os.getpid()}-abcd"
     other = ab / ".out.tmp-some-other-host-1-abcd"
     live.mkdir()
     other.mkdir()
@@ -225,8 +275,13 @@ def test_temporaries_of_live_processes_and_other_hosts_are_left_alone(ab):
 
 
 # -- full disks and permissions --------------------------------------------------------------
-@pytest.mark.parametrize("code,text", [(errno.ENOSPC, "no space left on device writing"),
-                                       (errno.EACCES, "permission denied writing")])
+@pytest.mark.parametrize(
+    "code,text",
+    [
+        (errno.ENOSPC, "no space left on device writing"),
+        (errno.EACCES, "permission denied writing"),
+    ],
+)
 def test_disk_errors_are_one_line_and_leave_nothing(ab, monkeypatch, code, text):
     write_base(ab / "base", SHAPES)
     real = engine.write_full_output
@@ -236,8 +291,20 @@ def test_disk_errors_are_one_line_and_leave_nothing(ab, monkeypatch, code, text)
         raise OSError(code, os.strerror(code), str(tmp / "model.safetensors"))
 
     monkeypatch.setattr(engine, "write_full_output", fails)
-    r = run(["linear", "--adapters", ab / "a", ab / "b", "--output", "full", "--base", ab / "base",
-             "--out", ab / "out"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--output",
+            "full",
+            "--base",
+            ab / "base",
+            "--out",
+            ab / "out",
+        ]
+    )
     line = one_error_line(r, f"{text} {ab / 'out'}")
     if code == errno.ENOSPC:
         size = (ab / "base" / "model.safetensors").stat().st_size  # tensors + header
@@ -249,8 +316,10 @@ def test_disk_errors_are_one_line_and_leave_nothing(ab, monkeypatch, code, text)
 # -- export-mergekit -----------------------------------------------------------------------
 def recipe(ab):
     path = ab / "r.yaml"
-    path.write_text(f"merge_method: ties\nmodels:\n  - model: {ab / 'a'}\n  - model: {ab / 'b'}\n"
-                    "parameters: {density: 0.5}\n")
+    path.write_text(
+        f"merge_method: ties\nmodels:\n  - model: {ab / 'a'}\n  - model: {ab / 'b'}\n"
+        "parameters: {density: 0.5}\n"
+    )
     return path
 
 
@@ -261,10 +330,15 @@ def test_export_refuses_to_overwrite_its_recipe_or_other_files(ab):
     one_error_line(r, "is the input")
     assert path.read_text() == text
     (ab / "notes.yaml").write_text("mine: 1\n")
-    r = run(["export-mergekit", path, "--base", "/models/base", "--out", ab / "notes.yaml", "--force"])
+    r = run(
+        ["export-mergekit", path, "--base", "/models/base", "--out", ab / "notes.yaml", "--force"]
+    )
     one_error_line(r, "not a YAML exported by emomerge")
     assert (ab / "notes.yaml").read_text() == "mine: 1\n"
-    assert run(["export-mergekit", path, "--base", "/models/base", "--out", ab / "x.yaml"]).exit_code == 0
+    assert (
+        run(["export-mergekit", path, "--base", "/models/base", "--out", ab / "x.yaml"]).exit_code
+        == 0
+    )
     r = run(["export-mergekit", path, "--base", "/models/other", "--out", ab / "x.yaml", "--force"])
     assert r.exit_code == 0 and "/models/other" in (ab / "x.yaml").read_text()
     assert leftovers(ab, "x.yaml") == []
@@ -279,7 +353,7 @@ def test_a_failed_export_leaves_no_temporary(ab, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(safeout.os, "replace", full)
+    monkeypatch.setattr(atomic.os, "replace", full)
     r = run(["export-mergekit", path, "--base", "/models/base", "--out", ab / "x.yaml"])
     one_error_line(r, f"no space left on device writing {ab / 'x.yaml'}")
     assert not (ab / "x.yaml").exists() and leftovers(ab, "x.yaml") == []

@@ -183,15 +183,18 @@ def mixed_base(tmp_path):
 def test_raw_copy_is_byte_identical(mixed_base, tmp_path, monkeypatch, kernel_copy):
     folder, tensors = mixed_base
     if kernel_copy == "refused":
+
         def refuse(*args):
             raise OSError(18, "Invalid cross-device link")
+
         monkeypatch.setattr(O.os, "copy_file_range", refuse, raising=False)
     elif kernel_copy == "missing":
         monkeypatch.delattr(O.os, "copy_file_range", raising=False)
     monkeypatch.setattr(O, "_COPY_CHUNK", 7)  # many short reads in the buffered path
     ckpt, src = Checkpoint(folder), folder / "model.safetensors"
-    with O.SafetensorsWriter(tmp_path / "out.safetensors", {k: t.dim() for k, t in tensors.items()},
-                             {"format": "pt"}) as writer:
+    with O.SafetensorsWriter(
+        tmp_path / "out.safetensors", {k: t.dim() for k, t in tensors.items()}, {"format": "pt"}
+    ) as writer:
         for i, key in enumerate(tensors):
             if i % 3 == 0:  # interleaved with streamed tensors
                 writer.add(key, tensors[key])
@@ -271,8 +274,15 @@ def test_sharded_full_output_of_a_mixed_dtype_base(tmp_path):
     save_file(base, str(tmp_path / "base" / "model.safetensors"))
     (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')
 
-    merge("linear", [tmp_path / "a", tmp_path / "b"], tmp_path / "full", weights=[0.25, 0.75],
-          output="full", base=tmp_path / "base", max_shard_size=700)
+    merge(
+        "linear",
+        [tmp_path / "a", tmp_path / "b"],
+        tmp_path / "full",
+        weights=[0.25, 0.75],
+        output="full",
+        base=tmp_path / "base",
+        max_shard_size=700,
+    )
     merged = {f"{p}.weight" for p in shapes}
     state = check_sharded(tmp_path / "full", base, tmp_path / "base", merged)
     for key, t in base.items():
@@ -280,8 +290,9 @@ def test_sharded_full_output_of_a_mixed_dtype_base(tmp_path):
         if key in merged:
             path = key[: -len(".weight")]
             expect = (t.double() + (d1[path] + 3 * d2[path]) / 4).to(t.dtype)
-            torch.testing.assert_close(state[key].double(), expect.double(),
-                                       rtol=2 ** -7, atol=1e-6)  # one bf16 ulp
+            torch.testing.assert_close(
+                state[key].double(), expect.double(), rtol=2**-7, atol=1e-6
+            )  # one bf16 ulp
         else:
             assert torch.equal(state[key], t), key
 
@@ -290,8 +301,16 @@ def test_sharded_full_output_of_a_real_model(tmp_path_factory, tmp_path):
     """A tiny Qwen2.5-VL in several shards: loads in transformers; merged = base + Σ c ΔW."""
     qwen = T.tiny_family(tmp_path_factory, "qwen2_5_vl")
     w = [0.5, 0.3, 0.8]
-    merge("task_arithmetic", qwen.adapters, tmp_path / "full", weights=w, params={"lambda": 0.7},
-          output="full", base=qwen.base, max_shard_size=150_000)
+    merge(
+        "task_arithmetic",
+        qwen.adapters,
+        tmp_path / "full",
+        weights=w,
+        params={"lambda": 0.7},
+        output="full",
+        base=qwen.base,
+        max_shard_size=150_000,
+    )
     base = T.load_state(qwen.base)
     deltas = [T.dense_updates(a) for a in qwen.adapters]
     merged = {qwen.base_key(p): p for p in deltas[0]}
@@ -306,7 +325,9 @@ def test_sharded_full_output_of_a_real_model(tmp_path_factory, tmp_path):
     assert torch.equal(model.state_dict()["lm_head.weight"], state["lm_head.weight"])
 
 
-def test_direct_mode_is_used_and_falls_back_when_a_write_is_refused(tmp_path, monkeypatch, write_mode):
+def test_direct_mode_is_used_and_falls_back_when_a_write_is_refused(
+    tmp_path, monkeypatch, write_mode
+):
     if write_mode != "direct":
         pytest.skip("direct mode only")
     with O.SafetensorsWriter(tmp_path / "probe.safetensors", {}) as writer:

@@ -41,8 +41,10 @@ def base_logits(qwen) -> torch.Tensor:
 def lm_updates(qwen: T.Tiny, folder: Path) -> dict[str, torch.Tensor]:
     """{adapter module path: full-output weight − base weight (float64)}, the 14 LoRA modules."""
     full, base = T.load_state(folder), T.load_state(qwen.base)
-    return {p: full[qwen.base_key(p)].double() - base[qwen.base_key(p)].double()
-            for p in T.dense_updates(qwen.adapters[0])}
+    return {
+        p: full[qwen.base_key(p)].double() - base[qwen.base_key(p)].double()
+        for p in T.dense_updates(qwen.adapters[0])
+    }
 
 
 # -- the merged adapter in PEFT == the folded full model -------------------------------------
@@ -61,7 +63,9 @@ def test_adapter_in_peft_gives_full_output_logits(method, qwen, base_logits, tmp
 
     case = CASES[method]
     common = {"weights": W, "params": case["params"], "base": qwen.base}
-    merge(method, qwen.adapters, tmp_path / "adapter", output="adapter", rank=case["rank"], **common)
+    merge(
+        method, qwen.adapters, tmp_path / "adapter", output="adapter", rank=case["rank"], **common
+    )
     merge(method, qwen.adapters, tmp_path / "full", output="full", **common)
 
     if case["coeffs"] is not None:  # linear methods: full output = base + Σ c_i τ_i exactly
@@ -72,7 +76,9 @@ def test_adapter_in_peft_gives_full_output_logits(method, qwen, base_logits, tmp
 
     model = PeftModel.from_pretrained(T.load_model("qwen2_5_vl", qwen.base), tmp_path / "adapter")
     model.eval()
-    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "language_model" in n]
+    wrapped = [
+        n for n, m in model.named_modules() if hasattr(m, "lora_A") and "language_model" in n
+    ]
     assert len(wrapped) == 14
     got = T.logits(model, IDS)
     want = T.logits(T.load_model("qwen2_5_vl", tmp_path / "full"), IDS)
@@ -89,25 +95,38 @@ def weighted(qwen):
     """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(T.load_model("qwen2_5_vl", qwen.base), qwen.adapters[0],
-                                      adapter_name="a0")
+    model = PeftModel.from_pretrained(
+        T.load_model("qwen2_5_vl", qwen.base), qwen.adapters[0], adapter_name="a0"
+    )
     model.load_adapter(qwen.adapters[1], adapter_name="a1")
     model.add_weighted_adapter(["a0", "a1"], [0.6, 0.4], "linear", combination_type="linear")
     model.add_weighted_adapter(["a0", "a1"], [0.6, 0.4], "cat", combination_type="cat")
-    model.add_weighted_adapter(["a0", "a1"], [1.0, 1.0], "ties", combination_type="ties", density=0.5)
-    model.add_weighted_adapter(["a0", "a1"], [1.0, 1.0], "ties_svd", combination_type="ties_svd",
-                               density=0.5, svd_rank=64, svd_full_matrices=False)
+    model.add_weighted_adapter(
+        ["a0", "a1"], [1.0, 1.0], "ties", combination_type="ties", density=0.5
+    )
+    model.add_weighted_adapter(
+        ["a0", "a1"],
+        [1.0, 1.0],
+        "ties_svd",
+        combination_type="ties_svd",
+        density=0.5,
+        svd_rank=64,
+        svd_full_matrices=False,
+    )
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     factors: dict[str, dict[str, tuple]] = {}
     prefix = "base_model.model."
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "a0" in module.lora_A:
-            path = name[len(prefix):]
+            path = name[len(prefix) :]
             for combo in ("linear", "cat", "ties", "ties_svd"):
                 delta = module.get_delta_weight(combo).detach().double()
                 deltas.setdefault(combo, {})[path] = delta
             factors[path] = tuple(
-                (module.lora_A[a].weight.detach().double(), module.lora_B[a].weight.detach().double())
+                (
+                    module.lora_A[a].weight.detach().double(),
+                    module.lora_B[a].weight.detach().double(),
+                )
                 for a in ("a0", "a1")
             )
     assert len(factors) == 14
@@ -117,8 +136,14 @@ def weighted(qwen):
 def test_peft_cat_equals_our_task_arithmetic(qwen, weighted, tmp_path):
     """``cat`` stacks the factors: exact, and the same as ours."""
     deltas, _ = weighted
-    merge("task_arithmetic", qwen.adapters[:2], tmp_path / "ta", weights=[0.6, 0.4], output="full",
-          base=qwen.base)
+    merge(
+        "task_arithmetic",
+        qwen.adapters[:2],
+        tmp_path / "ta",
+        weights=[0.6, 0.4],
+        output="full",
+        base=qwen.base,
+    )
     for path, update in lm_updates(qwen, tmp_path / "ta").items():
         assert float((update - deltas["cat"][path]).abs().max()) < WEIGHT_TOL, path
 
@@ -130,8 +155,14 @@ def test_peft_factorwise_linear_is_ours_plus_cross_terms(qwen, weighted, tmp_pat
     """
     deltas, factors = weighted
     w0, w1 = 0.6, 0.4
-    merge("task_arithmetic", qwen.adapters[:2], tmp_path / "ta", weights=[w0, w1], output="full",
-          base=qwen.base)
+    merge(
+        "task_arithmetic",
+        qwen.adapters[:2],
+        tmp_path / "ta",
+        weights=[w0, w1],
+        output="full",
+        base=qwen.base,
+    )
     ours = lm_updates(qwen, tmp_path / "ta")
     rel = []
     for path, ((a0, b0), (a1, b1)) in factors.items():
@@ -143,8 +174,15 @@ def test_peft_factorwise_linear_is_ours_plus_cross_terms(qwen, weighted, tmp_pat
 
 
 def ties_full(qwen, tmp_path) -> dict[str, torch.Tensor]:
-    merge("ties", qwen.adapters[:2], tmp_path / "ties", weights=[1.0, 1.0],
-          params={"density": 0.5}, output="full", base=qwen.base)
+    merge(
+        "ties",
+        qwen.adapters[:2],
+        tmp_path / "ties",
+        weights=[1.0, 1.0],
+        params={"density": 0.5},
+        output="full",
+        base=qwen.base,
+    )
     return lm_updates(qwen, tmp_path / "ties")
 
 
@@ -171,7 +209,9 @@ def test_peft_factorwise_ties_is_not_our_ties(qwen, weighted, tmp_path):
     ours = ties_full(qwen, tmp_path)
     rel = [float((deltas["ties"][p] - u).norm() / u.norm()) for p, u in ours.items()]
     worst = max(float((deltas["ties"][p] - u).abs().max()) for p, u in ours.items())
-    print(f"\nPEFT factor-wise ties vs ours: max |d| {worst:.3g}, "
-          f"relative {min(rel):.2f}..{max(rel):.2f}")
+    print(
+        f"\nPEFT factor-wise ties vs ours: max |d| {worst:.3g}, "
+        f"relative {min(rel):.2f}..{max(rel):.2f}"
+    )
     assert min(rel) > 0.2, rel
     assert worst > 0.05

@@ -46,7 +46,9 @@ def inputs(tmp_path_factory):
     return root, [root / f"a{i}" for i in range(len(RANKS))], dense
 
 
-def reference(method: str, params: dict, dense: list[dict], path: str, seed: int = 0) -> torch.Tensor:
+def reference(
+    method: str, params: dict, dense: list[dict], path: str, seed: int = 0
+) -> torch.Tensor:
     m = get_method(method)
     resolved = resolve_params(m, len(dense), params)
     return apply_method(m, torch.stack([d[path] for d in dense]), resolved, seed=seed, module=path)
@@ -57,7 +59,8 @@ def read_back(out) -> dict[str, torch.Tensor]:
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"]
     return {
-        path: tensors[f"{PREFIX}{path}.lora_B.weight"].double() @ tensors[f"{PREFIX}{path}.lora_A.weight"].double()
+        path: tensors[f"{PREFIX}{path}.lora_B.weight"].double()
+        @ tensors[f"{PREFIX}{path}.lora_A.weight"].double()
         for path in SHAPES
     }
 
@@ -91,11 +94,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("method,params,E,kinds", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
-def test_every_module_within_max_error_at_a_minimal_rank(inputs, tmp_path, method, params, E, kinds):
+def test_every_module_within_max_error_at_a_minimal_rank(
+    inputs, tmp_path, method, params, E, kinds
+):
     _, adapters, dense = inputs
-    res = merge(method, adapters, tmp_path / "m", params=params, rank="auto", max_error=E, dtype="float64")
+    res = merge(
+        method, adapters, tmp_path / "m", params=params, rank="auto", max_error=E, dtype="float64"
+    )
     man = json.loads((tmp_path / "m" / "emomerge.json").read_text())
-    assert man["rank"] == "auto" and man["max_error"] == E and man["rank_rule"] == f"auto, max_error {E:g}"
+    assert (
+        man["rank"] == "auto"
+        and man["max_error"] == E
+        and man["rank_rule"] == f"auto, max_error {E:g}"
+    )
     got = read_back(tmp_path / "m")
     assert {man["refactor"][p]["refactor"] for p in SHAPES} == kinds
     for path in SHAPES:
@@ -122,7 +133,7 @@ def test_every_module_within_max_error_at_a_minimal_rank(inputs, tmp_path, metho
             assert rho == pytest.approx(rel(pd, d), abs=1e-6)
             # minimal within the basis: ρ² + the in-basis tail at k − 1 exceeds E
             s2 = torch.linalg.svd(pd).S.square() / float(torch.linalg.matrix_norm(d)) ** 2
-            assert math.sqrt(rho**2 + float(s2[k - 1:].sum())) > E
+            assert math.sqrt(rho**2 + float(s2[k - 1 :].sum())) > E
             assert math.sqrt(rho**2 + float(s2[k:].sum())) == pytest.approx(err, abs=TOL)
     assert man["errors"]["max"] <= E + TOL
     assert res.warning() is None  # the user chose the bound
@@ -182,7 +193,9 @@ def test_refactor_auto_randomized(E):
 
 
 def test_refactor_auto_exact_svd_and_zero():
-    d = spectrum_matrix(40, 30, torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64), seed=2)
+    d = spectrum_matrix(
+        40, 30, torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64), seed=2
+    )
     left, right, err = refactor_auto(d, 0.2)
     # ‖tail‖ / ‖D‖ with the singular values above: rank 3 leaves √(0.26)/√14.26 = 0.135 ≤ 0.2,
     # rank 2 leaves √1.26/√14.26 = 0.297 > 0.2

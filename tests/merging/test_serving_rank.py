@@ -7,13 +7,13 @@ import json
 import os
 
 import pytest
-from emomerge.merging import safeout
-from emomerge.merging.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from emomerge.cli import app
 from emomerge.cli_merge import expand_variadic
+from emomerge.merging import atomic
+from emomerge.merging.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 from .helpers import lm_modules, write_adapter
 
@@ -30,8 +30,21 @@ def stored_rank(folder) -> int:
         return max(fh.get_slice(k).get_shape()[0] for k in fh.keys() if k.endswith("lora_A.weight"))  # noqa: SIM118
 
 
-@pytest.mark.parametrize("rank,needed", [(1, 1), (8, 8), (16, 16), (17, 32), (24, 32), (33, 64),
-                                         (129, 256), (300, 320), (512, 512), (513, None)])
+@pytest.mark.parametrize(
+    "rank,needed",
+    [
+        (1, 1),
+        (8, 8),
+        (16, 16),
+        (17, 32),
+        (24, 32),
+        (33, 64),
+        (129, 256),
+        (300, 320),
+        (512, 512),
+        (513, None),
+    ],
+)
 def test_smallest_accepted_max_lora_rank(rank, needed):
     assert vllm_max_lora_rank(rank) == needed
     if needed is not None:  # the smallest value of vLLM's list that holds the rank
@@ -47,7 +60,9 @@ def three(tmp_path):
 
 def test_exact_merge_summary_names_rank_and_vllm_flag(three):
     out = three / "ta"
-    result = run("task-arithmetic", "--adapters", three / "a1", three / "a2", three / "a3", "--out", out)
+    result = run(
+        "task-arithmetic", "--adapters", three / "a1", three / "a2", three / "a3", "--out", out
+    )
     assert result.exit_code == 0, result.output
     assert stored_rank(out) == 24  # 3 × 8, concatenated factors
     assert ", rank 24; vLLM needs --max-lora-rank 32" in result.stdout
@@ -66,8 +81,11 @@ def test_small_rank_summary_has_no_vllm_flag(three):
 def test_inspect_prints_the_output_ranks(three):
     args = [three / "a1", three / "a2", three / "a3"]
     report = json.loads(run("inspect", *args, "--json").stdout)
-    assert report["output_rank"] == {"exact_linear": 24, "sparse_default": 8,
-                                     "vllm_max_lora_rank": {"exact_linear": 32, "sparse_default": 8}}
+    assert report["output_rank"] == {
+        "exact_linear": 24,
+        "sparse_default": 8,
+        "vllm_max_lora_rank": {"exact_linear": 32, "sparse_default": 8},
+    }
     text = " ".join(run("inspect", *args).stdout.split())  # the terminal table may wrap lines
     assert "linear / task arithmetic (exact): rank 24 (vLLM needs --max-lora-rank 32)" in text
     # The reported exact rank is the rank a linear merge writes.
@@ -89,8 +107,8 @@ def test_outputs_are_fsynced_before_the_rename(three, monkeypatch):
         events.append(("rename", str(src), str(dst)))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(safeout.os, "fsync", fsync)
-    monkeypatch.setattr(safeout.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "rename", rename)
     out = three / "merged"
     assert run("linear", "--adapters", three / "a1", three / "a2", "--out", out).exit_code == 0
     place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out))
@@ -107,10 +125,25 @@ def test_outputs_are_fsynced_before_the_rename(three, monkeypatch):
 def test_exported_yaml_is_fsynced(three, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(safeout.os, "fsync",
-                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        atomic.os,
+        "fsync",
+        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1],
+    )
     out = three / "x.yaml"
-    result = run("export-mergekit", "--method", "linear", "--adapters", three / "a1", three / "a2",
-                 "--base", "org/base", "--out", out)
+    result = run(
+        "export-mergekit",
+        "--method",
+        "linear",
+        "--adapters",
+        three / "a1",
+        three / "a2",
+        "--base",
+        "org/base",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
-    assert synced[-1] == str(three) and len(synced) == 2  # the file (under its temporary name), the folder
+    assert (
+        synced[-1] == str(three) and len(synced) == 2
+    )  # the file (under its temporary name), the folder

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from emomerge.merging import build_task_vectors, merge, sparsify
-from emomerge.merging.adapters import sha256_file
-from emomerge.merging.errors import MergeInputError
 from typer.testing import CliRunner
 
 from emomerge.cli import app
 from emomerge.cli_merge import expand_variadic
+from emomerge.merging import build_task_vectors, merge, sparsify
+from emomerge.merging.adapters import sha256_file
+from emomerge.merging.errors import MergeInputError
 
 from .helpers import lm_modules, write_adapter, write_base
 
@@ -28,7 +28,7 @@ def run(args):
 
 def one_error_line(result, *needles, out=None):
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -46,28 +46,39 @@ def ab(tmp_path):
 
 
 # -- non-finite numbers ----------------------------------------------------------------------
-@pytest.mark.parametrize("args,needle", [
-    (["linear", "--weights", "nan", "1"], "'weight' must be a finite number, got nan"),
-    (["task-arithmetic", "--weights", "1", "inf"], "'weight' must be a finite number, got inf"),
-    (["ties", "--density", "nan"], "'density' must be a finite number, got nan"),
-    (["task-arithmetic", "--lambda", "inf"], "'lambda' must be a finite number, got inf"),
-    (["breadcrumbs", "--density", "0.5", "--gamma", "nan"], "'gamma' must be a finite number"),
-    (["della", "--density", "0.5", "--epsilon", "-inf"], "'epsilon' must be a finite number"),
-    (["tsv", "--fraction", "nan"], "'fraction' must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["linear", "--weights", "nan", "1"], "'weight' must be a finite number, got nan"),
+        (["task-arithmetic", "--weights", "1", "inf"], "'weight' must be a finite number, got inf"),
+        (["ties", "--density", "nan"], "'density' must be a finite number, got nan"),
+        (["task-arithmetic", "--lambda", "inf"], "'lambda' must be a finite number, got inf"),
+        (["breadcrumbs", "--density", "0.5", "--gamma", "nan"], "'gamma' must be a finite number"),
+        (["della", "--density", "0.5", "--epsilon", "-inf"], "'epsilon' must be a finite number"),
+        (["tsv", "--fraction", "nan"], "'fraction' must be a finite number"),
+    ],
+)
 def test_non_finite_options_are_one_line(ab, args, needle):
     r = run([args[0], "--adapters", ab / "a", ab / "b", *args[1:], "--out", ab / "out"])
     one_error_line(r, needle, out=ab / "out")
 
 
-@pytest.mark.parametrize("params,needle", [
-    ("{lambda: .inf}", "'lambda' must be a finite number, got inf"),
-    ("{density: [{filter: q_proj, value: .nan}, {value: 0.5}]}", "'density' must be a finite number"),
-    ("{density: [{filter: q_proj, value: 7}, {value: 0.5}]}", "'density' must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ("{lambda: .inf}", "'lambda' must be a finite number, got inf"),
+        (
+            "{density: [{filter: q_proj, value: .nan}, {value: 0.5}]}",
+            "'density' must be a finite number",
+        ),
+        ("{density: [{filter: q_proj, value: 7}, {value: 0.5}]}", "'density' must be in (0, 1]"),
+    ],
+)
 def test_non_finite_recipe_values_are_one_line(ab, params, needle):
     recipe = ab / "r.yaml"
-    recipe.write_text(f"merge_method: ties\nmodels:\n  - model: a\n  - model: b\nparameters: {params}\n")
+    recipe.write_text(
+        f"merge_method: ties\nmodels:\n  - model: a\n  - model: b\nparameters: {params}\n"
+    )
     r = run(["merge", recipe, "--root", ab, "--out", ab / "out"])
     one_error_line(r, str(recipe), needle, out=ab / "out")
 
@@ -75,8 +86,12 @@ def test_non_finite_recipe_values_are_one_line(ab, params, needle):
 def test_undecodable_recipe_is_one_line(ab):
     recipe = ab / "r.yaml"
     recipe.write_bytes(b"merge_method: ties\nmodels:\n  - model: a\xff\xfe\n")
-    one_error_line(run(["merge", recipe, "--root", ab, "--out", ab / "out"]), str(recipe),
-                   "not UTF-8", "0xff", out=ab / "out")
+    one_error_line(
+        run(["merge", recipe, "--root", ab, "--out", ab / "out"]),
+        str(recipe),
+        "not a UTF-8 text file (undecodable byte 0xff at offset",
+        out=ab / "out",
+    )
 
 
 # -- Breadcrumbs with density + gamma > 1 ------------------------------------------------------
@@ -92,10 +107,24 @@ def test_breadcrumbs_effective_gamma_matches_mergekit_and_the_manifest(ab):
     assert int(kept.sum()) == int(0.9 * n)
     order = torch.argsort(t.abs().reshape(-1), descending=True)
     assert not kept.reshape(-1)[order[: n - int(0.9 * n)]].any()
-    assert kept.reshape(-1)[order[n - int(0.9 * n):]].all()
+    assert kept.reshape(-1)[order[n - int(0.9 * n) :]].all()
 
-    r = run(["breadcrumbs", "--adapters", ab / "a", ab / "b", "--density", "0.9", "0.5",
-             "--gamma", "0.2", "0.2", "--out", ab / "m"])
+    r = run(
+        [
+            "breadcrumbs",
+            "--adapters",
+            ab / "a",
+            ab / "b",
+            "--density",
+            "0.9",
+            "0.5",
+            "--gamma",
+            "0.2",
+            "0.2",
+            "--out",
+            ab / "m",
+        ]
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((ab / "m" / "emomerge.json").read_text())
     assert manifest["params"]["gamma"] == [0.2, 0.2]
@@ -106,20 +135,48 @@ def test_breadcrumbs_effective_gamma_matches_mergekit_and_the_manifest(ab):
 def stacked_pair(root, mode="stacked"):
     d1 = write_adapter(root / "s1", SHAPES, seed=1, lineage={"mode": None, "parent": None})
     sha = sha256_file(root / "s1" / "adapter_model.safetensors")
-    d2 = write_adapter(root / "s2", SHAPES, seed=2,
-                       lineage={"mode": mode, "parent": "../s1", "parent_sha256": sha})
+    d2 = write_adapter(
+        root / "s2", SHAPES, seed=2, lineage={"mode": mode, "parent": "../s1", "parent_sha256": sha}
+    )
     return d1, d2
 
 
 @pytest.mark.parametrize("reference", ["base", "previous"])
 def test_a_parent_overwritten_after_its_child_is_refused(tmp_path, reference):
     stacked_pair(tmp_path)
-    assert run(["task-arithmetic", "--adapters", tmp_path / "s2", "--reference", reference,
-                "--out", tmp_path / "ok"]).exit_code == 0
-    write_adapter(tmp_path / "s1", SHAPES, seed=9, lineage={"mode": None, "parent": None})  # retrained
-    args = ["task-arithmetic", "--adapters", tmp_path / "s2", "--reference", reference, "--out", tmp_path / "m"]
-    one_error_line(run(args), str(tmp_path / "s1" / "adapter_model.safetensors"),
-                   str(tmp_path / "s2" / "emomerge.json"), "--allow-lineage-mismatch", out=tmp_path / "m")
+    assert (
+        run(
+            [
+                "task-arithmetic",
+                "--adapters",
+                tmp_path / "s2",
+                "--reference",
+                reference,
+                "--out",
+                tmp_path / "ok",
+            ]
+        ).exit_code
+        == 0
+    )
+    write_adapter(
+        tmp_path / "s1", SHAPES, seed=9, lineage={"mode": None, "parent": None}
+    )  # retrained
+    args = [
+        "task-arithmetic",
+        "--adapters",
+        tmp_path / "s2",
+        "--reference",
+        reference,
+        "--out",
+        tmp_path / "m",
+    ]
+    one_error_line(
+        run(args),
+        str(tmp_path / "s1" / "adapter_model.safetensors"),
+        str(tmp_path / "s2" / "emomerge.json"),
+        "--allow-lineage-mismatch",
+        out=tmp_path / "m",
+    )
     r = run(args + ["--allow-lineage-mismatch"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "m" / "emomerge.json").read_text())
@@ -141,7 +198,7 @@ def test_inspect_shows_a_changed_parent(tmp_path):
     assert report["adapters"][0]["lineage"]["parent_sha256_ok"] is False
     assert report["lineage_mismatches"][0]["child"] == str(tmp_path / "s2")
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "s2")])
-    [line] = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert str(tmp_path / "s1" / "adapter_model.safetensors") in line and "sha256 differs" in line
 
 
@@ -164,7 +221,9 @@ def test_continued_child_with_reference_base_needs_no_parent(tmp_path):
 
 
 # -- the base of --output full ---------------------------------------------------------------
-LLAVA_KEYS = {p.replace("model.layers", "language_model.model.layers"): s for p, s in SHAPES.items()}
+LLAVA_KEYS = {
+    p.replace("model.layers", "language_model.model.layers"): s for p, s in SHAPES.items()
+}
 
 
 def qwen_adapters(root):
@@ -175,27 +234,79 @@ def qwen_adapters(root):
 def test_full_output_refuses_a_base_of_another_model_type(tmp_path):
     qwen_adapters(tmp_path)
     write_base(tmp_path / "llava", LLAVA_KEYS, model_type="llava")
-    args = ["linear", "--adapters", tmp_path / "q1", tmp_path / "q2", "--output", "full",
-            "--base", tmp_path / "llava", "--out", tmp_path / "m"]
-    one_error_line(run(args), str(tmp_path / "q1"), "qwen2_5_vl", "llava", "--allow-base-mismatch",
-                   out=tmp_path / "m")
+    args = [
+        "linear",
+        "--adapters",
+        tmp_path / "q1",
+        tmp_path / "q2",
+        "--output",
+        "full",
+        "--base",
+        tmp_path / "llava",
+        "--out",
+        tmp_path / "m",
+    ]
+    one_error_line(
+        run(args),
+        str(tmp_path / "q1"),
+        "qwen2_5_vl",
+        "llava",
+        "--allow-different-bases",
+        out=tmp_path / "m",
+    )
     r = run(args + ["--allow-base-mismatch"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m" / "emomerge.json").read_text())["allow_base_mismatch"] is True
-    r = run(args[:-1] + [tmp_path / "m2", "--force"])  # --force still means it too
+    r = run(args[:-1] + [tmp_path / "m2", "--force"])  # --force replaces outputs, nothing else
+    one_error_line(r, str(tmp_path / "q1"), "--allow-different-bases", out=tmp_path / "m2")
+    r = run(args[:-1] + [tmp_path / "m3", "--allow-different-bases"])
     assert r.exit_code == 0, r.output
 
 
 def test_family_recorded_by_training_is_checked_and_a_matching_base_passes(tmp_path):
     qwen_adapters(tmp_path)
     write_base(tmp_path / "qwen", SHAPES, model_type="qwen2_5_vl")
-    r = run(["linear", "--adapters", tmp_path / "q1", tmp_path / "q2", "--output", "full",
-             "--base", tmp_path / "qwen", "--out", tmp_path / "m"])
+    r = run(
+        [
+            "linear",
+            "--adapters",
+            tmp_path / "q1",
+            tmp_path / "q2",
+            "--output",
+            "full",
+            "--base",
+            tmp_path / "qwen",
+            "--out",
+            tmp_path / "m",
+        ]
+    )
     assert r.exit_code == 0, r.output
     write_adapter(tmp_path / "s", SHAPES, seed=3, base="some/renamed-folder")
-    (tmp_path / "s" / "emomerge.json").write_text(json.dumps({
-        "kind": "stage_adapter", "lineage": {"mode": None, "parent": None},
-        "base": {"name_or_path": "some/renamed-folder", "family": "mllama"}}))
-    one_error_line(run(["linear", "--adapters", tmp_path / "s", "--output", "full", "--base",
-                        tmp_path / "qwen", "--out", tmp_path / "m2"]),
-                   "mllama", "base.family", "qwen2_5_vl", out=tmp_path / "m2")
+    (tmp_path / "s" / "emomerge.json").write_text(
+        json.dumps(
+            {
+                "kind": "stage_adapter",
+                "lineage": {"mode": None, "parent": None},
+                "base": {"name_or_path": "some/renamed-folder", "family": "mllama"},
+            }
+        )
+    )
+    one_error_line(
+        run(
+            [
+                "linear",
+                "--adapters",
+                tmp_path / "s",
+                "--output",
+                "full",
+                "--base",
+                tmp_path / "qwen",
+                "--out",
+                tmp_path / "m2",
+            ]
+        ),
+        "mllama",
+        "base.family",
+        "qwen2_5_vl",
+        out=tmp_path / "m2",
+    )

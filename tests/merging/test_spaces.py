@@ -16,8 +16,13 @@ SHAPES = lm_modules(layers=1, hidden=16, inter=24)
 
 def test_core_projection_is_lossless():
     g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(40, r, generator=g, dtype=torch.float64), torch.randn(r, 30, generator=g, dtype=torch.float64))
-               for r in (2, 5, 3)]
+    factors = [
+        (
+            torch.randn(40, r, generator=g, dtype=torch.float64),
+            torch.randn(r, 30, generator=g, dtype=torch.float64),
+        )
+        for r in (2, 5, 3)
+    ]
     cores, back = core_project(factors, (40, 30))
     assert cores.shape == (3, 10, 10)
     for (L, R), core in zip(factors, cores):
@@ -28,10 +33,20 @@ def test_core_projection_is_lossless():
 def test_core_task_arithmetic_equals_dense_and_core_ties_is_low_rank(tmp_path):
     dense = [write_adapter(tmp_path / n, SHAPES, seed=i, r=3 + i) for i, n in enumerate("abc")]
     paths = [tmp_path / n for n in "abc"]
-    merge("task_arithmetic", paths, tmp_path / "core", weights=[0.5, 1, 2], params={"space": "core"}, dtype="float64")
+    merge(
+        "task_arithmetic",
+        paths,
+        tmp_path / "core",
+        weights=[0.5, 1, 2],
+        params={"space": "core"},
+        dtype="float64",
+    )
     t = load_file(str(tmp_path / "core" / "adapter_model.safetensors"))
     for path in SHAPES:
-        got = t[f"base_model.model.{path}.lora_B.weight"].double() @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        got = (
+            t[f"base_model.model.{path}.lora_B.weight"].double()
+            @ t[f"base_model.model.{path}.lora_A.weight"].double()
+        )
         expect = 0.5 * dense[0][path] + dense[1][path] + 2 * dense[2][path]
         np.testing.assert_allclose(got.numpy(), expect.numpy(), atol=1e-6)
     res = merge("ties", paths, tmp_path / "cties", params={"space": "core", "density": 0.5})
@@ -57,5 +72,8 @@ def test_core_task_arithmetic_equals_dense_and_core_ties_is_low_rank(tmp_path):
     div = sum(a.astype(float) for a in agree)
     merged = sum(x * a for x, a in zip(trimmed, agree)) / np.where(div == 0, 1, div)
     expect = U.numpy() @ merged @ V.numpy().T
-    got = t[f"base_model.model.{path}.lora_B.weight"].double() @ t[f"base_model.model.{path}.lora_A.weight"].double()
+    got = (
+        t[f"base_model.model.{path}.lora_B.weight"].double()
+        @ t[f"base_model.model.{path}.lora_A.weight"].double()
+    )
     np.testing.assert_allclose(got.numpy(), expect, atol=1e-5)

@@ -35,9 +35,9 @@ def reference(name, factors, params, shape=SHAPE, seed=7, module="m"):
     method = get_method(name)
     resolved = resolve_params(method, len(factors), params)
     dtype = next(f[0].dtype for f in factors if f is not None)
-    stacked = torch.stack([
-        torch.zeros(shape, dtype=dtype) if f is None else f[0] @ f[1] for f in factors
-    ])  # [n_adapters, out, in], as TaskVectors.stacked builds it
+    stacked = torch.stack(
+        [torch.zeros(shape, dtype=dtype) if f is None else f[0] @ f[1] for f in factors]
+    )  # [n_adapters, out, in], as TaskVectors.stacked builds it
     return resolved, apply_method(method, stacked, resolved, seed=seed, module=module)
 
 
@@ -61,7 +61,11 @@ def assert_same_merge(got, ref, *, exact):
 
 CASES = [
     ("ties", dict(density=0.4), True),
-    ("ties", dict(density=[0.3, 0.5, 0.9, 0.2], weight=[1.0, 0.5, 2.0, -1.0], **{"lambda": 0.7}), True),
+    (
+        "ties",
+        dict(density=[0.3, 0.5, 0.9, 0.2], weight=[1.0, 0.5, 2.0, -1.0], **{"lambda": 0.7}),
+        True,
+    ),
     ("ties", dict(density=0.5, normalize=False), True),
     ("ties", dict(density=0.5, rescale=True), False),
     ("dare_ties", dict(density=0.5, weight=[1.0, 0.3, 1.2, 0.8]), False),
@@ -77,17 +81,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,params,exact", CASES, ids=lambda v: v if isinstance(v, str) else None)
-@pytest.mark.parametrize("block_rows,exact_below,workers", [
-    (16, 0, 1),  # 203 = 12·16 + 11; sampled bracket
-    (101, 0, 2),  # 203 = 2·101 + 1: the 1-row tail is folded in; two workers
-    (50, 10**9, 2),  # dense selection path
-])
+@pytest.mark.parametrize(
+    "name,params,exact", CASES, ids=lambda v: v if isinstance(v, str) else None
+)
+@pytest.mark.parametrize(
+    "block_rows,exact_below,workers",
+    [
+        (16, 0, 1),  # 203 = 12·16 + 11; sampled bracket
+        (101, 0, 2),  # 203 = 2·101 + 1: the 1-row tail is folded in; two workers
+        (50, 10**9, 2),  # dense selection path
+    ],
+)
 def test_streamed_equals_dense(name, params, exact, block_rows, exact_below, workers):
     factors = random_factors(1, missing=(2,) if name == "ties" and block_rows == 16 else ())
     resolved, ref = reference(name, factors, params)
-    got = S.merge_dense(name, factors, SHAPE, resolved, generators=generators(len(factors)),
-                        workers=workers, block_rows=block_rows, exact_below=exact_below)
+    got = S.merge_dense(
+        name,
+        factors,
+        SHAPE,
+        resolved,
+        generators=generators(len(factors)),
+        workers=workers,
+        block_rows=block_rows,
+        exact_below=exact_below,
+    )
     assert_same_merge(got, ref, exact=exact)
 
 
@@ -96,36 +113,57 @@ def test_float64(name):
     factors = random_factors(2, dtype=torch.float64)
     params = dict(density=0.5) | (dict(gamma=0.1) if name == "breadcrumbs" else {})
     resolved, ref = reference(name, factors, params)
-    got = S.merge_dense(name, factors, SHAPE, resolved, generators=generators(4), block_rows=16,
-                        exact_below=0)
+    got = S.merge_dense(
+        name, factors, SHAPE, resolved, generators=generators(4), block_rows=16, exact_below=0
+    )
     assert_same_merge(got, ref, exact=name != "dare_ties")
 
 
 def test_ties_at_the_threshold_follow_top_mask():
     # small integers: thousands of entries equal the threshold; kept by lower flat index
     g = torch.Generator().manual_seed(3)
-    factors = [(torch.randint(-2, 3, (203, 2), generator=g).float(),
-                torch.randint(-2, 3, (2, 77), generator=g).float()) for _ in range(3)]
-    for name, params in (("ties", dict(density=0.37)), ("breadcrumbs", dict(density=0.4, gamma=0.13))):
+    factors = [
+        (
+            torch.randint(-2, 3, (203, 2), generator=g).float(),
+            torch.randint(-2, 3, (2, 77), generator=g).float(),
+        )
+        for _ in range(3)
+    ]
+    for name, params in (
+        ("ties", dict(density=0.37)),
+        ("breadcrumbs", dict(density=0.4, gamma=0.13)),
+    ):
         resolved, ref = reference(name, factors, params)
         got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
         assert_same_merge(got, ref, exact=True)
     single = S._Stream(  # the one-pass TIES resolves these ties too (no fallback)
-        "ties", factors, SHAPE, reference("ties", factors, dict(density=0.37))[0], None, workers=1,
-        block_rows=16, exact_below=0)
+        "ties",
+        factors,
+        SHAPE,
+        reference("ties", factors, dict(density=0.37))[0],
+        None,
+        workers=1,
+        block_rows=16,
+        exact_below=0,
+    )
     assert single.resolve([single.mix_rows(single.blocks, lambda *a: None)]) is not None
     tau = factors[0][0] @ factors[0][1]
-    desc = S._stats_magnitude(*factors[0], [int(0.37 * tau.numel())], False, S.row_blocks(203, 16), 0)[0]
+    desc = S._stats_magnitude(
+        *factors[0], [int(0.37 * tau.numel())], False, S.row_blocks(203, 16), 0
+    )[0]
     assert desc.ties.numel() > 0  # the case really has kept ties
 
 
-@pytest.mark.parametrize("ranks,missing,params", [
-    ((3, 8, 5, 16), (), dict(density=0.4)),  # 4 unit weights: the fused kernel
-    ((3, 8, 5), (), dict(density=0.45, normalize=False)),  # 3: fused, padded
-    ((3, 8, 5, 16), (1,), dict(density=0.4)),  # an absent adapter
-    ((3, 8, 5, 16, 2), (), dict(density=0.4)),  # 5 adapters: the general kernel
-    ((3, 8, 5, 16), (), dict(density=0.4, weight=[1.0, 0.5, 2.0, 1.5])),  # weighted: general
-])
+@pytest.mark.parametrize(
+    "ranks,missing,params",
+    [
+        ((3, 8, 5, 16), (), dict(density=0.4)),  # 4 unit weights: the fused kernel
+        ((3, 8, 5), (), dict(density=0.45, normalize=False)),  # 3: fused, padded
+        ((3, 8, 5, 16), (1,), dict(density=0.4)),  # an absent adapter
+        ((3, 8, 5, 16, 2), (), dict(density=0.4)),  # 5 adapters: the general kernel
+        ((3, 8, 5, 16), (), dict(density=0.4, weight=[1.0, 0.5, 2.0, 1.5])),  # weighted: general
+    ],
+)
 def test_plain_ties_resolves_in_one_pass(monkeypatch, ranks, missing, params):
     # the single pass's counts and candidates must give the exact thresholds by themselves: a
     # wrong tally would fall back to the two passes and still be right, so forbid the fallback
@@ -136,13 +174,14 @@ def test_plain_ties_resolves_in_one_pass(monkeypatch, ranks, missing, params):
     factors = random_factors(11, ranks=ranks, missing=missing)
     resolved, ref = reference("ties", factors, params)
     for block_rows, workers in ((16, 1), (101, 2)):
-        got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=block_rows, exact_below=0,
-                            workers=workers)
+        got = S.merge_dense(
+            "ties", factors, SHAPE, resolved, block_rows=block_rows, exact_below=0, workers=workers
+        )
         assert_same_merge(got, ref, exact=True)
 
 
 def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
-    monkeypatch.setattr(S, "_bracket", lambda sample, n, k, z=4.0: (1e30, 1e30))
+    monkeypatch.setattr(S.selection, "_bracket", lambda sample, n, k, z=4.0: (1e30, 1e30))
     factors = random_factors(4)
     resolved, ref = reference("ties", factors, dict(density=0.3))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
@@ -151,7 +190,7 @@ def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
 
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
-    real = S._bracket
+    real = S.selection._bracket
     calls = []
 
     def narrow_then_real(sample, n, k, z=4.0):
@@ -161,8 +200,10 @@ def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
             return (hi * 1.5, hi * 2.0) if side == "above" else (lo / 4, lo / 2)
         return lo, hi
 
-    monkeypatch.setattr(S, "_bracket", narrow_then_real)
-    monkeypatch.setattr(S, "_descriptor_dense", None)  # the dense fallback must not be needed
+    monkeypatch.setattr(S.selection, "_bracket", narrow_then_real)
+    monkeypatch.setattr(
+        S.selection, "_descriptor_dense", None
+    )  # the dense fallback must not be needed
     factors = random_factors(6)
     resolved, ref = reference("ties", factors, dict(density=0.3))
     got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0)
@@ -171,12 +212,20 @@ def test_a_first_bracket_that_misses_is_retried_wider(monkeypatch, side):
 
 
 def test_candidate_buffers_grow_when_the_estimate_is_short(monkeypatch):
-    real = S._count_pass
-    monkeypatch.setattr(S, "_count_pass", lambda L, R, blocks, brackets, sums, expect:
-                        real(L, R, blocks, brackets, sums, [1] * len(expect)))
+    real = S.selection._count_pass
+    monkeypatch.setattr(
+        S.selection,
+        "_count_pass",
+        lambda L, R, blocks, brackets, sums, expect: real(
+            L, R, blocks, brackets, sums, [1] * len(expect)
+        ),
+    )
     factors = random_factors(7)
-    for name, params in (("ties", dict(density=0.45)), ("ties", dict(density=0.45, rescale=True)),
-                         ("breadcrumbs", dict(density=0.5, gamma=0.1))):
+    for name, params in (
+        ("ties", dict(density=0.45)),
+        ("ties", dict(density=0.45, rescale=True)),
+        ("breadcrumbs", dict(density=0.5, gamma=0.1)),
+    ):
         resolved, ref = reference(name, factors, params)
         got = S.merge_dense(name, factors, SHAPE, resolved, block_rows=16, exact_below=0)
         assert_same_merge(got, ref, exact="rescale" not in params)
@@ -185,8 +234,12 @@ def test_candidate_buffers_grow_when_the_estimate_is_short(monkeypatch):
 def test_same_seed_same_bytes():
     factors = random_factors(5)
     resolved = resolve_params(get_method("dare_ties"), 4, dict(density=0.5))
-    runs = [S.merge_dense("dare_ties", factors, SHAPE, resolved, generators=generators(4, seed=s),
-                          block_rows=16) for s in (1, 1, 2)]
+    runs = [
+        S.merge_dense(
+            "dare_ties", factors, SHAPE, resolved, generators=generators(4, seed=s), block_rows=16
+        )
+        for s in (1, 1, 2)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
@@ -200,16 +253,29 @@ def test_row_blocks_cover_the_rows_without_one_row_products():
             assert rows == 1 or all(e - s >= 2 for s, e in blocks)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("ties", dict(density=0.5)), ("dare_ties", dict(density=0.5)), ("breadcrumbs", dict(density=0.6, gamma=0.05)),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("ties", dict(density=0.5)),
+        ("dare_ties", dict(density=0.5)),
+        ("breadcrumbs", dict(density=0.6, gamma=0.05)),
+    ],
+)
 @pytest.mark.parametrize("exact_below", [10**9, 0])  # 0: ties runs the single pass
 def test_factors_error_is_exact_and_close_to_refactor(name, params, exact_below):
     shape, ranks, k = (400, 260), (4, 8, 6, 10), 8
     factors = random_factors(6, ranks=ranks, shape=shape)
     resolved, dense = reference(name, factors, params, shape=shape)
-    left, right, err = S.merge_factors(name, factors, shape, resolved, k, generators=generators(4),
-                                       block_rows=64, exact_below=exact_below)
+    left, right, err = S.merge_factors(
+        name,
+        factors,
+        shape,
+        resolved,
+        k,
+        generators=generators(4),
+        block_rows=64,
+        exact_below=exact_below,
+    )
     assert left.shape == (shape[0], k) and right.shape == (k, shape[1])
     actual = float(torch.linalg.matrix_norm(dense - left @ right) / torch.linalg.matrix_norm(dense))
     assert err == pytest.approx(actual, rel=1e-4)  # the projection identity, not an estimate
@@ -246,8 +312,13 @@ def test_bernoulli_draws_match_torch_bernoulli():
     assert torch.equal(t * a, b)
 
 
-@pytest.mark.parametrize("name,params", [("ties", dict(density=0.35, weight=[1.0, 0.3, -0.5] * 3)),
-                                         ("breadcrumbs_ties", dict(density=0.5, gamma=0.05))])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("ties", dict(density=0.35, weight=[1.0, 0.3, -0.5] * 3)),
+        ("breadcrumbs_ties", dict(density=0.5, gamma=0.05)),
+    ],
+)
 def test_many_adapters_sum_in_the_dense_order(name, params):
     # the fused kernels add adapters one by one, in order; torch.sum over a [9, 203, 77] stack
     # vectorises in another order, so values agree to rounding (the kept entries exactly)
@@ -265,21 +336,32 @@ def test_plain_ties_takes_the_single_pass(monkeypatch):
 
     resolves = []
     real_resolve, real_single = S._Stream.resolve, S._Stream._single_pass_brackets
-    monkeypatch.setattr(S._Stream, "resolve", lambda self, t: resolves.append(1) or real_resolve(self, t))
+    monkeypatch.setattr(
+        S._Stream, "resolve", lambda self, t: resolves.append(1) or real_resolve(self, t)
+    )
     factors = random_factors(9, missing=(1,))
-    for params in (dict(density=0.4), dict(density=[0.2, 0.6, 1.0, 0.5], weight=[1.0, 2.0, 0.5, -1.0])):
+    for params in (
+        dict(density=0.4),
+        dict(density=[0.2, 0.6, 1.0, 0.5], weight=[1.0, 2.0, 0.5, -1.0]),
+    ):
         resolved, ref = reference("ties", factors, params)
         with monkeypatch.context() as mp:
             mp.setattr(S._Stream, "two_pass", no_second_pass)
-            got = S.merge_dense("ties", factors, SHAPE, resolved, block_rows=16, exact_below=0, workers=2)
-            single = S.merge_factors("ties", factors, SHAPE, resolved, 6, block_rows=16, exact_below=0)
+            got = S.merge_dense(
+                "ties", factors, SHAPE, resolved, block_rows=16, exact_below=0, workers=2
+            )
+            single = S.merge_factors(
+                "ties", factors, SHAPE, resolved, 6, block_rows=16, exact_below=0
+            )
         assert_same_merge(got, ref, exact=True)
         assert len(resolves) == 2
         monkeypatch.setattr(S._Stream, "_single_pass_brackets", lambda self: None)
         double = S.merge_factors("ties", factors, SHAPE, resolved, 6, block_rows=16, exact_below=0)
         monkeypatch.setattr(S._Stream, "_single_pass_brackets", real_single)
         resolves.clear()
-        torch.testing.assert_close(single[0] @ single[1], double[0] @ double[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            single[0] @ single[1], double[0] @ double[1], rtol=1e-5, atol=1e-5
+        )
         assert single[2] == pytest.approx(double[2], rel=1e-5)
 
 

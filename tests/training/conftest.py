@@ -25,7 +25,7 @@ class TinyModels:
 
     def __call__(self, family: str) -> Path:
         if family not in self._built:
-            from emomerge.training.tiny import build_tiny_vlm
+            from emomerge.training.models.tiny import build_tiny_vlm
 
             self._built[family] = build_tiny_vlm(family, self.root / family, seed=0)
         return self._built[family]
@@ -43,8 +43,10 @@ def synthetic(tmp_path_factory) -> dict[str, Path]:
     from emomerge.training.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    return {name: write_synthetic(name, root / name, n=24, seed=0)
-            for name in ("emocomics35", "emoart", "emid", "mangavqa")}
+    return {
+        name: write_synthetic(name, root / name, n=24, seed=0)
+        for name in ("emocomics35", "emoart", "emid", "mangavqa")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ def _assert_one_line(result, *parts: str) -> None:
 
 # --- EmoArt ----------------------------------------------------------------------------------
 
+
 def _emoart(tmp_path: Path, synthetic) -> tuple[Path, list]:
     root = tmp_path / "emoart"
     shutil.copytree(synthetic["emoart"], root)
@@ -53,10 +54,14 @@ def test_emoart_broken_json_lines_name_the_line(tmp_path, synthetic):
     _assert_one_line(_inspect("emoart", root), "Annotation.json:3:", "JSON lines")
 
 
-@pytest.mark.parametrize("edit,parts", [
-    (lambda recs: recs[1].pop("image_path"), ["record 1", "'image_path'"]),
-    (lambda recs: recs.__setitem__(2, ["not", "a", "record"]), ["record 2", "JSON object"]),
-], ids=["no_image_path", "not_an_object"])
+@pytest.mark.parametrize(
+    "edit,parts",
+    [
+        (lambda recs: recs[1].pop("image_path"), ["record 1", "'image_path'"]),
+        (lambda recs: recs.__setitem__(2, ["not", "a", "record"]), ["record 2", "JSON object"]),
+    ],
+    ids=["no_image_path", "not_an_object"],
+)
 def test_emoart_bad_record_names_the_record_and_key(tmp_path, synthetic, edit, parts):
     root, records = _emoart(tmp_path, synthetic)
     edit(records)
@@ -65,6 +70,7 @@ def test_emoart_bad_record_names_the_record_and_key(tmp_path, synthetic, edit, p
 
 
 # --- EmoComics35 -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("column,value", [("FileNr", "12a"), ("Page", "three")])
 def test_emocomics35_non_integer_cell_names_line_and_column(tmp_path, synthetic, column, value):
@@ -79,11 +85,13 @@ def test_emocomics35_non_integer_cell_names_line_and_column(tmp_path, synthetic,
         writer = csv.DictWriter(fh, fields)
         writer.writeheader()
         writer.writerows(rows)
-    _assert_one_line(_inspect("emocomics35", root), f"{path.name}:4", f"column {column}",
-                     repr(value))
+    _assert_one_line(
+        _inspect("emocomics35", root), f"{path.name}:4", f"column {column}", repr(value)
+    )
 
 
 # --- MangaVQA / EMID (parquet) ---------------------------------------------------------------
+
 
 def _rewrite(src: Path, dst: Path, column: str, values: list) -> None:
     table = pq.read_table(src)
@@ -111,16 +119,16 @@ def test_emid_undecodable_image_names_file_and_row(tmp_path, synthetic):
     cells = table.column("image").to_pylist()
     cells[3] = {"bytes": b"not an image", "path": "x.jpg"}
     _rewrite(shard, shard, "image", cells)
-    _assert_one_line(_inspect("emid", root, "--task", "matching"), f"{shard} row 3",
-                     "column image")
+    _assert_one_line(_inspect("emid", root, "--task", "matching"), f"{shard} row 3", "column image")
 
 
 def test_unreadable_parquet_is_one_line(tmp_path, synthetic):
     root = tmp_path / "vqa"
     shutil.copytree(synthetic["mangavqa"], root)
     (root / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 truncated")
-    _assert_one_line(_inspect("mangavqa", root), "train-00000-of-00001.parquet",
-                     "not a readable parquet file")
+    _assert_one_line(
+        _inspect("mangavqa", root), "train-00000-of-00001.parquet", "not a readable parquet file"
+    )
 
 
 def test_curriculum_not_utf8_is_one_line(tmp_path):
@@ -135,6 +143,7 @@ def test_curriculum_not_utf8_is_one_line(tmp_path):
 # Each case builds its broken input under tmp_path and returns (command line, the first words of
 # the one stderr line). Every case must exit 2 with that one line, print nothing on stdout, and
 # leave nothing at the output path (`train --out`), however far the command got.
+
 
 def _cut(path: Path) -> None:
     """Half of a file: a JPEG whose header still parses, a parquet without its footer."""
@@ -152,10 +161,15 @@ def _curriculum(ctx, root: Path, base: str | None = None) -> Path:
     import yaml
 
     cur = ctx.tmp / "cur.yaml"
-    cur.write_text(yaml.safe_dump({
-        "base_model": base or str(ctx.tiny_model("qwen2_5_vl")),
-        "train": {"batch_size": 2},
-        "stages": [{"name": "emoart", "dataset": "emoart", "path": str(root), "steps": 1}]}))
+    cur.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": base or str(ctx.tiny_model("qwen2_5_vl")),
+                "train": {"batch_size": 2},
+                "stages": [{"name": "emoart", "dataset": "emoart", "path": str(root), "steps": 1}],
+            }
+        )
+    )
     return cur
 
 
@@ -166,8 +180,10 @@ def _train(ctx, cur: Path) -> list[str]:
 def case_train_missing_local_model(ctx):
     root, _ = _emoart(ctx.tmp, ctx.synthetic)
     cur = _curriculum(ctx, root, base="./no-such-model")
-    return (_train(ctx, cur),
-            f"{cur}: key 'base_model': model folder {ctx.tmp}/no-such-model not found")
+    return (
+        _train(ctx, cur),
+        f"{cur}: key 'base_model': model folder {ctx.tmp}/no-such-model not found",
+    )
 
 
 def case_train_some_images_unreadable(ctx):
@@ -193,18 +209,24 @@ def case_train_image_path_outside_the_root(ctx):
     root, records = _emoart(ctx.tmp, ctx.synthetic)
     records[0]["image_path"] = "..\\..\\outside.jpg"
     (root / "Annotation.json").write_text(json.dumps(records))
-    return (_train(ctx, _curriculum(ctx, root)),
-            (f"{root / 'Annotation.json'} record 0 ({records[0]['request_id']}) key "
-             "'image_path': image path '..\\\\..\\\\outside.jpg' resolves outside the "
-             "dataset root"))
+    return (
+        _train(ctx, _curriculum(ctx, root)),
+        (
+            f"{root / 'Annotation.json'} record 0 ({records[0]['request_id']}) key "
+            "'image_path': image path '..\\\\..\\\\outside.jpg' resolves outside the "
+            "dataset root"
+        ),
+    )
 
 
 def case_emoart_image_path_outside_the_root(ctx):
     root, records = _emoart(ctx.tmp, ctx.synthetic)
     records[2]["image_path"] = "../outside.jpg"
     (root / "Annotation.json").write_text(json.dumps(records))
-    return (["data", "inspect", "emoart", str(root)],
-            f"{root / 'Annotation.json'} record 2 ({records[2]['request_id']}) key 'image_path'")
+    return (
+        ["data", "inspect", "emoart", str(root)],
+        f"{root / 'Annotation.json'} record 2 ({records[2]['request_id']}) key 'image_path'",
+    )
 
 
 def case_emid_csv_file_name_outside_the_root(ctx):
@@ -216,8 +238,10 @@ def case_emid_csv_file_name_outside_the_root(ctx):
     cells[7] = "../../../outside.jpg"  # Image2_filename of the first row
     lines[1] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return (["data", "inspect", "emid", str(root), "--task", "image_emotion"],
-            f"{path}:2 column Image2_filename: image path '../../../outside.jpg' resolves outside")
+    return (
+        ["data", "inspect", "emid", str(root), "--task", "image_emotion"],
+        f"{path}:2 column Image2_filename: image path '../../../outside.jpg' resolves outside",
+    )
 
 
 def _not_utf8(path: Path) -> None:
@@ -229,8 +253,10 @@ def _not_utf8(path: Path) -> None:
 def case_emoart_json_not_utf8(ctx):
     root, _ = _emoart(ctx.tmp, ctx.synthetic)
     _not_utf8(root / "Annotation.json")
-    return (["data", "inspect", "emoart", str(root)],
-            f"{root / 'Annotation.json'}: not a UTF-8 text file")
+    return (
+        ["data", "inspect", "emoart", str(root)],
+        f"{root / 'Annotation.json'}: not a UTF-8 text file",
+    )
 
 
 def case_emocomics35_csv_not_utf8(ctx):
@@ -245,8 +271,10 @@ def case_emid_csv_not_utf8(ctx):
     root = ctx.tmp / "emid"
     shutil.copytree(ctx.synthetic["emid"], root)
     _not_utf8(root / "EMID_data.csv")
-    return (["data", "inspect", "emid", str(root), "--task", "image_emotion"],
-            f"{root / 'EMID_data.csv'}: not a UTF-8 text file")
+    return (
+        ["data", "inspect", "emid", str(root), "--task", "image_emotion"],
+        f"{root / 'EMID_data.csv'}: not a UTF-8 text file",
+    )
 
 
 def case_mangavqa_parquet_not_utf8(ctx):
@@ -257,10 +285,13 @@ def case_mangavqa_parquet_not_utf8(ctx):
     raw = [a.encode() for a in table.column("answer").to_pylist()]
     raw[2] = b"\x80oops"
     column = pa.array(raw, pa.binary()).view(pa.string())
-    pq.write_table(table.set_column(table.schema.get_field_index("answer"), "answer", column),
-                   shard)
-    return (["data", "inspect", "mangavqa", str(root)],
-            f"{shard}: column answer row 2 is not valid UTF-8")
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("answer"), "answer", column), shard
+    )
+    return (
+        ["data", "inspect", "mangavqa", str(root)],
+        f"{shard}: column answer row 2 is not valid UTF-8",
+    )
 
 
 def case_emid_parquet_truncated(ctx):
@@ -268,8 +299,10 @@ def case_emid_parquet_truncated(ctx):
     shutil.copytree(ctx.synthetic["emid"], root)
     shard = root / "data" / "train-00000-of-00001.parquet"
     _cut(shard)
-    return (["data", "inspect", "emid", str(root), "--task", "matching"],
-            f"{shard}: not a readable parquet file")
+    return (
+        ["data", "inspect", "emid", str(root), "--task", "matching"],
+        f"{shard}: not a readable parquet file",
+    )
 
 
 def case_emid_parquet_wrong_schema(ctx):
@@ -278,8 +311,10 @@ def case_emid_parquet_wrong_schema(ctx):
     shard = root / "data" / "train-00000-of-00001.parquet"
     rows = pq.read_metadata(shard).num_rows
     _rewrite(shard, shard, "image", [f"img{i}.jpg" for i in range(rows)])  # names, not bytes
-    return (["data", "inspect", "emid", str(root), "--task", "matching"],
-            f"{shard} row 0: column image holds str, not image bytes")
+    return (
+        ["data", "inspect", "emid", str(root), "--task", "matching"],
+        f"{shard} row 0: column image holds str, not image bytes",
+    )
 
 
 def case_mangavqa_parquet_missing_column(ctx):
@@ -296,17 +331,28 @@ def case_emocomics35_csv_missing_column(ctx):
     path = root / "emocomics35_pg_images_original.csv"
     text = path.read_text(encoding="utf-8")
     path.write_text(text.replace("PageSpeakers", "Speakers", 1), encoding="utf-8")
-    return (["data", "inspect", "emocomics35", str(root)],
-            f"{path}: missing columns ['PageSpeakers']")
+    return (
+        ["data", "inspect", "emocomics35", str(root)],
+        f"{path}: missing columns ['PageSpeakers']",
+    )
 
 
-CASES = [case_train_missing_local_model, case_train_some_images_unreadable,
-         case_train_all_images_unreadable, case_train_image_path_outside_the_root,
-         case_emoart_image_path_outside_the_root, case_emid_csv_file_name_outside_the_root,
-         case_emoart_json_not_utf8, case_emocomics35_csv_not_utf8, case_emid_csv_not_utf8,
-         case_mangavqa_parquet_not_utf8, case_emid_parquet_truncated,
-         case_emid_parquet_wrong_schema, case_mangavqa_parquet_missing_column,
-         case_emocomics35_csv_missing_column]
+CASES = [
+    case_train_missing_local_model,
+    case_train_some_images_unreadable,
+    case_train_all_images_unreadable,
+    case_train_image_path_outside_the_root,
+    case_emoart_image_path_outside_the_root,
+    case_emid_csv_file_name_outside_the_root,
+    case_emoart_json_not_utf8,
+    case_emocomics35_csv_not_utf8,
+    case_emid_csv_not_utf8,
+    case_mangavqa_parquet_not_utf8,
+    case_emid_parquet_truncated,
+    case_emid_parquet_wrong_schema,
+    case_mangavqa_parquet_missing_column,
+    case_emocomics35_csv_missing_column,
+]
 
 
 class _Ctx:

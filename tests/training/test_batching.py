@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import pytest
-from emomerge.training.batching import IGNORE_INDEX, encode_batch
-from emomerge.training.data.sample import Sample, user_message
-from emomerge.training.families import FAMILIES
-from emomerge.training.models import load_vlm
 from PIL import Image
+
+from emomerge.training.data.sample import Sample, user_message
+from emomerge.training.models.batching import IGNORE_INDEX, encode_batch
+from emomerge.training.models.families import FAMILIES
+from emomerge.training.models.loading import load_vlm
 
 from .conftest import ALL_FAMILIES
 
 
 def _samples() -> list[Sample]:
     # Different image sizes and prompt lengths so padding and image expansion differ per row.
-    return [Sample(id=str(i), images=[Image.new("RGB", (40 + 30 * i, 50), (200, 20 * i, 0))],
-                   messages=user_message(1, "Which emotion?" + " more words" * 3 * i),
-                   target=target, labels=[], label_set=[], group=str(i))
-            for i, target in enumerate(["Anger", "Joy, Fear", "喜び"])]
+    return [
+        Sample(
+            id=str(i),
+            images=[Image.new("RGB", (40 + 30 * i, 50), (200, 20 * i, 0))],
+            messages=user_message(1, "Which emotion?" + " more words" * 3 * i),
+            target=target,
+            labels=[],
+            label_set=[],
+            group=str(i),
+        )
+        for i, target in enumerate(["Anger", "Joy, Fear", "喜び"])
+    ]
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -34,7 +43,9 @@ def test_labels_are_exactly_the_answer_tokens(tiny_model, family):
     bos = processor.tokenizer.bos_token_id
     for row, s in enumerate(samples):
         kept = batch["labels"][row] != IGNORE_INDEX
-        assert processor.tokenizer.decode(batch["input_ids"][row][kept]) == prefix + s.target + suffix
+        assert (
+            processor.tokenizer.decode(batch["input_ids"][row][kept]) == prefix + s.target + suffix
+        )
         # every family whose tokenizer has a BOS opens with it (LLaVA-1.5 / LLaVA-NeXT: added
         # as the released processor adds it; Mllama / Pixtral: written by the template)
         assert (int(batch["input_ids"][row][0]) == bos) == (bos is not None)
@@ -51,7 +62,7 @@ def test_training_and_scoring_render_and_encode_the_same_prompt(tiny_model, fami
     string, the same ids (scoring left-pads, training right-pads), and the label + end-of-turn
     tokens training supervises (less the tail after the end-of-turn, which is not scored)."""
     from emomerge.evaluation import scoring
-    from emomerge.training.batching import answer_prefix, render_prompt
+    from emomerge.training.models.batching import answer_prefix, render_prompt
 
     _, processor, _ = load_vlm(tiny_model(family))
     samples = _samples()
@@ -60,18 +71,21 @@ def test_training_and_scoring_render_and_encode_the_same_prompt(tiny_model, fami
     prompts = [render_prompt(processor, s, family) for s in samples]
     assert prompts == [scoring.render_prompt(processor, s.messages, family) for s in samples]
     tok.padding_side = "left"
-    enc = scoring.encode_prompts(processor, family, prompts,
-                                 [scoring.load_images(s.images) for s in samples])
+    enc = scoring.encode_prompts(
+        processor, family, prompts, [scoring.load_images(s.images) for s in samples]
+    )
     spec = FAMILIES[family]
-    tail = len(tok(spec.answer_tail, add_special_tokens=False)["input_ids"]) if spec.answer_tail else 0
+    tail = (
+        len(tok(spec.answer_tail, add_special_tokens=False)["input_ids"]) if spec.answer_tail else 0
+    )
     for row, s in enumerate(samples):
         kept = batch["labels"][row] != IGNORE_INDEX
         start = int(kept.nonzero().min())
         scored = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
         assert scored == batch["input_ids"][row][:start].tolist()
-        label = scoring.continuation_ids(tok, prompts[row],
-                                         [answer_prefix(processor, s.messages) + s.target],
-                                         spec.answer_suffix)[0]
+        label = scoring.continuation_ids(
+            tok, prompts[row], [answer_prefix(processor, s.messages) + s.target], spec.answer_suffix
+        )[0]
         trained = batch["input_ids"][row][kept].tolist()
         assert label == trained[: len(trained) - tail]
 
@@ -92,17 +106,20 @@ LLAVA_HF = (
 )
 
 
-@pytest.mark.parametrize("family,template,expected", [
-    ("llava", LLAVA_HF, " "),  # the released checkpoint's template
-    ("llava", None, " "),  # our fallback
-    ("llava_next", None, " "),
-    ("qwen2_5_vl", None, ""),
-    ("mllama", None, ""),
-    ("pixtral", None, ""),
-])
+@pytest.mark.parametrize(
+    "family,template,expected",
+    [
+        ("llava", LLAVA_HF, " "),  # the released checkpoint's template
+        ("llava", None, " "),  # our fallback
+        ("llava_next", None, " "),
+        ("qwen2_5_vl", None, ""),
+        ("mllama", None, ""),
+        ("pixtral", None, ""),
+    ],
+)
 def test_answer_prefix_is_read_off_the_template(tiny_model, family, template, expected):
-    from emomerge.training.batching import answer_prefix
     from emomerge.training.data.sample import user_message
+    from emomerge.training.models.batching import answer_prefix
 
     _, processor, _ = load_vlm(tiny_model(family))
     if template is not None:
@@ -111,7 +128,7 @@ def test_answer_prefix_is_read_off_the_template(tiny_model, family, template, ex
 
 
 def test_answer_prefix_of_a_template_that_cannot_render_an_answer_is_empty():
-    from emomerge.training.batching import answer_prefix
+    from emomerge.training.models.batching import answer_prefix
 
     class Refusing:
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):

@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from emomerge.training.curriculum import parse_curriculum
 from emomerge.training.trainer import build_stage_model, enable_checkpointing, plan_checkpointing
 
 
-@pytest.mark.parametrize("setting,device,want", [
-    ("auto", "cuda", True), ("auto", "cuda:1", True), ("auto", "cpu", False),
-    (True, "cpu", True), (False, "cuda", False), (True, "cuda:0", True),
-])
+@pytest.mark.parametrize(
+    "setting,device,want",
+    [
+        ("auto", "cuda", True),
+        ("auto", "cuda:1", True),
+        ("auto", "cpu", False),
+        (True, "cpu", True),
+        (False, "cuda", False),
+        (True, "cuda:0", True),
+    ],
+)
 def test_decision(setting, device, want):
     assert plan_checkpointing(setting, device) is want
 
 
 def _cur(base, **train):
-    return parse_curriculum({"base_model": str(base), "lora": {"r": 4, "alpha": 8},
-                             "train": {"lr": 1e-3, **train},
-                             "stages": [{"name": "s", "dataset": "emoart", "path": "x",
-                                         "steps": 1}]})
+    return parse_curriculum(
+        {
+            "base_model": str(base),
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"lr": 1e-3, **train},
+            "stages": [{"name": "s", "dataset": "emoart", "path": "x", "steps": 1}],
+        }
+    )
 
 
 def _layers(model):
@@ -44,16 +56,17 @@ def _step(model, batch):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_true_recomputes_and_gives_the_same_gradients(family, tiny_model, synthetic):
-    from emomerge.training.batching import encode_batch
     from emomerge.training.data import read_dataset
+    from emomerge.training.models.batching import encode_batch
 
     base = tiny_model(family)
     samples = read_dataset("emoart", synthetic["emoart"], "train", None)[:2]
     results = {}
     for setting in (False, True):
         torch.manual_seed(0)  # the same fresh LoRA factors both times
-        model, processor = build_stage_model(_cur(base, gradient_checkpointing=setting),
-                                             str(base), family, [])
+        model, processor = build_stage_model(
+            _cur(base, gradient_checkpointing=setting), str(base), family, []
+        )
         flags = {bool(getattr(m, "gradient_checkpointing", False)) for m in _layers(model)}
         assert flags == {setting}
         batch = encode_batch(processor, family, samples)

@@ -31,17 +31,22 @@ def test_inspect_json_on_the_real_file(shared_data):
 def test_inspect_text(synthetic):
     result = _run("data", "inspect", "emocomics35", synthetic["emocomics35"])
     assert result.exit_code == 0
-    assert "[TRAIN] samples" in result.stdout and "parse repairs: unquoted_label_list" in result.stdout
+    assert (
+        "[TRAIN] samples" in result.stdout and "parse repairs: unquoted_label_list" in result.stdout
+    )
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["data", "inspect", "emoart", "/nonexistent/emoart"], "/nonexistent/emoart"),
-    (["data", "inspect", "coco", "/"], "unknown dataset"),
-    (["data", "synthetic", "coco", "/tmp/x"], "no synthetic writer"),
-    (["train", "/nonexistent/cur.yaml", "--out", "/tmp/x"], "curriculum file not found"),
-    (["export-llamafactory", "/nonexistent/cur.yaml", "--out", "/tmp/x"], "not found"),
-    (["tiny-model", "gpt2", "/tmp/never"], "unknown family"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["data", "inspect", "emoart", "/nonexistent/emoart"], "/nonexistent/emoart"),
+        (["data", "inspect", "coco", "/"], "unknown dataset"),
+        (["data", "synthetic", "coco", "/tmp/x"], "no synthetic writer"),
+        (["train", "/nonexistent/cur.yaml", "--out", "/tmp/x"], "curriculum file not found"),
+        (["export-llamafactory", "/nonexistent/cur.yaml", "--out", "/tmp/x"], "not found"),
+        (["tiny-model", "gpt2", "/tmp/never"], "unknown family"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, msg):
     result = _run(*args)
     assert result.exit_code == 2
@@ -51,8 +56,14 @@ def test_bad_input_is_one_line_and_exit_2(args, msg):
 
 def test_bad_curriculum_key(tmp_path):
     cur = tmp_path / "cur.yaml"
-    cur.write_text(yaml.safe_dump({"base_model": "m", "stages": [
-        {"name": "a", "dataset": "emoart", "path": "x", "step": 3}]}))
+    cur.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "m",
+                "stages": [{"name": "a", "dataset": "emoart", "path": "x", "step": 3}],
+            }
+        )
+    )
     result = _run("train", cur, "--out", tmp_path / "run")
     assert result.exit_code == 2 and f"{cur}: key 'stages.0" in result.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
@@ -60,18 +71,32 @@ def test_bad_curriculum_key(tmp_path):
 
 def test_train_and_export_commands(tmp_path, tiny_model, synthetic):
     cur = tmp_path / "cur.yaml"
-    cur.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model("qwen3_vl")), "lora": {"r": 2, "alpha": 4},
-        "stages": [{"name": "art", "dataset": "emoart", "path": str(synthetic["emoart"]),
-                    "steps": 1, "max_samples": 4}]}))
+    cur.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_model("qwen3_vl")),
+                "lora": {"r": 2, "alpha": 4},
+                "stages": [
+                    {
+                        "name": "art",
+                        "dataset": "emoart",
+                        "path": str(synthetic["emoart"]),
+                        "steps": 1,
+                        "max_samples": 4,
+                    }
+                ],
+            }
+        )
+    )
     result = _run("train", cur, "--out", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "run" / "adapters" / "art")
     # Same command again: the finished stage is kept, nothing retrained.
     mtime = (tmp_path / "run" / "adapters" / "art" / "adapter_model.safetensors").stat().st_mtime_ns
     assert _run("train", cur, "--out", tmp_path / "run", "--no-progress").exit_code == 0
-    assert (tmp_path / "run" / "adapters" / "art" / "adapter_model.safetensors"
-            ).stat().st_mtime_ns == mtime
+    assert (
+        tmp_path / "run" / "adapters" / "art" / "adapter_model.safetensors"
+    ).stat().st_mtime_ns == mtime
     result = _run("export-llamafactory", cur, "--out", tmp_path / "lf")
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load((tmp_path / "lf" / "01_art.yaml").read_text())
@@ -91,10 +116,23 @@ def test_train_progress_drawn_on_a_terminal_only(tmp_path, tiny_model, synthetic
     import re
 
     cur = tmp_path / "cur.yaml"
-    cur.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model("qwen3_vl")), "lora": {"r": 2, "alpha": 4},
-        "stages": [{"name": "art", "dataset": "emoart", "path": str(synthetic["emoart"]),
-                    "steps": 2, "max_samples": 4}]}))
+    cur.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_model("qwen3_vl")),
+                "lora": {"r": 2, "alpha": 4},
+                "stages": [
+                    {
+                        "name": "art",
+                        "dataset": "emoart",
+                        "path": str(synthetic["emoart"]),
+                        "steps": 2,
+                        "max_samples": 4,
+                    }
+                ],
+            }
+        )
+    )
     monkeypatch.setenv("EMOMERGE_PROGRESS", "1")
     monkeypatch.setenv("COLUMNS", "200")
     result = _run("train", cur, "--out", tmp_path / "on")

@@ -7,6 +7,7 @@ import csv
 from collections import Counter
 
 import pytest
+
 from emomerge.training.data import inspect_dataset, read_dataset, read_with_report
 
 CSV_NAME = "emocomics35/emocomics35_pg_images_original.csv"
@@ -14,14 +15,36 @@ CSV_NAME = "emocomics35/emocomics35_pg_images_original.csv"
 # Counted independently of the reader (see test_counts_match_an_independent_parse); pinned so a
 # regression in either shows up.
 EXPECTED = {
-    "TRAIN": {"pages": 718, "utterances": 5803, "unquoted": 330,
-              "labels": {"Anger": 1927, "Disgust": 277, "Fear": 1429, "Joy": 1390,
-                         "Neutral": 330, "Sadness": 1448, "Surprise": 1485},
-              "per_item": {"1": 3581, "2": 1965, "3": 253, "4": 4}},
-    "TEST": {"pages": 156, "utterances": 1326, "unquoted": 109,
-             "labels": {"Anger": 454, "Disgust": 50, "Fear": 299, "Joy": 297, "Neutral": 109,
-                        "Sadness": 344, "Surprise": 355},
-             "per_item": {"1": 814, "2": 445, "3": 64, "4": 3}},
+    "TRAIN": {
+        "pages": 718,
+        "utterances": 5803,
+        "unquoted": 330,
+        "labels": {
+            "Anger": 1927,
+            "Disgust": 277,
+            "Fear": 1429,
+            "Joy": 1390,
+            "Neutral": 330,
+            "Sadness": 1448,
+            "Surprise": 1485,
+        },
+        "per_item": {"1": 3581, "2": 1965, "3": 253, "4": 4},
+    },
+    "TEST": {
+        "pages": 156,
+        "utterances": 1326,
+        "unquoted": 109,
+        "labels": {
+            "Anger": 454,
+            "Disgust": 50,
+            "Fear": 299,
+            "Joy": 297,
+            "Neutral": 109,
+            "Sadness": 344,
+            "Surprise": 355,
+        },
+        "per_item": {"1": 814, "2": 445, "3": 64, "4": 3},
+    },
 }
 
 
@@ -87,7 +110,8 @@ def test_page_level_prompts_hold_every_utterance(real_csv):
         answer = json.loads(page.target)
         # The target lists labels in canonical order; meta keeps the annotation order.
         assert [sorted(a["emotions"]) for a in answer] == [
-            sorted(u) for u in page.meta["utterance_labels"]]
+            sorted(u) for u in page.meta["utterance_labels"]
+        ]
         total += len(answer)
         assert page.group == page.id
     assert total == 1326

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from emomerge.merging.errors import InputError
 from emomerge.training.curriculum import parse_curriculum
 from emomerge.training.data import read_dataset
@@ -11,9 +12,21 @@ from emomerge.training.stages import plan_stages
 
 
 def _plan(synthetic, tmp_path, dataset="emocomics35", **stage):
-    cur = parse_curriculum({"base_model": "m", "stages": [
-        {"name": "s", "dataset": dataset, "path": str(synthetic[dataset]), "steps": 1,
-         "holdout": {"fraction": 0.1, "seed": 0}, **stage}]})
+    cur = parse_curriculum(
+        {
+            "base_model": "m",
+            "stages": [
+                {
+                    "name": "s",
+                    "dataset": dataset,
+                    "path": str(synthetic[dataset]),
+                    "steps": 1,
+                    "holdout": {"fraction": 0.1, "seed": 0},
+                    **stage,
+                }
+            ],
+        }
+    )
     return cur, plan_stages(cur, tmp_path)[0]
 
 
@@ -44,13 +57,26 @@ def test_books_are_drawn_from_the_whole_split_before_max_samples(synthetic, tmp_
 
 
 def test_no_holdout_no_record(synthetic, tmp_path):
-    cur = parse_curriculum({"base_model": "m", "stages": [
-        {"name": "s", "dataset": "emocomics35", "path": str(synthetic["emocomics35"]),
-         "steps": 1}]})
+    cur = parse_curriculum(
+        {
+            "base_model": "m",
+            "stages": [
+                {
+                    "name": "s",
+                    "dataset": "emocomics35",
+                    "path": str(synthetic["emocomics35"]),
+                    "steps": 1,
+                }
+            ],
+        }
+    )
     assert "holdout" not in plan_stages(cur, tmp_path)[0].dataset_record(cur)
 
 
 def test_dataset_without_books_is_refused(synthetic, tmp_path):
-    with pytest.raises(InputError, match=r"stages\.0 \(s\): key 'holdout': dataset 'emoart' "
-                                         "has no books"):
+    with pytest.raises(
+        InputError,
+        match=r"stages\.0 \(s\): key 'holdout': dataset 'emoart' "
+        "has no books",
+    ):
         _plan(synthetic, tmp_path, dataset="emoart")

@@ -21,11 +21,12 @@ import json
 
 import pytest
 import yaml
-from emomerge.training.batching import answer_text, process_texts, render_prompt
+
 from emomerge.training.curriculum import parse_curriculum
 from emomerge.training.export_llamafactory import LF_LAYOUTS, export_llamafactory
-from emomerge.training.families import FAMILIES
-from emomerge.training.models import load_processor
+from emomerge.training.models.batching import answer_text, process_texts, render_prompt
+from emomerge.training.models.families import FAMILIES
+from emomerge.training.models.loading import load_processor
 from emomerge.training.stages import plan_stages
 
 from .conftest import ALL_FAMILIES
@@ -35,36 +36,68 @@ BOS, EOS = {"bos_token"}, {"eos_token"}
 # default user formatter) and "assistant" to ["{{content}}", eos] when a template gives none.
 LF_TEMPLATES = {
     "qwen2_vl": {
-        "cls": "Template", "prefix": [], "default_system": "You are a helpful assistant.",
+        "cls": "Template",
+        "prefix": [],
+        "default_system": "You are a helpful assistant.",
         "system": ["<|im_start|>system\n{{content}}<|im_end|>\n"],
         "user": ["<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n"],
         "assistant": ["{{content}}<|im_end|>\n"],
-        "image": "<|vision_start|><|image_pad|><|vision_end|>"},  # Qwen2VLPlugin
+        "image": "<|vision_start|><|image_pad|><|vision_end|>",
+    },  # Qwen2VLPlugin
     "qwen3_vl_nothink": {
-        "cls": "Template", "prefix": [], "default_system": "",
+        "cls": "Template",
+        "prefix": [],
+        "default_system": "",
         "system": ["<|im_start|>system\n{{content}}<|im_end|>\n"],
         "user": ["<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n"],
         "assistant": ["{{content}}<|im_end|>\n"],
-        "image": "<|vision_start|><|image_pad|><|vision_end|>"},  # Qwen3VLPlugin
+        "image": "<|vision_start|><|image_pad|><|vision_end|>",
+    },  # Qwen3VLPlugin
     "mllama": {
-        "cls": "Template", "prefix": [BOS], "default_system": "",
+        "cls": "Template",
+        "prefix": [BOS],
+        "default_system": "",
         "system": ["<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>"],
-        "user": [("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n")],
-        "assistant": ["{{content}}<|eot_id|>"], "image": "<|image|>"},
+        "user": [
+            (
+                "<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            )
+        ],
+        "assistant": ["{{content}}<|eot_id|>"],
+        "image": "<|image|>",
+    },
     "llava": {
-        "cls": "Template", "prefix": [],
-        "default_system": ("A chat between a curious user and an artificial intelligence assistant. "
-                        "The assistant gives helpful, detailed, and polite answers to the user's "
-                        "questions."),
-        "system": ["{{content}}"], "user": ["USER: {{content}} ASSISTANT:"],
-        "assistant": ["{{content}}", EOS], "image": "<image>"},
+        "cls": "Template",
+        "prefix": [],
+        "default_system": (
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's "
+            "questions."
+        ),
+        "system": ["{{content}}"],
+        "user": ["USER: {{content}} ASSISTANT:"],
+        "assistant": ["{{content}}", EOS],
+        "image": "<image>",
+    },
     "llava_next_mistral": {
-        "cls": "Llama2Template", "prefix": [BOS], "default_system": "", "system": ["{{content}}\n\n"],
-        "user": ["[INST] {{content}}[/INST]"], "assistant": [" {{content}}", EOS], "image": "<image>"},
+        "cls": "Llama2Template",
+        "prefix": [BOS],
+        "default_system": "",
+        "system": ["{{content}}\n\n"],
+        "user": ["[INST] {{content}}[/INST]"],
+        "assistant": [" {{content}}", EOS],
+        "image": "<image>",
+    },
     "pixtral": {
-        "cls": "Llama2Template", "prefix": [BOS], "default_system": "", "system": ["{{content}}\n\n"],
-        "user": ["[INST]{{content}}[/INST]"], "assistant": ["{{content}}", EOS], "image": "[IMG]"},
+        "cls": "Llama2Template",
+        "prefix": [BOS],
+        "default_system": "",
+        "system": ["{{content}}\n\n"],
+        "user": ["[INST]{{content}}[/INST]"],
+        "assistant": ["{{content}}", EOS],
+        "image": "[IMG]",
+    },
 }
 
 # No pinned differences: emomerge opens LLaVA-1.5 / LLaVA-NeXT prompts with the tokenizer's BOS
@@ -74,8 +107,9 @@ LF_TEMPLATES = {
 
 def _elements(slots: list, content: str = "") -> list:
     """The slots with the content filled in: BOS / EOS sets kept, text slots as strings."""
-    return [slot if isinstance(slot, set) else slot.replace("{{content}}", content, 1)
-            for slot in slots]
+    return [
+        slot if isinstance(slot, set) else slot.replace("{{content}}", content, 1) for slot in slots
+    ]
 
 
 def _slots(slots: list, tokenizer, content: str = "") -> str:
@@ -104,8 +138,11 @@ def _slot_ids(elements: list, tokenizer) -> list[int]:
     return ids
 
 
-def lf_elements(name: str, default_system: str | None, messages: list[dict],
-                ) -> tuple[list, list]:
+def lf_elements(
+    name: str,
+    default_system: str | None,
+    messages: list[dict],
+) -> tuple[list, list]:
     """The prompt's and the response's elements of one user/assistant turn as LLaMA-Factory's
     ``_encode`` builds them, with "<image>" replaced as its plugin does before token expansion."""
     t = LF_TEMPLATES[name]
@@ -122,8 +159,12 @@ def lf_elements(name: str, default_system: str | None, messages: list[dict],
     return prompt, _elements(t["assistant"], messages[1]["content"])
 
 
-def lf_render(name: str, default_system: str | None, messages: list[dict], tokenizer,
-              ) -> tuple[str, str]:
+def lf_render(
+    name: str,
+    default_system: str | None,
+    messages: list[dict],
+    tokenizer,
+) -> tuple[str, str]:
     """(prompt, response) strings of one user/assistant turn as LLaMA-Factory renders them."""
     prompt, response = lf_elements(name, default_system, messages)
     return _slots(prompt, tokenizer), _slots(response, tokenizer)
@@ -133,11 +174,13 @@ def test_lf_renderer_reproduces_the_templates_defaults():
     """The reimplemented rule, pinned on a hand-written case: LLaMA-Factory's llava template with
     its own default system writes Vicuna's system line glued to "USER:" (why the export sets
     default_system: "")."""
+
     class Tok:
         bos_token, eos_token = "<s>", "</s>"
 
-    prompt, response = lf_render("llava", None, [{"content": "<image>\nhi"},
-                                                 {"content": "Joy"}], Tok())
+    prompt, response = lf_render(
+        "llava", None, [{"content": "<image>\nhi"}, {"content": "Joy"}], Tok()
+    )
     assert prompt == LF_TEMPLATES["llava"]["default_system"] + "USER: <image>\nhi ASSISTANT:"
     assert response == "Joy</s>"
     prompt, _ = lf_render("pixtral", "sys", [{"content": "hi<image>"}, {"content": "x"}], Tok())
@@ -147,11 +190,21 @@ def test_lf_renderer_reproduces_the_templates_defaults():
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family):
     base = tiny_model(family)
-    raw = {"base_model": str(base), "lineage": "continued", "seed": 3, "lora": {"r": 4},
-           "stages": [{"name": "art", "dataset": "emoart", "path": str(synthetic["emoart"]),
-                       "steps": 1},
-                      {"name": "manga", "dataset": "mangavqa",
-                       "path": str(synthetic["mangavqa"]), "steps": 1}]}
+    raw = {
+        "base_model": str(base),
+        "lineage": "continued",
+        "seed": 3,
+        "lora": {"r": 4},
+        "stages": [
+            {"name": "art", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 1},
+            {
+                "name": "manga",
+                "dataset": "mangavqa",
+                "path": str(synthetic["mangavqa"]),
+                "steps": 1,
+            },
+        ],
+    }
     out = export_llamafactory(raw, tmp_path / "lf", precision="fp32")
     processor = load_processor(base, family)
     tok = processor.tokenizer
@@ -166,8 +219,9 @@ def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family
             ours_prompt = render_prompt(processor, sample, family)
             ours_answer = answer_text(processor, family, sample)
             messages = json.loads(line)["messages"]
-            lf_prompt, lf_answer = lf_render(cfg["template"], cfg.get("default_system"),
-                                             messages, tok)
+            lf_prompt, lf_answer = lf_render(
+                cfg["template"], cfg.get("default_system"), messages, tok
+            )
             assert lf_prompt == ours_prompt
             assert lf_answer == ours_answer
             checked += 1
@@ -175,8 +229,11 @@ def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family
         # plugin does the same from the same placeholder): its elements encoded one by one,
         # ours as training encodes prompt and prompt + answer
         sample = plan.samples[0]
-        text_only = dataclasses.replace(sample, images=[], messages=[
-            {"role": "user", "content": [{"type": "text", "text": sample.prompt_text}]}])
+        text_only = dataclasses.replace(
+            sample,
+            images=[],
+            messages=[{"role": "user", "content": [{"type": "text", "text": sample.prompt_text}]}],
+        )
         layout = LF_LAYOUTS[family]
         messages = json.loads(records.splitlines()[0])["messages"]
         messages[0]["content"] = messages[0]["content"].replace("<image>" + layout.image_sep, "")
@@ -184,15 +241,18 @@ def test_llamafactory_renders_our_prompt(tmp_path, tiny_model, synthetic, family
         ours_prompt = render_prompt(processor, text_only, family)
         tok.padding_side = "right"
         p_ids = process_texts(processor, family, [ours_prompt], [[]])["input_ids"][0].tolist()
-        full = process_texts(processor, family,
-                             [ours_prompt + answer_text(processor, family, text_only)],
-                             [[]])["input_ids"][0].tolist()
+        full = process_texts(
+            processor, family, [ours_prompt + answer_text(processor, family, text_only)], [[]]
+        )["input_ids"][0].tolist()
         assert p_ids == _slot_ids(prompt_el, tok)
         assert full == p_ids + _slot_ids(answer_el, tok)
     assert checked == sum(len(p.samples) for p in plans) > 10
     # the prompt carries the sample's image where the family puts it
     first = plans[0].samples[0]
-    image = {"pixtral": "[INST][IMG]" + first.prompt_text[:8], "mllama": "<|image|>" + first.prompt_text[:8],
-             "llava": "<image>\n" + first.prompt_text[:8]}
+    image = {
+        "pixtral": "[INST][IMG]" + first.prompt_text[:8],
+        "mllama": "<|image|>" + first.prompt_text[:8],
+        "llava": "<image>\n" + first.prompt_text[:8],
+    }
     if family in image:
         assert image[family] in render_prompt(processor, first, family)

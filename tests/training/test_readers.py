@@ -10,12 +10,13 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+
 from emomerge.merging.errors import InputError
 from emomerge.training.data import emocomics35, inspect_dataset, read_dataset, read_with_report
 from emomerge.training.data.emid import LABELS as EMID_LABELS
 from emomerge.training.data.emoart import LABELS as EMOART_LABELS
 from emomerge.training.data.synthetic import write_synthetic
-from PIL import Image
 
 
 def _check_sample_shape(s):
@@ -25,6 +26,7 @@ def _check_sample_shape(s):
 
 
 # --- EmoComics35 -----------------------------------------------------------------------------
+
 
 def test_emocomics35_utterances_follow_the_csv(synthetic):
     path = synthetic["emocomics35"]
@@ -79,10 +81,13 @@ def test_unknown_split_lists_the_available_ones(synthetic):
 
 # --- EmoArt ----------------------------------------------------------------------------------
 
+
 def test_emoart_splits_are_disjoint_and_cover_all(synthetic):
     records = json.loads((synthetic["emoart"] / "Annotation.json").read_text())
-    ids = {s: {x.id for x in read_dataset("emoart", synthetic["emoart"], s)}
-           for s in ("train", "val", "test")}
+    ids = {
+        s: {x.id for x in read_dataset("emoart", synthetic["emoart"], s)}
+        for s in ("train", "val", "test")
+    }
     assert sum(map(len, ids.values())) == len(records)
     assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"])
     s = read_dataset("emoart", synthetic["emoart"], "train")[0]
@@ -113,20 +118,23 @@ def test_emoart_description_as_json_string_is_repaired(tmp_path, synthetic):
 
 # --- EMID ------------------------------------------------------------------------------------
 
+
 def test_emid_matching_reads_parquet_without_touching_audio(tmp_path, synthetic):
     src = synthetic["emid"] / "data" / "train-00000-of-00001.parquet"
     table = pq.read_table(src)
     # Audio that cannot be decoded: the reader must never read it.
-    garbage = pa.array([{"bytes": b"not audio", "path": "x.wav"}] * len(table),
-                       table.schema.field("audio").type)
+    garbage = pa.array(
+        [{"bytes": b"not audio", "path": "x.wav"}] * len(table), table.schema.field("audio").type
+    )
     broken = table.set_column(table.schema.get_field_index("audio"), "audio", garbage)
     (tmp_path / "data").mkdir()
     pq.write_table(broken, tmp_path / "data" / "train-00000-of-00001.parquet")
     samples = read_dataset("emid", tmp_path, "train")
     answers = table.column("answer").to_pylist()
     assert [s.target for s in samples] == answers
-    assert [s.labels[0] for s in samples] == ["yes" if a.startswith("yes") else "no"
-                                              for a in answers]
+    assert [s.labels[0] for s in samples] == [
+        "yes" if a.startswith("yes") else "no" for a in answers
+    ]
     _check_sample_shape(samples[0])
     assert samples[0].images[0].size == (64, 64)
 
@@ -141,6 +149,7 @@ def test_emid_original_layout_image_emotion(synthetic):
 
 
 # --- MangaVQA --------------------------------------------------------------------------------
+
 
 def test_mangavqa_both_type_columns_and_japanese(synthetic):
     train = read_dataset("mangavqa", synthetic["mangavqa"], "train")
@@ -159,18 +168,26 @@ def test_mangavqa_names_the_page_and_keeps_the_question(synthetic):
     test = read_dataset("mangavqa", synthetic["mangavqa"], "test")
     s = train[5]
     # the page is the Manga109 image file below images/, without its extension
-    assert s.meta["page_id"] == f"SyntheticManga/{s.meta['image_number']:03d}" == "SyntheticManga/005"
+    assert (
+        s.meta["page_id"] == f"SyntheticManga/{s.meta['image_number']:03d}" == "SyntheticManga/005"
+    )
     assert s.images[0].endswith(f"images/{s.meta['page_id']}.jpg")
     assert [t.meta["page_id"] for t in test] == [f"TestTitle/{i:03d}" for i in range(8)]
     # the question as asked; the prompt appends the answer instruction to it
-    assert s.meta["question"] in ("このページの図形は何色ですか？", "このページの図形はどんな形ですか？")
+    assert s.meta["question"] in (
+        "このページの図形は何色ですか？",
+        "このページの図形はどんな形ですか？",
+    )
     assert s.prompt_text == f"{s.meta['question']}\n簡潔に日本語で答えてください。"
 
 
 def test_mangavqa_separate_manga109_root(tmp_path, synthetic):
     data = tmp_path / "vqa"
     shutil.copytree(synthetic["mangavqa"] / "data", data / "data")
-    assert read_with_report("mangavqa", data, "train", allow_missing_images=True)[1].missing_images == 24
+    assert (
+        read_with_report("mangavqa", data, "train", allow_missing_images=True)[1].missing_images
+        == 24
+    )
     samples = read_dataset("mangavqa", data, "train", manga109_root=synthetic["mangavqa"])
     assert len(samples) == 24
 
@@ -189,13 +206,15 @@ def test_mangavqa_repeated_question_on_a_page_gets_its_own_stable_id(tmp_path, s
     rows.insert(3, {**rows[2], "answer": rows[2]["answer"] + "（別解）"})
     root = tmp_path / "vqa"
     (root / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, table.schema),
-                   root / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, table.schema), root / "data" / "train-00000-of-00001.parquet"
+    )
     samples = read_dataset("mangavqa", root, "train", manga109_root=synthetic["mangavqa"])
     ids = [s.id for s in samples]
     assert len(set(ids)) == len(ids) == len(rows)
-    assert ids == [s.id for s in read_dataset("mangavqa", root, "train",
-                                              manga109_root=synthetic["mangavqa"])]
+    assert ids == [
+        s.id for s in read_dataset("mangavqa", root, "train", manga109_root=synthetic["mangavqa"])
+    ]
     # both rows are the same input, which the train/evaluation overlap check must still see
     assert samples[2].meta["content_id"] == samples[3].meta["content_id"]
     assert samples[2].target != samples[3].target
@@ -203,28 +222,34 @@ def test_mangavqa_repeated_question_on_a_page_gets_its_own_stable_id(tmp_path, s
 
 # --- image paths stay inside the dataset root ------------------------------------------------
 
-@pytest.mark.parametrize("raw,want", [
-    ("Images\\Style\\a.jpg", "Images/Style/a.jpg"),
-    ("Images/Style/./a.jpg", "Images/Style/a.jpg"),
-    ("Images\\Other\\..\\Style\\a.jpg", "Images/Style/a.jpg"),  # '..' that stays inside
-    ("C:\\EmoArt\\Images\\a.jpg", "EmoArt/Images/a.jpg"),      # anchors are dropped
-    ("/EmoArt/Images/a.jpg", "EmoArt/Images/a.jpg"),
-])
+
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("Images\\Style\\a.jpg", "Images/Style/a.jpg"),
+        ("Images/Style/./a.jpg", "Images/Style/a.jpg"),
+        ("Images\\Other\\..\\Style\\a.jpg", "Images/Style/a.jpg"),  # '..' that stays inside
+        ("C:\\EmoArt\\Images\\a.jpg", "EmoArt/Images/a.jpg"),  # anchors are dropped
+        ("/EmoArt/Images/a.jpg", "EmoArt/Images/a.jpg"),
+    ],
+)
 def test_relative_inside_cleans_the_path(tmp_path, raw, want):
     from emomerge.training.data.sample import relative_inside
 
     assert relative_inside(tmp_path, raw, "f").as_posix() == want
 
 
-@pytest.mark.parametrize("raw", ["..\\..\\etc\\passwd", "../x.jpg", "Images/../../x.jpg",
-                                 "C:\\..\\x.jpg"])
+@pytest.mark.parametrize(
+    "raw", ["..\\..\\etc\\passwd", "../x.jpg", "Images/../../x.jpg", "C:\\..\\x.jpg"]
+)
 def test_relative_inside_refuses_an_escape(tmp_path, raw):
     from emomerge.training.data.sample import relative_inside
 
     with pytest.raises(InputError) as exc:
         relative_inside(tmp_path, raw, "Annotation.json record 3")
-    assert str(exc.value) == (f"Annotation.json record 3: image path {raw!r} resolves outside "
-                              f"the dataset root {tmp_path}")
+    assert str(exc.value) == (
+        f"Annotation.json record 3: image path {raw!r} resolves outside the dataset root {tmp_path}"
+    )
 
 
 def test_emoart_escaping_image_path_names_the_record(tmp_path, synthetic):
@@ -234,9 +259,12 @@ def test_emoart_escaping_image_path_names_the_record(tmp_path, synthetic):
     records = json.loads((root / "Annotation.json").read_text())
     records[4]["image_path"] = "..\\secret.jpg"  # exists, but outside the root
     (root / "Annotation.json").write_text(json.dumps(records))
-    with pytest.raises(InputError, match=r"Annotation.json record 4 \(req-[0-9a-f]+\) key "
-                                         r"'image_path': image path '\.\.\\\\secret\.jpg' "
-                                         r"resolves outside the dataset root"):
+    with pytest.raises(
+        InputError,
+        match=r"Annotation.json record 4 \(req-[0-9a-f]+\) key "
+        r"'image_path': image path '\.\.\\\\secret\.jpg' "
+        r"resolves outside the dataset root",
+    ):
         read_dataset("emoart", root, "train")
 
 
@@ -249,7 +277,8 @@ def test_emoart_symlinked_image_folder_inside_the_root_is_allowed(tmp_path, synt
     shutil.copy(synthetic["emoart"] / "Annotation.json", root)
     (root / "Images").symlink_to(store, target_is_directory=True)
     assert len(read_dataset("emoart", root, "train")) == len(
-        read_dataset("emoart", synthetic["emoart"], "train"))
+        read_dataset("emoart", synthetic["emoart"], "train")
+    )
 
 
 def test_emid_csv_escaping_file_name_names_the_line(tmp_path, synthetic):
@@ -261,12 +290,16 @@ def test_emid_csv_escaping_file_name_names_the_line(tmp_path, synthetic):
     first[4] = "../../x.jpg"  # Image1_filename of the third data row
     lines[3] = ",".join(first)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"EMID_data.csv:4 column Image1_filename: image path "
-                                         r"'\.\./\.\./x\.jpg' resolves outside"):
+    with pytest.raises(
+        InputError,
+        match=r"EMID_data.csv:4 column Image1_filename: image path "
+        r"'\.\./\.\./x\.jpg' resolves outside",
+    ):
         read_dataset("emid", root, "train", task="image_emotion")
 
 
 # --- undecodable and mis-shaped data files ----------------------------------------------------
+
 
 def test_csv_with_a_byte_order_mark_reads_like_without(tmp_path, synthetic):
     root = tmp_path / "ec"
@@ -274,7 +307,8 @@ def test_csv_with_a_byte_order_mark_reads_like_without(tmp_path, synthetic):
     path = next(root.glob("*.csv"))
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Excel saves "UTF-8 CSV"
     assert len(read_dataset("emocomics35", root, "TRAIN")) == len(
-        read_dataset("emocomics35", synthetic["emocomics35"], "TRAIN"))
+        read_dataset("emocomics35", synthetic["emocomics35"], "TRAIN")
+    )
 
 
 def test_parquet_string_column_with_invalid_utf8_names_column_and_row(tmp_path, synthetic):
@@ -285,12 +319,12 @@ def test_parquet_string_column_with_invalid_utf8_names_column_and_row(tmp_path, 
     raw = [q.encode() for q in table.column("question").to_pylist()]
     raw[7] = b"\xff\xfe broken"
     column = pa.array(raw, pa.binary()).view(pa.string())  # parquet stores it unchecked
-    pq.write_table(table.set_column(table.schema.get_field_index("question"), "question",
-                                    column), shard)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("question"), "question", column), shard
+    )
     with pytest.raises(InputError) as exc:
         read_dataset("mangavqa", root, "train")
-    assert str(exc.value) == (f"{shard}: column question row 7 is not valid UTF-8 "
-                              "(byte b'\\xff')")
+    assert str(exc.value) == (f"{shard}: column question row 7 is not valid UTF-8 (byte b'\\xff')")
 
 
 def test_emid_csv_without_the_image_columns_is_refused(tmp_path):
@@ -301,11 +335,15 @@ def test_emid_csv_without_the_image_columns_is_refused(tmp_path):
 
 def test_emid_image_column_of_the_wrong_type_names_file_and_row(tmp_path, synthetic):
     table = pq.read_table(synthetic["emid"] / "data" / "train-00000-of-00001.parquet")
-    wrong = table.set_column(table.schema.get_field_index("image"), "image",
-                             pa.array(range(len(table)), pa.int64()))
+    wrong = table.set_column(
+        table.schema.get_field_index("image"), "image", pa.array(range(len(table)), pa.int64())
+    )
     (tmp_path / "data").mkdir()
     shard = tmp_path / "data" / "train-00000-of-00001.parquet"
     pq.write_table(wrong, shard)
-    with pytest.raises(InputError, match=rf"^{shard} row 0: column image holds int, not image "
-                                         r"bytes \(wrong schema\?\)$"):
+    with pytest.raises(
+        InputError,
+        match=rf"^{shard} row 0: column image holds int, not image "
+        r"bytes \(wrong schema\?\)$",
+    ):
         read_dataset("emid", tmp_path, "train", task="matching")

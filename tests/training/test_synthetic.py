@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from PIL import Image
+
 from emomerge.merging.errors import InputError
 from emomerge.training.data import read_dataset
 from emomerge.training.data.synthetic import COLOURS, EMOTION_COLOUR, write_synthetic
-from PIL import Image
 
 NAMES = ["emocomics35", "emoart", "emid", "mangavqa"]
 
@@ -33,8 +34,9 @@ def _dominant_colour(img: Image.Image) -> str:
     return min(COLOURS, key=lambda c: sum((x - y) ** 2 for x, y in zip(px, COLOURS[c])))
 
 
-@pytest.mark.parametrize("name,task", [("emoart", None), ("emid", "image_emotion"),
-                                       ("emocomics35", "page")])
+@pytest.mark.parametrize(
+    "name,task", [("emoart", None), ("emid", "image_emotion"), ("emocomics35", "page")]
+)
 def test_image_colour_encodes_the_emotion(synthetic, name, task):
     samples = read_dataset(name, synthetic[name], "train", task=task)
     for s in samples:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from emomerge.merging.errors import InputError
-from emomerge.training.families import FAMILIES
-from emomerge.training.tiny import build_tiny_vlm
+from emomerge.training.models.families import FAMILIES
+from emomerge.training.models.tiny import build_tiny_vlm
 
 from .conftest import ALL_FAMILIES
 

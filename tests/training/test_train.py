@@ -3,31 +3,51 @@
 from __future__ import annotations
 
 import shutil
+import stat
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from emomerge.merging.atomic import current_umask
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import read_stage_metadata, resolve_parent
 from emomerge.training.data import read_dataset, samples_sha256
 from emomerge.training.trainer import train_curriculum
-from safetensors.torch import load_file
 
 
 def _curriculum(base, data, lineage, stages, seed=0):
-    return {"base_model": str(base), "lineage": lineage, "seed": seed,
-            "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 2, "lr": 5e-3},
-            "stages": stages}
+    return {
+        "base_model": str(base),
+        "lineage": lineage,
+        "seed": seed,
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"batch_size": 2, "lr": 5e-3},
+        "stages": stages,
+    }
 
 
 @pytest.fixture(scope="module")
 def continued(tiny_model, synthetic, tmp_path_factory):
-    cur = _curriculum(tiny_model("qwen2_5_vl"), synthetic, "continued", [
-        {"name": "emoart", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 5},
-        {"name": "ec35", "dataset": "emocomics35", "path": str(synthetic["emocomics35"]),
-         "steps": 3, "max_samples": 12, "holdout": {"fraction": 0.1, "seed": 0}},
-    ])
+    cur = _curriculum(
+        tiny_model("qwen2_5_vl"),
+        synthetic,
+        "continued",
+        [
+            {"name": "emoart", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 5},
+            {
+                "name": "ec35",
+                "dataset": "emocomics35",
+                "path": str(synthetic["emocomics35"]),
+                "steps": 3,
+                "max_samples": 12,
+                "holdout": {"fraction": 0.1, "seed": 0},
+            },
+        ],
+    )
     out = tmp_path_factory.mktemp("run_continued")
     start = time.perf_counter()
     dirs = train_curriculum(cur, out, progress=False)
@@ -36,16 +56,27 @@ def continued(tiny_model, synthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stacked(tiny_model, synthetic, tmp_path_factory):
-    cur = _curriculum(tiny_model("llava"), synthetic, "stacked", [
-        {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "steps": 3},
-        {"name": "manga", "dataset": "mangavqa", "path": str(synthetic["mangavqa"]), "steps": 3},
-    ])
+    cur = _curriculum(
+        tiny_model("llava"),
+        synthetic,
+        "stacked",
+        [
+            {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "steps": 3},
+            {
+                "name": "manga",
+                "dataset": "mangavqa",
+                "path": str(synthetic["mangavqa"]),
+                "steps": 3,
+            },
+        ],
+    )
     out = tmp_path_factory.mktemp("run_stacked")
     start = time.perf_counter()
     dirs = train_curriculum(cur, out, progress=False)
     return cur, out, dirs, time.perf_counter() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["continued", "stacked"])
 def test_two_stages_under_a_minute_with_lineage(request, run, tiny_model):
     cur, out, dirs, seconds = request.getfixturevalue(run)
@@ -54,7 +85,8 @@ def test_two_stages_under_a_minute_with_lineage(request, run, tiny_model):
     assert dirs == [out / "adapters" / n for n in names]
     for i, folder in enumerate(dirs):
         assert {"adapter_config.json", "adapter_model.safetensors", "emomerge.json"} <= {
-            p.name for p in folder.iterdir()}
+            p.name for p in folder.iterdir()
+        }
         meta = read_stage_metadata(folder)
         assert meta.stage == names[i] and meta.stage_index == i
         assert meta.lineage.mode == run
@@ -65,6 +97,14 @@ def test_two_stages_under_a_minute_with_lineage(request, run, tiny_model):
         assert meta.dataset["name"] == cur["stages"][i]["dataset"]
         assert meta.dataset["split"] == "train" and len(meta.dataset["sha256"]) == 64
         assert meta.dataset["skipped_images"] == 0
+        # provenance (DESIGN.md, Outputs): the versions that trained it, as installed
+        assert meta.software["torch"] == metadata.version("torch")
+        assert meta.software["peft"] == metadata.version("peft")
+        assert meta.software["git_dirty"] in (True, False, None)
+        # published like every output: the umask's modes, not a temporary folder's 0700
+        umask = current_umask()
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
         if i == 0:
             assert meta.lineage.parent is None
         else:
@@ -79,7 +119,8 @@ def test_dataset_hash_is_the_data_the_stage_saw(continued, synthetic):
     _, _, dirs, _ = continued
     meta = read_stage_metadata(dirs[0])
     assert meta.dataset["sha256"] == samples_sha256(
-        read_dataset("emoart", synthetic["emoart"], "train"))
+        read_dataset("emoart", synthetic["emoart"], "train")
+    )
 
 
 def test_held_out_books_are_in_the_stage_metadata(continued, synthetic):
@@ -87,8 +128,11 @@ def test_held_out_books_are_in_the_stage_metadata(continued, synthetic):
 
     meta = read_stage_metadata(continued[2][1])
     train = read_dataset("emocomics35", synthetic["emocomics35"], "train")
-    assert meta.dataset["holdout"] == {"books": holdout_books(train, 0.1, seed=0),
-                                       "fraction": 0.1, "seed": 0}
+    assert meta.dataset["holdout"] == {
+        "books": holdout_books(train, 0.1, seed=0),
+        "fraction": 0.1,
+        "seed": 0,
+    }
     assert "holdout" not in read_stage_metadata(continued[2][0]).dataset
 
 
@@ -112,8 +156,9 @@ def test_resume_keeps_finished_stages_and_reproduces_the_rest(continued, tmp_pat
     b = load_file(new_dirs[1] / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # ...down to the byte (the file, not only the tensors).
-    assert ((dirs[1] / "adapter_model.safetensors").read_bytes()
-            == (new_dirs[1] / "adapter_model.safetensors").read_bytes())
+    assert (dirs[1] / "adapter_model.safetensors").read_bytes() == (
+        new_dirs[1] / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_resume_with_other_settings_is_refused(continued, tmp_path):
@@ -136,23 +181,36 @@ def _edit_stage(cur, i, **kw):
     return {**cur, "stages": stages}
 
 
-@pytest.mark.parametrize("edit,diff", [
-    (lambda c: {**c, "lora": {"r": 2, "alpha": 8}}, "lora.r 4 -> 2"),
-    (lambda c: {**c, "lora": {**c["lora"], "target_regex": r".*\.q_proj"}}, "lora.target_regex"),
-    (lambda c: {**c, "train": {**c["train"], "lr": 1e-3}}, "train.lr 0.005 -> 0.001"),
-    (lambda c: {**c, "train": {**c["train"], "grad_accum": 2}}, "train.grad_accum 1 -> 2"),
-    (lambda c: _edit_stage(c, 0, steps=6), "stage.steps 5 -> 6"),
-    (lambda c: _edit_stage(c, 0, steps=None, epochs=1), "stage.epochs None -> 1"),
-    (lambda c: _edit_stage(c, 0, lr=1e-2), "train.lr 0.005 -> 0.01"),
-], ids=["lora_r", "target_regex", "lr", "grad_accum", "steps", "epochs", "stage_lr"])
+@pytest.mark.parametrize(
+    "edit,diff",
+    [
+        (lambda c: {**c, "lora": {"r": 2, "alpha": 8}}, "lora.r 4 -> 2"),
+        (
+            lambda c: {**c, "lora": {**c["lora"], "target_regex": r".*\.q_proj"}},
+            "lora.target_regex",
+        ),
+        (lambda c: {**c, "train": {**c["train"], "lr": 1e-3}}, "train.lr 0.005 -> 0.001"),
+        (lambda c: {**c, "train": {**c["train"], "grad_accum": 2}}, "train.grad_accum 1 -> 2"),
+        (lambda c: _edit_stage(c, 0, steps=6), "stage.steps 5 -> 6"),
+        (lambda c: _edit_stage(c, 0, steps=None, epochs=1), "stage.epochs None -> 1"),
+        (lambda c: _edit_stage(c, 0, lr=1e-2), "train.lr 0.005 -> 0.01"),
+    ],
+    ids=["lora_r", "target_regex", "lr", "grad_accum", "steps", "epochs", "stage_lr"],
+)
 def test_resume_with_other_training_settings_is_refused(continued, tmp_path, edit, diff):
     cur, _, dirs, _ = continued
     shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
     with pytest.raises(InputError) as exc:
         train_curriculum(edit(cur), tmp_path, progress=False)
     text = str(exc.value)
-    assert text.startswith(f"{tmp_path / 'adapters' / 'emoart'}: finished stage was trained "
-                           "with different settings") and diff in text and "\n" not in text
+    assert (
+        text.startswith(
+            f"{tmp_path / 'adapters' / 'emoart'}: finished stage was trained "
+            "with different settings"
+        )
+        and diff in text
+        and "\n" not in text
+    )
     assert "use a new --out folder" in text
 
 
@@ -168,8 +226,11 @@ def test_resume_refuses_a_stage_built_on_another_parent(continued, tmp_path):
     first = next(iter(tensors))
     tensors[first] = tensors[first] + 1e-3
     save_file(tensors, weights)
-    with pytest.raises(InputError, match=r"adapters/ec35: finished stage was built on another "
-                                         r"emoart adapter \(lineage.parent_sha256"):
+    with pytest.raises(
+        InputError,
+        match=r"adapters/ec35: finished stage was built on another "
+        r"emoart adapter \(lineage.parent_sha256",
+    ):
         train_curriculum(cur, tmp_path, progress=False)
 
 
@@ -207,12 +268,12 @@ def _fold(base, adapters):
 @pytest.mark.parametrize("run", ["continued", "stacked"])
 def test_stage_adapters_merge_with_the_merging_core(request, run, tmp_path):
     """Merging the last stage (reference base) gives what its lineage says it was trained on."""
-    from emomerge.merging import merge
     from transformers import AutoModelForImageTextToText
 
+    from emomerge.merging import merge
+
     cur, _, dirs, _ = request.getfixturevalue(run)
-    result = merge("linear", [dirs[-1]], tmp_path / "merged", output="full",
-                   base=cur["base_model"])
+    result = merge("linear", [dirs[-1]], tmp_path / "merged", output="full", base=cur["base_model"])
     merged = AutoModelForImageTextToText.from_pretrained(getattr(result, "out", result))
     # continued: stage 2's ΔW is cumulative; stacked: base + ΔW1 + ΔW2 along the chain.
     reference = _fold(cur["base_model"], dirs[-1:] if run == "continued" else dirs)
@@ -275,10 +336,10 @@ def test_llava_stage_trained_before_the_answer_prefix_is_not_resumed(stacked, co
         train_curriculum(cur, tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("run,key,value", [("stacked", "prompt", "bos"),
-                                           ("continued", "answer_tail", "\n")])
-def test_stage_trained_on_the_text_before_parity_is_not_resumed(request, tmp_path, run, key,
-                                                                value):
+@pytest.mark.parametrize(
+    "run,key,value", [("stacked", "prompt", "bos"), ("continued", "answer_tail", "\n")]
+)
+def test_stage_trained_on_the_text_before_parity_is_not_resumed(request, tmp_path, run, key, value):
     # LLaVA prompts open with the BOS and Qwen answers end "<|im_end|>\n" (LLaMA-Factory parity):
     # the stages record it, and a stage recorded without it (an older emomerge's text) is refused
     import json
@@ -304,17 +365,22 @@ def test_stage_trained_on_the_text_before_parity_is_not_resumed(request, tmp_pat
 
 # --- unreadable images and determinism ------------------------------------------------------
 
-def test_unreadable_images_are_skipped_and_counted_in_the_stage_metadata(tiny_model, synthetic,
-                                                                         tmp_path):
+
+def test_unreadable_images_are_skipped_and_counted_in_the_stage_metadata(
+    tiny_model, synthetic, tmp_path
+):
     root = tmp_path / "emoart"
     shutil.copytree(synthetic["emoart"], root)
     samples = read_dataset("emoart", root, "train")
     (Path(samples[2].images[0])).write_bytes(b"not a jpeg")
-    cur = _curriculum(tiny_model("qwen2_5_vl"), synthetic, "continued", [
-        {"name": "emoart", "dataset": "emoart", "path": str(root), "steps": 1}])
+    cur = _curriculum(
+        tiny_model("qwen2_5_vl"),
+        synthetic,
+        "continued",
+        [{"name": "emoart", "dataset": "emoart", "path": str(root), "steps": 1}],
+    )
     with pytest.warns(UserWarning, match=r"stages.0 \(emoart\): skipped 1 unreadable image files"):
-        (folder,) = train_curriculum(cur, tmp_path / "run", progress=False,
-                                     max_bad_image_share=0.1)
+        (folder,) = train_curriculum(cur, tmp_path / "run", progress=False, max_bad_image_share=0.1)
     meta = read_stage_metadata(folder)
     kept = samples[:2] + samples[3:]
     assert meta.dataset["skipped_images"] == 1
@@ -329,8 +395,10 @@ def test_unreadable_images_are_skipped_and_counted_in_the_stage_metadata(tiny_mo
     assert not (tmp_path / "run2").exists()
 
 
-def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(tiny_model, synthetic,
-                                                                        tmp_path):
+@pytest.mark.slow
+def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(
+    tiny_model, synthetic, tmp_path
+):
     """The same curriculum and seed give the same adapter bytes: twice, and after a kill."""
     import yaml
     from typer.testing import CliRunner
@@ -338,16 +406,33 @@ def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(tiny_mode
     from emomerge.cli import app
 
     cur = tmp_path / "cur.yaml"
-    cur.write_text(yaml.safe_dump(_curriculum(tiny_model("qwen2_5_vl"), synthetic, "continued", [
-        {"name": "emoart", "dataset": "emoart", "path": str(synthetic["emoart"]), "steps": 3},
-        {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "steps": 2},
-    ], seed=7)))
+    cur.write_text(
+        yaml.safe_dump(
+            _curriculum(
+                tiny_model("qwen2_5_vl"),
+                synthetic,
+                "continued",
+                [
+                    {
+                        "name": "emoart",
+                        "dataset": "emoart",
+                        "path": str(synthetic["emoart"]),
+                        "steps": 3,
+                    },
+                    {"name": "emid", "dataset": "emid", "path": str(synthetic["emid"]), "steps": 2},
+                ],
+                seed=7,
+            )
+        )
+    )
 
     def train(out):
         result = CliRunner().invoke(app, ["train", str(cur), "--out", str(out), "--no-progress"])
         assert result.exit_code == 0, result.output
-        return {d: (out / "adapters" / d / "adapter_model.safetensors").read_bytes()
-                for d in ("emoart", "emid")}
+        return {
+            d: (out / "adapters" / d / "adapter_model.safetensors").read_bytes()
+            for d in ("emoart", "emid")
+        }
 
     first, second = train(tmp_path / "a"), train(tmp_path / "b")
     assert first == second
@@ -363,6 +448,7 @@ def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(tiny_mode
 
 # --- image cap and activation checkpointing in the stage record --------------------------------
 
+
 def test_stage_records_the_resolved_image_cap_and_checkpointing(continued):
     _, _, dirs, _ = continued
     meta = read_stage_metadata(dirs[0])
@@ -370,30 +456,50 @@ def test_stage_records_the_resolved_image_cap_and_checkpointing(continued):
     # the tiny checkpoint's own limit (112 x 112 px) is below the family default: unchanged
     assert image["family"] == "qwen2_5_vl" and image["max_pixels"] is None
     assert image["source"] == "checkpoint" and image["pixels_limit"] == 112 * 112
-    assert image["settings"] == {"min_pixels": 56 * 56, "max_pixels": 112 * 112,
-                                 "patch_size": 14, "merge_size": 2}
+    assert image["settings"] == {
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+        "patch_size": 14,
+        "merge_size": 2,
+    }
     assert image["page_tokens"] == 12  # 4 x 3 blocks of 28 px (112 x 84) for a page
     assert meta.model_extra["train"]["gradient_checkpointing"] is False  # auto on CPU
     # keys left at their defaults are not in the fingerprint: stages trained before they
     # existed keep their settings_sha256
     assert set(meta.model_extra["settings"]["train"]) == {
-        "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "dtype",
-        "quantize_4bit", "scheduler", "warmup_ratio"}
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+        "dtype",
+        "quantize_4bit",
+        "scheduler",
+        "warmup_ratio",
+    }
 
 
 def test_an_explicit_image_cap_is_part_of_the_fingerprint(continued, tmp_path):
     cur, _, dirs, _ = continued
     shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
     with pytest.raises(InputError, match=r"train.max_pixels '<unset>' -> 6272"):
-        train_curriculum({**cur, "train": {**cur["train"], "max_pixels": 6272}}, tmp_path,
-                         progress=False, max_stages=1)
+        train_curriculum(
+            {**cur, "train": {**cur["train"], "max_pixels": 6272}},
+            tmp_path,
+            progress=False,
+            max_stages=1,
+        )
 
 
 def test_checkpointing_does_not_change_the_fingerprint(continued, tmp_path):
     cur, _, dirs, _ = continued
     shutil.copytree(dirs[0], tmp_path / "adapters" / "emoart")
-    done = train_curriculum({**cur, "train": {**cur["train"], "gradient_checkpointing": True}},
-                            tmp_path, progress=False, max_stages=1)
+    done = train_curriculum(
+        {**cur, "train": {**cur["train"], "gradient_checkpointing": True}},
+        tmp_path,
+        progress=False,
+        max_stages=1,
+    )
     assert done == [tmp_path / "adapters" / "emoart"]  # resumed, not refused
 
 

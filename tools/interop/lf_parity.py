@@ -22,16 +22,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     opens with as the id, the rest tokenized on its own; image placeholders left unexpanded."""
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
-        return [tokenizer.bos_token_id] + tokenizer.encode(text[len(bos):],
-                                                           add_special_tokens=False)
+        return [tokenizer.bos_token_id] + tokenizer.encode(
+            text[len(bos) :], add_special_tokens=False
+        )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def ours(curriculum: Path, model: str, out: Path) -> None:
-    from emomerge.training.batching import answer_text, render_prompt
     from emomerge.training.curriculum import load_curriculum
-    from emomerge.training.families import detect_family
-    from emomerge.training.models import load_processor
+    from emomerge.training.models.batching import answer_text, render_prompt
+    from emomerge.training.models.families import detect_family
+    from emomerge.training.models.loading import load_processor
     from emomerge.training.stages import plan_stages
 
     cur = load_curriculum(curriculum)
@@ -47,7 +48,7 @@ def ours(curriculum: Path, model: str, out: Path) -> None:
             full = _ids(tok, prompt + answer)
             if full[: len(p_ids)] != p_ids:
                 raise SystemExit(f"sample {s.id}: prompt and answer tokens merge")
-            rows[plan.stage.name].append([prompt, answer, p_ids, full[len(p_ids):]])
+            rows[plan.stage.name].append([prompt, answer, p_ids, full[len(p_ids) :]])
     out.write_text(json.dumps({"family": family, "stages": rows}, ensure_ascii=False))
 
 
@@ -73,8 +74,10 @@ def lf(export: Path, model: str, out: Path) -> int:
         n_loaded = len(data["train_dataset"])
         template.mm_plugin.expand_mm_tokens = False
         stage = yaml_name[3:-5]
-        rows = [json.loads(line) for line in
-                (Path("data") / f"{stage}.jsonl").read_text(encoding="utf-8").splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (Path("data") / f"{stage}.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
         same = 0
         for rec, want in zip(rows, expected["stages"][stage], strict=True):
             want_prompt, want_answer, want_prompt_ids, want_answer_ids = want
@@ -84,18 +87,26 @@ def lf(export: Path, model: str, out: Path) -> int:
             prompt_ids, answer_ids = template.encode_oneturn(tokenizer, msgs)
             got_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False)
             got_answer = tokenizer.decode(answer_ids, skip_special_tokens=False)
-            if (got_prompt == want_prompt and got_answer == want_answer
-                    and prompt_ids == want_prompt_ids and answer_ids == want_answer_ids):
+            if (
+                got_prompt == want_prompt
+                and got_answer == want_answer
+                and prompt_ids == want_prompt_ids
+                and answer_ids == want_answer_ids
+            ):
                 same += 1
             elif bad < 3:
-                print(f"  DIFF {stage}: {got_prompt!r} | {got_answer!r} {prompt_ids} | {answer_ids}\n"
-                      f"  ours {stage}: {want_prompt!r} | {want_answer!r} {want_prompt_ids} | "
-                      f"{want_answer_ids}")
+                print(
+                    f"  DIFF {stage}: {got_prompt!r} | {got_answer!r} {prompt_ids} | {answer_ids}\n"
+                    f"  ours {stage}: {want_prompt!r} | {want_answer!r} {want_prompt_ids} | "
+                    f"{want_answer_ids}"
+                )
         bad += len(rows) - same
-        print(f"{family} {yaml_name}: parsed (template {data_args.template}, default_system "
-              f"{data_args.default_system!r}, bf16 {training_args.bf16}, fp16 "
-              f"{training_args.fp16}, image_max_pixels {model_args.image_max_pixels}); "
-              f"{n_loaded} samples loaded; prompt+answer strings and ids equal for {same}/{len(rows)}")
+        print(
+            f"{family} {yaml_name}: parsed (template {data_args.template}, default_system "
+            f"{data_args.default_system!r}, bf16 {training_args.bf16}, fp16 "
+            f"{training_args.fp16}, image_max_pixels {model_args.image_max_pixels}); "
+            f"{n_loaded} samples loaded; prompt+answer strings and ids equal for {same}/{len(rows)}"
+        )
     return 1 if bad else 0
 
 

@@ -20,8 +20,17 @@ from . import emid, emoart, emocomics35, mangavqa
 from .sample import ReadReport, Sample, content_id, samples_sha256
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "ReadReport", "Sample", "content_id", "inspect_dataset",
-    "list_splits", "read_checked", "read_dataset", "read_with_report", "samples_sha256",
+    "DATASETS",
+    "DatasetSpec",
+    "ReadReport",
+    "Sample",
+    "content_id",
+    "inspect_dataset",
+    "list_splits",
+    "read_checked",
+    "read_dataset",
+    "read_with_report",
+    "samples_sha256",
 ]
 
 
@@ -35,8 +44,9 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "emocomics35": DatasetSpec(emocomics35.read_emocomics35, emocomics35.list_splits,
-                               emocomics35.TASKS),
+    "emocomics35": DatasetSpec(
+        emocomics35.read_emocomics35, emocomics35.list_splits, emocomics35.TASKS
+    ),
     "emoart": DatasetSpec(emoart.read_emoart, emoart.list_splits, emoart.TASKS),
     "emid": DatasetSpec(emid.read_emid, emid.list_splits, emid.TASKS),
     "mangavqa": DatasetSpec(mangavqa.read_mangavqa, mangavqa.list_splits, mangavqa.TASKS),
@@ -49,8 +59,9 @@ def _spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def read_with_report(name: str, path: str | Path, split: str, task: str | None = None,
-                     **opts: Any) -> tuple[list[Sample], ReadReport]:
+def read_with_report(
+    name: str, path: str | Path, split: str, task: str | None = None, **opts: Any
+) -> tuple[list[Sample], ReadReport]:
     """Read one split of a dataset and the report of what parsing saw."""
     path = Path(path)
     if not path.exists():
@@ -58,22 +69,29 @@ def read_with_report(name: str, path: str | Path, split: str, task: str | None =
     return _spec(name).reader(path, split, task, **opts)
 
 
-def read_dataset(name: str, path: str | Path, split: str, task: str | None = None,
-                 **opts: Any) -> list[Sample]:
+def read_dataset(
+    name: str, path: str | Path, split: str, task: str | None = None, **opts: Any
+) -> list[Sample]:
     """Read one split of ``name`` ("emocomics35", "emoart", "emid", "mangavqa") as samples."""
     return read_with_report(name, path, split, task, **opts)[0]
 
 
-def read_checked(name: str, path: str | Path, split: str, task: str | None = None, *,
-                 max_bad_image_share: float | None = None,
-                 **opts: Any) -> tuple[list[Sample], int]:
+def read_checked(
+    name: str,
+    path: str | Path,
+    split: str,
+    task: str | None = None,
+    *,
+    max_bad_image_share: float | None = None,
+    **opts: Any,
+) -> tuple[list[Sample], int]:
     """``read_dataset`` without the samples whose images do not decode, and how many image
     files were skipped (the ``skipped_images`` a leaderboard row or stage metadata reports).
 
     More than ``max_bad_image_share`` (default 5 %) unreadable is an :class:`InputError`
-    naming ``path`` and ``split`` (``training.batching.check_images``).
+    naming ``path`` and ``split`` (``training.models.batching.check_images``).
     """
-    from ..batching import MAX_BAD_IMAGE_SHARE, check_images  # batching imports this package
+    from ..models.batching import MAX_BAD_IMAGE_SHARE, check_images  # batching imports this package
 
     share = MAX_BAD_IMAGE_SHARE if max_bad_image_share is None else max_bad_image_share
     samples = read_dataset(name, path, split, task, **opts)
@@ -88,8 +106,9 @@ def list_splits(name: str, path: str | Path, task: str | None = None) -> list[st
     return spec.splits(path, task) if name == "emid" else spec.splits(path)
 
 
-def inspect_dataset(name: str, path: str | Path, task: str | None = None,
-                    **opts: Any) -> dict[str, Any]:
+def inspect_dataset(
+    name: str, path: str | Path, task: str | None = None, **opts: Any
+) -> dict[str, Any]:
     """Per-split counts (samples, labels, multi-label, missing images, repairs) for a dataset."""
     # Placeholders keep samples whose image is missing, so counts cover the whole annotation.
     opts = {**opts, "allow_missing_images": True}

@@ -49,13 +49,17 @@ def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
     for i, (file, row_in_file, row) in enumerate(iter_rows(shards[wanted], MATCH_COLUMNS)):
         cell = row["image"]
         if cell is not None and not isinstance(cell, (dict, bytes)):
-            raise InputError(f"{file} row {row_in_file}: column image holds "
-                             f"{type(cell).__name__}, not image bytes (wrong schema?)")
+            raise InputError(
+                f"{file} row {row_in_file}: column image holds "
+                f"{type(cell).__name__}, not image bytes (wrong schema?)"
+            )
         try:
             img = image_from_bytes(row["image"])
         except (OSError, TypeError, ValueError) as exc:  # PIL's UnidentifiedImageError: OSError
-            raise InputError(f"{file} row {row_in_file}: column image is not a readable image "
-                             f"({exc.__class__.__name__})") from exc
+            raise InputError(
+                f"{file} row {row_in_file}: column image is not a readable image "
+                f"({exc.__class__.__name__})"
+            ) from exc
         if img is None:
             report.missing_images += 1
             continue
@@ -64,13 +68,22 @@ def _read_matching(path: Path, split: str, report: ReadReport) -> list[Sample]:
         report.label_counts[label] += 1
         report.labels_per_item[1] += 1
         sid = f"{wanted}-{i:06d}"
-        samples.append(Sample(
-            id=sid, images=[img],
-            messages=user_message(1, f"{row['question']}\nAnswer 'yes - <emotion>' or 'no'."),
-            target=answer, labels=[label], label_set=["yes", "no"], group=sid,
-            meta={"emotion": row["emotion"] or None, "same": bool(row["same"]),
-                  "content_id": _content_id(row)},
-        ))
+        samples.append(
+            Sample(
+                id=sid,
+                images=[img],
+                messages=user_message(1, f"{row['question']}\nAnswer 'yes - <emotion>' or 'no'."),
+                target=answer,
+                labels=[label],
+                label_set=["yes", "no"],
+                group=sid,
+                meta={
+                    "emotion": row["emotion"] or None,
+                    "same": bool(row["same"]),
+                    "content_id": _content_id(row),
+                },
+            )
+        )
     return samples
 
 
@@ -87,8 +100,9 @@ def _content_id(row: dict[str, Any]) -> str:
     return "emid-" + h.hexdigest()[:32]
 
 
-def _collect_tags(row: dict[str, Any], where: str, report: ReadReport,
-                  seen: dict[str, str], root: Path) -> None:
+def _collect_tags(
+    row: dict[str, Any], where: str, report: ReadReport, seen: dict[str, str], root: Path
+) -> None:
     """Record each image's Mikels tag from one CSV row (the first tag wins on a conflict)."""
     for k in (1, 2, 3):
         name, tag = row.get(f"Image{k}_filename"), row.get(f"Image{k}_tag")
@@ -102,8 +116,9 @@ def _collect_tags(row: dict[str, Any], where: str, report: ReadReport,
             report.repairs["conflicting_tag_first_kept"] += 1
 
 
-def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
-                        allow_missing: bool) -> list[Sample]:
+def _read_image_emotion(
+    path: Path, split: str, report: ReadReport, root: Path, allow_missing: bool
+) -> list[Sample]:
     csv_path = path if path.is_file() else path / CSV_NAME
     if not csv_path.is_file():
         raise InputError(f"{path}: no {CSV_NAME} (the original EMID layout)")
@@ -118,32 +133,55 @@ def _read_image_emotion(path: Path, split: str, report: ReadReport, root: Path,
             for row in reader:
                 _collect_tags(row, f"{csv_path}:{reader.line_num}", report, seen, root)
         except UnicodeDecodeError as exc:
-            raise InputError(f"{csv_path}: not a UTF-8 text file (near line "
-                             f"{reader.line_num + 1})") from exc
+            raise InputError(
+                f"{csv_path}: not a UTF-8 text file (near line {reader.line_num + 1})"
+            ) from exc
         except csv.Error as exc:
             raise InputError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc})") from exc
     images = ImageResolver(report, allow_missing, root)
-    prompt = ("Which emotion does this image evoke? Choose one of: "
-              f"{', '.join(LABELS)}. Answer with the emotion only.")
+    prompt = (
+        "Which emotion does this image evoke? Choose one of: "
+        f"{', '.join(LABELS)}. Answer with the emotion only."
+    )
     samples = []
     for name, label in sorted(seen.items()):
         if hash_split(name) != wanted:
             continue
         report.label_counts[label] += 1
         report.labels_per_item[1] += 1
-        img = images.resolve([root / name, root / "images" / name, root / label / name,
-                              root / "images" / label / name])
+        img = images.resolve(
+            [
+                root / name,
+                root / "images" / name,
+                root / label / name,
+                root / "images" / label / name,
+            ]
+        )
         if img is None:
             continue
-        samples.append(Sample(id=name, images=[img], messages=user_message(1, prompt),
-                              target=label, labels=[label], label_set=list(LABELS), group=name))
+        samples.append(
+            Sample(
+                id=name,
+                images=[img],
+                messages=user_message(1, prompt),
+                target=label,
+                labels=[label],
+                label_set=list(LABELS),
+                group=name,
+            )
+        )
     images.warn_if_dropped()
     return samples
 
 
 def read_emid(
-    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
-    allow_missing_images: bool = False, **_: Any,
+    path: Path,
+    split: str,
+    task: str | None = None,
+    *,
+    image_root: str | Path | None = None,
+    allow_missing_images: bool = False,
+    **_: Any,
 ) -> tuple[list[Sample], ReadReport]:
     """Read one split of the matching task (parquet) or the image-emotion task (original CSV)."""
     task = task or _default_task(path)

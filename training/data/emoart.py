@@ -25,8 +25,20 @@ from .sample import (
     user_message,
 )
 
-LABELS = ["Calm", "Excited", "Contentment", "Frustrated", "Sad", "Aroused", "Alarmed", "Bored",
-          "Happy", "Annoyed", "Tired", "Glad"]
+LABELS = [
+    "Calm",
+    "Excited",
+    "Contentment",
+    "Frustrated",
+    "Sad",
+    "Aroused",
+    "Alarmed",
+    "Bored",
+    "Happy",
+    "Annoyed",
+    "Tired",
+    "Glad",
+]
 TASKS = ("dominant_emotion", "valence", "arousal")
 SPLITS = ("train", "val", "test")
 _CANON = {lab.lower(): lab for lab in LABELS}
@@ -74,8 +86,9 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("["):  # one JSON document: its own error is the useful one
-            raise InputError(f"{ann}:{exc.lineno}: not valid JSON ({exc.msg}, column "
-                             f"{exc.colno})") from exc
+            raise InputError(
+                f"{ann}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
+            ) from exc
         data = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -83,8 +96,10 @@ def load_records(path: Path) -> list[dict[str, Any]]:
             try:
                 data.append(json.loads(line))
             except json.JSONDecodeError as line_exc:
-                raise InputError(f"{ann}:{lineno}: neither a JSON document nor JSON lines "
-                                 f"({line_exc.msg}, column {line_exc.colno})") from line_exc
+                raise InputError(
+                    f"{ann}:{lineno}: neither a JSON document nor JSON lines "
+                    f"({line_exc.msg}, column {line_exc.colno})"
+                ) from line_exc
     if isinstance(data, dict):
         data = data.get("data") or data.get("annotations") or list(data.values())
     if not isinstance(data, list):
@@ -94,15 +109,24 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 def _prompt(task: str, labels: list[str]) -> str:
     if task == "dominant_emotion":
-        return ("Look at this artwork. Which emotion does it evoke most strongly? "
-                f"Choose one of: {', '.join(labels)}. Answer with the emotion only.")
-    return (f"Look at this artwork. What is its emotional {task}? "
-            f"Choose one of: {', '.join(labels)}. Answer with one word.")
+        return (
+            "Look at this artwork. Which emotion does it evoke most strongly? "
+            f"Choose one of: {', '.join(labels)}. Answer with the emotion only."
+        )
+    return (
+        f"Look at this artwork. What is its emotional {task}? "
+        f"Choose one of: {', '.join(labels)}. Answer with one word."
+    )
 
 
 def read_emoart(
-    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
-    allow_missing_images: bool = False, **_: Any,
+    path: Path,
+    split: str,
+    task: str | None = None,
+    *,
+    image_root: str | Path | None = None,
+    allow_missing_images: bool = False,
+    **_: Any,
 ) -> tuple[list[Sample], ReadReport]:
     """Read one split for the dominant-emotion (default), valence or arousal task."""
     task = task or "dominant_emotion"
@@ -116,8 +140,7 @@ def read_emoart(
     parsed = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise InputError(f"{ann} record {i}: expected a JSON object, got "
-                             f"{type(rec).__name__}")
+            raise InputError(f"{ann} record {i}: expected a JSON object, got {type(rec).__name__}")
         where = f"{ann} record {i} ({rec.get('request_id', '?')})"
         # Every record is parsed (valence/arousal label sets span the file); repairs are
         # counted for the records of this split only.
@@ -160,13 +183,22 @@ def read_emoart(
         img = images.resolve([root / rel, root / Path(*rel.parts[1:]), root / rel.name])
         if img is None:
             continue
-        samples.append(Sample(
-            id=rid, images=[img], messages=user_message(1, _prompt(task, label_set)),
-            target=label, labels=[label], label_set=label_set, group=rid,
-            meta={"style": rel.parts[-2] if len(rel.parts) > 1 else "",
-                  "valence": third.get("emotional_valence"),
-                  "arousal": third.get("emotional_arousal_level")},
-        ))
+        samples.append(
+            Sample(
+                id=rid,
+                images=[img],
+                messages=user_message(1, _prompt(task, label_set)),
+                target=label,
+                labels=[label],
+                label_set=label_set,
+                group=rid,
+                meta={
+                    "style": rel.parts[-2] if len(rel.parts) > 1 else "",
+                    "valence": third.get("emotional_valence"),
+                    "arousal": third.get("emotional_arousal_level"),
+                },
+            )
+        )
     images.warn_if_dropped()
     report.samples = len(samples)
     return samples, report

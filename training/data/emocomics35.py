@@ -23,8 +23,17 @@ from .sample import ImageResolver, ReadReport, Sample, normalize_split, user_mes
 
 LABELS = ["Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise"]
 COLUMNS = [
-    "SourceFile", "Page", "PageUtterances", "PageSpeakers", "PageEmotions", "PagePanels",
-    "PageBalloons", "FileNr", "Split", "ComicBookTitle", "image_path",
+    "SourceFile",
+    "Page",
+    "PageUtterances",
+    "PageSpeakers",
+    "PageEmotions",
+    "PagePanels",
+    "PageBalloons",
+    "FileNr",
+    "Split",
+    "ComicBookTitle",
+    "image_path",
 ]
 LIST_COLUMNS = ["PageUtterances", "PageSpeakers", "PageEmotions", "PagePanels", "PageBalloons"]
 TASKS = ("utterance", "page")
@@ -114,8 +123,9 @@ def _open_csv(csv_path: Path) -> Iterator[Iterator[tuple[int, dict[str, Any]]]]:
                 for row in reader:
                     yield reader.line_num, row
             except UnicodeDecodeError as exc:
-                raise InputError(f"{csv_path}: not a UTF-8 text file (near line "
-                                 f"{reader.line_num + 1})") from exc
+                raise InputError(
+                    f"{csv_path}: not a UTF-8 text file (near line {reader.line_num + 1})"
+                ) from exc
             except csv.Error as exc:
                 raise InputError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc})") from exc
 
@@ -157,24 +167,30 @@ def iter_pages(csv_path: Path) -> Iterator[dict[str, Any]]:
 def image_candidates(root: Path, file_nr: int, page: int) -> list[Path]:
     """Where a page image may sit under the user's root (the annotators' layout first)."""
     book, name = f"{file_nr:06d}", f"page{page:05d}.jpg"
-    return [root / "images" / book / "images" / name, root / book / "images" / name,
-            root / book / name]
+    return [
+        root / "images" / book / "images" / name,
+        root / book / "images" / name,
+        root / book / name,
+    ]
 
 
 def _utterance_prompt(pg: dict[str, Any], i: int) -> str:
     return (
         f"This comic page contains the following utterance, spoken by {pg['speakers'][i]} "
         f"(panel {pg['panels'][i]}, balloon {pg['balloons'][i]}):\n"
-        f"\"{pg['utterances'][i]}\"\n"
+        f'"{pg["utterances"][i]}"\n'
         f"Which emotions does the speaker express? Choose one or more of: {', '.join(LABELS)}. "
         "Answer with the labels separated by commas."
     )
 
 
 def _page_prompt(pg: dict[str, Any]) -> str:
-    lines = [f"{i + 1}. [{s}] {u}" for i, (s, u) in enumerate(zip(pg["speakers"], pg["utterances"]))]
+    lines = [
+        f"{i + 1}. [{s}] {u}" for i, (s, u) in enumerate(zip(pg["speakers"], pg["utterances"]))
+    ]
     return (
-        "These are the utterances on this comic page, in reading order:\n" + "\n".join(lines)
+        "These are the utterances on this comic page, in reading order:\n"
+        + "\n".join(lines)
         + f"\nFor each utterance, give the emotions of its speaker among: {', '.join(LABELS)}. "
         'Answer in JSON: [{"utterance": 1, "emotions": ["..."]}, ...].'
     )
@@ -186,8 +202,13 @@ def label_text(labels: list[str]) -> str:
 
 
 def read_emocomics35(
-    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
-    allow_missing_images: bool = False, **_: Any,
+    path: Path,
+    split: str,
+    task: str | None = None,
+    *,
+    image_root: str | Path | None = None,
+    allow_missing_images: bool = False,
+    **_: Any,
 ) -> tuple[list[Sample], ReadReport]:
     """Read one split (``train``/``test``, the file's ``Split`` column) at utterance or page level."""
     task = task or "utterance"
@@ -215,22 +236,43 @@ def read_emocomics35(
         meta = {"title": pg["title"], "file_nr": pg["file_nr"], "page": pg["page"]}
         if task == "page":
             target = json.dumps(
-                [{"utterance": i + 1, "emotions": sorted(e, key=LABELS.index)}
-                 for i, e in enumerate(pg["emotions"])], ensure_ascii=False)
+                [
+                    {"utterance": i + 1, "emotions": sorted(e, key=LABELS.index)}
+                    for i, e in enumerate(pg["emotions"])
+                ],
+                ensure_ascii=False,
+            )
             union = sorted({lab for e in pg["emotions"] for lab in e}, key=LABELS.index)
-            samples.append(Sample(
-                id=page_id, images=[img], messages=user_message(1, _page_prompt(pg)),
-                target=target, labels=union, label_set=list(LABELS), group=page_id,
-                meta={**meta, "utterance_labels": pg["emotions"], "utterances": pg["utterances"]},
-            ))
+            samples.append(
+                Sample(
+                    id=page_id,
+                    images=[img],
+                    messages=user_message(1, _page_prompt(pg)),
+                    target=target,
+                    labels=union,
+                    label_set=list(LABELS),
+                    group=page_id,
+                    meta={
+                        **meta,
+                        "utterance_labels": pg["emotions"],
+                        "utterances": pg["utterances"],
+                    },
+                )
+            )
             continue
         for i, labs in enumerate(pg["emotions"]):
-            samples.append(Sample(
-                id=f"{page_id}-u{i:03d}", images=[img],
-                messages=user_message(1, _utterance_prompt(pg, i)), target=label_text(labs),
-                labels=list(labs), label_set=list(LABELS), group=page_id,
-                meta={**meta, "utterance_index": i, "speaker": pg["speakers"][i]},
-            ))
+            samples.append(
+                Sample(
+                    id=f"{page_id}-u{i:03d}",
+                    images=[img],
+                    messages=user_message(1, _utterance_prompt(pg, i)),
+                    target=label_text(labs),
+                    labels=list(labs),
+                    label_set=list(LABELS),
+                    group=page_id,
+                    meta={**meta, "utterance_index": i, "speaker": pg["speakers"][i]},
+                )
+            )
     images.warn_if_dropped()
     report.samples = len(samples)
     report.extra.update(pages=n_pages, utterances=n_utts)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from emomerge.merging.errors import InputError
 
 #: ``Sample.meta`` keys that name a sample's book, in order of preference.

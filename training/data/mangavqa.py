@@ -29,8 +29,14 @@ INSTRUCTION = "簡潔に日本語で答えてください。"
 
 
 def read_mangavqa(
-    path: Path, split: str, task: str | None = None, *, image_root: str | Path | None = None,
-    manga109_root: str | Path | None = None, allow_missing_images: bool = False, **_: Any,
+    path: Path,
+    split: str,
+    task: str | None = None,
+    *,
+    image_root: str | Path | None = None,
+    manga109_root: str | Path | None = None,
+    allow_missing_images: bool = False,
+    **_: Any,
 ) -> tuple[list[Sample], ReadReport]:
     """Read one split; images from ``<manga109_root>/images/{title}/{image_number:03d}.jpg``."""
     shards = parquet_splits(path)
@@ -45,8 +51,9 @@ def read_mangavqa(
         try:
             num = int(row["image_number"])
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{file} row {i}: image_number is not an integer "
-                             f"({row['image_number']!r})") from exc
+            raise InputError(
+                f"{file} row {i}: image_number is not an integer ({row['image_number']!r})"
+            ) from exc
         qhash = hashlib.sha1(str(row["question"]).encode()).hexdigest()[:10]
         # The same question on the same page can recur with another gold answer: the row's
         # position in the split makes the id unique; the content id (page + question) says two
@@ -55,19 +62,34 @@ def read_mangavqa(
         sid = f"{content}-r{index:06d}"
         qtype = row.get("answer_type") or row.get("understanding_type")
         report.label_counts[str(qtype or "unknown")] += 1
-        img = images.resolve([root / "images" / title / f"{num:03d}.jpg",
-                              root / title / f"{num:03d}.jpg"], where=f"{file} row {i}")
+        img = images.resolve(
+            [root / "images" / title / f"{num:03d}.jpg", root / title / f"{num:03d}.jpg"],
+            where=f"{file} row {i}",
+        )
         if img is None:
             continue
         answer = str(row["answer"]).strip()
-        samples.append(Sample(
-            id=sid, images=[img], messages=user_message(1, f"{row['question']}\n{INSTRUCTION}"),
-            target=answer, labels=[answer], label_set=[], group=sid,
-            meta={"title": title, "image_number": num, "type": qtype,
-                  "required_info": row.get("required_info"), "w5h1": row.get("w5h1"),
-                  "content_id": content, "page_id": page_id(title, num),
-                  "question": str(row["question"])},
-        ))
+        samples.append(
+            Sample(
+                id=sid,
+                images=[img],
+                messages=user_message(1, f"{row['question']}\n{INSTRUCTION}"),
+                target=answer,
+                labels=[answer],
+                label_set=[],
+                group=sid,
+                meta={
+                    "title": title,
+                    "image_number": num,
+                    "type": qtype,
+                    "required_info": row.get("required_info"),
+                    "w5h1": row.get("w5h1"),
+                    "content_id": content,
+                    "page_id": page_id(title, num),
+                    "question": str(row["question"]),
+                },
+            )
+        )
     images.warn_if_dropped()
     report.samples = len(samples)
     return samples, report

@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from emomerge.merging.errors import InputError
 
 # Hub exports name shards "<split>-00000-of-00003[-hash].parquet" or "<split>.parquet", or put
@@ -36,7 +37,9 @@ def parquet_splits(path: Path) -> dict[str, list[Path]]:
     return out
 
 
-def read_columns(files: list[Path], wanted: list[str], optional: list[str] = ()) -> list[dict[str, Any]]:
+def read_columns(
+    files: list[Path], wanted: list[str], optional: list[str] = ()
+) -> list[dict[str, Any]]:
     """Rows of ``files`` restricted to ``wanted`` (+ present ``optional``) columns.
 
     Only the listed columns are read from disk, so a heavy column (EMID's audio) is never loaded
@@ -45,8 +48,9 @@ def read_columns(files: list[Path], wanted: list[str], optional: list[str] = ())
     return [row for _, _, row in iter_rows(files, wanted, optional)]
 
 
-def iter_rows(files: list[Path], wanted: list[str],
-              optional: list[str] = ()) -> list[tuple[Path, int, dict[str, Any]]]:
+def iter_rows(
+    files: list[Path], wanted: list[str], optional: list[str] = ()
+) -> list[tuple[Path, int, dict[str, Any]]]:
     """``(file, row index in that file, row)`` for every row, so errors can name where they are."""
     out: list[tuple[Path, int, dict[str, Any]]] = []
     for f in files:
@@ -59,12 +63,15 @@ def iter_rows(files: list[Path], wanted: list[str],
             table = pq.read_table(f, columns=cols)
             rows = table.to_pylist()
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{f}: not a readable parquet file "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                             ) from exc
+            raise InputError(
+                f"{f}: not a readable parquet file "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from exc
         except UnicodeDecodeError as exc:  # parquet does not check the UTF-8 of string columns
-            raise InputError(f"{f}: {_bad_utf8(table)} is not valid UTF-8 (byte "
-                             f"{exc.object[exc.start:exc.start + 1]!r})") from exc
+            raise InputError(
+                f"{f}: {_bad_utf8(table)} is not valid UTF-8 (byte "
+                f"{exc.object[exc.start : exc.start + 1]!r})"
+            ) from exc
         out.extend((f, i, row) for i, row in enumerate(rows))
     return out
 

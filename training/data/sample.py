@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emomerge.merging.errors import InputError
 from PIL import Image
+
+from emomerge.merging.errors import InputError
 
 #: Side of the grey placeholder image used for missing files under ``allow_missing_images``.
 PLACEHOLDER_SIZE = 64
@@ -116,8 +117,9 @@ def relative_inside(root: Path, relative: str, where: str) -> Path:
             continue
         if part == "..":
             if not parts:
-                raise InputError(f"{where}: image path {relative!r} resolves outside the "
-                                 f"dataset root {root}")
+                raise InputError(
+                    f"{where}: image path {relative!r} resolves outside the dataset root {root}"
+                )
             parts.pop()
         else:
             parts.append(part)
@@ -142,8 +144,10 @@ class ImageResolver:
         """The first existing candidate path; a placeholder or ``None`` when none exists."""
         for cand in candidates:
             if self.root is not None and not _inside(self.root, cand):
-                raise InputError(f"{where or self.report.dataset}: image path {str(cand)!r} "
-                                 f"resolves outside the dataset root {self.root}")
+                raise InputError(
+                    f"{where or self.report.dataset}: image path {str(cand)!r} "
+                    f"resolves outside the dataset root {self.root}"
+                )
         for cand in candidates:
             if cand.is_file():
                 return str(cand)

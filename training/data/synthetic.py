@@ -17,36 +17,68 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from emomerge.merging.errors import InputError
 from PIL import Image, ImageDraw
+
+from emomerge.merging.errors import InputError
 
 from . import emid as emid_mod
 from . import emoart as emoart_mod
 from . import emocomics35 as ec_mod
 
-COLOURS = {"red": (220, 30, 30), "yellow": (240, 220, 30), "blue": (30, 60, 220),
-           "purple": (140, 40, 180), "orange": (245, 140, 20), "green": (40, 170, 60),
-           "teal": (30, 170, 170), "grey": (120, 120, 120)}
-COLOUR_JA = {"red": "赤", "yellow": "黄色", "blue": "青", "purple": "紫", "orange": "オレンジ",
-             "green": "緑", "teal": "水色", "grey": "灰色"}
+COLOURS = {
+    "red": (220, 30, 30),
+    "yellow": (240, 220, 30),
+    "blue": (30, 60, 220),
+    "purple": (140, 40, 180),
+    "orange": (245, 140, 20),
+    "green": (40, 170, 60),
+    "teal": (30, 170, 170),
+    "grey": (120, 120, 120),
+}
+COLOUR_JA = {
+    "red": "赤",
+    "yellow": "黄色",
+    "blue": "青",
+    "purple": "紫",
+    "orange": "オレンジ",
+    "green": "緑",
+    "teal": "水色",
+    "grey": "灰色",
+}
 SHAPES = ["circle", "square", "triangle", "diamond"]
 SHAPE_JA = {"circle": "丸", "square": "四角", "triangle": "三角", "diamond": "ひし形"}
 #: The cross-domain emotion → colour family mapping (the shared learnable signal).
 EMOTION_COLOUR = {
-    "anger": "red", "annoyed": "red", "frustrated": "red",
-    "joy": "yellow", "happy": "yellow", "glad": "yellow", "amusement": "yellow",
-    "sadness": "blue", "sad": "blue",
-    "fear": "purple", "alarmed": "purple",
-    "surprise": "orange", "excited": "orange", "aroused": "orange", "excitement": "orange",
+    "anger": "red",
+    "annoyed": "red",
+    "frustrated": "red",
+    "joy": "yellow",
+    "happy": "yellow",
+    "glad": "yellow",
+    "amusement": "yellow",
+    "sadness": "blue",
+    "sad": "blue",
+    "fear": "purple",
+    "alarmed": "purple",
+    "surprise": "orange",
+    "excited": "orange",
+    "aroused": "orange",
+    "excitement": "orange",
     "awe": "orange",
     "disgust": "green",
-    "calm": "teal", "contentment": "teal",
-    "neutral": "grey", "bored": "grey", "tired": "grey",
+    "calm": "teal",
+    "contentment": "teal",
+    "neutral": "grey",
+    "bored": "grey",
+    "tired": "grey",
 }
 UTTERANCE_WORDS = {
-    "Anger": "I am so angry at you!", "Disgust": "Ugh, that is disgusting.",
-    "Fear": "I am scared, help me!", "Joy": "Ha ha, what a happy day!",
-    "Neutral": "The meeting is at noon.", "Sadness": "I feel so sad and alone.",
+    "Anger": "I am so angry at you!",
+    "Disgust": "Ugh, that is disgusting.",
+    "Fear": "I am scared, help me!",
+    "Joy": "Ha ha, what a happy day!",
+    "Neutral": "The meeting is at noon.",
+    "Sadness": "I feel so sad and alone.",
     "Surprise": "What?! I cannot believe it!",
 }
 SIZE = 64
@@ -97,8 +129,9 @@ def _wav_bytes(rng: random.Random, rate: int = 16000) -> bytes:
 def write_emocomics35(root: Path, n: int, rng: random.Random) -> Path:
     """``n`` pages over four books (three TRAIN, one TEST) in the annotation CSV format."""
     labels = ec_mod.LABELS
-    books = [(1000 + 7 * b, "TRAIN" if b < 3 else "TEST", f"Synthetic Comic #{b + 1}")
-             for b in range(4)]
+    books = [
+        (1000 + 7 * b, "TRAIN" if b < 3 else "TEST", f"Synthetic Comic #{b + 1}") for b in range(4)
+    ]
     rows = []
     for i in range(n):
         file_nr, split, title = books[i % 4]
@@ -113,17 +146,26 @@ def write_emocomics35(root: Path, n: int, rng: random.Random) -> Path:
         speakers = [rng.choice(["ALICE", "BOB", "ID-1"]) for _ in emos]
         # The published file writes Neutral unquoted ("[Neutral]"); reproduce the quirk.
         emo_col = ["[Neutral]" if e == ["Neutral"] else str(e) for e in emos]
-        _save_jpg(emotion_image(emos[0][0], labels, rng),
-                  root / "images" / f"{file_nr:06d}" / "images" / f"page{page:05d}.jpg")
-        rows.append({
-            "SourceFile": f"QC copy - {file_nr} - synthetic.xlsx", "Page": page,
-            "PageUtterances": str(utts), "PageSpeakers": str(speakers),
-            "PageEmotions": str(emo_col), "PagePanels": str([j + 1 for j in range(k)]),
-            "PageBalloons": str([1] * k), "FileNr": file_nr, "Split": split,
-            "ComicBookTitle": title,
-            "image_path": f"/Utilisateurs/annotator/EmoComics35/raw_files/images/{file_nr:06d}"
-                          f"/images/page{page:05d}.jpg",
-        })
+        _save_jpg(
+            emotion_image(emos[0][0], labels, rng),
+            root / "images" / f"{file_nr:06d}" / "images" / f"page{page:05d}.jpg",
+        )
+        rows.append(
+            {
+                "SourceFile": f"QC copy - {file_nr} - synthetic.xlsx",
+                "Page": page,
+                "PageUtterances": str(utts),
+                "PageSpeakers": str(speakers),
+                "PageEmotions": str(emo_col),
+                "PagePanels": str([j + 1 for j in range(k)]),
+                "PageBalloons": str([1] * k),
+                "FileNr": file_nr,
+                "Split": split,
+                "ComicBookTitle": title,
+                "image_path": f"/Utilisateurs/annotator/EmoComics35/raw_files/images/{file_nr:06d}"
+                f"/images/page{page:05d}.jpg",
+            }
+        )
     import csv
 
     path = root / "emocomics35_pg_images_original.csv"
@@ -135,8 +177,14 @@ def write_emocomics35(root: Path, n: int, rng: random.Random) -> Path:
     return root
 
 
-_VALENCE = {"Calm": "positive", "Excited": "positive", "Contentment": "positive",
-            "Happy": "positive", "Glad": "positive", "Aroused": "positive"}
+_VALENCE = {
+    "Calm": "positive",
+    "Excited": "positive",
+    "Contentment": "positive",
+    "Happy": "positive",
+    "Glad": "positive",
+    "Aroused": "positive",
+}
 _AROUSAL = {"Excited", "Aroused", "Alarmed", "Frustrated", "Annoyed", "Happy"}
 
 
@@ -149,32 +197,45 @@ def write_emoart(root: Path, n: int, rng: random.Random) -> Path:
         style = rng.choice(["Cubism", "Impressionism", "Ukiyo_e"])
         rel = f"Images\\{style}\\art_{i:05d}.jpg"
         _save_jpg(emotion_image(emo, labels, rng), root / "Images" / style / f"art_{i:05d}.jpg")
-        records.append({
-            "request_id": f"req-{rng.getrandbits(48):012x}", "image_path": rel,
-            "description": {
-                "first_section": {"description": f"A {EMOTION_COLOUR[emo.lower()]} shape."},
-                "second_section": {
-                    "visual_attributes": {"brushstroke": "smooth", "color": "saturated",
-                                          "composition": "centred", "light_and_shadow": "flat",
-                                          "line_quality": "clean"},
-                    "emotional_impact": f"The work feels {emo.lower()}."},
-                "third_section": {
-                    "emotional_arousal_level": "high" if emo in _AROUSAL else "low",
-                    "emotional_valence": _VALENCE.get(emo, "negative"),
-                    "dominant_emotion": emo, "healing_effects": "None noted."},
-            },
-        })
+        records.append(
+            {
+                "request_id": f"req-{rng.getrandbits(48):012x}",
+                "image_path": rel,
+                "description": {
+                    "first_section": {"description": f"A {EMOTION_COLOUR[emo.lower()]} shape."},
+                    "second_section": {
+                        "visual_attributes": {
+                            "brushstroke": "smooth",
+                            "color": "saturated",
+                            "composition": "centred",
+                            "light_and_shadow": "flat",
+                            "line_quality": "clean",
+                        },
+                        "emotional_impact": f"The work feels {emo.lower()}.",
+                    },
+                    "third_section": {
+                        "emotional_arousal_level": "high" if emo in _AROUSAL else "low",
+                        "emotional_valence": _VALENCE.get(emo, "negative"),
+                        "dominant_emotion": emo,
+                        "healing_effects": "None noted.",
+                    },
+                },
+            }
+        )
     (root / "Annotation.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return root
 
 
 _IMG_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-_QUESTIONS = ["Does the emotion of this music match the image?",
-              "Do the music and the picture express the same emotion?"]
+_QUESTIONS = [
+    "Does the emotion of this music match the image?",
+    "Do the music and the picture express the same emotion?",
+]
 
 
-def _distinct_input(emo: str, labels: list[str], rng: random.Random,
-                    seen: set[tuple[bytes, str]]) -> tuple[bytes, str]:
+def _distinct_input(
+    emo: str, labels: list[str], rng: random.Random, seen: set[tuple[bytes, str]]
+) -> tuple[bytes, str]:
     """An (image, question) pair not drawn before in either split.
 
     The jitter leaves ~340 distinct inputs per emotion, so a few hundred rows repeat some; a
@@ -194,9 +255,10 @@ def write_emid(root: Path, n: int, rng: random.Random) -> Path:
     labels = emid_mod.LABELS
     seen: set[tuple[bytes, str]] = set()
     for split, count in (("train", n), ("test", max(2, n // 3))):
-        cols: dict[str, list[Any]] = {k: [] for k in
-                                      ("audio", "sampling_rate", "image", "same", "emotion",
-                                       "question", "answer")}
+        cols: dict[str, list[Any]] = {
+            k: []
+            for k in ("audio", "sampling_rate", "image", "same", "emotion", "question", "answer")
+        }
         for i in range(count):
             emo, same = rng.choice(labels), rng.random() < 0.5
             cols["audio"].append({"bytes": _wav_bytes(rng), "path": f"clip_{i}.wav"})
@@ -207,9 +269,14 @@ def write_emid(root: Path, n: int, rng: random.Random) -> Path:
             cols["emotion"].append(emo if same else "")
             cols["question"].append(question)
             cols["answer"].append(f"yes - {emo}" if same else "no")
-        table = pa.table({**cols, "audio": pa.array(cols["audio"], _IMG_STRUCT),
-                          "image": pa.array(cols["image"], _IMG_STRUCT),
-                          "sampling_rate": pa.array(cols["sampling_rate"], pa.int32())})
+        table = pa.table(
+            {
+                **cols,
+                "audio": pa.array(cols["audio"], _IMG_STRUCT),
+                "image": pa.array(cols["image"], _IMG_STRUCT),
+                "sampling_rate": pa.array(cols["sampling_rate"], pa.int32()),
+            }
+        )
         (root / "data").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
     header = ["Audio_Filename", "genre", "feeling", "emotion"]
@@ -235,20 +302,34 @@ def write_emid(root: Path, n: int, rng: random.Random) -> Path:
 def write_mangavqa(root: Path, n: int, rng: random.Random) -> Path:
     """Manga109-style page images and train/test parquet with Japanese questions."""
     titles = ["SyntheticManga", "TestTitle"]
-    for split, title, type_col in (("train", titles[0], "answer_type"),
-                                   ("test", titles[1], "understanding_type")):
+    for split, title, type_col in (
+        ("train", titles[0], "answer_type"),
+        ("test", titles[1], "understanding_type"),
+    ):
         count = n if split == "train" else max(2, n // 3)
-        cols: dict[str, list[Any]] = {k: [] for k in ("title", "image_number", "question",
-                                                      "answer", "required_info", "w5h1",
-                                                      type_col)}
+        cols: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "title",
+                "image_number",
+                "question",
+                "answer",
+                "required_info",
+                "w5h1",
+                type_col,
+            )
+        }
         for i in range(count):
             colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
             _save_jpg(draw(colour, shape, rng), root / "images" / title / f"{i:03d}.jpg")
             ask_colour = rng.random() < 0.5
             cols["title"].append(title)
             cols["image_number"].append(i)
-            cols["question"].append("このページの図形は何色ですか？" if ask_colour
-                                    else "このページの図形はどんな形ですか？")
+            cols["question"].append(
+                "このページの図形は何色ですか？"
+                if ask_colour
+                else "このページの図形はどんな形ですか？"
+            )
             cols["answer"].append(COLOUR_JA[colour] if ask_colour else SHAPE_JA[shape])
             cols["required_info"].append("画像")
             cols["w5h1"].append("what")
@@ -258,8 +339,12 @@ def write_mangavqa(root: Path, n: int, rng: random.Random) -> Path:
     return root
 
 
-WRITERS = {"emocomics35": write_emocomics35, "emoart": write_emoart, "emid": write_emid,
-           "mangavqa": write_mangavqa}
+WRITERS = {
+    "emocomics35": write_emocomics35,
+    "emoart": write_emoart,
+    "emid": write_emid,
+    "mangavqa": write_mangavqa,
+}
 
 
 def write_synthetic(name: str, root: str | Path, n: int = 24, seed: int = 0) -> Path:

@@ -21,17 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from emomerge.merging.errors import InputError
 from PIL import Image
 
-from .data.sample import Sample
+from emomerge.merging.errors import InputError
+
+from ..data.sample import Sample
 from .families import get_family
 
 IGNORE_INDEX = -100
 #: Processor outputs with one entry per token ([batch, seq, ...]; ``evaluation.scoring`` cuts the
 #: same keys).
-PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
-                  "cross_attention_mask")
+PER_TOKEN_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "cross_attention_mask",
+)
 
 
 #: Share of a split's image files that may be unreadable (skipped with a warning) before
@@ -99,8 +105,9 @@ def _decode_problem(opener: Callable[[], Image.Image]) -> str | None:
     return None
 
 
-def check_images(samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_SHARE,
-                 where: str = "") -> tuple[list[Sample], int]:
+def check_images(
+    samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_SHARE, where: str = ""
+) -> tuple[list[Sample], int]:
     """Decode every image of a split once; return the samples whose images all decode and the
     number of unreadable image files skipped (``skipped_images``).
 
@@ -109,8 +116,9 @@ def check_images(samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_
     the split's image files, or every one, is an :class:`InputError` naming ``where``.
     """
     if not 0 <= max_bad_share <= 1:
-        raise InputError(f"{where or 'check_images'}: max_bad_image_share must be in [0, 1], "
-                         f"got {max_bad_share}")
+        raise InputError(
+            f"{where or 'check_images'}: max_bad_image_share must be in [0, 1], got {max_bad_share}"
+        )
     problems: dict[Any, str | None] = {}
     first_bad: tuple[str, str] | None = None
     kept = []
@@ -122,8 +130,12 @@ def check_images(samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_
                 opener = _opener(img)
                 problems[key] = _decode_problem(opener) if opener is not None else None
                 if problems[key] is not None and first_bad is None:
-                    first_bad = (str(img) if isinstance(img, (str, Path))
-                                 else f"in-memory image of sample {sample.id}", problems[key])
+                    first_bad = (
+                        str(img)
+                        if isinstance(img, (str, Path))
+                        else f"in-memory image of sample {sample.id}",
+                        problems[key],
+                    )
             ok = ok and problems[key] is None
         if ok:
             kept.append(sample)
@@ -135,10 +147,15 @@ def check_images(samples: list[Sample], *, max_bad_share: float = MAX_BAD_IMAGE_
     share = bad / len(problems)
     example = f"e.g. {first_bad[0]} ({first_bad[1]})"
     if not kept or share > max_bad_share:
-        raise InputError(f"{head}{bad} of {len(problems)} image files unreadable ({share:.1%}, "
-                         f"more than max_bad_image_share {max_bad_share:g}); {example}")
-    warnings.warn(f"{head}skipped {bad} unreadable image files ({len(samples) - len(kept)} "
-                  f"samples); {example}", stacklevel=2)
+        raise InputError(
+            f"{head}{bad} of {len(problems)} image files unreadable ({share:.1%}, "
+            f"more than max_bad_image_share {max_bad_share:g}); {example}"
+        )
+    warnings.warn(
+        f"{head}skipped {bad} unreadable image files ({len(samples) - len(kept)} "
+        f"samples); {example}",
+        stacklevel=2,
+    )
     return kept, bad
 
 
@@ -177,8 +194,12 @@ def answer_text(processor: Any, family: str, sample: Sample) -> str:
     (:func:`answer_prefix`), the target, the end-of-turn text (``answer_suffix``) and what the
     template writes after it (``answer_tail``: Qwen's "\n", as LLaMA-Factory trains it)."""
     spec = get_family(family)
-    return (answer_prefix(processor, sample.messages) + sample.target + spec.answer_suffix
-            + spec.answer_tail)
+    return (
+        answer_prefix(processor, sample.messages)
+        + sample.target
+        + spec.answer_suffix
+        + spec.answer_tail
+    )
 
 
 _SENTINEL = "\u2063answer\u2063"  # invisible separators: text no template writes itself
@@ -199,18 +220,24 @@ def answer_prefix(processor: Any, messages: list[dict]) -> str:
     answer = {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}
     try:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = processor.apply_chat_template([*messages, answer], add_generation_prompt=False,
-                                             tokenize=False)
+        full = processor.apply_chat_template(
+            [*messages, answer], add_generation_prompt=False, tokenize=False
+        )
     except (jinja2.TemplateError, TypeError, ValueError, KeyError):
         return ""
-    if not isinstance(full, str) or not full.startswith(prompt) or _SENTINEL not in full[len(prompt):]:
+    if (
+        not isinstance(full, str)
+        or not full.startswith(prompt)
+        or _SENTINEL not in full[len(prompt) :]
+    ):
         return ""
-    prefix = full[len(prompt):].split(_SENTINEL, 1)[0]
+    prefix = full[len(prompt) :].split(_SENTINEL, 1)[0]
     return prefix if not prefix.strip() else ""
 
 
-def process_texts(processor: Any, family: str, texts: list[str],
-                  images: list[list[Image.Image]]) -> dict[str, Any]:
+def process_texts(
+    processor: Any, family: str, texts: list[str], images: list[list[Image.Image]]
+) -> dict[str, Any]:
     """Processor inputs of texts that start with a :func:`chat_prompt` (the template already holds
     the special tokens), padded on the tokenizer's ``padding_side``.
 
@@ -224,21 +251,30 @@ def process_texts(processor: Any, family: str, texts: list[str],
     bos = prompt_bos(processor, family)
     opened = [bool(bos) and t.startswith(bos) for t in texts]
     if any(opened):
-        texts = [t[len(bos):] if o else t for t, o in zip(texts, opened)]
+        texts = [t[len(bos) :] if o else t for t, o in zip(texts, opened)]
     # Mllama wants one image list per sample; the others take a flat list in prompt order.
     imgs: Any = images if family == "mllama" else [im for per in images for im in per]
-    out = dict(processor(text=texts, images=imgs if any(images) else None, return_tensors="pt",
-                         padding=True, add_special_tokens=False))
+    out = dict(
+        processor(
+            text=texts,
+            images=imgs if any(images) else None,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+    )
     if any(opened):
         tok = _tokenizer(processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        out = _open_rows(out, tok.convert_tokens_to_ids(bos), opened, pad,
-                         left=tok.padding_side == "left")
+        out = _open_rows(
+            out, tok.convert_tokens_to_ids(bos), opened, pad, left=tok.padding_side == "left"
+        )
     return out
 
 
-def _open_rows(inputs: dict[str, Any], token_id: int, rows: list[bool], pad_id: int, *,
-               left: bool) -> dict[str, Any]:
+def _open_rows(
+    inputs: dict[str, Any], token_id: int, rows: list[bool], pad_id: int, *, left: bool
+) -> dict[str, Any]:
     """``inputs`` with ``token_id`` put before the first real token of each row in ``rows``
     (padding kept on its side; other per-token tensors get 0 there, a text position)."""
     import torch
@@ -258,7 +294,7 @@ def _open_rows(inputs: dict[str, Any], token_id: int, rows: list[bool], pad_id: 
                 real = torch.cat([v.new_full((1, *v.shape[2:]), first), real])
             k = real.shape[0]
             if left:
-                new[r, n + 1 - k:] = real
+                new[r, n + 1 - k :] = real
             else:
                 new[r, :k] = real
         out[key] = new
@@ -272,16 +308,22 @@ def encode_batch(processor: Any, family: str, samples: list[Sample]) -> dict[str
     tokenizer.padding_side = "right"
     prompts = [render_prompt(processor, s, family) for s in samples]
     images = [load_images(s) for s in samples]
-    full = process_texts(processor, family, [p + answer_text(processor, family, s)
-                                             for p, s in zip(prompts, samples)], images)
+    full = process_texts(
+        processor,
+        family,
+        [p + answer_text(processor, family, s) for p, s in zip(prompts, samples)],
+        images,
+    )
     prompt_only = process_texts(processor, family, prompts, images)
     prompt_lens = prompt_only["attention_mask"].sum(dim=1)
     labels = full["input_ids"].clone()
     for i, n in enumerate(prompt_lens.tolist()):
         if not labels[i, :n].equal(prompt_only["input_ids"][i, :n]):
             # The tokenizer merged across the prompt/answer boundary: masking would be wrong.
-            raise InputError(f"sample {samples[i].id}: prompt and answer tokens merge at the "
-                             "boundary; the answer cannot be isolated for the loss")
+            raise InputError(
+                f"sample {samples[i].id}: prompt and answer tokens merge at the "
+                "boundary; the answer cannot be isolated for the loss"
+            )
         labels[i, :n] = IGNORE_INDEX
     labels[full["attention_mask"] == 0] = IGNORE_INDEX
     batch = dict(full)

@@ -18,31 +18,38 @@ seed's paired test against the baseline, separated by ``/``. A p at the paired b
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .leaderboard import fmt_value, read_rows, upsert_rows
+from emomerge.evaluation.leaderboard import fmt_value, read_rows, upsert_rows
+from emomerge.evaluation.metrics import METRICS, REPORTED
 
-#: Columns of the printed table per task: (metric, header); the first one carries its interval
-#: and is the task's headline in the variant × dataset grid.
-TABLE_METRICS = {
-    "multi": (("macro_f1", "macro-F1"), ("example_f1", "example-F1"),
-              ("subset_accuracy", "subset acc")),
-    "single": (("macro_f1", "macro-F1"), ("accuracy", "accuracy")),
-    "vqa": (("char_f1", "char-F1"), ("exact_match", "exact match")),
+#: Columns of the printed table per task: (metric, header), from metrics.REPORTED and each
+#: metric's label; the first one carries its interval and is the task's headline in the
+#: variant × dataset grid.
+TABLE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    task: tuple((name, METRICS[name].label) for name in names) for task, names in REPORTED.items()
 }
 #: Row order: references first (the base, constant predictors), then the trained variants.
-KIND_ORDER = ("base", "trivial", "single-stage", "stage", "merged", "chain-ablation",
-              "merge-ablation")
+KIND_ORDER = (
+    "base",
+    "trivial",
+    "single-stage",
+    "stage",
+    "merged",
+    "chain-ablation",
+    "merge-ablation",
+)
 #: Significance level of the ``*`` mark.
 ALPHA = 0.05
 #: What ``n`` and ``n_groups`` count, per task (EmoComics35 resamples pages of utterances).
-UNITS = {"multi": ("utterances", "on", "pages"), "single": ("items", "in", "groups"),
-         "vqa": ("questions", "in", "groups")}
+UNITS = {
+    "multi": ("utterances", "on", "pages"),
+    "single": ("items", "in", "groups"),
+    "vqa": ("questions", "in", "groups"),
+}
 
 
 def _num(cell: Any) -> float:
@@ -122,8 +129,10 @@ def _sig_note(sources: set[str], baseline: str) -> str:
     if sources == {"holm"}:
         return f"{rule}, Holm-adjusted over the variants tested against it"
     if sources == {"raw"}:
-        return f"{rule}, raw p (unadjusted for multiple comparisons: no Holm-adjusted p in " \
-               "the leaderboard)"
+        return (
+            f"{rule}, raw p (unadjusted for multiple comparisons: no Holm-adjusted p in "
+            "the leaderboard)"
+        )
     if sources:
         return f"{rule}, Holm-adjusted where the leaderboard has it, else the raw p (unadjusted)"
     return f"no p-values vs `{baseline}`"
@@ -204,8 +213,10 @@ def grid(rows: list[dict]) -> dict[str, Grid]:
         for name, rs in by_variant.items():
             variants.setdefault(name, {})[column] = rs
     for arch, (sets, variants) in out.items():
-        out[arch] = (sets, dict(sorted(variants.items(),
-                                       key=lambda kv: _kind_key(next(iter(kv[1].values()))))))
+        out[arch] = (
+            sets,
+            dict(sorted(variants.items(), key=lambda kv: _kind_key(next(iter(kv[1].values()))))),
+        )
     return out
 
 
@@ -219,12 +230,15 @@ def grid_table(rows: list[dict], baseline: str) -> str:
     headline metric with its interval and ``*`` where it differs from the baseline."""
     parts = []
     for arch, (sets, variants) in grid(rows).items():
-        seeds = sorted({str(r["seed"]) for by_ds in variants.values() for rs in by_ds.values()
-                        for r in rs}, key=lambda s: (len(s), s))
+        seeds = sorted(
+            {str(r["seed"]) for by_ds in variants.values() for rs in by_ds.values() for r in rs},
+            key=lambda s: (len(s), s),
+        )
         one_seed = len(seeds) == 1
         header = ["variant", "kind", "method"] + [
             f"{ds} {headline(task)[1]}" + (" [95% CI]" if one_seed else " (mean ± std)")
-            for ds, task in sets]
+            for ds, task in sets
+        ]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         sources: set[str] = set()
         for name, by_ds in variants.items():
@@ -249,10 +263,14 @@ def grid_table(rows: list[dict], baseline: str) -> str:
             set_rows = [r for by_ds in variants.values() for r in by_ds.get(ds, [])]
             note = "; ".join(x for x in (sample_note(set_rows, task), _boot_note(set_rows)) if x)
             per_set.append(f"{ds}: {headline(task)[1]}" + (f" ({note})" if note else ""))
-        cells_note = ("value [bootstrap 95% interval], seed " + seeds[0] if one_seed
-                      else f"mean ± std over seeds {', '.join(seeds)}")
-        parts.append(f"### {arch} — variant × dataset ({cells_note}; "
-                     f"{_sig_note(sources, baseline)})\n")
+        cells_note = (
+            "value [bootstrap 95% interval], seed " + seeds[0]
+            if one_seed
+            else f"mean ± std over seeds {', '.join(seeds)}"
+        )
+        parts.append(
+            f"### {arch} — variant × dataset ({cells_note}; {_sig_note(sources, baseline)})\n"
+        )
         parts.append("Headline metric per test split: " + "; ".join(per_set) + ".\n")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
@@ -270,16 +288,35 @@ def markdown_table(rows: list[dict], baseline: str) -> str:
         seeds = sorted({str(r["seed"]) for r in all_rows}, key=lambda s: (len(s), s))
         head_metric = metrics[0][0]
         holm = any(r.get(f"{head_metric}_p_holm") for r in all_rows)
-        note = ("bootstrap 95% interval in brackets" if len(seeds) == 1
-                else f"mean ± std over seeds {', '.join(seeds)}; p per seed")
-        about = "; ".join(x for x in (sample_note(all_rows, task), f"seeds {', '.join(seeds)}",
-                                      note, _boot_note(all_rows)) if x)
-        parts.append(f"### {arch} — {ds} ({about}; p: paired {head_metric} test vs "
-                     f"`{baseline}`" + ("; p (Holm): adjusted over the variants tested against "
-                                        "it" if holm else "") + ")\n")
-        header = ["variant", "kind", "method",
-                  f"{metrics[0][1]} [95% CI]" if len(seeds) == 1 else f"{metrics[0][1]}",
-                  *(h for _, h in metrics[1:]), f"p vs {baseline}"]
+        note = (
+            "bootstrap 95% interval in brackets"
+            if len(seeds) == 1
+            else f"mean ± std over seeds {', '.join(seeds)}; p per seed"
+        )
+        about = "; ".join(
+            x
+            for x in (
+                sample_note(all_rows, task),
+                f"seeds {', '.join(seeds)}",
+                note,
+                _boot_note(all_rows),
+            )
+            if x
+        )
+        parts.append(
+            f"### {arch} — {ds} ({about}; p: paired {head_metric} test vs "
+            f"`{baseline}`"
+            + ("; p (Holm): adjusted over the variants tested against it" if holm else "")
+            + ")\n"
+        )
+        header = [
+            "variant",
+            "kind",
+            "method",
+            f"{metrics[0][1]} [95% CI]" if len(seeds) == 1 else f"{metrics[0][1]}",
+            *(h for _, h in metrics[1:]),
+            f"p vs {baseline}",
+        ]
         header += ["p (Holm)"] if holm else []
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for name, rs in by_variant.items():
@@ -311,10 +348,11 @@ def verdict(by_variant: dict[str, list[dict]], baseline: str, metric: str) -> st
     if not merges:
         return ""
     if not above:
-        return (f"No merge scores above `{baseline}` ({ref:.3f}) on {metric} "
-                f"({len(merges)} merges).")
-    return (f"{len(above)} of {len(merges)} merges score above `{baseline}` ({ref:.3f}) on "
-            f"{metric}: {', '.join(above)}.")
+        return f"No merge scores above `{baseline}` ({ref:.3f}) on {metric} ({len(merges)} merges)."
+    return (
+        f"{len(above)} of {len(merges)} merges score above `{baseline}` ({ref:.3f}) on "
+        f"{metric}: {', '.join(above)}."
+    )
 
 
 def plot_forest(rows: list[dict], out: str | Path, baseline: str) -> Path:
@@ -327,15 +365,7 @@ def plot_forest(rows: list[dict], out: str | Path, baseline: str) -> Path:
 
 def write_leaderboard(path: Path, rows: list[dict]) -> Path:
     """The run's leaderboard: exactly this run's rows (a stale variant from an edit is gone)."""
-    fd, tmp = tempfile.mkstemp(prefix=".leaderboard.", suffix=".csv", dir=path.parent)
-    os.close(fd)
-    Path(tmp).unlink()
-    try:
-        upsert_rows(tmp, rows)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return upsert_rows(path, rows, replace_all=True)
 
 
 def write_reports(result: Any, exp: Any, baseline: str) -> None:
@@ -349,5 +379,14 @@ def write_reports(result: Any, exp: Any, baseline: str) -> None:
     result.plot = plot_forest(rows, out / "plot.png", baseline)
 
 
-__all__ = ["aggregate", "fmt_value", "format_p", "grid", "grid_table", "markdown_table",
-           "plot_forest", "significance", "write_reports"]
+__all__ = [
+    "aggregate",
+    "fmt_value",
+    "format_p",
+    "grid",
+    "grid_table",
+    "markdown_table",
+    "plot_forest",
+    "significance",
+    "write_reports",
+]

@@ -3,16 +3,15 @@
     emomerge run experiments/qwen2_5_vl_7b.yaml --out runs/qwen2_5_vl_7b
 
 Validated with pydantic at load (unknown keys are errors), so a typo fails before any model is
-read; every error is one line naming the file and the key. Relative paths (models, data,
-curriculum files, recipes) resolve against the YAML's folder; a recipe not found there is looked
-up in the repository's ``merge_configs/``.
+read; every error is one line naming the file and the key (DESIGN.md, Configuration). Relative
+paths (models, data, curriculum files, recipes) resolve against the YAML's folder; a recipe not
+found there is looked up in the repository's ``merge_configs/``.
 """
 
 from __future__ import annotations
 
 import atexit
 import glob
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,37 +19,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from pydantic import Field, field_validator, model_validator
+
+from emomerge.merging.config import (
+    ConfigError,
+    SafeName,
+    Strict,
+    check_safe_name,
+    dump_yaml,
+    key_error,
+    load_yaml,
+    require_mapping,
+    validate,
+)
 from emomerge.merging.errors import InputError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from emomerge.training.curriculum import DatasetName, LoraOverrides, Stage, TrainOverrides
 
 #: The repository's merge recipes (present in a checkout / editable install).
 MERGE_CONFIGS = Path(__file__).resolve().parents[1] / "merge_configs"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Variant names the runner gives itself; merges may not take them.
 RESERVED = ("base", "single-stage")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _folder_safe(v: str | None) -> str | None:
-    if v is not None and not _NAME.match(v):
-        raise ValueError("must be a folder-safe name (letters, digits, '_', '-', '.')")
-    return v
-
-
-class Architecture(_Strict):
+class Architecture(Strict):
     """One base model: a hub id or a local folder, with optional LoRA / training overrides."""
 
     model: str
-    name: str | None = None  # the label in tables; default: the family
+    name: SafeName | None = None  # the label in tables; default: the family
     family: str | None = None
-    lora: dict[str, Any] = Field(default_factory=dict)  # overrides of curriculum.lora
-    train: dict[str, Any] = Field(default_factory=dict)  # overrides of curriculum.train
-
-    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
+    #: overrides of curriculum.lora / curriculum.train: typed, an unknown key fails at load
+    lora: LoraOverrides = Field(default_factory=LoraOverrides)  # type: ignore[valid-type]
+    train: TrainOverrides = Field(default_factory=TrainOverrides)  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
@@ -58,7 +57,7 @@ class Architecture(_Strict):
         return {"model": data} if isinstance(data, str) else data
 
 
-class CurriculumSpec(_Strict):
+class CurriculumSpec(Strict):
     """The chain of stages: a curriculum YAML (``file``) or its parts inline.
 
     From a file, its ``base_model`` and ``seed`` are replaced by each architecture and seed.
@@ -66,9 +65,9 @@ class CurriculumSpec(_Strict):
 
     file: str | None = None
     lineage: Literal["continued", "stacked"] | None = None
-    lora: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    stages: list[dict[str, Any]] | None = None
+    lora: LoraOverrides | None = None  # type: ignore[valid-type]
+    train: TrainOverrides | None = None  # type: ignore[valid-type]
+    stages: list[Stage] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -82,14 +81,12 @@ class CurriculumSpec(_Strict):
         return self
 
 
-class MergeSpec(_Strict):
+class MergeSpec(Strict):
     """One merge of the main chain's stage adapters: a recipe file or an inline recipe."""
 
-    name: str | None = None  # default: the recipe file's stem or the method
+    name: SafeName | None = None  # default: the recipe file's stem or the method
     recipe: str | None = None
     inline: dict[str, Any] | None = None
-
-    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
 
     @model_validator(mode="before")
     @classmethod
@@ -103,11 +100,11 @@ class MergeSpec(_Strict):
         return self
 
 
-class EvalSet(_Strict):
+class EvalSet(Strict):
     """One test split every variant is scored on."""
 
-    name: str | None = None  # default: the dataset
-    dataset: str
+    name: SafeName | None = None  # default: the dataset
+    dataset: DatasetName
     path: str
     split: str = "test"
     task: str | None = None  # the reader's task (utterance, dominant_emotion, ...)
@@ -121,23 +118,12 @@ class EvalSet(_Strict):
     max_labels: int = Field(3, ge=1)  # label_set: largest label set scored
     length_norm: bool = False  # mean log-prob per token instead of the sum
 
-    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from emomerge.training.data import DATASETS
-
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset '{v}' (expected one of {sorted(DATASETS)})")
-        return v
-
     @property
     def label(self) -> str:
         return self.name or self.dataset
 
 
-class Evaluation(_Strict):
+class Evaluation(Strict):
     sets: list[EvalSet] = Field(min_length=1)
     #: The paired test's reference: last_stage (the chain's end), single_stage, base, or a name.
     baseline: str = "last_stage"
@@ -153,12 +139,13 @@ class Evaluation(_Strict):
         labels = [s.label for s in self.sets]
         dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
-            raise ValueError(f"evaluation set names must be unique (repeated: {dup}); "
-                             "give each a 'name'")
+            raise ValueError(
+                f"evaluation set names must be unique (repeated: {dup}); give each a 'name'"
+            )
         return self
 
 
-class Ablations(_Strict):
+class Ablations(Strict):
     """The controlled comparisons built next to the chain and its merges."""
 
     single_stage: bool = True  # a LoRA trained on the target stage alone
@@ -170,8 +157,8 @@ class Ablations(_Strict):
     evaluation_sets: list[str] | None = None
 
 
-class Experiment(_Strict):
-    name: str
+class Experiment(Strict):
+    name: SafeName
     architectures: list[Architecture] = Field(min_length=1)
     curriculum: CurriculumSpec
     merges: list[MergeSpec] = Field(default_factory=list)
@@ -181,8 +168,6 @@ class Experiment(_Strict):
     #: torch intra-op threads (null: torch's default). 1 is fastest for tiny models on 2 cores.
     threads: int | None = Field(None, ge=1)
     device: str | None = None  # training and evaluation device (default: cuda when available)
-
-    _safe = field_validator("name")(classmethod(lambda cls, v: _folder_safe(v)))
 
     @field_validator("seeds")
     @classmethod
@@ -196,8 +181,9 @@ class Experiment(_Strict):
         names = [s.label for s in self.evaluation.sets]
         unknown = [n for n in self.ablations.evaluation_sets or [] if n not in names]
         if unknown:
-            raise ValueError(f"ablations.evaluation_sets: {unknown} are not evaluation sets "
-                             f"(sets: {names})")
+            raise ValueError(
+                f"ablations.evaluation_sets: {unknown} are not evaluation sets (sets: {names})"
+            )
         return self
 
 
@@ -218,6 +204,8 @@ class LoadedExperiment:
     spec: Experiment
     source: Path
     lineage: str
+    #: the curriculum's settings (a file's, complete, or an inline curriculum's, as given) with
+    #: ``curriculum.lora`` / ``curriculum.train`` laid over them
     lora: dict[str, Any]
     train: dict[str, Any]
     stages: list[dict[str, Any]]  # curriculum stage mappings, data paths absolute
@@ -226,6 +214,14 @@ class LoadedExperiment:
     @property
     def stage_names(self) -> list[str]:
         return [s["name"] for s in self.stages]
+
+    def lora_of(self, arch: Architecture) -> dict[str, Any]:
+        """The LoRA settings an architecture's stages train with: its overrides over ours."""
+        return {**self.lora, **arch.lora.set_values()}
+
+    def train_of(self, arch: Architecture) -> dict[str, Any]:
+        """The training settings of an architecture's stages: its overrides over ours."""
+        return {**self.train, **arch.train.set_values()}
 
     def model_path(self, arch: Architecture) -> str:
         """A local folder (absolute) when it exists relative to the YAML, else the hub id."""
@@ -238,23 +234,16 @@ def _resolve(source: Path, value: str) -> Path:
     return p if p.is_absolute() else (source.parent / p).resolve()
 
 
-def _raise(source: str, exc: ValidationError, prefix: str = "") -> None:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "") or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    raise InputError(f"{source}: key '{loc}': {msg}") from exc
-
-
 def _curriculum_parts(exp: Experiment, source: Path) -> tuple[str, dict, dict, list[dict]]:
-    from emomerge.training.curriculum import LoraSettings, Stage, TrainSettings, load_curriculum
+    from emomerge.training.curriculum import load_curriculum
 
     spec = exp.curriculum
+    lora_over = spec.lora.set_values() if spec.lora is not None else {}
+    train_over = spec.train.set_values() if spec.train is not None else {}
     if spec.file is not None:
         path = _resolve(source, spec.file)
         if not path.is_file():
-            raise InputError(f"{source}: key 'curriculum.file': {path} not found")
+            raise key_error(source, "curriculum.file", f"{path} not found")
         cur = load_curriculum(path)
         stages = [s.model_dump() for s in cur.stages]
         for s in stages:
@@ -263,39 +252,34 @@ def _curriculum_parts(exp: Experiment, source: Path) -> tuple[str, dict, dict, l
                 if k in s["options"]:
                     s["options"][k] = str(cur.resolve(str(s["options"][k])).resolve())
         lineage = spec.lineage or cur.lineage
-        lora = {**cur.lora.model_dump(), **(spec.lora or {})}
-        train = {**cur.train.model_dump(), **(spec.train or {})}
+        lora = {**cur.lora.model_dump(), **lora_over}
+        train = {**cur.train.model_dump(), **train_over}
     else:
         stages = []
-        for i, raw in enumerate(spec.stages or []):
-            try:
-                s = Stage.model_validate(raw).model_dump()
-            except ValidationError as exc:
-                _raise(str(source), exc, f"curriculum.stages.{i}")
+        for stage in spec.stages or []:
+            s = stage.model_dump()
             s["path"] = str(_resolve(source, s["path"]))
             for k in ("image_root", "manga109_root"):
                 if k in s["options"]:
                     s["options"][k] = str(_resolve(source, str(s["options"][k])))
             stages.append(s)
-        lineage, lora, train = spec.lineage or "continued", spec.lora or {}, spec.train or {}
-    for key, model, value in (("lora", LoraSettings, lora), ("train", TrainSettings, train)):
-        try:
-            model.model_validate(value)
-        except ValidationError as exc:
-            _raise(str(source), exc, f"curriculum.{key}")
+        lineage, lora, train = spec.lineage or "continued", lora_over, train_over
     names = [s["name"] for s in stages]
     if len(set(names)) != len(names):
-        raise InputError(f"{source}: key 'curriculum.stages': stage names must be unique")
+        raise key_error(source, "curriculum.stages", "stage names must be unique")
     if not stages:
-        raise InputError(f"{source}: key 'curriculum.stages': at least one stage is needed")
+        raise key_error(source, "curriculum.stages", "at least one stage is needed")
     return lineage, lora, train, stages
 
 
 def _find_recipe(source: Path, value: str, where: str) -> list[Path]:
     cands = [_resolve(source, value)]
     if not Path(value).is_absolute():
-        cands.append(MERGE_CONFIGS / Path(value).name if value.startswith("merge_configs/")
-                     else MERGE_CONFIGS / value)
+        cands.append(
+            MERGE_CONFIGS / Path(value).name
+            if value.startswith("merge_configs/")
+            else MERGE_CONFIGS / value
+        )
     for cand in cands:
         if any(ch in str(cand) for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(cand)))
@@ -303,28 +287,44 @@ def _find_recipe(source: Path, value: str, where: str) -> list[Path]:
                 return found
         elif cand.is_file():
             return [cand]
-    raise InputError(f"{source}: key '{where}': recipe {value} not found (relative to the "
-                     f"experiment file, or in {MERGE_CONFIGS})")
+    raise key_error(
+        source,
+        where,
+        f"recipe {value} not found (relative to the experiment file, or in {MERGE_CONFIGS})",
+    )
 
 
-def _check_recipe(path: Path, stage_names: list[str], source: Path, where: str,
-                  shown: str) -> dict[str, Any]:
+def _check_recipe(
+    path: Path, stage_names: list[str], source: Path, where: str, shown: str, inline: bool = False
+) -> dict[str, Any]:
     from emomerge.merging.recipe import load_recipe
 
     try:
         recipe = load_recipe(path)
+    except ConfigError as exc:
+        if inline and exc.key is not None:  # the key inside the experiment file
+            raise key_error(source, f"{where}.{exc.key}", exc.detail) from exc
+        raise key_error(source, where, f"({shown}) {exc.problem}") from exc
     except InputError as exc:
         msg = str(exc).splitlines()[0].replace(f"{path}: ", "")
-        raise InputError(f"{source}: key '{where}' ({shown}): {msg}") from exc
+        raise key_error(source, where, f"({shown}) {msg}") from exc
     for j, m in enumerate(recipe.models):
         model = m.model.split("+", 1)[-1].rstrip("/")
         parts = Path(model).parts
-        if Path(model).is_absolute() or len(parts) != 2 or parts[0] != "adapters" \
-                or parts[1] not in stage_names:
-            raise InputError(f"{source}: key '{where}' ({shown}): models[{j}] '{m.model}' is not "
-                             f"a stage adapter of the curriculum (expected adapters/<stage>, "
-                             f"stages: {stage_names})")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+        if (
+            Path(model).is_absolute()
+            or len(parts) != 2
+            or parts[0] != "adapters"
+            or parts[1] not in stage_names
+        ):
+            raise key_error(
+                source,
+                f"{where}.models.{j}.model" if inline else where,
+                ("" if inline else f"({shown}) ") + f"'{m.model}' is not a stage "
+                f"adapter of the curriculum (expected adapters/<stage>, stages: "
+                f"{stage_names})",
+            )
+    return load_yaml(path, what="recipe file")
 
 
 def _inline_folder(inline_dir: str | Path | None) -> Callable[[], Path]:
@@ -346,75 +346,81 @@ def _inline_folder(inline_dir: str | Path | None) -> Callable[[], Path]:
     return folder
 
 
-def _merges(exp: Experiment, source: Path, stage_names: list[str],
-            inline_dir: Callable[[], Path]) -> list[ResolvedMerge]:
+def _merges(
+    exp: Experiment, source: Path, stage_names: list[str], inline_dir: Callable[[], Path]
+) -> list[ResolvedMerge]:
     out: list[ResolvedMerge] = []
     for i, spec in enumerate(exp.merges):
         where = f"merges.{i}"
         if spec.inline is not None:
             name = spec.name or str(spec.inline.get("merge_method", f"merge{i}"))
+            try:  # the recipe is written to <name>.yaml: never outside the folder
+                check_safe_name(name)
+            except ValueError as exc:
+                raise key_error(
+                    source, f"{where}.inline.merge_method", f"{exc} (or give the merge a 'name')"
+                ) from None
             path = inline_dir() / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(spec.inline, sort_keys=False), encoding="utf-8")
-            raw = _check_recipe(path, stage_names, source, f"{where}.inline", name)
+            path.write_text(dump_yaml(spec.inline), encoding="utf-8")
+            raw = _check_recipe(path, stage_names, source, f"{where}.inline", name, inline=True)
             out.append(ResolvedMerge(name, path, raw))
             continue
         found = _find_recipe(source, spec.recipe or "", f"{where}.recipe")
         if spec.name and len(found) > 1:
-            raise InputError(f"{source}: key '{where}.name': a name for a glob of "
-                             f"{len(found)} recipes")
+            raise key_error(source, f"{where}.name", f"a name for a glob of {len(found)} recipes")
         for path in found:
             raw = _check_recipe(path, stage_names, source, f"{where}.recipe", path.name)
             out.append(ResolvedMerge(spec.name or path.stem, path, raw))
     names = [m.name for m in out]
-    clash = sorted({n for n in names if names.count(n) > 1}
-                   | {n for n in names if n in stage_names or n in RESERVED})
+    clash = sorted(
+        {n for n in names if names.count(n) > 1}
+        | {n for n in names if n in stage_names or n in RESERVED}
+    )
     if clash:
-        raise InputError(f"{source}: key 'merges': merge names must be unique and differ from "
-                         f"stage names and {list(RESERVED)} (clash: {clash})")
+        raise key_error(
+            source,
+            "merges",
+            f"merge names must be unique and differ from stage "
+            f"names and {list(RESERVED)} (clash: {clash})",
+        )
     return out
 
 
-def parse_experiment(data: Any, source: str | Path = "<experiment>",
-                     inline_dir: str | Path | None = None) -> LoadedExperiment:
-    """Validate an experiment mapping; errors name ``source`` and the key."""
+def parse_experiment(
+    data: Any, source: str | Path = "<experiment>", inline_dir: str | Path | None = None
+) -> LoadedExperiment:
+    """Validate an experiment mapping; errors name ``source`` and the key (DESIGN.md,
+    Configuration)."""
     source = Path(source)
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping at the top level")
-    try:
-        exp = Experiment.model_validate(data)
-    except ValidationError as exc:
-        _raise(str(source), exc)
+    exp = validate(Experiment, require_mapping(data, source), source)
     lineage, lora, train, stages = _curriculum_parts(exp, source)
     names = [s["name"] for s in stages]
-    for i, arch in enumerate(exp.architectures):
-        for key, model, over in (("lora", "LoraSettings", arch.lora),
-                                 ("train", "TrainSettings", arch.train)):
-            from emomerge.training import curriculum as cmod
-
-            try:
-                getattr(cmod, model).model_validate({**(lora if key == "lora" else train), **over})
-            except ValidationError as exc:
-                _raise(str(source), exc, f"architectures.{i}.{key}")
     labels = [a.name or a.model for a in exp.architectures]
     if len(set(labels)) != len(labels):
-        raise InputError(f"{source}: key 'architectures': give each architecture a distinct "
-                         "'name'")
+        raise key_error(source, "architectures", "give each architecture a distinct 'name'")
     abl = exp.ablations.merge_without_stage
     merges = _merges(exp, source, names, _inline_folder(inline_dir))
     if isinstance(abl, list):
         unknown = sorted(set(abl) - {m.name for m in merges})
         if unknown:
-            raise InputError(f"{source}: key 'ablations.merge_without_stage': {unknown} are not "
-                             f"merge names ({[m.name for m in merges]})")
+            raise key_error(
+                source,
+                "ablations.merge_without_stage",
+                f"{unknown} are not merge names ({[m.name for m in merges]})",
+            )
     base = exp.evaluation.baseline
     allowed = {"last_stage", "single_stage", "base", *names, *(m.name for m in merges)}
     if base not in allowed:
-        raise InputError(f"{source}: key 'evaluation.baseline': '{base}' is neither last_stage, "
-                         "single_stage, base nor a stage or merge name")
+        raise key_error(
+            source,
+            "evaluation.baseline",
+            f"'{base}' is neither last_stage, single_stage, base nor a stage or merge name",
+        )
     if base == "single_stage" and not exp.ablations.single_stage:
-        raise InputError(f"{source}: key 'evaluation.baseline': single_stage needs "
-                         "ablations.single_stage: true")
-    for i, s in enumerate(exp.evaluation.sets):
+        raise key_error(
+            source, "evaluation.baseline", "single_stage needs ablations.single_stage: true"
+        )
+    for s in exp.evaluation.sets:
         s.path = str(_resolve(source, s.path))
         for k in ("image_root", "manga109_root"):
             if k in s.options:
@@ -425,13 +431,4 @@ def parse_experiment(data: Any, source: str | Path = "<experiment>",
 def load_experiment(path: str | Path, inline_dir: str | Path | None = None) -> LoadedExperiment:
     """Read and validate an experiment YAML file."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise InputError(f"{path}: experiment file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} "
-                         f"at offset {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_experiment(data, path, inline_dir)
+    return parse_experiment(load_yaml(path, what="experiment file"), path, inline_dir)

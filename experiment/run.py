@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import stable_hash
-from .experiment_config import Architecture, LoadedExperiment, load_experiment
-from .variants import Variant, variant_from_dir
+from emomerge.evaluation.cache import stable_hash
+from emomerge.evaluation.variants import Variant, variant_from_dir
+
+from .config import Architecture, LoadedExperiment, load_experiment
 
 Echo = Callable[[str], None]
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -69,8 +70,9 @@ class ExperimentResult:
     markdown: Path | None = None
     plot: Path | None = None
     #: what this call built (not reused), for reports and tests: kind → names
-    built: dict[str, list[str]] = field(default_factory=lambda: {"stages": [], "merges": [],
-                                                                 "scored": []})
+    built: dict[str, list[str]] = field(
+        default_factory=lambda: {"stages": [], "merges": [], "scored": []}
+    )
 
 
 def _short(h: str) -> str:
@@ -92,20 +94,27 @@ def chain_specs(exp: LoadedExperiment) -> list[tuple[str, list[dict[str, Any]]]]
     if abl.single_stage and len(stages) > 1:
         chains.append(("single-stage", stages[-1:]))
     if abl.chain_without_stage and len(stages) > 1:
-        chains += [(f"without-{s['name']}", [t for t in stages if t is not s])
-                   for s in stages[:-1]]
+        chains += [(f"without-{s['name']}", [t for t in stages if t is not s]) for s in stages[:-1]]
     return chains
 
 
-def curriculum_of(exp: LoadedExperiment, arch: Architecture, base: str, seed: int,
-                  stages: list[dict[str, Any]]) -> dict[str, Any]:
+def curriculum_of(
+    exp: LoadedExperiment, arch: Architecture, base: str, seed: int, stages: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The curriculum mapping ``train_curriculum`` takes for one chain."""
-    train = {**exp.train, **arch.train}
+    train = exp.train_of(arch)
     if exp.spec.device and not train.get("device"):
         train["device"] = exp.spec.device
-    return {"name": f"{exp.spec.name}", "base_model": base, "family": arch.family,
-            "lineage": exp.lineage, "seed": seed, "lora": {**exp.lora, **arch.lora},
-            "train": train, "stages": stages}
+    return {
+        "name": f"{exp.spec.name}",
+        "base_model": base,
+        "family": arch.family,
+        "lineage": exp.lineage,
+        "seed": seed,
+        "lora": exp.lora_of(arch),
+        "train": train,
+        "stages": stages,
+    }
 
 
 def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[str]:
@@ -115,16 +124,24 @@ def stage_keys(cur: dict[str, Any], base_identity: str, scratch: Path) -> list[s
     the data sha256. The stage's *position* is part of it: training seeds stage k with seed + k.
     """
     from emomerge.training.curriculum import parse_curriculum
-    from emomerge.training.families import detect_family
+    from emomerge.training.models.families import detect_family
     from emomerge.training.stages import plan_stages, text_format
 
     parsed = parse_curriculum(cur, "<experiment curriculum>")
     plans = plan_stages(parsed, scratch)
     # the same identity whatever the device / thread count (they do not change the update)
-    head = {"base": base_identity, "family": cur.get("family"), "lineage": cur["lineage"],
-            "seed": cur["seed"], "lora": parsed.lora.model_dump(),
-            "train": {k: v for k, v in parsed.train.model_dump().items()
-                      if k not in ("device", "max_bad_image_share", "gradient_checkpointing")}}
+    head = {
+        "base": base_identity,
+        "family": cur.get("family"),
+        "lineage": cur["lineage"],
+        "seed": cur["seed"],
+        "lora": parsed.lora.model_dump(),
+        "train": {
+            k: v
+            for k, v in parsed.train.model_dump().items()
+            if k not in ("device", "max_bad_image_share", "gradient_checkpointing")
+        },
+    }
     # a family whose training text changed (BOS, answer tail) gets new keys, so a run trains it
     # anew instead of meeting stages trained on the old text; the others keep theirs
     fmt = text_format(cur.get("family") or detect_family(cur["base_model"]))
@@ -166,8 +183,13 @@ def prepare_chain(name: str, cur: dict[str, Any], root: Path, base_identity: str
     folder = root / f"{name}-{_short(keys[-1])}"
     stages = [s["name"] for s in cur["stages"]]
     (folder / "adapters").mkdir(parents=True, exist_ok=True)
-    (folder / CHAIN_FILE).write_text(json.dumps({"chain": name, "keys": keys, "stages": stages,
-                                                 "curriculum": cur}, indent=1, default=str))
+    (folder / CHAIN_FILE).write_text(
+        json.dumps(
+            {"chain": name, "keys": keys, "stages": stages, "curriculum": cur},
+            indent=1,
+            default=str,
+        )
+    )
     finished = _finished_stages(root)
     for key, stage in zip(keys, stages):
         target = folder / "adapters" / stage
@@ -187,7 +209,9 @@ def train_chain(chain: Chain, progress: bool) -> list[str]:
     from emomerge.training.stages import is_complete
     from emomerge.training.trainer import train_curriculum
 
-    todo = [s["name"] for s in chain.curriculum["stages"] if not is_complete(chain.adapter(s["name"]))]
+    todo = [
+        s["name"] for s in chain.curriculum["stages"] if not is_complete(chain.adapter(s["name"]))
+    ]
     if todo:
         train_curriculum(chain.curriculum, chain.folder, progress=progress)
     return todo
@@ -203,8 +227,9 @@ def merge_key(raw_recipe: dict[str, Any], inputs: list[Path]) -> str:
     return stable_hash([raw_recipe, [sha256_file(p / ADAPTER_FILE) for p in inputs]])
 
 
-def build_merges(exp: LoadedExperiment, main: Chain, root: Path, echo: Echo,
-                 progress: bool = False) -> tuple[list[tuple[str, Path, str]], list[str]]:
+def build_merges(
+    exp: LoadedExperiment, main: Chain, root: Path, echo: Echo, progress: bool = False
+) -> tuple[list[tuple[str, Path, str]], list[str]]:
     """Run every recipe over the main chain's adapters (reused when its hash is on disk).
 
     Returns ([(merge name, folder, key)], names built now).
@@ -218,21 +243,28 @@ def build_merges(exp: LoadedExperiment, main: Chain, root: Path, echo: Echo,
         key = merge_key(m.raw, inputs)
         out = root / f"{m.name}-{_short(key)}"
         if not (out / "emomerge.json").is_file():
-            echo(f"  merge {m.name}" + (f" ({recipe.merge_method})"
-                                        if recipe.merge_method != m.name else ""))
+            echo(
+                f"  merge {m.name}"
+                + (f" ({recipe.merge_method})" if recipe.merge_method != m.name else "")
+            )
             run_recipe(m.path, out, root=main.folder, force=True, progress=progress)
             built.append(m.name)
         done.append((m.name, out, key))
     return done, built
 
 
-def merge_ablations(merges: list[tuple[str, Path, str]], wanted: bool | list[str],
-                    root: Path, stage_names: list[str], exact: bool = True) -> list[Variant]:
+def merge_ablations(
+    merges: list[tuple[str, Path, str]],
+    wanted: bool | list[str],
+    root: Path,
+    stage_names: list[str],
+    exact: bool = True,
+) -> list[Variant]:
     """Each selected merge without each of its input stages (evaluation's leave-one-stage-out).
 
     Keyed by the full merge's hash, so an edited recipe never reuses a stale ablation.
     """
-    from .ablation import leave_one_stage_out
+    from emomerge.evaluation.ablation import leave_one_stage_out
 
     variants = []
     for name, folder, key in merges:
@@ -254,38 +286,78 @@ def resolve_baseline(exp: LoadedExperiment) -> str:
 
 
 def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any:
-    from .runner import EvalConfig
+    from emomerge.evaluation.runner import EvalConfig
 
     ev = exp.spec.evaluation
-    return EvalConfig(dataset=s.dataset, split=s.split, mode=s.mode, multilabel=s.multilabel,
-                      threshold=s.threshold, max_new_tokens=s.max_new_tokens,
-                      scoring=s.scoring, max_labels=s.max_labels, length_norm=s.length_norm,
-                      batch_size=ev.batch_size, n_boot=ev.n_boot, seed=seed, baseline=baseline,
-                      paired_test=ev.paired_test)
+    return EvalConfig(
+        dataset=s.dataset,
+        split=s.split,
+        mode=s.mode,
+        multilabel=s.multilabel,
+        threshold=s.threshold,
+        max_new_tokens=s.max_new_tokens,
+        scoring=s.scoring,
+        max_labels=s.max_labels,
+        length_norm=s.length_norm,
+        batch_size=ev.batch_size,
+        n_boot=ev.n_boot,
+        seed=seed,
+        baseline=baseline,
+        paired_test=ev.paired_test,
+    )
 
 
-def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: list[Variant],
-                      root: Path, seed: int, progress: bool) -> tuple[list[dict], list[str]]:
+def evaluate_variants(
+    exp: LoadedExperiment,
+    host: Any,
+    base: str,
+    variants: list[Variant],
+    root: Path,
+    seed: int,
+    progress: bool,
+) -> tuple[list[dict], list[str]]:
     """Score ``variants`` (plus the base) on every evaluation set; rows and names scored now."""
-    from .pipeline import load_checked, needs_validation, train_labels, validation_data
-    from .runner import evaluate
+    from emomerge.evaluation.pipeline import (
+        load_checked,
+        needs_validation,
+        train_labels,
+        validation_data,
+    )
+    from emomerge.evaluation.runner import evaluate
 
     rows, scored = [], []
     baseline = resolve_baseline(exp)
     on = exp.spec.ablations.evaluation_sets
     for s in exp.spec.evaluation.sets:
-        scored_here = variants if on is None or s.label in on else \
-            [v for v in variants if v.kind not in ABLATION_KINDS]
+        scored_here = (
+            variants
+            if on is None or s.label in on
+            else [v for v in variants if v.kind not in ABLATION_KINDS]
+        )
         cfg = _eval_config(exp, s, seed, baseline)
         samples, skipped = load_checked(s.dataset, s.path, s.split, s.task, **s.options)
         val = pool = None
         if needs_validation(cfg):
             val, pool = validation_data(s.dataset, s.path, s.task, **s.options)
-        labels = train_labels(s.dataset, s.path, s.task, pool, **s.options) \
-            if cfg.resolved_task() != "vqa" else None
-        res = evaluate(host, base, scored_here, samples, root / s.label, cfg, val_samples=val,
-                       val_pool=pool, train_labels=labels, include_base=True, progress=progress,
-                       skipped_images=skipped)
+        labels = (
+            train_labels(s.dataset, s.path, s.task, pool, **s.options)
+            if cfg.resolved_task() != "vqa"
+            else None
+        )
+        res = evaluate(
+            host,
+            base,
+            scored_here,
+            samples,
+            root / s.label,
+            cfg,
+            val_samples=val,
+            val_pool=pool,
+            train_labels=labels,
+            include_base=True,
+            progress=progress,
+            skipped_images=skipped,
+        )
         for row in res.rows:
             row["dataset"] = s.dataset
         rows += res.rows
@@ -296,8 +368,12 @@ def evaluate_variants(exp: LoadedExperiment, host: Any, base: str, variants: lis
 # ---------------------------------------------------------------- the experiment
 
 
-def _variants(exp: LoadedExperiment, chains: dict[str, Chain],
-              merges: list[tuple[str, Path, str]], merge_abl: list[Variant]) -> list[Variant]:
+def _variants(
+    exp: LoadedExperiment,
+    chains: dict[str, Chain],
+    merges: list[tuple[str, Path, str]],
+    merge_abl: list[Variant],
+) -> list[Variant]:
     main, last = chains["main"], exp.stage_names[-1]
     out = [variant_from_dir(main.adapter(s), name=s) for s in exp.stage_names]
     if "single-stage" in chains:
@@ -320,13 +396,18 @@ def _host_loading(exp: LoadedExperiment, arch: Architecture) -> dict[str, Any]:
     training's 4-bit quantisation is reused."""
     import torch
 
-    train = {**exp.train, **arch.train}
+    train = exp.train_of(arch)
     if exp.spec.evaluation.exact_merges:
         spread = torch.cuda.is_available() and torch.cuda.device_count() > 1
-        return {"max_pixels": train.get("max_pixels"), "quantize_4bit": False,
-                "device_map": "auto" if spread else None}
-    return {"max_pixels": train.get("max_pixels"),
-            "quantize_4bit": True if train.get("quantize_4bit") else False}
+        return {
+            "max_pixels": train.get("max_pixels"),
+            "quantize_4bit": False,
+            "device_map": "auto" if spread else None,
+        }
+    return {
+        "max_pixels": train.get("max_pixels"),
+        "quantize_4bit": True if train.get("quantize_4bit") else False,
+    }
 
 
 def _set_threads(n: int | None) -> None:
@@ -336,22 +417,29 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *,
-                   progress: bool = True, echo: Echo = print) -> ExperimentResult:
+def run_experiment(
+    experiment: str | Path | LoadedExperiment,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    echo: Echo = print,
+) -> ExperimentResult:
     """Run (or resume) an experiment into ``out``; return the rows, table and file paths."""
-    from emomerge.training.families import detect_family
-    from emomerge.training.models import resolve_model
-    from emomerge.training.stages import base_hash
+    from emomerge.evaluation.distributed import current_shard
+    from emomerge.evaluation.predict import ModelHost
+    from emomerge.training.models.families import detect_family
+    from emomerge.training.models.fingerprint import fingerprint
+    from emomerge.training.models.loading import resolve_model
 
-    from .experiment_report import write_reports
-    from .predict import ModelHost
-
-    from .distributed import current_shard
+    from .report import write_reports
 
     out = Path(out).resolve()
     shard = current_shard()
-    exp = (experiment if isinstance(experiment, LoadedExperiment)
-           else load_experiment(experiment, inline_dir=out / "recipes"))
+    exp = (
+        experiment
+        if isinstance(experiment, LoadedExperiment)
+        else load_experiment(experiment, inline_dir=out / "recipes")
+    )
     out.mkdir(parents=True, exist_ok=True)
     _set_threads(exp.spec.threads)
     result = ExperimentResult(out)
@@ -359,12 +447,15 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
     for arch in exp.spec.architectures:
         base = exp.model_path(arch)
         i = exp.spec.architectures.index(arch)
-        base = resolve_model(base, where=f"{exp.source}: key 'architectures.{i}.model'",
-                             relative_to=exp.source.parent)
+        base = resolve_model(
+            base,
+            where=f"{exp.source}: key 'architectures.{i}.model'",
+            relative_to=exp.source.parent,
+        )
         family = arch.family or detect_family(base)
         label = arch_label(arch, family)
         labels.append(label)
-        identity = stable_hash([base, base_hash(base)])
+        identity = stable_hash([base, fingerprint(base)])
         host = None
         for seed in exp.spec.seeds:
             tag = f"{label} seed {seed}"
@@ -373,8 +464,10 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
                 cur = curriculum_of(exp, arch, base, seed, stages)
                 chain = prepare_chain(name, cur, out / "train" / label / f"seed{seed}", identity)
                 trained = train_chain(chain, progress)
-                echo(f"[train] {tag} {name}: " + (f"trained {', '.join(trained)}" if trained
-                                                  else "all stages reused"))
+                echo(
+                    f"[train] {tag} {name}: "
+                    + (f"trained {', '.join(trained)}" if trained else "all stages reused")
+                )
                 result.built["stages"] += [f"{label}/seed{seed}/{name}/{s}" for s in trained]
                 chains[name] = chain
             mroot = out / "merges" / label / f"seed{seed}"
@@ -383,33 +476,53 @@ def run_experiment(experiment: str | Path | LoadedExperiment, out: str | Path, *
                 shard.barrier()
             merges, built = build_merges(exp, chains["main"], mroot, echo, progress)
             result.built["merges"] += [f"{label}/seed{seed}/{m}" for m in built]
-            abl = merge_ablations(merges, exp.spec.ablations.merge_without_stage,
-                                  mroot / "ablations", exp.stage_names,
-                                  exact=exp.spec.evaluation.exact_merges)
+            abl = merge_ablations(
+                merges,
+                exp.spec.ablations.merge_without_stage,
+                mroot / "ablations",
+                exp.stage_names,
+                exact=exp.spec.evaluation.exact_merges,
+            )
             if shard.is_main:
                 shard.barrier()
-            echo(f"[merge] {tag}: {len(merges)} merges ({len(built)} built), "
-                 f"{len(abl)} leave-one-stage-out merges")
+            echo(
+                f"[merge] {tag}: {len(merges)} merges ({len(built)} built), "
+                f"{len(abl)} leave-one-stage-out merges"
+            )
             variants = _variants(exp, chains, merges, abl)
             if host is None:
-                host = ModelHost.load(base, family=family, device=exp.spec.device or "cpu",
-                                      **_host_loading(exp, arch))
-            rows, scored = evaluate_variants(exp, host, base, variants,
-                                             out / "eval" / label / f"seed{seed}", seed, progress)
+                host = ModelHost.load(
+                    base, family=family, device=exp.spec.device or "cpu", **_host_loading(exp, arch)
+                )
+            rows, scored = evaluate_variants(
+                exp, host, base, variants, out / "eval" / label / f"seed{seed}", seed, progress
+            )
             for row in rows:
                 row["architecture"] = label
                 row["seed"] = seed
-            echo(f"[eval] {tag}: {len(rows)} rows, {len(scored)} variant×set scored now "
-                 f"(the rest from the prediction cache)")
+            echo(
+                f"[eval] {tag}: {len(rows)} rows, {len(scored)} variant×set scored now "
+                f"(the rest from the prediction cache)"
+            )
             result.built["scored"] += [f"{label}/seed{seed}/{s}" for s in scored]
             result.rows += rows
         del host
     if not shard.is_main:  # every process computed the rows; the main one writes the reports
         return result
-    (out / "experiment.json").write_text(json.dumps(
-        {"experiment": str(exp.source), "name": exp.spec.name, "architectures": labels,
-         "seeds": exp.spec.seeds, "stages": exp.stage_names,
-         "merges": [m.name for m in exp.merges], "baseline": resolve_baseline(exp),
-         "built": result.built}, indent=1))
+    (out / "experiment.json").write_text(
+        json.dumps(
+            {
+                "experiment": str(exp.source),
+                "name": exp.spec.name,
+                "architectures": labels,
+                "seeds": exp.spec.seeds,
+                "stages": exp.stage_names,
+                "merges": [m.name for m in exp.merges],
+                "baseline": resolve_baseline(exp),
+                "built": result.built,
+            },
+            indent=1,
+        )
+    )
     write_reports(result, exp, resolve_baseline(exp))
     return result

@@ -18,7 +18,7 @@ from typing import Any
 
 from emomerge.merging.errors import InputError
 
-from .experiment_config import LoadedExperiment
+from .config import LoadedExperiment
 
 #: One forward pass over a comic page prompt, Qwen2.5-VL-7B, H200, bf16 (issue 13's measurement).
 SECONDS_PER_EXAMPLE = 1.18
@@ -64,26 +64,31 @@ class Plan:
         return None if any(t is None for t in totals) else sum(totals) * self.runs
 
     def table(self) -> str:
-        lines = [f"{self.architectures} architecture(s) × {self.seeds} seed(s) = {self.runs} "
-                 "run(s); per run:",
-                 f"  train: {len(self.chains)} chains ({', '.join(self.chains)}), "
-                 f"{self.stages} stages",
-                 f"  merge: {self.merges} merges, {self.merge_ablations} leave-one-stage-out "
-                 "merges",
-                 "", "| evaluation set | variants | examples | + validation | "
-                 "variant × examples |", "|---|---|---|---|---|"]
+        lines = [
+            f"{self.architectures} architecture(s) × {self.seeds} seed(s) = {self.runs} "
+            "run(s); per run:",
+            f"  train: {len(self.chains)} chains ({', '.join(self.chains)}), {self.stages} stages",
+            f"  merge: {self.merges} merges, {self.merge_ablations} leave-one-stage-out merges",
+            "",
+            "| evaluation set | variants | examples | + validation | variant × examples |",
+            "|---|---|---|---|---|",
+        ]
         for s in self.sets:
-            lines.append(f"| {s.name} | {s.variants} | {_n(s.examples)} | {_n(s.validation)} | "
-                         f"{_n(s.total())} |")
+            lines.append(
+                f"| {s.name} | {s.variants} | {_n(s.examples)} | {_n(s.validation)} | "
+                f"{_n(s.total())} |"
+            )
         total = self.examples()
         lines.append("")
         if total is None:
             lines.append("scoring: some splits could not be read here (see notes); no total")
         else:
             hours = total * self.seconds_per_example / 3600
-            lines.append(f"scoring: {total:,} example forwards over all runs × "
-                         f"{self.seconds_per_example:g} s = {hours:,.1f} GPU-hours "
-                         "(one process; divide by the processes of a data-parallel run)")
+            lines.append(
+                f"scoring: {total:,} example forwards over all runs × "
+                f"{self.seconds_per_example:g} s = {hours:,.1f} GPU-hours "
+                "(one process; divide by the processes of a data-parallel run)"
+            )
         lines += [f"note: {s.name}: {s.note}" for s in self.sets if s.note]
         return "\n".join(lines) + "\n"
 
@@ -94,15 +99,20 @@ def _n(v: int | None) -> str:
 
 def _count(exp: LoadedExperiment, s: Any) -> tuple[int | None, int | None, str]:
     """Examples of the set's split and of its threshold validation part (or why unknown)."""
-    from .pipeline import load_split, needs_validation, validation_data
-    from .runner import EvalConfig
+    from emomerge.evaluation.pipeline import load_split, needs_validation, validation_data
+    from emomerge.evaluation.runner import EvalConfig
 
     try:
         test = load_split(s.dataset, s.path, s.split, s.task, **s.options)
     except InputError as exc:
         return None, None, str(exc).splitlines()[0]
-    cfg = EvalConfig(dataset=s.dataset, split=s.split, mode=s.mode, multilabel=s.multilabel,
-                     threshold=s.threshold)
+    cfg = EvalConfig(
+        dataset=s.dataset,
+        split=s.split,
+        mode=s.mode,
+        multilabel=s.multilabel,
+        threshold=s.threshold,
+    )
     if not needs_validation(cfg):
         return len(test), 0, ""
     try:
@@ -112,32 +122,45 @@ def _count(exp: LoadedExperiment, s: Any) -> tuple[int | None, int | None, str]:
     if val is not None:
         return len(test), len(val), ""
     # the held-out books the stages record: about the curriculum's holdout fraction of train
-    fraction = next((st.get("holdout", {}).get("fraction", 0.1) for st in exp.stages
-                     if st.get("dataset") == s.dataset and st.get("holdout")), 0.1)
+    fraction = next(
+        (
+            st.get("holdout", {}).get("fraction", 0.1)
+            for st in exp.stages
+            if st.get("dataset") == s.dataset and st.get("holdout")
+        ),
+        0.1,
+    )
     return len(test), round(len(pool or []) * fraction), "validation ≈ holdout fraction × train"
 
 
-def plan_experiment(exp: LoadedExperiment,
-                    seconds_per_example: float = SECONDS_PER_EXAMPLE) -> Plan:
-    """Count what :func:`experiment.run_experiment` would do (nothing is read but the splits)."""
+def plan_experiment(
+    exp: LoadedExperiment, seconds_per_example: float = SECONDS_PER_EXAMPLE
+) -> Plan:
+    """Count what :func:`.run.run_experiment` would do (nothing is read but the splits)."""
     from emomerge.merging.recipe import load_recipe
 
-    from .experiment import chain_specs
+    from .run import chain_specs
 
     if not seconds_per_example > 0 or seconds_per_example == float("inf"):
-        raise InputError(f"--seconds-per-example: must be a positive number, got "
-                         f"{seconds_per_example}")
+        raise InputError(
+            f"--seconds-per-example: must be a positive number, got {seconds_per_example}"
+        )
     chains = chain_specs(exp)
     # a chain's stages that another chain already trained (same prefix) are trained once
-    prefixes = {tuple(s["name"] for s in stages[: i + 1]) for _, stages in chains
-                for i in range(len(stages))}
+    prefixes = {
+        tuple(s["name"] for s in stages[: i + 1])
+        for _, stages in chains
+        for i in range(len(stages))
+    }
     wanted = exp.spec.ablations.merge_without_stage
     n_inputs = {m.name: len(load_recipe(m.path).models) for m in exp.merges}
-    abl = sum(n for name, n in n_inputs.items() if n >= 2 and (
-        wanted is True or (isinstance(wanted, list) and name in wanted)))
+    abl = sum(
+        n
+        for name, n in n_inputs.items()
+        if n >= 2 and (wanted is True or (isinstance(wanted, list) and name in wanted))
+    )
     ablation_chains = sum(1 for name, _ in chains if name.startswith("without-"))
-    main = 1 + len(exp.stages) + len(exp.merges) + int(any(n == "single-stage"
-                                                           for n, _ in chains))
+    main = 1 + len(exp.stages) + len(exp.merges) + int(any(n == "single-stage" for n, _ in chains))
     on = exp.spec.ablations.evaluation_sets
     sets = []
     for s in exp.spec.evaluation.sets:
@@ -145,5 +168,13 @@ def plan_experiment(exp: LoadedExperiment,
         variants = main + (ablation_chains + abl if scored_ablations else 0)
         examples, validation, note = _count(exp, s)
         sets.append(SetPlan(s.label, variants, examples, validation, note))
-    return Plan(len(exp.spec.architectures), len(exp.spec.seeds), [n for n, _ in chains],
-                len(prefixes), len(exp.merges), abl, sets, seconds_per_example)
+    return Plan(
+        len(exp.spec.architectures),
+        len(exp.spec.seeds),
+        [n for n, _ in chains],
+        len(prefixes),
+        len(exp.merges),
+        abl,
+        sets,
+        seconds_per_example,
+    )

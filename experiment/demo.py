@@ -18,19 +18,22 @@ siblings and renamed into place, so a demo killed while writing them starts them
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from emomerge.merging.atomic import atomic_folder
+from emomerge.merging.config import dump_yaml
 
-from .experiment_config import MERGE_CONFIGS
+from .config import MERGE_CONFIGS
 
 FAMILY = "qwen2_5_vl"
-STAGES = (("emoart", "emoart", "dominant_emotion"), ("emid", "emid", "matching"),
-          ("mangavqa", "mangavqa", None), ("emocomics35", "emocomics35", "utterance"))
+STAGES = (
+    ("emoart", "emoart", "dominant_emotion"),
+    ("emid", "emid", "matching"),
+    ("mangavqa", "mangavqa", None),
+    ("emocomics35", "emocomics35", "utterance"),
+)
 #: The quick variant's merges (one exact low-rank, one sparse + re-factorised, one SVD-based).
 QUICK_MERGES = ("linear", "ties", "tsv")
 #: The quick variant's evaluation sets: the target, and the first stage (the one most exposed to
@@ -50,28 +53,30 @@ class DemoSize:
     eval_sets: tuple[str, ...] | None = None  # stages whose test split is scored; None: all
 
 
-FULL = DemoSize(items={"emoart": 60, "emid": 40, "mangavqa": 40, "emocomics35": 64},
-                steps=30, n_boot=1000, merges=None, merge_ablations=["linear", "ties"])
+FULL = DemoSize(
+    items={"emoart": 60, "emid": 40, "mangavqa": 40, "emocomics35": 64},
+    steps=30,
+    n_boot=1000,
+    merges=None,
+    merge_ablations=["linear", "ties"],
+)
 # EmoArt's test split is a 10 % hash of the records: 32 give 6 test items (24 gave 4).
-QUICK = DemoSize(items={"emoart": 32, "emid": 16, "mangavqa": 16, "emocomics35": 24},
-                 steps=4, n_boot=200, merges=QUICK_MERGES, merge_ablations=["ties"],
-                 eval_sets=QUICK_EVAL)
+QUICK = DemoSize(
+    items={"emoart": 32, "emid": 16, "mangavqa": 16, "emocomics35": 24},
+    steps=4,
+    n_boot=200,
+    merges=QUICK_MERGES,
+    merge_ablations=["ties"],
+    eval_sets=QUICK_EVAL,
+)
 
 
 def _atomic(target: Path, build: Any) -> Path:
     """Build into a temporary sibling, then rename: a half-written folder is never reused."""
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         build(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -85,8 +90,12 @@ def eval_sets(size: DemoSize) -> list[dict[str, Any]]:
     for name, dataset, task in STAGES:
         if size.eval_sets is not None and name not in size.eval_sets:
             continue
-        s: dict[str, Any] = {"name": name, "dataset": dataset, "path": f"data/{name}",
-                             "split": "test"}
+        s: dict[str, Any] = {
+            "name": name,
+            "dataset": dataset,
+            "path": f"data/{name}",
+            "split": "test",
+        }
         if task:
             s["task"] = task
         sets.append(s)
@@ -98,15 +107,20 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
     if not MERGE_CONFIGS.is_dir():
         from emomerge.merging.errors import InputError
 
-        raise InputError(f"{MERGE_CONFIGS}: merge_configs/ not found (install from a checkout: "
-                         "pip install -e .)")
+        raise InputError(
+            f"{MERGE_CONFIGS}: merge_configs/ not found (install from a checkout: pip install -e .)"
+        )
     recipes = sorted(p.stem for p in MERGE_CONFIGS.glob("*.yaml"))
     if size.merges is not None:
         recipes = [r for r in recipes if r in size.merges]
     stages = []
     for name, dataset, task in STAGES:
-        stage: dict[str, Any] = {"name": name, "dataset": dataset, "path": f"data/{name}",
-                                 "steps": size.steps}
+        stage: dict[str, Any] = {
+            "name": name,
+            "dataset": dataset,
+            "path": f"data/{name}",
+            "steps": size.steps,
+        }
         if task:
             stage["task"] = task
         if dataset == "emocomics35":  # books for the multi-label threshold, kept out of training
@@ -114,8 +128,9 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
         stages.append(stage)
     return {
         "name": "demo-quick" if size is QUICK else "demo",
-        "architectures": [{"name": "tiny-qwen2_5_vl", "model": f"model/tiny-{FAMILY}",
-                           "family": FAMILY}],
+        "architectures": [
+            {"name": "tiny-qwen2_5_vl", "model": f"model/tiny-{FAMILY}", "family": FAMILY}
+        ],
         "curriculum": {
             "lineage": "continued",
             # A tiny random model needs large steps to move at all in a few dozen updates.
@@ -129,8 +144,11 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
             "baseline": "last_stage",
             "n_boot": size.n_boot,
         },
-        "ablations": {"single_stage": True, "chain_without_stage": True,
-                      "merge_without_stage": size.merge_ablations},
+        "ablations": {
+            "single_stage": True,
+            "chain_without_stage": True,
+            "merge_without_stage": size.merge_ablations,
+        },
         "seeds": [0],
         # 1 intra-op thread: tiny models are all overhead, measured faster than 2 on 2 cores.
         "threads": 1,
@@ -141,7 +159,7 @@ def demo_experiment(size: DemoSize) -> dict[str, Any]:
 def prepare_demo(out: str | Path, quick: bool = False) -> Path:
     """Write the tiny model, the synthetic data and ``experiment.yaml`` under ``out``."""
     from emomerge.training.data.synthetic import write_synthetic
-    from emomerge.training.tiny import build_tiny_vlm
+    from emomerge.training.models.tiny import build_tiny_vlm
 
     out = Path(out).resolve()
     size = QUICK if quick else FULL
@@ -149,25 +167,33 @@ def prepare_demo(out: str | Path, quick: bool = False) -> Path:
     if not (model / "config.json").is_file():  # build_tiny_vlm renames a complete folder in
         build_tiny_vlm(FAMILY, model, seed=0)
     for name, dataset, _ in STAGES:
-        _atomic(out / "data" / name,
-                lambda tmp, d=dataset: write_synthetic(d, tmp, n=size.items[d], seed=0))
+        _atomic(
+            out / "data" / name,
+            lambda tmp, d=dataset: write_synthetic(d, tmp, n=size.items[d], seed=0),
+        )
     path = out / "experiment.yaml"
-    text = ("# The emomerge demo (written by `emomerge demo`); re-run or resume with\n"
-            f"#   emomerge run {path} --out {out}\n"
-            + yaml.safe_dump(demo_experiment(size), sort_keys=False))
+    text = (
+        "# The emomerge demo (written by `emomerge demo`); re-run or resume with\n"
+        f"#   emomerge run {path} --out {out}\n" + dump_yaml(demo_experiment(size))
+    )
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path
 
 
-def run_demo(out: str | Path = "emomerge-demo", *, quick: bool = False, progress: bool = False,
-             echo: Any = print) -> Any:
+def run_demo(
+    out: str | Path = "emomerge-demo",
+    *,
+    quick: bool = False,
+    progress: bool = False,
+    echo: Any = print,
+) -> Any:
     """Prepare and run the demo; return the :class:`ExperimentResult`."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .experiment import run_experiment
+    from .run import run_experiment
 
     path = prepare_demo(out, quick)
     echo(f"[demo] {'quick ' if quick else ''}experiment {path}")

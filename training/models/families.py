@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from emomerge.merging.errors import InputError
 
 from . import templates
@@ -61,45 +62,89 @@ class FamilySpec:
 
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(
-        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", ("qwen2_5_vl",), LM_ONLY_REGEX,
-        "qwen2_vl", templates.QWEN2_5_VL, "<|im_end|>", "<|image_pad|>",
+        "qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+        ("qwen2_5_vl",),
+        LM_ONLY_REGEX,
+        "qwen2_vl",
+        templates.QWEN2_5_VL,
+        "<|im_end|>",
+        "<|image_pad|>",
         "<|vision_start|><|image_pad|><|vision_end|> inline in the user turn, expanded to one "
-        "pad per merged 2x2 patch group", ("model.visual",), r"qwen2\.5-vl|qwen2_5_vl",
+        "pad per merged 2x2 patch group",
+        ("model.visual",),
+        r"qwen2\.5-vl|qwen2_5_vl",
         answer_tail="\n",
     ),
     "qwen3_vl": FamilySpec(
-        "qwen3_vl", "Qwen3VLForConditionalGeneration", ("qwen3_vl",), LM_ONLY_REGEX,
-        "qwen3_vl_nothink", templates.QWEN3_VL, "<|im_end|>", "<|image_pad|>",
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        ("qwen3_vl",),
+        LM_ONLY_REGEX,
+        "qwen3_vl_nothink",
+        templates.QWEN3_VL,
+        "<|im_end|>",
+        "<|image_pad|>",
         "<|vision_start|><|image_pad|><|vision_end|> inline; deepstack features also feed the "
-        "first decoder layers", ("model.visual",), r"qwen3-vl|qwen3_vl",
+        "first decoder layers",
+        ("model.visual",),
+        r"qwen3-vl|qwen3_vl",
         answer_tail="\n",
     ),
     "mllama": FamilySpec(
-        "mllama", "MllamaForConditionalGeneration", ("mllama",), LM_ONLY_REGEX,
-        "mllama", templates.MLLAMA, "<|eot_id|>", "<|image|>",
+        "mllama",
+        "MllamaForConditionalGeneration",
+        ("mllama",),
+        LM_ONLY_REGEX,
+        "mllama",
+        templates.MLLAMA,
+        "<|eot_id|>",
+        "<|image|>",
         "<|image|> token; image tiles enter through cross-attention layers",
-        ("model.vision_model", "model.multi_modal_projector"), r"llama-3\.2-.*vision|mllama",
+        ("model.vision_model", "model.multi_modal_projector"),
+        r"llama-3\.2-.*vision|mllama",
     ),
     "llava": FamilySpec(
-        "llava", "LlavaForConditionalGeneration", ("llava",), LM_ONLY_REGEX,
-        "llava", templates.LLAVA, "</s>", "<image>",
+        "llava",
+        "LlavaForConditionalGeneration",
+        ("llava",),
+        LM_ONLY_REGEX,
+        "llava",
+        templates.LLAVA,
+        "</s>",
+        "<image>",
         "'<image>\\n' before the text, expanded to one token per CLIP patch",
-        ("model.vision_tower", "model.multi_modal_projector"), r"llava-1\.5|llava_1_5|bakllava",
+        ("model.vision_tower", "model.multi_modal_projector"),
+        r"llava-1\.5|llava_1_5|bakllava",
         prompt_bos=True,
     ),
     "llava_next": FamilySpec(
-        "llava_next", "LlavaNextForConditionalGeneration", ("llava_next",), LM_ONLY_REGEX,
-        "llava_next_mistral", templates.LLAVA_NEXT_MISTRAL, "</s>", "<image>",
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
+        ("llava_next",),
+        LM_ONLY_REGEX,
+        "llava_next_mistral",
+        templates.LLAVA_NEXT_MISTRAL,
+        "</s>",
+        "<image>",
         "'<image>\\n' before the text, expanded per any-resolution tile + newline tokens",
         ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
-        r"llava-v1\.6|llava-next|llava_next", prompt_bos=True,
+        r"llava-v1\.6|llava-next|llava_next",
+        prompt_bos=True,
     ),
     "pixtral": FamilySpec(
-        "pixtral", "LlavaForConditionalGeneration", ("llava",), LM_ONLY_REGEX,
-        "pixtral", templates.PIXTRAL, "</s>", "[IMG]",
+        "pixtral",
+        "LlavaForConditionalGeneration",
+        ("llava",),
+        LM_ONLY_REGEX,
+        "pixtral",
+        templates.PIXTRAL,
+        "</s>",
+        "[IMG]",
         "[IMG] where the content puts it (our samples: before the text), expanded to rows of "
         "[IMG] ending in [IMG_BREAK] / [IMG_END]",
-        ("model.vision_tower", "model.multi_modal_projector"), r"pixtral",
+        ("model.vision_tower", "model.multi_modal_projector"),
+        r"pixtral",
     ),
 }
 
@@ -130,10 +175,12 @@ def detect_family(name_or_path_or_config: str | Path | Any) -> str:
         cfg = json.loads((path / "config.json").read_text())
         fam = family_from_config(cfg)
         if fam is None:
-            raise InputError(f"{path}/config.json: unsupported model_type '{cfg.get('model_type')}'"
-                             f" (supported families: {sorted(FAMILIES)})")
+            raise InputError(
+                f"{path}/config.json: unsupported model_type '{cfg.get('model_type')}'"
+                f" (supported families: {sorted(FAMILIES)})"
+            )
         return fam
-    from .models import looks_local  # models imports this module
+    from .loading import looks_local  # loading imports this module
 
     if not path.exists() and looks_local(obj):
         raise InputError(f"model folder {path} not found (a hub id is exactly owner/name)")
@@ -178,28 +225,43 @@ class ImageCapRule:
 
 IMAGE_CAPS: dict[str, ImageCapRule] = {
     # patch 14 × spatial merge 2 = one token per 28×28 px: 1024 tokens at most (0.80 MP)
-    "qwen2_5_vl": ImageCapRule("pixels", 1024 * 28 * 28,
-                               "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token "
-                               "per 28x28 px (patch 14 x merge 2)"),
+    "qwen2_5_vl": ImageCapRule(
+        "pixels",
+        1024 * 28 * 28,
+        "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token "
+        "per 28x28 px (patch 14 x merge 2)",
+    ),
     # patch 16 × spatial merge 2 = one token per 32×32 px: 1024 tokens at most (1.05 MP); the
     # checkpoint's own limit is 16.8 MP (5,890 tokens for a page)
-    "qwen3_vl": ImageCapRule("pixels", 1024 * 32 * 32,
-                             "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token per "
-                             "32x32 px (patch 16 x merge 2)"),
+    "qwen3_vl": ImageCapRule(
+        "pixels",
+        1024 * 32 * 32,
+        "Qwen2VLImageProcessor size.longest_edge = max_pixels; one token per "
+        "32x32 px (patch 16 x merge 2)",
+    ),
     # Pixtral-12B's own longest_edge is 1024: a page becomes 667 x 1024 px (0.68 MP)
-    "pixtral": ImageCapRule("longest_edge", 1024 * 1024,
-                            "PixtralImageProcessor size.longest_edge = floor(sqrt(max_pixels)) "
-                            "rounded down to the patch; one token per 16x16 px + one per row"),
+    "pixtral": ImageCapRule(
+        "longest_edge",
+        1024 * 1024,
+        "PixtralImageProcessor size.longest_edge = floor(sqrt(max_pixels)) "
+        "rounded down to the patch; one token per 16x16 px + one per row",
+    ),
     # the model's pinpoints stop at 672 x 672 (0.45 MP, at most 2,928 tokens): already bounded
-    "llava_next": ImageCapRule("pinpoints", None,
-                               "any-res grid: only image_grid_pinpoints of area <= max_pixels "
-                               "are kept, in the processor and the model config alike"),
+    "llava_next": ImageCapRule(
+        "pinpoints",
+        None,
+        "any-res grid: only image_grid_pinpoints of area <= max_pixels "
+        "are kept, in the processor and the model config alike",
+    ),
     "llava": ImageCapRule("fixed", None, "CLIP 336 x 336 crop: always 576 tokens"),
     # 4 tiles of 560 x 560 (1.25 MP) reach the LM through cross-attention (1 token in the
     # sequence); fewer tiles would index aspect-ratio embeddings the model was not built with
-    "mllama": ImageCapRule("fixed", None,
-                           "at most max_image_tiles (4) tiles of 560 x 560 px, through "
-                           "cross-attention (1 image token in the text sequence)"),
+    "mllama": ImageCapRule(
+        "fixed",
+        None,
+        "at most max_image_tiles (4) tiles of 560 x 560 px, through "
+        "cross-attention (1 image token in the text sequence)",
+    ),
 }
 
 
@@ -224,8 +286,13 @@ def _set_size(ip: Any, **values: int) -> None:
     ip.size = size
 
 
-def apply_image_cap(processor: Any, family: str, max_pixels: int | None = None,
-                    model_config: Any = None, where: str = "max_pixels") -> dict[str, Any]:
+def apply_image_cap(
+    processor: Any,
+    family: str,
+    max_pixels: int | None = None,
+    model_config: Any = None,
+    where: str = "max_pixels",
+) -> dict[str, Any]:
     """Cap the image resolution of a loaded processor in place; return what was resolved.
 
     ``max_pixels`` None applies the family default (:data:`IMAGE_CAPS`), but never above the
@@ -243,8 +310,9 @@ def apply_image_cap(processor: Any, family: str, max_pixels: int | None = None,
     lowers = rule.default_max_pixels is not None and rule.default_max_pixels < before
     cap = max_pixels if explicit else (rule.default_max_pixels if lowers else None)
     if cap is not None and rule.kind == "pixels":
-        _set_size(ip, longest_edge=int(cap),
-                  shortest_edge=min(int(ip.size["shortest_edge"]), int(cap)))
+        _set_size(
+            ip, longest_edge=int(cap), shortest_edge=min(int(ip.size["shortest_edge"]), int(cap))
+        )
     elif cap is not None and rule.kind == "longest_edge":
         patch = _patch(ip)
         edge = int(math.isqrt(int(cap)) // patch * patch)
@@ -255,18 +323,25 @@ def apply_image_cap(processor: Any, family: str, max_pixels: int | None = None,
         kept = [list(p) for p in ip.image_grid_pinpoints if p[0] * p[1] <= cap]
         if not kept:
             smallest = min(p[0] * p[1] for p in ip.image_grid_pinpoints)
-            raise InputError(f"{where}: {cap} px is below LLaVA-NeXT's smallest grid "
-                             f"({smallest} px)")
+            raise InputError(
+                f"{where}: {cap} px is below LLaVA-NeXT's smallest grid ({smallest} px)"
+            )
         ip.image_grid_pinpoints = kept
         if model_config is not None:
             model_config.image_grid_pinpoints = kept
     elif cap is not None and cap < before:  # "fixed": the architecture sets the size
-        raise InputError(f"{where}: {family} cannot see fewer than {before} px per image "
-                         f"({rule.note}); raise it or drop it for this family")
-    return {"family": family, "max_pixels": max_pixels,
-            "source": "explicit" if explicit else "family default" if lowers else "checkpoint",
-            "pixels_limit": _pixels_limit(processor, family), "settings": _settings(ip, family),
-            "page_tokens": image_tokens(processor, family, *PAGE)}
+        raise InputError(
+            f"{where}: {family} cannot see fewer than {before} px per image "
+            f"({rule.note}); raise it or drop it for this family"
+        )
+    return {
+        "family": family,
+        "max_pixels": max_pixels,
+        "source": "explicit" if explicit else "family default" if lowers else "checkpoint",
+        "pixels_limit": _pixels_limit(processor, family),
+        "settings": _settings(ip, family),
+        "page_tokens": image_tokens(processor, family, *PAGE),
+    }
 
 
 def _patch(ip: Any) -> int:
@@ -278,9 +353,12 @@ def _settings(ip: Any, family: str) -> dict[str, Any]:
     """The processor settings the cap resolved to (recorded in the stage's emomerge.json)."""
     kind = IMAGE_CAPS[family].kind
     if kind == "pixels":
-        return {"min_pixels": int(ip.size["shortest_edge"]),
-                "max_pixels": int(ip.size["longest_edge"]), "patch_size": _patch(ip),
-                "merge_size": int(ip.merge_size)}
+        return {
+            "min_pixels": int(ip.size["shortest_edge"]),
+            "max_pixels": int(ip.size["longest_edge"]),
+            "patch_size": _patch(ip),
+            "merge_size": int(ip.merge_size),
+        }
     if kind == "longest_edge":
         return {"longest_edge": int(ip.size["longest_edge"]), "patch_size": _patch(ip)}
     if kind == "pinpoints":
@@ -307,8 +385,9 @@ def image_tokens(processor: Any, family: str, height: int, width: int) -> int:
 
         step = int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", 1))
         edge = int(ip.size["longest_edge"])
-        h, w = get_resize_output_image_size(np.zeros((height, width, 3)), size=(edge, edge),
-                                            patch_size=(step, step))
+        h, w = get_resize_output_image_size(
+            np.zeros((height, width, 3)), size=(edge, edge), patch_size=(step, step)
+        )
         return (h // step) * (w // step + 1)  # a [IMG_BREAK] / [IMG_END] closes every row
     if family == "mllama":
         return 1

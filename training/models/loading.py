@@ -23,8 +23,14 @@ class PrecisionPlan:
     reason: str
 
 
-def plan_precision(*, quantize_4bit: bool, dtype: str | None, device: str,
-                   cuda_available: bool, bnb_available: bool) -> PrecisionPlan:
+def plan_precision(
+    *,
+    quantize_4bit: bool,
+    dtype: str | None,
+    device: str,
+    cuda_available: bool,
+    bnb_available: bool,
+) -> PrecisionPlan:
     """Decide dtype and 4-bit loading (QLoRA) from the request and the machine.
 
     - CUDA present: bf16 by default; 4-bit NF4 via bitsandbytes when asked (needs bitsandbytes).
@@ -38,25 +44,35 @@ def plan_precision(*, quantize_4bit: bool, dtype: str | None, device: str,
         if not on_cuda:
             raise InputError(
                 "4-bit QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); this run is on CPU: "
-                "drop quantize_4bit / --4bit or run on a GPU machine")
+                "drop quantize_4bit / --4bit or run on a GPU machine"
+            )
         if not bnb_available:
             raise InputError("4-bit QLoRA needs bitsandbytes: pip install 'emomerge[gpu]'")
-        return PrecisionPlan(dtype or "bfloat16", True, device,
-                             "CUDA + bitsandbytes: 4-bit NF4 base, bf16 compute (QLoRA)")
+        return PrecisionPlan(
+            dtype or "bfloat16",
+            True,
+            device,
+            "CUDA + bitsandbytes: 4-bit NF4 base, bf16 compute (QLoRA)",
+        )
     if on_cuda:
         return PrecisionPlan(dtype or "bfloat16", False, device, "CUDA: bf16 weights")
     return PrecisionPlan(dtype or "float32", False, device, "CPU: float32 weights")
 
 
-def machine_precision(quantize_4bit: bool = False, dtype: str | None = None,
-                      device: str | None = None) -> PrecisionPlan:
+def machine_precision(
+    quantize_4bit: bool = False, dtype: str | None = None, device: str | None = None
+) -> PrecisionPlan:
     """:func:`plan_precision` for this machine (device defaults to cuda when available)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    return plan_precision(quantize_4bit=quantize_4bit, dtype=dtype,
-                          device=device or ("cuda" if cuda else "cpu"), cuda_available=cuda,
-                          bnb_available=importlib.util.find_spec("bitsandbytes") is not None)
+    return plan_precision(
+        quantize_4bit=quantize_4bit,
+        dtype=dtype,
+        device=device or ("cuda" if cuda else "cpu"),
+        cuda_available=cuda,
+        bnb_available=importlib.util.find_spec("bitsandbytes") is not None,
+    )
 
 
 #: A hub id is exactly ``owner/name``: letters, digits, ``_ . -``, neither part starting with a
@@ -76,16 +92,22 @@ def looks_local(name: str | Path, relative_to: Path | None = None) -> bool:
     if isinstance(name, Path):
         return True
     text = str(name)
-    if (text.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:", text) or "\\" in text
-            or text.count("/") != 1 or text.endswith("/")
-            or any(part in (".", "..") for part in text.split("/"))):
+    if (
+        text.startswith((".", "/", "~", "\\"))
+        or re.match(r"^[A-Za-z]:", text)
+        or "\\" in text
+        or text.count("/") != 1
+        or text.endswith("/")
+        or any(part in (".", "..") for part in text.split("/"))
+    ):
         return True
     owner = text.split("/", 1)[0]
     return any((folder / owner).is_dir() for folder in (Path.cwd(), relative_to) if folder)
 
 
-def resolve_model(name_or_path: str | Path, *, where: str | None = None,
-                  relative_to: Path | None = None) -> str:
+def resolve_model(
+    name_or_path: str | Path, *, where: str | None = None, relative_to: Path | None = None
+) -> str:
     """The model reference to load: an existing local path, or a hub id (``owner/name``).
 
     A reference that looks local (:func:`looks_local`) and does not exist is an
@@ -110,8 +132,13 @@ def resolve_model(name_or_path: str | Path, *, where: str | None = None,
     return text
 
 
-def load_processor(name_or_path: str | Path, family: str, max_pixels: int | None = None,
-                   model_config: Any = None, where: str = "max_pixels") -> Any:
+def load_processor(
+    name_or_path: str | Path,
+    family: str,
+    max_pixels: int | None = None,
+    model_config: Any = None,
+    where: str = "max_pixels",
+) -> Any:
     """The checkpoint's processor, with the family's chat template when it ships none and the
     family's image-resolution cap applied (:func:`~.families.apply_image_cap`; ``max_pixels``
     None = the family default). The resolved cap is what :func:`image_cap_record` returns."""
@@ -124,8 +151,9 @@ def load_processor(name_or_path: str | Path, family: str, max_pixels: int | None
     return processor
 
 
-def image_cap_record(name_or_path: str | Path, family: str, max_pixels: int | None = None,
-                     where: str = "max_pixels") -> dict[str, Any]:
+def image_cap_record(
+    name_or_path: str | Path, family: str, max_pixels: int | None = None, where: str = "max_pixels"
+) -> dict[str, Any]:
     """What :func:`load_vlm` resolves the image cap to for this checkpoint (processor only, no
     weights): the ``image`` block of a stage's ``emomerge.json``."""
     from transformers import AutoProcessor
@@ -162,10 +190,17 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def plan_loading(*, quantize_4bit: bool | str, device_map: str | None, device: str,
-                 cuda_available: bool, bnb_available: bool, weight_bytes: int | None = None,
-                 weight_bytes_4bit: int | None = None,
-                 free_bytes: list[int] | None = None) -> LoadPlan:
+def plan_loading(
+    *,
+    quantize_4bit: bool | str,
+    device_map: str | None,
+    device: str,
+    cuda_available: bool,
+    bnb_available: bool,
+    weight_bytes: int | None = None,
+    weight_bytes_4bit: int | None = None,
+    free_bytes: list[int] | None = None,
+) -> LoadPlan:
     """Decide 4-bit and device placement for loading a model (evaluation's big variants).
 
     - ``quantize_4bit=True``: NF4 as training's QLoRA (CUDA + bitsandbytes or an error), on
@@ -184,13 +219,18 @@ def plan_loading(*, quantize_4bit: bool | str, device_map: str | None, device: s
         raise InputError(f"quantize_4bit must be true, false or 'auto', got {quantize_4bit!r}")
     if (device_map == "auto" or quantize_4bit is True) and not (on_cuda and cuda_available):
         what = "4-bit loading" if quantize_4bit is True else "device_map='auto'"
-        raise InputError(f"{what} needs a CUDA GPU; this run is on {device}"
-                         + ("" if cuda_available else " (no CUDA on this machine)"))
+        raise InputError(
+            f"{what} needs a CUDA GPU; this run is on {device}"
+            + ("" if cuda_available else " (no CUDA on this machine)")
+        )
     if quantize_4bit is True:
         if not bnb_available:
             raise InputError("4-bit loading needs bitsandbytes: pip install 'emomerge[gpu]'")
-        return LoadPlan(True, "auto" if device_map == "auto" else {"": device},
-                        "asked: 4-bit NF4 (as QLoRA training)")
+        return LoadPlan(
+            True,
+            "auto" if device_map == "auto" else {"": device},
+            "asked: 4-bit NF4 (as QLoRA training)",
+        )
     if device_map == "auto":
         return LoadPlan(False, "auto", "asked: bf16 spread over the GPUs")
     if quantize_4bit is False or not on_cuda or weight_bytes is None or not free_bytes:
@@ -200,20 +240,27 @@ def plan_loading(*, quantize_4bit: bool | str, device_map: str | None, device: s
     if weight_bytes <= one:
         return LoadPlan(False, None, f"bf16 weights {_gb(weight_bytes)} fit {device}")
     if len(free_bytes) > 1 and weight_bytes <= spread:
-        return LoadPlan(False, "auto", f"bf16 weights {_gb(weight_bytes)} spread over "
-                                       f"{len(free_bytes)} GPUs ({_gb(spread)} usable)")
+        return LoadPlan(
+            False,
+            "auto",
+            f"bf16 weights {_gb(weight_bytes)} spread over "
+            f"{len(free_bytes)} GPUs ({_gb(spread)} usable)",
+        )
     q4 = weight_bytes_4bit if weight_bytes_4bit is not None else weight_bytes // 4
     if not bnb_available:
-        raise InputError(f"the bf16 weights ({_gb(weight_bytes)}) do not fit the free GPU "
-                         f"memory ({_gb(spread)} usable) and 4-bit loading needs bitsandbytes: "
-                         "pip install 'emomerge[gpu]'")
+        raise InputError(
+            f"the bf16 weights ({_gb(weight_bytes)}) do not fit the free GPU "
+            f"memory ({_gb(spread)} usable) and 4-bit loading needs bitsandbytes: "
+            "pip install 'emomerge[gpu]'"
+        )
     if q4 <= one:
         return LoadPlan(True, {"": device}, f"4-bit weights {_gb(q4)} fit {device}")
     if len(free_bytes) > 1 and q4 <= spread:
-        return LoadPlan(True, "auto", f"4-bit weights {_gb(q4)} spread over "
-                                      f"{len(free_bytes)} GPUs")
-    raise InputError(f"the model does not fit: 4-bit weights {_gb(q4)}, usable GPU memory "
-                     f"{_gb(one)} on {device} and {_gb(spread)} on all {len(free_bytes)} GPUs")
+        return LoadPlan(True, "auto", f"4-bit weights {_gb(q4)} spread over {len(free_bytes)} GPUs")
+    raise InputError(
+        f"the model does not fit: 4-bit weights {_gb(q4)}, usable GPU memory "
+        f"{_gb(one)} on {device} and {_gb(spread)} on all {len(free_bytes)} GPUs"
+    )
 
 
 def _gpu_index(device: str) -> int:
@@ -254,8 +301,9 @@ def checkpoint_bytes(name_or_path: str) -> tuple[int, int] | None:
     return parameter_bytes(config)
 
 
-def machine_loading(quantize_4bit: bool | str, device_map: str | None, device: str,
-                    name_or_path: str) -> LoadPlan:
+def machine_loading(
+    quantize_4bit: bool | str, device_map: str | None, device: str, name_or_path: str
+) -> LoadPlan:
     """:func:`plan_loading` for this machine: CUDA, bitsandbytes, each GPU's free memory and
     the checkpoint's size (read only when the decision needs it)."""
     import torch
@@ -265,10 +313,16 @@ def machine_loading(quantize_4bit: bool | str, device_map: str | None, device: s
     if quantize_4bit == "auto" and cuda and device.startswith("cuda"):
         free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
         sizes = checkpoint_bytes(name_or_path) or (None, None)
-    return plan_loading(quantize_4bit=quantize_4bit, device_map=device_map, device=device,
-                        cuda_available=cuda,
-                        bnb_available=importlib.util.find_spec("bitsandbytes") is not None,
-                        weight_bytes=sizes[0], weight_bytes_4bit=sizes[1], free_bytes=free)
+    return plan_loading(
+        quantize_4bit=quantize_4bit,
+        device_map=device_map,
+        device=device,
+        cuda_available=cuda,
+        bnb_available=importlib.util.find_spec("bitsandbytes") is not None,
+        weight_bytes=sizes[0],
+        weight_bytes_4bit=sizes[1],
+        free_bytes=free,
+    )
 
 
 def nf4_config() -> Any:
@@ -277,15 +331,24 @@ def nf4_config() -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
-def load_vlm(name_or_path: str | Path, family: str | None = None, dtype: str | None = None,
-             device: str = "cpu", quantize_4bit: bool | str = False,
-             device_map: str | None = None, max_pixels: int | None = None,
-             where: str = "max_pixels") -> tuple[Any, Any, str]:
+def load_vlm(
+    name_or_path: str | Path,
+    family: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    quantize_4bit: bool | str = False,
+    device_map: str | None = None,
+    max_pixels: int | None = None,
+    where: str = "max_pixels",
+) -> tuple[Any, Any, str]:
     """Load ``(model, processor, family)`` from a hub id or a local folder.
 
     Offline use (tests) reads local folders only; nothing is downloaded unless the user passes a
