@@ -46,7 +46,8 @@ def _weights_sha256(adapter: Path) -> str:
 
 
 def _recipe_of(manifest: dict[str, Any]) -> tuple:
-    # what makes two merges the same: inputs (sha256), method, given parameters, seed, reference, rank
+    # what makes two merges the same: inputs (sha256), method, given parameters, seed, reference,
+    # rank and the rest of the re-factorisation and precision settings
     return (
         [str(a.get("sha256")) for a in manifest.get("adapters", [])],
         manifest.get("method"),
@@ -54,6 +55,11 @@ def _recipe_of(manifest: dict[str, Any]) -> tuple:
         manifest.get("seed"),
         manifest.get("reference"),
         manifest.get("rank"),
+        manifest.get("max_error"),
+        manifest.get("refactor_choice", "projection"),
+        manifest.get("dtype", "float32"),
+        manifest.get("out_dtype"),
+        bool(manifest.get("allow_lineage_mismatch")),
     )
 
 
@@ -101,6 +107,10 @@ def leave_one_stage_out(
             else None
         )
         max_error = raw.get("max_error") if rank == "auto" else None
+        # the rest of the merge's own recipe, so the ablation differs from it by the stage only
+        refactor = raw.get("refactor_choice") or "projection"
+        dtype, out_dtype = raw.get("dtype") or "float32", raw.get("out_dtype")
+        lineage_mismatch = bool(raw.get("allow_lineage_mismatch"))
         expected = (
             [_weights_sha256(p) for p in keep],
             raw["method"],
@@ -108,6 +118,11 @@ def leave_one_stage_out(
             seed,
             reference,
             rank,
+            max_error,
+            refactor,
+            dtype,
+            out_dtype,
+            lineage_mismatch,
         )
         reuse = out.is_dir() and (out / LINEAGE_FILE).is_file()
         if reuse:
@@ -127,8 +142,12 @@ def leave_one_stage_out(
                 reference=reference,
                 rank=rank,
                 max_error=max_error,
+                refactor=refactor,
+                dtype=dtype,
+                out_dtype=out_dtype,
                 force=True,
                 allow_base_mismatch=bool(raw.get("allow_base_mismatch")),
+                allow_lineage_mismatch=lineage_mismatch,
             )
         v = variant_from_dir(out, name=f"{merged.name}-without-{dropped}", exact=exact)
         variants.append(v)
