@@ -449,12 +449,17 @@ def inspect(
         "per adapter, cosines as columns) or json (the whole report).",
     ),
     allow_base_mismatch: bool = AllowBaseMismatch,
+    force: bool = typer.Option(False, "--force", hidden=True),
 ) -> None:
     """Show each adapter's base, layout, modules, ranks, scales, ΔW norms, lineage (and any
     parent whose sha256 differs from the recorded one), and the pairwise cosine similarity of
     the task vectors. Adapters are named relative to their common folder (in the title)."""
     from emomerge.merging.inspect import inspect_adapters, short_paths
 
+    if force:  # its old meaning (inspect writes nothing) has its own option now
+        fail(
+            "--force: inspect writes nothing; to read adapters of different bases pass --allow-different-bases"
+        )
     if fmt not in TABLE_FORMATS:  # before the adapters are read
         fail(f"--format: expected one of {', '.join(TABLE_FORMATS)}, got '{fmt}'")
     report = inspect_adapters(
