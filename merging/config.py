@@ -22,6 +22,7 @@ Merging is the lowest layer: this module imports pydantic and PyYAML only.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -293,10 +294,42 @@ def _is_tag(part: Any) -> bool:
     return isinstance(part, str) and ("-" in part or "[" in part or part in _TAG_TYPES)
 
 
-def field_path(loc: Sequence[Any]) -> str:
+def _walk(loc: Sequence[Any], data: Any) -> tuple[list[Any], tuple[float, ...]]:
+    """The parts of ``loc`` that are keys the user wrote, and their place in the document.
+
+    A part is a key when it indexes ``data`` at its level (the last part may also be a key the
+    data lacks: a missing or an unknown one); any other part is a union member's tag, whatever
+    it is spelled like (a user's key may well contain "-" or be called "int")."""
+    keys: list[Any] = []
+    place: list[float] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            keys.append(part)
+            place.append(list(node).index(part))
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            keys.append(part)
+            place.append(part)
+            node = node[part]
+        elif i == len(loc) - 1 and isinstance(node, dict) and not _is_tag(part):
+            keys.append(part)  # required but missing: after everything written at its level
+            place.append(math.inf)
+    return keys, tuple(place)
+
+
+def shown_key(part: Any) -> str:
+    """A key as one printable piece of an error line."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)[1:-1]  # one line, whatever the key holds
+
+
+def field_path(loc: Sequence[Any], data: Any = None) -> str:
     """A pydantic location as the dotted key a user wrote (``stages.0.name``); union member
-    tags are dropped; the empty location is ``(top level)``."""
-    return ".".join(str(p) for p in loc if not _is_tag(p)) or "(top level)"
+    tags are dropped (found by walking ``data`` when given, else by their spelling); the empty
+    location is ``(top level)``."""
+    parts = _walk(loc, data)[0] if data is not None else [p for p in loc if not _is_tag(p)]
+    return ".".join(shown_key(p) for p in parts) or "(top level)"
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -322,11 +355,22 @@ def _problem(err: Any) -> str:
     return msg
 
 
-def _key_and_problem(exc: ValidationError, prefix: Sequence[str | int]) -> tuple[str, str]:
+def _key_and_problem(
+    exc: ValidationError, prefix: Sequence[str | int], data: Any = None
+) -> tuple[str, str]:
     errors = exc.errors()
+    if data is not None:  # the first error in document order (the user fixes one key at a time)
+        errors = sorted(errors, key=lambda e: _walk(e["loc"], data)[1])
     first = errors[0]
-    key = field_path((*prefix, *first["loc"]))
-    group = [e for e in errors if field_path((*prefix, *e["loc"])) == key]
+
+    def key_of(err: Any) -> str:
+        if data is None:
+            return field_path((*prefix, *err["loc"]))
+        keys = [*prefix, *_walk(err["loc"], data)[0]]
+        return ".".join(shown_key(p) for p in keys) or "(top level)"
+
+    key = key_of(first)
+    group = [e for e in errors if key_of(e) == key]
     problems: list[str] = []
     for err in group:
         problem = _problem(err)
@@ -344,16 +388,17 @@ def _key_and_problem(exc: ValidationError, prefix: Sequence[str | int]) -> tuple
 
 
 def format_validation(
-    path: str | Path, exc: ValidationError, prefix: Sequence[str | int] = ()
+    path: str | Path, exc: ValidationError, prefix: Sequence[str | int] = (), data: Any = None
 ) -> str:
     """One line for a schema error: ``<path>: key '<field.path>': <problem>``.
 
     The first error in document order is shown (the user fixes one key at a time). A union's
     members fail together: their problems are joined ("must be a valid boolean or a valid
     list"). The offending value is quoted when it is short and pydantic's message lacks it.
-    ``prefix``: the location of the validated part inside the file.
+    ``prefix``: the location of the validated part inside the file; ``data``: what was
+    validated (it tells keys from union tags and gives the document order).
     """
-    key, text = _key_and_problem(exc, prefix)
+    key, text = _key_and_problem(exc, prefix, data)
     return f"{path}: key '{key}': {text}"
 
 
@@ -363,7 +408,7 @@ def validate(model: type[M], data: Any, path: str | Path, prefix: Sequence[str |
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        key, text = _key_and_problem(exc, prefix)
+        key, text = _key_and_problem(exc, prefix, data)
         raise ConfigError(path, text, key) from exc
 
 
@@ -378,6 +423,7 @@ __all__ = [
     "field_path",
     "format_validation",
     "key_error",
+    "shown_key",
     "known_name",
     "load_json",
     "load_yaml",

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
-from .config import Strict, key_error, load_yaml, validate
+from .config import Strict, key_error, load_yaml, shown_key, validate
 from .engine import MergeResult, get_method, merge, resolve_params
 from .errors import MergeInputError
 from .taskvectors import build_task_vectors
@@ -148,12 +148,12 @@ def recipe_params(recipe: Recipe, method) -> dict[str, Any]:
             params[p.name] = recipe.parameters[p.name]
     known = {p.name for p in method.params} | {"int8_mask"}
     for scope, keys in [("parameters", recipe.parameters)] + [
-        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)
+        (f"models.{i}.parameters", m.parameters) for i, m in enumerate(recipe.models)
     ]:
         for key in keys:
             if key not in known:
                 raise MergeInputError(
-                    f"key '{scope}.{key}': not a parameter of {method.name} "
+                    f"key '{scope}.{shown_key(key)}': not a parameter of {method.name} "
                     f"(it takes: {', '.join(sorted(known - {'int8_mask'}))})"
                 )
     return params

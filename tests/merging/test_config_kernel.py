@@ -410,3 +410,46 @@ def test_overrides_keep_types_and_constraints_and_refuse_validator_methods():
 
     with pytest.raises(TypeError, match="validator methods are not copied"):
         overrides(Checked)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        (
+            "merge_method: ties\nmodels:\n  - model: a\nemomerge:\n  out-dtype: float16\n",
+            "emomerge.out-dtype",
+        ),
+        ("merge-method: ties\nmodels:\n  - model: a\n", "merge-method"),
+        ("merge_method: ties\nmodels:\n  - model: a\nemomerge:\n  int: 3\n", "emomerge.int"),
+        ("merge_method: ties\nmodels:\n  - model: a\n    list[x]: 1\n", "models.0.list[x]"),
+        ('merge_method: ties\nmodels:\n  - model: a\n"bad\\nkey": 1\n', "bad\\nkey"),
+    ],
+)
+def test_the_key_a_user_wrote_is_named_whatever_it_is_spelled(tmp_path, text, key):
+    """Keys are told from pydantic's union tags by the document, not by their spelling: a
+    hyphenated typo, a key called "int" or holding brackets is named; a newline stays escaped."""
+    from emomerge.merging.recipe import load_recipe
+
+    path = _write(tmp_path / "r.yaml", text)
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    m = LINE.match(str(exc.value))
+    assert m and m["file"] == str(path) and m["key"] == key, str(exc.value)
+
+
+def test_the_first_error_in_document_order_is_shown(tmp_path):
+    """Two errors: the one written first in the file is reported, whatever pydantic's order."""
+    from emomerge.merging.recipe import load_recipe
+
+    path = _write(
+        tmp_path / "r.yaml", "emomerge:\n  outptu: x\nmerge_method: 3\nmodels:\n  - model: a\n"
+    )
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    assert LINE.match(str(exc.value))["key"] == "emomerge.outptu"
+    path = _write(
+        tmp_path / "s.yaml", "merge_method: 3\nemomerge:\n  outptu: x\nmodels:\n  - model: a\n"
+    )
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    assert LINE.match(str(exc.value))["key"] == "merge_method"

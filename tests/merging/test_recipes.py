@@ -128,7 +128,7 @@ def test_per_tensor_filters(run_root, tmp_path):
                 "merge_method": "ties",
                 "models": [{"model": "adapters/emoart", "parameters": {"densty": 0.5}}],
             },
-            "models[0].parameters.densty",
+            "models.0.parameters.densty",
         ),
         (
             {"merge_method": "frankenmerge", "models": [{"model": "adapters/emoart"}]},
