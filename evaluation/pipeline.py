@@ -160,9 +160,11 @@ class LoadedBase:
             model_type = json.loads(config).get("model_type")
         except (ValueError, AttributeError):
             model_type = None
-        hashes = {hashlib.sha256(config).hexdigest()}
         content = fingerprint(path)  # None: no safetensors weights to fingerprint
-        return cls(str(base), path.resolve(), model_type, hashes | {content} - {None}, content)
+        # the config's hash (what training records for such a base) only where no content
+        # identifies it: two checkpoints of one architecture share a config
+        hashes = {content} if content else {hashlib.sha256(config).hexdigest()}
+        return cls(str(base), path.resolve(), model_type, hashes, content)
 
 
 def _last_part(name: str) -> str:

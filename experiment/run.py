@@ -428,7 +428,7 @@ def run_experiment(
     from emomerge.evaluation.distributed import current_shard
     from emomerge.evaluation.predict import ModelHost
     from emomerge.training.models.families import detect_family
-    from emomerge.training.models.fingerprint import fingerprint
+    from emomerge.training.models.fingerprint import recorded_base_hash
     from emomerge.training.models.loading import resolve_model
 
     from .report import write_reports
@@ -455,7 +455,7 @@ def run_experiment(
         family = arch.family or detect_family(base)
         label = arch_label(arch, family)
         labels.append(label)
-        identity = stable_hash([base, fingerprint(base)])
+        identity = stable_hash([base, recorded_base_hash(base)])
         host = None
         for seed in exp.spec.seeds:
             tag = f"{label} seed {seed}"

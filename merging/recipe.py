@@ -259,12 +259,6 @@ def export_mergekit(
             "parameters.rescale: 'density' (DARE's 1/p) has no mergekit equivalent"
         )
     globals_ = {k: v for k, v in recipe.parameters.items() if k not in ("paper", "space")}
-    if method.name == "linear":
-        # mergekit's linear averages whole models and, given a base_model, counts the base as one
-        # more input needing a weight; task_arithmetic over the task vectors with the same
-        # normalize is exactly our linear (base + Σ w τ / Σ w), in both settings.
-        mk_method = "task_arithmetic"
-        globals_["normalize"] = recipe.parameters.get("normalize", True)
     adapters = [adapter_path(m.model, recipe.base_model, root) for m in recipe.models]
     if reference_check:
         tv = build_task_vectors(adapters, reference=recipe.emomerge.reference)

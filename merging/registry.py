@@ -174,7 +174,10 @@ for _m in (
         (_WEIGHT, _normalize(True)),
         linear=True,
         streamable=True,
-        mergekit="linear",
+        # mergekit's linear averages whole models and, given a base_model, counts the base as
+        # one more input needing a weight; its task_arithmetic over the task vectors with the
+        # same normalize (written explicitly on export) is exactly ours: base + Σ w τ / Σ w
+        mergekit="task_arithmetic",
     ),
     MergeMethod(
         "task_arithmetic",

@@ -42,7 +42,7 @@ from emomerge.merging.lineage import LINEAGE_FILE, BaseIdentity, Lineage, StageM
 
 from .curriculum import Curriculum
 from .models.families import IMAGE_CAPS, detect_family, get_family
-from .models.fingerprint import fingerprint
+from .models.fingerprint import recorded_base_hash
 from .stages import ADAPTER_FILE, StagePlan, plan_stages
 from .trainer import _as_curriculum
 
@@ -439,7 +439,7 @@ def export_llamafactory(
         (tmp / "data").mkdir()
         (tmp / "lineage").mkdir()
         info, previous, yaml_names = {}, [], []
-        base_sha = fingerprint(base)
+        base_sha = recorded_base_hash(base)
         for plan in plans:
             name = plan.stage.name
             with (tmp / "data" / f"{name}.jsonl").open("w", encoding="utf-8") as fh:

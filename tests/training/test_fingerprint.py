@@ -47,3 +47,32 @@ def test_no_content_fingerprint_is_none(tmp_path):
     broken = _checkpoint(tmp_path / "broken", torch.zeros(2))
     (broken / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{")  # truncated header
     assert fingerprint(broken) is None
+
+
+def test_what_a_stage_records_keeps_old_runs_resumable(tmp_path):
+    """A stage records the fingerprint; for a folder without safetensors the config's sha256,
+    as earlier releases did (a resume compares it); a hub id records nothing."""
+    from emomerge.training.models.fingerprint import recorded_base_hash
+
+    a = _checkpoint(tmp_path / "a", torch.arange(6.0))
+    assert recorded_base_hash(a) == fingerprint(a)
+    bare = tmp_path / "bin-only"
+    bare.mkdir()
+    (bare / "config.json").write_text('{"model_type": "llava"}')
+    (bare / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    assert recorded_base_hash(bare) == hashlib.sha256(b'{"model_type": "llava"}').hexdigest()
+    assert recorded_base_hash("llava-hf/llava-1.5-7b-hf") is None
+
+
+def test_evaluation_takes_a_config_hash_only_for_a_base_without_content(tmp_path):
+    """Two checkpoints of one architecture share a config: a stage recorded with the config's
+    hash matches a base only when that base has no content fingerprint."""
+    from emomerge.evaluation.pipeline import LoadedBase
+
+    a = _checkpoint(tmp_path / "a", torch.arange(6.0))
+    config_hash = hashlib.sha256((a / "config.json").read_bytes()).hexdigest()
+    assert LoadedBase.of(a).hashes == {fingerprint(a)}
+    bare = tmp_path / "bin-only"
+    bare.mkdir()
+    shutil.copy(a / "config.json", bare / "config.json")
+    assert LoadedBase.of(bare).hashes == {config_hash}

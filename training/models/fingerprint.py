@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from emomerge.merging.errors import InputError
@@ -28,3 +29,16 @@ def fingerprint(name_or_path: str | Path) -> str | None:
         return Checkpoint(path).fingerprint()
     except InputError:
         return None
+
+
+def recorded_base_hash(name_or_path: str | Path) -> str | None:
+    """What a stage records as its ``base.hash`` (and the experiment runner keys chains on):
+    :func:`fingerprint`, or — for a local folder whose safetensors cannot be read (``.bin``
+    weights, a broken index) — the sha256 of its ``config.json``, as every earlier release
+    recorded it, so runs on such a base still resume instead of retraining. Evaluation accepts
+    that config hash only for a base with no content fingerprint (evaluation/pipeline.py)."""
+    found = fingerprint(name_or_path)
+    config = Path(name_or_path) / "config.json"
+    if found is None and config.is_file():
+        return hashlib.sha256(config.read_bytes()).hexdigest()
+    return found
