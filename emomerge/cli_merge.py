@@ -58,16 +58,29 @@ def variadic_options() -> tuple[str, ...]:
     return VARIADIC + tuple(o.flag for o in _param_options() if o.per_adapter)
 
 
+def _is_option(token: str) -> bool:
+    """``--out``, ``-o``, ``-q``: an option; ``-0.5``, ``-1e-3`` (a negative number) and ``-``
+    are values."""
+    if not token.startswith("-") or token == "-":
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
+
+
 def expand_variadic(argv: list[str]) -> list[str]:
     """Rewrite ``--adapters a b c`` as ``--adapters a --adapters b --adapters c`` for click.
 
-    A value runs until the next token that starts with ``--`` (negative numbers stay values).
+    A value runs until the next option, long or short (``-o out``); negative numbers stay
+    values.
     """
     variadic = variadic_options()
     out: list[str] = []
     current = None
     for token in argv:
-        if token.startswith("--"):
+        if _is_option(token):
             current = token if token in variadic else None
             out.append(token)
             continue

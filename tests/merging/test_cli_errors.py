@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +348,16 @@ def test_no_warning_when_the_adapter_is_close(ab):
     # linear methods are exact: never a warning
     r = run(["linear", "--adapters", ab / "a", ab / "b", "--out", ab / "lin"])
     assert r.exit_code == 0 and "warning:" not in r.stderr
+
+
+def test_a_short_option_ends_the_adapter_list(ab):
+    """``--adapters a b -o out``: -o is the output option, not a third adapter; negative
+    numbers stay values of a list option."""
+    assert expand_variadic(["ties", "--adapters", "a", "b", "-o", "out", "--weights", "1", "-0.5"]) == [
+        "ties", "--adapters", "a", "--adapters", "b", "-o", "out",
+        "--weights", "1", "--weights", "-0.5",
+    ]  # fmt: skip
+    r = run(["ties", "--adapters", ab / "a", ab / "b", "-o", ab / "out", "--density", "0.5"])
+    assert r.exit_code == 0, r.output
+    made = json.loads((ab / "out" / "emomerge.json").read_text())
+    assert [Path(a["path"]).name for a in made["adapters"]] == ["a", "b"]
