@@ -77,7 +77,9 @@ SAFE_NAME_MAX = 128
 
 
 def check_safe_name(value: str) -> str:
-    """``value`` when it can be one folder name on every platform; ValueError otherwise.
+    """``value`` when it can be one folder name on POSIX file systems (no separator, no dot
+    file, no parent step; Windows' reserved names such as ``CON`` are not refused); ValueError
+    otherwise.
 
     The rule the curriculum and experiment schemas always applied (letters, digits, ``_``,
     ``-``, ``.``, starting with a letter or digit: no path separator, no leading dot), plus no

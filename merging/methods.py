@@ -55,7 +55,8 @@ def mix(
 ) -> torch.Tensor:
     """Σ of the (masked) weighted deltas, divided by the (masked) weight sum when normalising.
 
-    ``out`` (unmasked only): the result is written there, in place — the streamed path mixes
+    ``out``: the result is written there, in place (summed into it directly when unmasked) — the
+    streamed path mixes
     each row block into its output buffer with this very function (the same operations, so the
     same bytes as the dense path).
     """
@@ -335,6 +336,14 @@ class Sparsifier(str, Enum):
     def random(self) -> bool:
         """Draws from the per-adapter generators."""
         return self in (Sparsifier.RANDOM_DROP, Sparsifier.MAGPRUNE)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """The parameters the streamed plan reads for it (merging/streaming/plans.py)."""
+        extra = {Sparsifier.MAGNITUDE_OUTLIERS: {"gamma"}, Sparsifier.MAGPRUNE: {"epsilon"}}
+        if self is Sparsifier.NONE:
+            return frozenset()
+        return frozenset({"density", "rescale", *extra.get(self, ())})
 
 
 class Consensus(str, Enum):

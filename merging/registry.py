@@ -142,6 +142,14 @@ def register(method: MergeMethod) -> MergeMethod:
     the streamed path pick it up from here."""
     if method.name in METHODS:
         raise ValueError(f"merge method '{method.name}' is already registered")
+    if method.streamable:  # what the streamed pass reads, checked now rather than mid-merge
+        needs = {"weight"} | method.sparsifier.reads
+        missing = sorted(needs - {p.name for p in method.params})
+        if missing:
+            raise ValueError(
+                f"merge method '{method.name}' is streamable with sparsifier "
+                f"{method.sparsifier.value} but lacks the parameters {missing}"
+            )
     if method.param("space") is None:
         method = replace(method, params=method.params + (_SPACE,))
     METHODS[method.name] = method

@@ -166,7 +166,7 @@ class _Stream:
             "flags": np.zeros((n + 7) // 8 * 8, np.uint8),
             "mix": (
                 self.w.numpy(),
-                bool(self.resolved["normalize"]),
+                bool(self.resolved.get("normalize", False)),  # no such parameter: no division
                 min(self.weights) > 0,
                 as_s(lam),
                 lam != 1,
@@ -412,7 +412,7 @@ class _Stream:
                 b,
                 out.numpy(),
                 self.w.numpy(),
-                bool(self.resolved["normalize"]),
+                bool(self.resolved.get("normalize", False)),  # no such parameter: no division
                 min(self.weights) > 0,
                 np.dtype(npd).type(lam),
                 lam != 1,

@@ -345,8 +345,21 @@ def test_every_streamable_method_is_declared_consistently():
         Sparsifier.MAGPRUNE: {"density", "epsilon", "rescale"},
         Sparsifier.NONE: set(),
     }
+    assert {s: set(s.reads) for s in Sparsifier} == needs
     streamed = [m for m in registry.METHODS.values() if m.streamable]
-    assert len(streamed) == 9
+    assert {"linear", "ties", "dare_ties", "della", "breadcrumbs"} <= {m.name for m in streamed}
     for m in streamed:
         assert needs[m.sparsifier] <= {p.name for p in m.params}, m.name
         assert m.random == m.sparsifier.random, m.name
+
+
+def test_a_streamable_entry_missing_what_its_plan_reads_is_refused_at_registration(toys):
+    """Checked when the entry is added, not as a KeyError in the middle of a merge."""
+    from dataclasses import replace
+
+    lacking = replace(
+        TRIMMED, name="toy_no_rescale", params=(registry._WEIGHT, registry._density())
+    )
+    with pytest.raises(ValueError, match=r"toy_no_rescale.*magnitude.*\['rescale'\]"):
+        registry.register(lacking)
+    assert "toy_no_rescale" not in registry.METHODS
