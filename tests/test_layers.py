@@ -76,25 +76,85 @@ class Import:
     line: int
 
 
-def imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
+#: what an import above the top package resolves to (reported as a missing module)
+ABOVE_TOP = "emomerge.<a relative import above the top package>"
+
+
+def bound_names(init: Path) -> set[str]:
+    """The names a package's ``__init__`` binds at its top level, its ``__all__`` and the keys
+    of a lazy ``_EXPORTS`` table (served by a module ``__getattr__``)."""
+    names: set[str] = set()
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    names.add(t.id)
+                    if t.id in ("__all__", "_EXPORTS") and node.value is not None:
+                        value = node.value
+                        items = (
+                            value.keys
+                            if isinstance(value, ast.Dict)
+                            else getattr(value, "elts", [])
+                        )
+                        names |= {k.value for k in items if isinstance(k, ast.Constant)}
+    return names
+
+
+def _dynamic_import(node: ast.Call) -> str | None:
+    """``importlib.import_module("emomerge.x")`` / ``import_module(...)`` / ``__import__(...)``
+    with a literal name: the module it imports."""
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if (
+        isinstance(arg, ast.Constant)
+        and isinstance(arg.value, str)
+        and arg.value.startswith("emomerge")
+    ):
+        return arg.value
+    return None
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import]:
     """Every import in the file, at any depth (functions, classes, conditionals), resolved to
-    absolute names. ``from P import x`` is ``P.x`` when that is a module, else ``P``."""
+    absolute names. ``from P import x`` is ``P.x`` when that is a module, ``P`` when ``x`` is a
+    name P's ``__init__`` binds, and the missing module ``P.x`` otherwise (a moved module left
+    behind); literal ``importlib.import_module`` / ``__import__`` calls count as imports."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [Import(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.Call) and (target := _dynamic_import(node)):
+            out.append(Import(target, node.lineno))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
+                if node.level - 1 >= len(parts):
+                    out.append(Import(ABOVE_TOP, node.lineno))
+                    continue
                 base = ".".join(parts[: len(parts) - (node.level - 1)])
                 source = f"{base}.{node.module}" if node.module else base
             else:
                 source = node.module or ""
             for a in node.names:
                 full = f"{source}.{a.name}"
-                out.append(Import(full if full in known else source, node.lineno))
+                if full in modules or source not in modules or a.name == "*":
+                    out.append(Import(full if full in modules else source, node.lineno))
+                elif modules[source].name == "__init__.py" and a.name not in bound_names(
+                    modules[source]
+                ):
+                    out.append(Import(full, node.lineno))  # neither a module nor a name of P
+                else:
+                    out.append(Import(source, node.lineno))
     return out
 
 
@@ -107,7 +167,7 @@ def violations(root: Path) -> list[str]:
     for module, path in modules.items():
         rank, group = layer(module)
         where = f"{path.relative_to(root)}:"
-        for imp in imports_of(module, path, known):
+        for imp in imports_of(module, path, modules):
             top = imp.target.split(".")[0]
             if group == "merging" and top in MERGING_FORBIDDEN:
                 bad.append(f"{where}{imp.line}: merging imports {imp.target}")
@@ -154,13 +214,18 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
         "training/models/loading.py": "from emomerge.merging import core\n"
         "from ..data import read\n",
         "training/models/bad.py": "def g():\n    from ..stages import plan\n",
-        "training/data/__init__.py": "from ..models import loading\n",
-        "evaluation/__init__.py": "",
+        "training/data/__init__.py": "from ..models import loading\n\n\ndef read(): ...\n",
+        "evaluation/__init__.py": "_EXPORTS = {'EXPORTED': 'ok'}\ndef defined(): pass\n",
         "evaluation/ok.py": "from emomerge.training.data import read\n"
         "from emomerge.training.models.loading import load\n",
         "evaluation/bad.py": "def h():\n    from emomerge.training.stages import plan\n"
         "    import emomerge.experiment.run\n"
-        "    import emomerge.evaluation.gone\n",
+        "    import emomerge.evaluation.gone\n"
+        "    importlib.import_module('emomerge.training.stages')\n"
+        "    from emomerge.evaluation import plots\n"
+        "    from emomerge.evaluation import ok, EXPORTED, defined\n"
+        "    from .... import x\n",
+        "evaluation/lazy.py": "def k():\n    __import__('emomerge.experiment.run')\n",
         "experiment/__init__.py": "",
         "experiment/run.py": "from emomerge.evaluation import ok\nfrom emomerge.training import "
         "stages\nfrom . import plots\n",
@@ -181,6 +246,12 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
             "evaluation/bad.py:3: evaluation (layer 2) imports emomerge.experiment.run "
             "(experiment, layer 3)",
             "evaluation/bad.py:4: emomerge.evaluation.gone is no module",
+            "evaluation/bad.py:5: evaluation (layer 2) imports emomerge.training.stages "
+            "(training, layer 2)",
+            "evaluation/bad.py:6: emomerge.evaluation.plots is no module",
+            f"evaluation/bad.py:8: {ABOVE_TOP} is no module",
+            "evaluation/lazy.py:2: evaluation (layer 2) imports emomerge.experiment.run "
+            "(experiment, layer 3)",
             "experiment/plots.py:1: experiment (layer 3) imports emomerge.cli (cli, layer 4)",
         ]
     )
@@ -197,11 +268,12 @@ def test_the_folders_are_the_installed_packages():
 
 def test_no_stale_emomerge_import_in_tests_benchmarks_or_tools():
     """Outside the packages too, every ``emomerge.*`` import names a module that exists."""
-    known = set(find_modules(ROOT))
+    modules = find_modules(ROOT)
+    known = set(modules)
     stale = []
     for folder in ("tests", "benchmarks", "tools"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for imp in imports_of("tests.x", path, known):
+            for imp in imports_of("tests.x", path, modules):
                 if imp.target.split(".")[0] == "emomerge" and imp.target not in known:
                     stale.append(f"{path.relative_to(ROOT)}:{imp.line}: {imp.target}")
     assert stale == []
