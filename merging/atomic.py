@@ -4,13 +4,18 @@ Every folder or file emomerge publishes (merge outputs, exported YAMLs, training
 models, LLaMA-Factory exports, demo folders, leaderboards, lineage manifests) goes through
 :func:`atomic_folder` or :func:`atomic_file`, so they all behave the same (DESIGN.md, Outputs):
 
-- **Nothing half-written.** The output is built under ``.<name>.tmp-<host>-<pid>-<token>`` in
-  the destination's own folder (same file system: the rename is atomic) and renamed into place
+- **Nothing half-written.** The output is built under ``.<name>.tmp-<host>-<pid>-<token>.<boot>``
+  in the destination's own folder (same file system: the rename is atomic) and renamed into place
   only when the ``with`` body returned. Any exception (Ctrl-C included) removes the temporary
   and leaves the destination untouched.
-- **No leftovers.** A temporary of a process no longer running on this host (a SIGKILL, a power
-  cut) is removed by the next writer to the same destination, with a note on stderr: a crash
-  mid-write at 7B leaves ~15 GB behind. Temporaries of live processes and other hosts are left.
+- **No leftovers.** A temporary of a process of this host, boot and user no longer running (a
+  SIGKILL, an OOM kill) is removed by the next writer to the same destination, with a note on
+  stderr: a crash mid-write at 7B leaves ~15 GB behind. Temporaries of live processes, of other
+  hosts and of other users are left; so are those of another boot or pid namespace of this host
+  name (the ``.<boot>`` tag: a pid means nothing there; after a power cut, a container sharing
+  the name or a second machine of that name look alike), with a note naming them. A previous
+  output moved aside (``.<name>.old-…``) whose destination is missing — its writer died between
+  the two renames — is renamed back, never deleted.
 - **Normal permissions.** The published tree gets the modes a plain ``mkdir`` / ``open`` gives
   under the user's umask: folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (``0o777 & ~umask``
   for a file with an executable bit), whichever writer made it. (``tempfile.mkdtemp`` /
@@ -18,11 +23,12 @@ models, LLaMA-Factory exports, demo folders, leaderboards, lineage manifests) go
 - **Durable before visible.** Every file is fsynced (once, whole file), then its folders, then
   the rename, then the parent folder: after a power cut the destination is the previous state
   or the complete new output, never the right names with empty or short files.
-- **What appeared meanwhile is kept.** The destination's identity (device, inode) is taken when
-  the temporary is made; if something appeared or changed there by the rename, the run fails
-  and keeps it. Replacing an existing destination (``replace=True``, the writers' ``--force``)
-  moves it aside to ``.<name>.old-…``, renames the new one in, then deletes the old one; without
-  ``replace`` only an empty folder is replaced (``rename(2)`` does that atomically).
+- **What appeared meanwhile is kept.** The destination's identity (device, inode) is taken
+  before the caller's checks of it; if something appeared or changed there by the rename, the
+  run fails and keeps it. Replacing an existing destination (``replace=True``, the writers' ``--force``)
+  moves it aside to ``.<name>.old-…``, renames the new one in, then deletes the old one (if the
+  second rename fails, Ctrl-C included, the old one is renamed back); without ``replace`` only an
+  empty folder is replaced (``rename(2)`` does that atomically).
 - **One writer per destination** (``lock=True``): ``.<name>.lock`` beside it is held with
   ``flock`` (the kernel drops it when the holder dies, even on SIGKILL); it records the holder's
   pid and host for the one line a second writer gets.
@@ -38,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -60,6 +67,9 @@ _DISK_ERRORS = {
     errno.EROFS: "read-only file system",
 }
 
+# rename(2)'s errors when the destination was taken by something else meanwhile
+_TAKEN = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+
 Note = Callable[[str], None]
 
 
@@ -72,19 +82,46 @@ def stderr_note(line: str) -> None:
 
 
 # -- temporary names and stale leftovers ----------------------------------------------------
+def _boot_tag() -> str | None:
+    """8 hex characters naming this boot of the kernel and this pid namespace, or None.
+
+    A pid is only meaningful within one boot and one pid namespace: after a reboot, in a
+    container sharing the host's name, or on another machine of the same name over a shared file
+    system, a live writer's pid may look dead here. The tag tells the sweep those apart.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except (OSError, ValueError):
+        return None
+    if not boot:
+        return None
+    with contextlib.suppress(OSError):
+        boot += " " + os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(boot.encode()).hexdigest()[:8]
+
+
+BOOT = _boot_tag()
+
+
 def temp_path(final: Path, role: str = "tmp") -> Path:
-    """``.<name>.<role>-<host>-<pid>-<token>`` beside ``final``: who wrote it, for the sweep."""
+    """``.<name>.<role>-<host>-<pid>-<token>.<boot>`` beside ``final``: who wrote it, for the
+    sweep (no ``.<boot>`` where the boot id cannot be read)."""
     final = Path(final)
-    return final.parent / f".{final.name}.{role}-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    token = secrets.token_hex(4) + (f".{BOOT}" if BOOT else "")
+    return final.parent / f".{final.name}.{role}-{HOST}-{os.getpid()}-{token}"
 
 
-def _owner(name: str, final: Path) -> tuple[str, int] | None:
+def _owner(name: str, final: Path) -> tuple[str, str, int, str | None] | None:
+    """``(role, host, pid, boot tag or None)`` of a temporary of ``final``, else None. Names
+    without a boot tag (written before it existed) are recognised too."""
     for role in ("tmp", "old"):
         prefix = f".{final.name}.{role}-"
         if name.startswith(prefix):
             parts = name[len(prefix) :].rsplit("-", 2)
             if len(parts) == 3 and parts[1].isdigit():
-                return parts[0], int(parts[1])
+                _token, _, boot = parts[2].partition(".")
+                return role, parts[0], int(parts[1]), boot or None
     return None
 
 
@@ -98,23 +135,59 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(item: Path) -> bool:
+    """Remove a file or folder as far as possible; whether it is gone."""
+    if item.is_dir() and not item.is_symlink():
+        shutil.rmtree(item, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            item.unlink()
+    return not os.path.lexists(item)
+
+
 def sweep_stale(final: Path, note: Note = stderr_note) -> list[Path]:
-    """Remove temporaries of ``final`` left by processes of this host that no longer run."""
+    """Remove temporaries of ``final`` left by processes of this host, boot and user that no
+    longer run; rename a previous output they moved aside back to ``final`` if that is missing.
+    Returns what was removed or restored (a note on stderr for each)."""
     final = Path(final)
     removed: list[Path] = []
     if not final.parent.is_dir():
         return removed
     for item in sorted(final.parent.iterdir()):
         owner = _owner(item.name, final)
-        if owner is None or owner[0] != HOST or owner[1] == os.getpid() or pid_alive(owner[1]):
+        if owner is None:
             continue
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                item.unlink()
-        removed.append(item)
-        note(f"note: removed {item}, left by emomerge pid {owner[1]} (no longer running)")
+        role, host, pid, boot = owner
+        if host != HOST or pid == os.getpid():
+            continue
+        try:
+            if os.lstat(item).st_uid != os.getuid():
+                continue  # another user's: not ours to judge (nor, usually, to remove)
+        except FileNotFoundError:
+            continue
+        if boot is not None and boot != BOOT:
+            note(
+                f"note: left {item}: written by emomerge pid {pid} under another boot or pid "
+                f"namespace of {HOST}; remove it if that run is over"
+            )
+            continue
+        if pid_alive(pid):
+            continue
+        if role == "old" and not os.path.lexists(final):
+            # Its writer died between moving the previous output aside and renaming the new one
+            # in: the previous output is the destination's last complete state.
+            try:
+                os.rename(item, final)
+            except OSError:
+                continue  # something took the destination meanwhile: leave both
+            removed.append(item)
+            note(
+                f"note: restored {final} from {item}, left by emomerge pid {pid} (no longer running)"
+            )
+            continue
+        if _remove(item):
+            removed.append(item)
+            note(f"note: removed {item}, left by emomerge pid {pid} (no longer running)")
     return removed
 
 
@@ -272,7 +345,9 @@ def _changed(final: Path, before: tuple[int, int] | None) -> OutputError:
     )
 
 
-def _place(tmp: Path, final: Path, before: tuple[int, int] | None, replace: bool) -> None:
+def _place(
+    tmp: Path, final: Path, before: tuple[int, int] | None, replace: bool, note: Note
+) -> None:
     """Rename ``tmp`` to ``final`` if ``final`` is as it was when checked, else keep it and fail."""
     if _identity(final) != before:
         raise _changed(final, before)
@@ -280,18 +355,29 @@ def _place(tmp: Path, final: Path, before: tuple[int, int] | None, replace: bool
         try:  # nothing there, or an empty folder, which rename(2) replaces atomically
             os.rename(tmp, final)
         except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            if exc.errno in _TAKEN:
                 raise _changed(final, before) from exc
             raise
         return
     trash = temp_path(final, "old")
     os.rename(final, trash)
-    os.rename(tmp, final)
-    if trash.is_dir() and not trash.is_symlink():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            trash.unlink()
+    try:
+        os.rename(tmp, final)
+    except BaseException as exc:  # Ctrl-C or a racing writer: the previous output goes back
+        try:
+            os.rename(trash, final)
+        except OSError:
+            # Something took the destination meanwhile: keep the previous output under a name
+            # the sweep leaves alone (a dead writer's .old- beside a destination is deleted).
+            kept = final.parent / f"{final.name}.previous-{secrets.token_hex(4)}"
+            with contextlib.suppress(OSError):
+                os.rename(trash, kept)
+                trash = kept
+            note(f"note: {final} was taken by another writer; the previous output is at {trash}")
+        if isinstance(exc, OSError) and exc.errno in _TAKEN:
+            raise _changed(final, before) from exc
+        raise
+    _remove(trash)
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -323,9 +409,13 @@ def atomic_folder(
             if lock:
                 stack.enter_context(out_lock(final, note))
             sweep_stale(final, note)
+            # The identity first, then the caller's checks: what appears at ``final`` after
+            # the checks passed is caught here or by the rename, never replaced unchecked.
+            before = _identity(final)
             if check is not None:
                 check()
-            before = _identity(final)
+                if _identity(final) != before:
+                    raise _changed(final, before)
             if before is not None and not replace and not _is_empty_dir(final):
                 raise OutputError(f"{final}: already exists and is not empty")
             tmp = temp_path(final)
@@ -337,7 +427,7 @@ def atomic_folder(
             yield tmp
             publish_permissions(tmp)
             fsync_tree(tmp)
-            _place(tmp, final, before, replace)
+            _place(tmp, final, before, replace, note)
             placed = True
             fsync_path(final.parent)
         except BaseException as exc:
@@ -379,9 +469,11 @@ def atomic_file(
             if lock:
                 stack.enter_context(out_lock(path, note))
             sweep_stale(path, note)
+            before = _identity(path)  # before the checks, as in atomic_folder
             if check is not None:
                 check()
-            before = _identity(path)
+                if unchanged and _identity(path) != before:
+                    raise _changed(path, before)
             tmp = temp_path(path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             if mode == "wb":

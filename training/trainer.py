@@ -15,12 +15,11 @@ when complete, which is what makes "skip finished stages" safe.
 from __future__ import annotations
 
 import math
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from emomerge.merging.atomic import atomic_folder
+from emomerge.merging.atomic import atomic_folder, sweep_stale
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import write_stage_metadata
 from emomerge.merging.progress import phase
@@ -274,8 +273,11 @@ def train_curriculum(
         gradient_accumulation_steps=cur.train.grad_accum, cpu=plan.device == "cpu"
     )
     if accelerator.is_main_process:
-        for stale in (out / "adapters").glob(".*.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        # A killed run's temporaries, at start (each stage's atomic_folder sweeps its own again):
+        # only those of dead processes of this host, boot and user — another run writing to the
+        # same folder, here or on another host, keeps its own (DESIGN.md, Outputs).
+        for stage_plan in plans:
+            sweep_stale(stage_plan.out_dir)
     base_sha = fingerprint(base)
     # the processor alone: the resolved cap is compared with finished stages before training
     image = image_cap_record(

@@ -204,3 +204,158 @@ def test_atomic_file_unchanged_keeps_what_appeared(tmp_path):
             fh.write("mine")
             path.write_text("theirs")
     assert path.read_text() == "theirs" and siblings(tmp_path, "x.yaml") == []
+
+
+# -- the reviewer's defects: the old output, other writers' temporaries, the check window ------
+def test_a_failed_second_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """Replacing moves the old output aside, then renames the new one in: Ctrl-C between the two
+    renames must leave the old output at the destination, not nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    real = os.rename
+    calls: list[tuple[str, str]] = []
+
+    def rename(src, dst):
+        calls.append((str(src), str(dst)))
+        if len(calls) == 2:  # the new output into place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_folder(out, replace=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert calls[0][0] == str(out) and ".out.old-" in calls[0][1]
+    assert calls[1] == (str(tmp), str(out))
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert (out / "old.txt").read_text() == "previous"
+    assert siblings(tmp_path, "out") == []
+
+
+def test_a_racing_writer_taking_the_destination_keeps_both_outputs(tmp_path, monkeypatch):
+    """ENOTEMPTY on the second rename (another writer filled the destination meanwhile): one
+    line, the other writer's output kept, the previous one kept under a name no sweep deletes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    real = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    notes: list[str] = []
+    with pytest.raises(atomic.OutputError, match="changed while this command ran"):
+        with atomic.atomic_folder(out, replace=True, note=notes.append) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.previous-")]
+    assert (kept / "old.txt").read_text() == "previous"
+    assert notes == [f"note: {out} was taken by another writer; the previous output is at {kept}"]
+    monkeypatch.setattr(atomic.os, "rename", real)
+    assert atomic.sweep_stale(out) == [] and kept.is_dir()
+
+
+@pytest.mark.parametrize("boot", [False, True])
+def test_the_sweep_restores_a_dead_writers_previous_output(tmp_path, boot):
+    """A writer killed between its two renames leaves ``.out.old-…`` and no ``out``: the next
+    writer renames it back (it is the destination's last complete state), never deletes it."""
+    if boot and atomic.BOOT is None:
+        pytest.skip("no boot id on this system")
+    pid = dead_pid()
+    tag = f".{atomic.BOOT}" if boot else ""  # names written before the boot tag too
+    trash = tmp_path / f".out.old-{atomic.HOST}-{pid}-abcd{tag}"
+    trash.mkdir()
+    (trash / "model.safetensors").write_bytes(b"previous")
+    notes: list[str] = []
+    with pytest.raises(atomic.OutputError, match="already exists and is not empty"):
+        with atomic.atomic_folder(tmp_path / "out", note=notes.append):
+            pytest.fail("the restored output must not be replaced without replace=True")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"previous"
+    assert siblings(tmp_path, "out") == []
+    assert notes == [
+        f"note: restored {tmp_path / 'out'} from {trash}, left by emomerge pid {pid} "
+        "(no longer running)"
+    ]
+    # With the destination there (the writer died after placing the new one), it is deleted.
+    trash.mkdir()
+    assert atomic.sweep_stale(tmp_path / "out", note=notes.append) == [trash]
+    assert not trash.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_sweep_leaves_other_users_temporaries_and_notes_only_what_is_gone(
+    tmp_path, monkeypatch
+):
+    pid = dead_pid()
+    theirs = tmp_path / f".out.tmp-{atomic.HOST}-{pid}-aaaa"
+    theirs.mkdir()
+    (theirs / "f").write_text("another user's")
+    uid = os.getuid()
+    if uid == 0:
+        os.chown(theirs, 4242, -1)
+    else:  # not root: cannot give it away, so look at it as another user instead
+        monkeypatch.setattr(atomic.os, "getuid", lambda: uid + 4242)
+    notes: list[str] = []
+    assert atomic.sweep_stale(tmp_path / "out", note=notes.append) == []
+    assert (theirs / "f").read_text() == "another user's" and notes == []
+    monkeypatch.undo()
+    theirs.rename(tmp_path / "elsewhere")
+    # A temporary that cannot be removed (rmtree failing quietly) gets no "removed" note.
+    stuck = tmp_path / f".out.tmp-{atomic.HOST}-{pid}-bbbb"
+    stuck.mkdir()
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)
+    assert atomic.sweep_stale(tmp_path / "out", note=notes.append) == []
+    assert stuck.is_dir() and notes == []
+
+
+def test_temporaries_carry_the_boot_and_another_boots_are_left(tmp_path):
+    """The boot tag: a pid of another boot or pid namespace of this host name says nothing about
+    whether that writer runs, so its temporary is left (with a note), ours of a dead pid swept."""
+    if atomic.BOOT is None:
+        pytest.skip("no boot id on this system")
+    assert len(atomic.BOOT) == 8 and atomic.temp_path(tmp_path / "out").name.endswith(
+        f".{atomic.BOOT}"
+    )
+    pid = dead_pid()
+    other_boot = "0" * 8 if atomic.BOOT != "0" * 8 else "1" * 8
+    elsewhere = tmp_path / f".out.tmp-{atomic.HOST}-{pid}-abcd.{other_boot}"
+    ours = tmp_path / f".out.tmp-{atomic.HOST}-{pid}-abcd.{atomic.BOOT}"
+    elsewhere.mkdir()
+    ours.mkdir()
+    notes: list[str] = []
+    assert atomic.sweep_stale(tmp_path / "out", note=notes.append) == [ours]
+    assert elsewhere.is_dir() and not ours.exists()
+    assert notes[0].startswith(f"note: left {elsewhere}: written by emomerge pid {pid} under")
+    assert notes[1] == f"note: removed {ours}, left by emomerge pid {pid} (no longer running)"
+
+
+def test_something_appearing_during_the_checks_is_not_replaced(tmp_path):
+    """The destination's identity is taken before the caller's checks: what appears while they
+    run (they found nothing, so --force was not needed) is kept, even with replace=True."""
+    out = tmp_path / "out"
+
+    def check():
+        assert not out.exists()  # the caller's check passes: nothing to replace
+        out.mkdir()  # ...and then another process writes there
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(atomic.OutputError, match="appeared while this command ran"):
+        with atomic.atomic_folder(out, replace=True, check=check):
+            pytest.fail("the body must not run")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and siblings(tmp_path, "out") == []
+    path = tmp_path / "x.yaml"
+
+    def check_file():
+        assert not path.exists()
+        path.write_text("theirs")
+
+    with pytest.raises(atomic.OutputError, match="appeared while this command ran"):
+        with atomic.atomic_file(path, unchanged=True, check=check_file) as fh:
+            fh.write("mine")
+    assert path.read_text() == "theirs" and siblings(tmp_path, "x.yaml") == []

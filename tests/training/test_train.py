@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -12,11 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emomerge.merging.atomic import current_umask
+from emomerge.merging.atomic import HOST, current_umask
 from emomerge.merging.errors import InputError
 from emomerge.merging.lineage import read_stage_metadata, resolve_parent
 from emomerge.training.data import read_dataset, samples_sha256
 from emomerge.training.trainer import train_curriculum
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a killed run's, for its leftover temporary)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def _curriculum(base, data, lineage, stages, seed=0):
@@ -145,12 +154,23 @@ def test_resume_keeps_finished_stages_and_reproduces_the_rest(continued, tmp_pat
     cur, _, dirs, _ = continued
     resumed = tmp_path / "resumed"
     shutil.copytree(dirs[0], resumed / "adapters" / "emoart")
-    (resumed / "adapters" / ".ec35.tmp-killed").mkdir()  # a run killed mid-stage
+    killed = resumed / "adapters" / f".ec35.tmp-{HOST}-{dead_pid()}-abcd"  # killed mid-stage
+    killed.mkdir()
+    # Another run writing to the same folder (a live process of this host): its temporary stays.
+    other = subprocess.Popen(["sleep", "600"])
+    live = resumed / "adapters" / f".emoart.tmp-{HOST}-{other.pid}-abcd"
+    live.mkdir()
+    (live / "adapter_model.safetensors").write_bytes(b"being written")
     before = {p.name: p.stat().st_mtime_ns for p in (resumed / "adapters" / "emoart").iterdir()}
-    new_dirs = train_curriculum(cur, resumed, progress=False)
+    try:
+        new_dirs = train_curriculum(cur, resumed, progress=False)
+    finally:
+        other.kill()
+        other.wait()
     after = {p.name: p.stat().st_mtime_ns for p in (resumed / "adapters" / "emoart").iterdir()}
     assert before == after  # stage 1 not redone
-    assert not (resumed / "adapters" / ".ec35.tmp-killed").exists()
+    assert not killed.exists()
+    assert (live / "adapter_model.safetensors").read_bytes() == b"being written"
     # Same weights as the uninterrupted run: a resumed stage starts from the same state.
     a = load_file(dirs[1] / "adapter_model.safetensors")
     b = load_file(new_dirs[1] / "adapter_model.safetensors")
@@ -439,8 +459,10 @@ def test_emomerge_train_is_byte_deterministic_across_runs_and_a_resume(
     # Killed during stage 2: stage 1 finished, stage 2's temporary folder left behind.
     resumed = tmp_path / "c"
     shutil.copytree(tmp_path / "a" / "adapters" / "emoart", resumed / "adapters" / "emoart")
-    (resumed / "adapters" / ".emid.tmp-killed").mkdir()
+    killed = resumed / "adapters" / f".emid.tmp-{HOST}-{dead_pid()}-abcd"
+    killed.mkdir()
     assert train(resumed) == first
+    assert not killed.exists()
     # The bytes follow the seed (the comparison above can fail).
     cur.write_text(cur.read_text().replace("seed: 7", "seed: 8"))
     assert train(tmp_path / "d")["emoart"] != first["emoart"]
