@@ -28,7 +28,7 @@ from .curriculum import Curriculum, load_curriculum, parse_curriculum
 from .data import samples_sha256
 from .models.batching import MAX_BAD_IMAGE_SHARE, check_images, encode_batch
 from .models.families import detect_family, get_family
-from .models.fingerprint import fingerprint
+from .models.fingerprint import recorded_base_hash
 from .models.loading import image_cap_record, load_vlm, machine_precision, resolve_model
 from .stages import StagePlan, check_resumable, is_complete, plan_stages, stage_metadata
 
@@ -278,7 +278,7 @@ def train_curriculum(
         # same folder, here or on another host, keeps its own (DESIGN.md, Outputs).
         for stage_plan in plans:
             sweep_stale(stage_plan.out_dir)
-    base_sha = fingerprint(base)
+    base_sha = recorded_base_hash(base)  # DESIGN.md, Layers
     # the processor alone: the resolved cap is compared with finished stages before training
     image = image_cap_record(
         base, family, cur.train.max_pixels, where=f"{cur.source}: key 'train.max_pixels'"
