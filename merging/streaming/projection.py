@@ -95,8 +95,9 @@ def merge_factors(
     dtype = present[0][0].dtype if present else torch.float32
     if not present:
         return torch.zeros(m, k, dtype=dtype), torch.zeros(k, n, dtype=dtype), 0.0
-    if refactor == "best":
-        dense = merge_dense(
+
+    def merged() -> torch.Tensor:  # the dense merged update, where D is formed after all
+        return merge_dense(
             method,
             factors,
             shape,
@@ -106,34 +107,19 @@ def merge_factors(
             block_rows=block_rows,
             exact_below=exact_below,
         )
+
+    if refactor == "best":
+        dense = merged()
         return _best_of(
             dense, _joint_basis(present, dtype), k, generator=refactor_generator, info=info
         )
     if basis_cols < k + oversample or basis_cols >= min(m, n) // 2:
-        dense = merge_dense(
-            method,
-            factors,
-            shape,
-            resolved,
-            generators=generators,
-            workers=workers,
-            block_rows=block_rows,
-            exact_below=exact_below,
-        )
+        dense = merged()
         return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     workers = workers or default_workers()
     q = _joint_basis(present, dtype)
     if q.shape[1] < k + oversample:
-        dense = merge_dense(
-            method,
-            factors,
-            shape,
-            resolved,
-            generators=generators,
-            workers=workers,
-            block_rows=block_rows,
-            exact_below=exact_below,
-        )
+        dense = merged()
         return refactor_dense(dense, rank, generator=refactor_generator, info=info)
     with single_threaded_ops():
         st = _Stream(
