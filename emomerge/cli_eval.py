@@ -11,7 +11,6 @@ Each command parses, calls one library function of ``emomerge.evaluation`` and p
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -42,20 +41,15 @@ OTHER_KINDS = {
     "adapter_config.json": "an adapter folder",
     "config.json": "a model folder",
     "emomerge.json": "an emomerge output (stage, merge or run)",
+    # a run rewrites its leaderboard.csv from its own rows on every resume: rows added here
+    # would be lost then
+    "experiment.json": "an `emomerge run` folder (its leaderboard is the run's own rows)",
 }
-
-
-def _is_run(manifest: Path) -> bool:
-    # an `emomerge run` folder holds its own leaderboard: evaluating into it adds rows
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == "run"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
 
 
 def check_results_folder(out: Path, inputs: list) -> None:
     """Refuse an ``--out`` that ``evaluate`` must not write into, before anything runs: a file,
-    one of the inputs (or a folder inside one), a model / adapter / merge folder, or a folder
+    one of the inputs (or a folder inside one), a model / adapter / merge / run folder, or a folder
     whose leaderboard or by-book CSV is not one (it would only fail after the scoring).
     A missing folder, an empty one or an earlier results folder (a re-run resumes) are fine."""
     from emomerge.evaluation.bybook import FILENAME, read_by_book
@@ -74,7 +68,7 @@ def check_results_folder(out: Path, inputs: list) -> None:
     if not out.is_dir():
         return
     for name, kind in OTHER_KINDS.items():
-        if (out / name).exists() and not (name == "emomerge.json" and _is_run(out / name)):
+        if (out / name).exists():
             raise InputError(f"--out {out}: is {kind} ({name}), not a results folder")
     for name in RESULTS_ENTRIES[:2]:
         if (out / name).exists() and not (out / name).is_file():

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.config import (
     ConfigError,
     SafeName,
@@ -34,6 +35,20 @@ from emomerge.merging.config import (
 )
 from emomerge.merging.errors import InputError
 from emomerge.training.curriculum import DatasetName, LoraOverrides, Stage, TrainOverrides
+
+
+def publish_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, and only if it differs: every process of a
+    distributed run writes the same file while the others may be reading it (DESIGN.md,
+    Outputs)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    with atomic_file(path) as fh:
+        fh.write(text)
+
 
 #: The repository's merge recipes (present in a checkout / editable install).
 MERGE_CONFIGS = Path(__file__).resolve().parents[1] / "merge_configs"
@@ -361,7 +376,7 @@ def _merges(
                     source, f"{where}.inline.merge_method", f"{exc} (or give the merge a 'name')"
                 ) from None
             path = inline_dir() / f"{name}.yaml"
-            path.write_text(dump_yaml(spec.inline), encoding="utf-8")
+            publish_text(path, dump_yaml(spec.inline))
             raw = _check_recipe(path, stage_names, source, f"{where}.inline", name, inline=True)
             out.append(ResolvedMerge(name, path, raw))
             continue

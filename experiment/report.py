@@ -25,6 +25,7 @@ from typing import Any
 
 from emomerge.evaluation.leaderboard import fmt_value, read_rows, upsert_rows
 from emomerge.evaluation.metrics import METRICS, REPORTED
+from emomerge.merging.atomic import atomic_file
 
 #: Columns of the printed table per task: (metric, header), from metrics.REPORTED and each
 #: metric's label; the first one carries its interval and is the task's headline in the
@@ -375,7 +376,8 @@ def write_reports(result: Any, exp: Any, baseline: str) -> None:
     rows = read_rows(result.leaderboard)  # the cells as written (strings, formatted floats)
     result.table = markdown_table(rows, baseline)
     result.markdown = out / "leaderboard.md"
-    result.markdown.write_text(f"# {exp.spec.name}\n\n{result.table}", encoding="utf-8")
+    with atomic_file(result.markdown) as fh:
+        fh.write(f"# {exp.spec.name}\n\n{result.table}")
     result.plot = plot_forest(rows, out / "plot.png", baseline)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from emomerge.evaluation.cache import stable_hash
 from emomerge.evaluation.variants import Variant, variant_from_dir
 
-from .config import Architecture, LoadedExperiment, load_experiment
+from .config import Architecture, LoadedExperiment, load_experiment, publish_text
 
 Echo = Callable[[str], None]
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -183,12 +183,13 @@ def prepare_chain(name: str, cur: dict[str, Any], root: Path, base_identity: str
     folder = root / f"{name}-{_short(keys[-1])}"
     stages = [s["name"] for s in cur["stages"]]
     (folder / "adapters").mkdir(parents=True, exist_ok=True)
-    (folder / CHAIN_FILE).write_text(
+    publish_text(
+        folder / CHAIN_FILE,
         json.dumps(
             {"chain": name, "keys": keys, "stages": stages, "curriculum": cur},
             indent=1,
             default=str,
-        )
+        ),
     )
     finished = _finished_stages(root)
     for key, stage in zip(keys, stages):
@@ -509,7 +510,8 @@ def run_experiment(
         del host
     if not shard.is_main:  # every process computed the rows; the main one writes the reports
         return result
-    (out / "experiment.json").write_text(
+    publish_text(
+        out / "experiment.json",
         json.dumps(
             {
                 "experiment": str(exp.source),
@@ -522,7 +524,7 @@ def run_experiment(
                 "built": result.built,
             },
             indent=1,
-        )
+        ),
     )
     write_reports(result, exp, resolve_baseline(exp))
     return result

@@ -284,6 +284,9 @@ def world(tmp_path_factory) -> World:
     (outs / "file").write_text("keep me\n")
     (outs / "full").mkdir()
     (outs / "full" / "keep.txt").write_text("mine\n")
+    (outs / "runfolder").mkdir()  # an `emomerge run` folder: its leaderboard is the run's own
+    (outs / "runfolder" / "experiment.json").write_text("{}")
+    (outs / "runfolder" / "leaderboard.csv").write_text("")
     (outs / "badresults").mkdir()
     (outs / "badresults" / "leaderboard.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     _copy(s1, outs / "stage")
@@ -843,6 +846,11 @@ ROWS = [
         "evaluate-out-is-a-stage",
         _eval(out=lambda w: w.p("taken/stage")),
         lambda w: f"--out {w.p('taken/stage')}: is an adapter folder",
+    ),
+    (
+        "evaluate-out-is-a-run-folder",
+        _eval(out=lambda w: w.p("taken/runfolder")),
+        lambda w: f"--out {w.p('taken/runfolder')}: is an `emomerge run` folder",
     ),
     (
         "evaluate-out-inside-an-input",

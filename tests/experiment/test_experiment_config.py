@@ -188,3 +188,19 @@ def test_inline_recipes_without_a_folder_leave_nothing_behind(tmp_path):
     # an experiment without inline recipes makes no folder at all
     no_inline = _good() | {"merges": []}
     load_experiment(_write(tmp_path, no_inline))
+
+
+def test_an_unchanged_inline_recipe_is_not_rewritten(tmp_path):
+    """Every process of a distributed run loads the experiment while the others read the
+    recipes: an unchanged inline recipe keeps its file (same inode, same mtime); an edited one
+    is replaced whole."""
+    path = _write(tmp_path, _good())
+    first = load_experiment(path, inline_dir=tmp_path / "recipes")
+    recipe = next(m.path for m in first.merges if m.path.parent == tmp_path / "recipes")
+    before = recipe.stat()
+    load_experiment(path, inline_dir=tmp_path / "recipes")
+    after = recipe.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    recipe.write_text("stale")
+    load_experiment(path, inline_dir=tmp_path / "recipes")
+    assert recipe.read_text() != "stale" and recipe.stat().st_ino != before.st_ino
