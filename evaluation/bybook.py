@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from emomerge.merging.atomic import atomic_file
+from emomerge.merging.atomic import atomic_file, file_lock
 from emomerge.merging.errors import InputError
 from emomerge.training.data.holdout import book_of as _book_of
 from emomerge.training.data.holdout import has_book
@@ -182,7 +182,8 @@ def read_by_book(path: str | Path) -> list[dict[str, str]]:
 
 def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Upsert ``rows`` into the ``by_book.csv`` at ``path`` (rows with the same
-    :data:`BY_BOOK_KEY` replaced), through a temporary file and ``os.replace``."""
+    :data:`BY_BOOK_KEY` replaced), through a temporary file and ``os.replace``, holding the
+    file's lock from the read to the write (concurrent evaluations keep every row)."""
     path = Path(path)
     cells = []
     for row in rows:
@@ -191,15 +192,16 @@ def write_by_book(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
             raise ValueError(f"by-book row has unknown columns {sorted(unknown)}")
         cells.append({c: fmt_value(row.get(c)) for c in BY_BOOK_COLUMNS})
     keys = {tuple(r[k] for k in BY_BOOK_KEY) for r in cells}
-    kept = [
-        r
-        for r in (read_by_book(path) if path.exists() else [])
-        if tuple(r[k] for k in BY_BOOK_KEY) not in keys
-    ]
-    with atomic_file(path, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
-        writer.writeheader()
-        writer.writerows(kept + cells)
+    with file_lock(path):  # across the read and the write, as the leaderboard's upsert
+        kept = [
+            r
+            for r in (read_by_book(path) if path.exists() else [])
+            if tuple(r[k] for k in BY_BOOK_KEY) not in keys
+        ]
+        with atomic_file(path, newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=BY_BOOK_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept + cells)
     return path
 
 

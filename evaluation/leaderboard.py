@@ -14,12 +14,16 @@ dataset's declared ``label_set`` for every row alike; ``per_label_f1`` holds its
 :mod:`.trivial` (sanity checks: their p stays raw, outside every Holm family).
 The file is rewritten through a temporary file in the same folder and ``os.replace``
 (:func:`emomerge.merging.atomic.atomic_file`), so a reader never sees half a file and a crash
-leaves the previous version intact.
+leaves the previous version intact. Writers hold the file's lock
+(:func:`emomerge.merging.atomic.file_lock`) from the read to the write, so concurrent
+evaluations into one results folder keep each other's rows. Each row's per-example details are
+``details/<name>`` with the name :func:`details_name` gives that row.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -27,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from emomerge.merging.atomic import atomic_file
+from emomerge.merging.atomic import atomic_file, file_lock
 from emomerge.merging.errors import InputError
 
 from .metrics import METRICS
@@ -204,6 +208,22 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     return [{c: r.get(c) or "" for c in COLUMNS} for r in rows]
 
 
+def details_name(row: dict[str, object]) -> str:
+    """The file name, under ``details/`` beside the leaderboard, of one row's per-example
+    details: ``<dataset>__<split>__<variant>__<config hash[:12]>-<key>.json``.
+
+    The config hash keeps the details of the same variant evaluated with other settings (another
+    threshold, scoring or baseline) apart, as the rows are; ``<key>`` (8 hex of the whole
+    :data:`ROW_KEY`, the exact variant name included) tells apart what the readable part cannot:
+    variants ``a/b`` and ``a_b`` (``/`` is written ``_``), or another base with the same config.
+    """
+    key = [str(row.get(k) or "") for k in ROW_KEY]
+    tag = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]
+    variant = str(row.get("variant") or "").replace("/", "_")
+    config = str(row.get("config_hash") or "")[:12]
+    return f"{row.get('dataset')}__{row.get('split')}__{variant}__{config}-{tag}.json"
+
+
 def _write_atomic(path: Path, rows: Iterable[dict[str, str]]) -> None:
     with atomic_file(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -229,12 +249,15 @@ def upsert_rows(
             )
         cells.append({c: fmt_value(row.get(c)) for c in COLUMNS})
     keys = {tuple(r[k] for k in ROW_KEY) for r in cells}
-    kept = (
-        []
-        if replace_all
-        else [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
-    )
-    _write_atomic(path, kept + cells)
+    # The lock spans the read and the write: two evaluations writing one results folder would
+    # otherwise each keep only their own rows (the last replace wins).
+    with file_lock(path):
+        kept = (
+            []
+            if replace_all
+            else [r for r in read_rows(path) if tuple(r[k] for k in ROW_KEY) not in keys]
+        )
+        _write_atomic(path, kept + cells)
     return path
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emomerge import __version__
+from emomerge.merging.atomic import atomic_file, file_lock
 from emomerge.merging.errors import InputError
 from emomerge.merging.provenance import git_commit, software, versions_text
 from emomerge.training.models.fingerprint import fingerprint
@@ -32,7 +33,14 @@ from .cache import PredictionCache, stable_hash
 from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
 from .inplace import check_exact
-from .leaderboard import base_columns, format_label_set, format_per_label, read_rows, upsert_rows
+from .leaderboard import (
+    base_columns,
+    details_name,
+    format_label_set,
+    format_per_label,
+    read_rows,
+    upsert_rows,
+)
 from .metrics import CORRECTNESS, HEADLINE, Predictions, details, per_label_f1
 from .outputs import ParseReport, from_generation, from_likelihood, label_values, presence
 from .predict import BatchHook, ModelHost, run_generation, run_likelihood
@@ -462,12 +470,15 @@ def evaluate(
     if not shard.is_main:  # the main process writes what every process computed alike
         return EvalResult(rows, results, path)
     _write_details(out / "details", results, rows, cfg)
-    path = upsert_rows(path, rows)
     # Holm over the whole family: rows of earlier runs with the same config stay in the CSV
-    # (a re-run of some variants), so the adjustment is recomputed over all of them
-    board = read_rows(path)
-    add_holm(board)
-    upsert_rows(path, board)
+    # (a re-run of some variants), so the adjustment is recomputed over all of them — under one
+    # lock from the first write to the last, so a concurrent evaluation's rows are neither lost
+    # nor left out of the family (upsert_rows takes the same lock again: re-entrant)
+    with file_lock(path):
+        path = upsert_rows(path, rows)
+        board = read_rows(path)
+        add_holm(board)
+        upsert_rows(path, board)
     if books:
         common = {
             k: rows[0][k] for k in ("architecture", "dataset", "split", "seed", "config_hash")
@@ -655,7 +666,6 @@ def _write_details(
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for r, row in zip(results, rows):
-        safe = r.variant.name.replace("/", "_")
         info = {
             "variant": r.variant.name,
             "dataset": cfg.dataset,
@@ -669,6 +679,6 @@ def _write_details(
             "parse": r.parse.to_dict(),
             "details": details(r.preds),
         }
-        (folder / f"{cfg.dataset}__{cfg.split}__{safe}.json").write_text(
-            json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n"
-        )
+        # one file per leaderboard row (its config hash in the name: DESIGN.md, Outputs)
+        with atomic_file(folder / details_name(row)) as fh:
+            fh.write(json.dumps(info, indent=1, ensure_ascii=False, default=str) + "\n")

@@ -15,7 +15,9 @@ models, LLaMA-Factory exports, demo folders, leaderboards, lineage manifests) go
   name (the ``.<boot>`` tag: a pid means nothing there; after a power cut, a container sharing
   the name or a second machine of that name look alike), with a note naming them. A previous
   output moved aside (``.<name>.old-…``) whose destination is missing — its writer died between
-  the two renames — is renamed back, never deleted.
+  the two renames — is renamed back, never deleted. Once the new output is in place the previous
+  one is renamed ``.<name>.del-…`` before being deleted: a partly deleted one (a kill mid-delete)
+  is only ever deleted by the sweep, never restored.
 - **Normal permissions.** The published tree gets the modes a plain ``mkdir`` / ``open`` gives
   under the user's umask: folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (``0o777 & ~umask``
   for a file with an executable bit), whichever writer made it. (``tempfile.mkdtemp`` /
@@ -31,7 +33,9 @@ models, LLaMA-Factory exports, demo folders, leaderboards, lineage manifests) go
   empty folder is replaced (``rename(2)`` does that atomically).
 - **One writer per destination** (``lock=True``): ``.<name>.lock`` beside it is held with
   ``flock`` (the kernel drops it when the holder dies, even on SIGKILL); it records the holder's
-  pid and host for the one line a second writer gets.
+  pid and host for the one line a second writer gets. :func:`file_lock` is the blocking,
+  re-entrant variant for read-modify-write files many runs share (the leaderboard, by_book.csv):
+  a second writer waits for the first instead of losing its rows.
 - **A full disk is bad luck, not a bug.** ENOSPC / EDQUOT / EACCES / EPERM / EROFS are one line
   naming the destination (with the space needed, when known); the temporary is removed.
 
@@ -51,6 +55,8 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -115,7 +121,7 @@ def temp_path(final: Path, role: str = "tmp") -> Path:
 def _owner(name: str, final: Path) -> tuple[str, str, int, str | None] | None:
     """``(role, host, pid, boot tag or None)`` of a temporary of ``final``, else None. Names
     without a boot tag (written before it existed) are recognised too."""
-    for role in ("tmp", "old"):
+    for role in ("tmp", "old", "del"):
         prefix = f".{final.name}.{role}-"
         if name.startswith(prefix):
             parts = name[len(prefix) :].rsplit("-", 2)
@@ -173,6 +179,7 @@ def sweep_stale(final: Path, note: Note = stderr_note) -> list[Path]:
             continue
         if pid_alive(pid):
             continue
+        # a ``del`` item is a previous output being deleted (maybe partly): never restored
         if role == "old" and not os.path.lexists(final):
             # Its writer died between moving the previous output aside and renaming the new one
             # in: the previous output is the destination's last complete state.
@@ -248,6 +255,95 @@ def out_lock(final: Path, note: Note = stderr_note) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+#: Blocking locks this process holds: path → (pid, fd, depth). The pid tells a forked child
+#: that the entry is its parent's (the child holds nothing until it locks itself).
+_HELD: dict[str, tuple[int, int, int]] = {}
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_REGISTRY = threading.Lock()
+
+
+def _thread_lock(key: str) -> threading.RLock:
+    with _REGISTRY:
+        if key not in _THREAD_LOCKS:
+            _THREAD_LOCKS[key] = threading.RLock()
+        return _THREAD_LOCKS[key]
+
+
+def _flock_wait(path: Path, final: Path, timeout: float | None) -> int:
+    """Open and ``flock`` ``path`` (exclusive), waiting for its holder up to ``timeout`` s; the
+    descriptor. Re-opened when the file we locked was unlinked by its previous holder."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        holder = _read_holder(fd)
+                        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+                        raise OutputError(
+                            f"{final}: still locked by another emomerge ({who}) after "
+                            f"{timeout:g} s (lock {path}); wait for it or remove the lock "
+                            "if that run is over"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        # As in out_lock: a holder unlinks the file on release, so the file we locked may be
+        # one nobody else will see — start again on the current one.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(final: str | Path, *, timeout: float | None = 600.0) -> Iterator[Path]:
+    """Hold ``.<name>.lock`` beside ``final`` for a read-modify-write of ``final``, waiting
+    (up to ``timeout`` seconds, then :class:`OutputError` naming the file) while another process
+    holds it. Re-entrant within a thread: a function that locks ``final`` may be called by one
+    that already holds it (the evaluation runner's upsert → Holm → upsert)."""
+    final = Path(final)
+    path = lock_path(final)
+    key = os.path.abspath(path)
+    guard = _thread_lock(key)
+    if not guard.acquire(timeout=-1 if timeout is None else timeout):
+        raise OutputError(f"{final}: still locked by another thread after {timeout:g} s")
+    try:
+        held = _HELD.get(key)
+        if held is not None and held[0] == os.getpid():
+            _HELD[key] = (held[0], held[1], held[2] + 1)
+            try:
+                yield path
+            finally:
+                pid, fd, depth = _HELD[key]
+                _HELD[key] = (pid, fd, depth - 1)
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = _flock_wait(path, final, timeout)
+        _HELD[key] = (os.getpid(), fd, 1)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST}).encode(), 0)
+            yield path
+        finally:
+            del _HELD[key]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+    finally:
+        guard.release()
 
 
 # -- disk errors -----------------------------------------------------------------------------
@@ -377,7 +473,14 @@ def _place(
         if isinstance(exc, OSError) and exc.errno in _TAKEN:
             raise _changed(final, before) from exc
         raise
-    _remove(trash)
+    # Renamed before deletion: a kill mid-delete leaves a ``.del-`` the sweep only deletes (an
+    # ``.old-`` would be restored, partly deleted, if the destination went missing later).
+    doomed = temp_path(final, "del")
+    try:
+        os.rename(trash, doomed)
+    except OSError:
+        doomed = trash
+    _remove(doomed)
 
 
 def _is_empty_dir(path: Path) -> bool:

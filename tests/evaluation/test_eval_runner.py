@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from emomerge.evaluation.holdout import holdout_by_book
-from emomerge.evaluation.leaderboard import compare, read_rows, show
+from emomerge.evaluation.leaderboard import compare, details_name, read_rows, show
 from emomerge.evaluation.runner import EvalConfig, evaluate
 from emomerge.evaluation.variants import discover
 from emomerge.training.data import read_dataset
@@ -86,7 +86,9 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
     assert {r["threshold_source"] for r in rows} == {"validation-split"}
     # multi-label default: label sets, one threshold per label on presence probabilities
     assert {r.scoring for r in res.results if r.variant.kind != "trivial"} == {"label_set"}
-    info = json.loads((tmp_path / "details" / "emocomics35__test__ties.json").read_text())
+    ties_row = next(r for r in rows if r["variant"] == "ties")
+    info = json.loads((tmp_path / "details" / details_name(ties_row)).read_text())
+    assert info["row"]["config_hash"] == ties_row["config_hash"]
     assert info["scoring"] == "label_set" and set(info["thresholds"]) == set(test[0].label_set)
     assert set(info["threshold_choice"].values()) <= {"label", "global"}
     ties = next(r for r in res.results if r.variant.name == "ties")
@@ -110,7 +112,7 @@ def test_emocomics35_and_emoart_end_to_end(host, tiny_base, variants, ec35, emoa
     assert table.count("\n") == 15 and "ties" in table
     assert "Δ macro_f1" in compare(tmp_path / "leaderboard.csv", tmp_path / "leaderboard.csv")
     details = sorted(p.name for p in (tmp_path / "details").iterdir())
-    assert "emoart__test__ties.json" in details
+    assert details_name(next(r for r in rows2 if r["variant"] == "ties")) in details
 
 
 def test_killed_evaluation_reuses_its_cache(host, tiny_base, variants, ec35, tmp_path):
@@ -173,9 +175,7 @@ def test_generation_mode_counts_parse_failures(host, tiny_base, variants, emoart
         # every answer is either a parsed label or counted, never dropped
         n_invalid = sum(p is None for p in r.preds.pred)
         assert row["parse_failures"] == r.parse.failures == n_invalid
-        info = json.loads(
-            (tmp_path / "details" / f"emoart__test__{r.variant.name}.json").read_text()
-        )
+        info = json.loads((tmp_path / "details" / details_name(row)).read_text())
         assert info["parse"]["failures"] == n_invalid
 
 
@@ -235,3 +235,44 @@ def test_how_the_base_was_loaded_keys_the_cache(host):
         ip.size = old
     assert load_key(host.model, host.processor) == before
     assert before["dtype"] == str(host.model.dtype) and before["4bit"] is False
+
+
+def test_each_config_keeps_its_own_details(host, tiny_base, variants, emoart_dir, tmp_path):
+    """Re-evaluating a variant with other settings adds a row: its details sit beside the
+    earlier row's instead of overwriting them, and each row's name leads to its own file."""
+    art = read_dataset("emoart", emoart_dir, "test")[:6]
+    boards = []
+    for n_boot in (20, 30):  # n_boot is part of the config hash
+        cfg = EvalConfig(dataset="emoart", split="test", n_boot=n_boot, baseline="base")
+        boards.append(evaluate(host, tiny_base, variants[:1], art, tmp_path, cfg, progress=False))
+    board = read_rows(tmp_path / "leaderboard.csv")
+    base_rows = [r for r in board if r["variant"] == "base"]
+    assert len(base_rows) == 2 and base_rows[0]["config_hash"] != base_rows[1]["config_hash"]
+    files = sorted((tmp_path / "details").iterdir())
+    assert len(files) == len(board)  # one details file per leaderboard row
+    for row in board:
+        info = json.loads((tmp_path / "details" / details_name(row)).read_text())
+        assert info["row"]["config_hash"] == row["config_hash"]
+        assert info["row"]["variant"] == row["variant"]
+
+
+def test_details_names_never_collide():
+    row = {
+        "architecture": "qwen2_vl",
+        "base_id": "/b",
+        "variant": "a/b",
+        "dataset": "emoart",
+        "split": "test",
+        "config_hash": "0123456789abcdef",
+    }
+    name = details_name(row)
+    assert name.startswith("emoart__test__a_b__0123456789ab-") and name.endswith(".json")
+    assert "/" not in name
+    others = [
+        {**row, "variant": "a_b"},
+        {**row, "config_hash": "0123456789abffff"},  # same first 12 hex: the key hash differs
+        {**row, "base_id": "/other"},
+    ]
+    names = {name, *(details_name(o) for o in others)}
+    assert len(names) == 4
+    assert details_name(dict(row)) == name  # stable: a re-run finds (and replaces) its file

@@ -359,3 +359,43 @@ def test_something_appearing_during_the_checks_is_not_replaced(tmp_path):
         with atomic.atomic_file(path, unchanged=True, check=check_file) as fh:
             fh.write("mine")
     assert path.read_text() == "theirs" and siblings(tmp_path, "x.yaml") == []
+
+
+KILLED_MID_DELETE = r"""
+import os, sys
+from pathlib import Path
+from emomerge.merging import atomic
+
+out = Path(sys.argv[1])
+def killed_mid_delete(item):
+    # the previous output half deleted, then SIGKILL-like death (no cleanup, no finally)
+    (Path(item) / "a.bin").unlink()
+    os._exit(9)
+atomic._remove = killed_mid_delete
+with atomic.atomic_folder(out, replace=True) as tmp:
+    (tmp / "new.bin").write_bytes(b"new")
+"""
+
+
+def test_a_previous_output_killed_mid_delete_is_never_restored(tmp_path):
+    """Killed while deleting the replaced output: the partial leftover is only ever deleted —
+    even once the destination is gone, the sweep must not put a half-deleted folder back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.bin").write_bytes(b"previous a")
+    (out / "b.bin").write_bytes(b"previous b")
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_DELETE, str(out)], check=False)
+    assert proc.returncode == 9
+    assert sorted(p.name for p in out.iterdir()) == ["new.bin"]
+    (name,) = siblings(tmp_path, "out")
+    leftover = tmp_path / name
+    assert name.startswith(".out.del-")
+    assert sorted(p.name for p in leftover.iterdir()) == ["b.bin"]
+    # the user removes the new output; the next sweep deletes the leftover, restores nothing
+    for p in out.iterdir():
+        p.unlink()
+    out.rmdir()
+    notes: list[str] = []
+    assert atomic.sweep_stale(out, note=notes.append) == [leftover]
+    assert not out.exists() and not leftover.exists()
+    assert notes and notes[0].startswith(f"note: removed {leftover}")
