@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from emomerge.evaluation.leaderboard import read_rows
+from emomerge.merging.atomic import atomic_file
 from emomerge.merging.errors import InputError
 
 #: Colour of each variant kind in :func:`plot_grid` (trivial: a neutral, hollow reference).
@@ -35,6 +36,15 @@ KIND_COLOURS = {
     "chain-ablation": "tab:purple",
     "merge-ablation": "tab:brown",
 }
+
+
+def _save(fig: Any, out: Path, dpi: int) -> None:
+    """The figure written whole or not at all (DESIGN.md, Outputs); the format from the name."""
+    try:
+        with atomic_file(out, "wb") as fh:
+            fig.savefig(fh, dpi=dpi, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def _num(cell: str) -> float:
@@ -88,9 +98,7 @@ def plot_leaderboard(
     """Write :func:`leaderboard_figure` to ``out``."""
     fig = leaderboard_figure(paths, metric=metric, dataset=dataset, kinds=kinds)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out, dpi=120)
     return out
 
 
@@ -277,9 +285,7 @@ def plot_grid(rows: list[dict], out: str | Path, baseline: str) -> Path:
     :func:`caption` that ``leaderboard plot`` writes too."""
     fig = grid_figure(rows, baseline, caption=caption(rows))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out, dpi=120)
     return out
 
 
@@ -316,7 +322,6 @@ def plot_confusions(details_dir: str | Path, out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"{path.stem}.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
+        _save(fig, target, dpi=110)
         written.append(target)
     return written
