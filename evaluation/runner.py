@@ -240,6 +240,20 @@ def split_hash(samples: list[Any]) -> str:
         return stable_hash([[s.id, s.messages, s.target, s.labels] for s in samples])
 
 
+def _refuse_prefix_labels(samples: list[Any], where: str) -> None:
+    """Labels scored as whole answers without the end-of-turn: a label that another starts with
+    would always outscore it (a continuation's likelihood is at most its prefix's), so the
+    longer label could never be predicted. Refused before anything is scored."""
+    labels = sorted({lab for s in samples for lab in s.label_set})
+    for short in labels:
+        longer = next((lab for lab in labels if lab != short and lab.startswith(short)), None)
+        if longer is not None:
+            raise InputError(
+                f"{where}: label '{longer}' starts with label '{short}': scored without the "
+                f"end-of-turn, '{longer}' could never be predicted; pass --append-eot"
+            )
+
+
 def _score(
     host: ModelHost,
     v: Variant,
@@ -324,6 +338,8 @@ def evaluate(
         raise InputError(f"{cfg.dataset}/{cfg.split}: no samples to evaluate")
     cfg.check()
     task, mode = cfg.resolved_task(), cfg.resolved_mode()
+    if mode == "likelihood" and cfg.resolved_scoring() != "label_set" and not cfg.append_eot:
+        _refuse_prefix_labels(samples, f"{cfg.dataset}/{cfg.split}")
     out = Path(out)
     # the base's identity in cache keys and rows: its content fingerprint, else (a hub id, a
     # folder without safetensors weights) the hash of its name (DESIGN.md, Layers)

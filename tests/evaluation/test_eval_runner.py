@@ -276,3 +276,37 @@ def test_details_names_never_collide():
     names = {name, *(details_name(o) for o in others)}
     assert len(names) == 4
     assert details_name(dict(row)) == name  # stable: a re-run finds (and replaces) its file
+
+
+def test_a_label_that_starts_another_needs_the_end_of_turn(host, tiny_base, tmp_path):
+    """'Sad' and 'Sadness' scored as bare answers: P(Sadness) ≤ P(Sad) always, so 'Sadness'
+    could never be predicted — refused (one line, nothing scored); with --append-eot the
+    complete answers are compared and the evaluation runs."""
+    from PIL import Image
+
+    from emomerge.merging.errors import InputError
+    from emomerge.training.data.sample import Sample
+
+    samples = [
+        Sample(
+            id=f"s{i}",
+            images=[Image.new("RGB", (32, 32), (i * 40, 0, 0))],
+            target=lab,
+            labels=[lab],
+            label_set=["Happy", "Sad", "Sadness"],
+            group=f"g{i}",
+            messages=[
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}
+            ],
+        )
+        for i, lab in enumerate(["Sad", "Sadness", "Happy", "Sad"])
+    ]
+    cfg = EvalConfig(dataset="emoart", split="test", task="single", mode="likelihood")
+    with pytest.raises(
+        InputError, match=r"emoart/test: label 'Sadness' starts with label 'Sad'.*--append-eot"
+    ):
+        evaluate(host, tiny_base, [], samples, tmp_path / "a", cfg, progress=False)
+    assert not (tmp_path / "a").exists()
+    cfg.append_eot = True
+    rows = evaluate(host, tiny_base, [], samples, tmp_path / "b", cfg, progress=False).rows
+    assert [r["variant"] for r in rows if r["kind"] == "base"] == ["base"]
