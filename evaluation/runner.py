@@ -250,7 +250,8 @@ def _refuse_prefix_labels(samples: list[Any], where: str) -> None:
         if longer is not None:
             raise InputError(
                 f"{where}: label '{longer}' starts with label '{short}': scored without the "
-                f"end-of-turn, '{longer}' could never be predicted; pass --append-eot"
+                f"end-of-turn, '{longer}' could never be predicted; pass --append-eot "
+                "(in an experiment: the evaluation set's append_eot: true)"
             )
 
 

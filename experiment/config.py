@@ -132,6 +132,9 @@ class EvalSet(Strict):
     scoring: Literal["auto", "label_set", "first_label"] = "auto"
     max_labels: int = Field(3, ge=1)  # label_set: largest label set scored
     length_norm: bool = False  # mean log-prob per token instead of the sum
+    # single-label likelihood: each label closed by the end-of-turn (needed when one label
+    # starts another; evaluation/runner.py refuses such a set without it)
+    append_eot: bool = False
 
     @property
     def label(self) -> str:

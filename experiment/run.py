@@ -300,6 +300,7 @@ def _eval_config(exp: LoadedExperiment, s: Any, seed: int, baseline: str) -> Any
         scoring=s.scoring,
         max_labels=s.max_labels,
         length_norm=s.length_norm,
+        append_eot=s.append_eot,
         batch_size=ev.batch_size,
         n_boot=ev.n_boot,
         seed=seed,

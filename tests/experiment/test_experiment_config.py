@@ -84,10 +84,23 @@ def test_evaluation_set_scoring_keys(tmp_path):
     s = exp.spec.evaluation.sets[0]
     # defaults: label-set scoring up to 3 labels, summed log-probs
     assert (s.scoring, s.max_labels, s.length_norm) == ("auto", 3, False)
-    data["evaluation"]["sets"][0].update(scoring="first_label", max_labels=2, length_norm=True)
+    assert s.append_eot is False
+    data["evaluation"]["sets"][0].update(
+        scoring="first_label", max_labels=2, length_norm=True, append_eot=True
+    )
     exp = load_experiment(_write(tmp_path, data), inline_dir=tmp_path / "recipes")
     s = exp.spec.evaluation.sets[0]
     assert (s.scoring, s.max_labels, s.length_norm) == ("first_label", 2, True)
+    # and they reach the evaluation's settings
+    from emomerge.experiment.run import _eval_config
+
+    cfg = _eval_config(exp, s, 0, "emocomics35")
+    assert (cfg.scoring, cfg.max_labels, cfg.length_norm, cfg.append_eot) == (
+        "first_label",
+        2,
+        True,
+        True,
+    )
 
 
 @pytest.mark.parametrize(
