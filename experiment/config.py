@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from emomerge.merging.atomic import atomic_file
+from emomerge.merging.atomic import atomic_file, sweep_stale
 from emomerge.merging.config import (
     ConfigError,
     SafeName,
@@ -43,6 +43,7 @@ def publish_text(path: Path, text: str) -> None:
     Outputs)."""
     try:
         if path.read_text(encoding="utf-8") == text:
+            sweep_stale(path)  # a killed writer's temporary of an unchanged file still goes
             return
     except (OSError, UnicodeDecodeError):
         pass

@@ -25,11 +25,12 @@ def _cmd(out: Path) -> list[str]:
 
 
 def _finished(out: Path) -> dict[Path, tuple[str, int]]:
-    """Every finished (non-linked) stage adapter: weights sha256 and mtime."""
+    """Every finished (non-linked) stage adapter: weights sha256 and mtime. A killed writer's
+    temporary folder (`.NAME.tmp-...`, never renamed into place) is not a finished stage."""
     found = {}
     for meta in out.glob("train/*/seed*/*/adapters/*/emomerge.json"):
         folder = meta.parent
-        if folder.is_symlink():
+        if folder.is_symlink() or folder.name.startswith("."):
             continue
         weights = folder / "adapter_model.safetensors"
         found[weights] = (
@@ -173,6 +174,8 @@ def test_finished_stages_are_not_redone(killed_then_resumed):
     after = _finished(out)
     for weights, (sha, mtime) in before.items():
         assert after[weights] == (sha, mtime), f"{weights} was rewritten"
+    # the killed run's temporary folders are swept, not left beside the finished ones
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "a killed writer's temp is left"
     main_line = next(
         ln for ln in res.stdout.splitlines() if ln.startswith("[train]") and " main:" in ln
     )

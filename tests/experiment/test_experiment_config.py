@@ -217,3 +217,28 @@ def test_an_unchanged_inline_recipe_is_not_rewritten(tmp_path):
     recipe.write_text("stale")
     load_experiment(path, inline_dir=tmp_path / "recipes")
     assert recipe.read_text() != "stale" and recipe.stat().st_ino != before.st_ino
+
+
+def test_publish_text_sweeps_a_killed_writers_temporary_even_when_unchanged(tmp_path):
+    """chain.json / inline recipes are rewritten only when they change; a temporary that a
+    killed run left beside an unchanged file is still removed on the next run (nothing
+    half-written stays on disk), while a live writer's is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from emomerge.experiment.config import publish_text
+    from emomerge.merging import atomic
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    path = tmp_path / "chain.json"
+    publish_text(path, "{}\n")
+    stale = tmp_path / f".chain.json.tmp-{atomic.HOST}-{proc.pid}-abcd.{atomic.BOOT}"
+    stale.write_text("{")
+    live = tmp_path / f".chain.json.tmp-{atomic.HOST}-{os.getppid()}-abcd.{atomic.BOOT}"
+    live.write_text("{")
+    before = path.stat().st_mtime_ns
+    publish_text(path, "{}\n")
+    assert path.stat().st_mtime_ns == before  # unchanged: not rewritten
+    assert not stale.exists() and live.exists()
