@@ -376,17 +376,20 @@ class _Merger:
             self.stream_workers = None
 
     def saved_delta(self, name: str) -> torch.Tensor:
-        """Merged update of a ``modules_to_save`` tensor: τ_i = W_saved_i − W_base."""
+        """Merged update of a ``modules_to_save`` tensor: τ_i = W_saved_i − W_base for an input
+        that saves it, its LoRA product for one that trains the module as a LoRA instead
+        (``absorb_saved_overlaps``), 0 for the others."""
         base_key = self.saved_base.canonical[name]
         base = self.saved_base.tensor(base_key).to(self.dtype)
-        deltas = torch.stack(
-            [
-                (a.tensor(a.saved[name]).to(self.dtype) - base)
-                if name in a.saved
-                else torch.zeros_like(base)
-                for a in self.tv.inputs
-            ]
-        )
+        path = name.removesuffix(".weight")
+        deltas = []
+        for i, a in enumerate(self.tv.inputs):
+            if name in a.saved:  # PEFT applies the saved copy (a LoRA on it is never used)
+                deltas.append(a.tensor(a.saved[name]).to(self.dtype) - base)
+                continue
+            factors = self.tv.lowrank(i, path, self.dtype) if path != name else None
+            deltas.append(torch.zeros_like(base) if factors is None else factors[0] @ factors[1])
+        deltas = torch.stack(deltas)
         params = {**self.table[name], "space": "dense"}  # full tensors have no LoRA factors
         return apply_method(self.method, deltas, params, seed=self.seed, module=name)
 
@@ -475,6 +478,7 @@ def merge(
         if not allow_base_mismatch:
             check_base_identity(tv.pool, ckpt)
         check_against_base(tv, ckpt, saved)
+    absorb_saved_overlaps(tv, saved)
     names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
     auto = rank == "auto"
     merger = _Merger(
@@ -656,6 +660,21 @@ def _check_saved(tv: TaskVectors, saved: list[str], ckpt: Checkpoint | None) -> 
             raise MergeInputError(
                 f"{owner.weights_file}: saved tensor '{name}' is not in the base {ckpt.path}"
             )
+
+
+def absorb_saved_overlaps(tv: TaskVectors, saved: list[str]) -> list[str]:
+    """Modules one input trains as a LoRA and another saves whole (``modules_to_save``).
+
+    Each is merged once, as a full tensor (``_Merger.saved_delta``): left in ``tv.modules`` it
+    would also be merged as a LoRA and updated twice. Its paths leave ``tv.modules`` and
+    ``tv.shapes`` (no LoRA factors are written for it; ``tv.lowrank`` still gives its products).
+    Call after ``check_against_base``, which checks their shapes.
+    """
+    both = [path for path in tv.modules if path + ".weight" in saved]
+    for path in both:
+        tv.modules.remove(path)
+        del tv.shapes[path]
+    return both
 
 
 def check_against_base(tv: TaskVectors, ckpt: Checkpoint, saved: list[str]) -> None:

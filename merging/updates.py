@@ -79,7 +79,7 @@ class StreamedMerge:
     base: Checkpoint | None = None
 
     def __post_init__(self) -> None:
-        from .engine import DTYPES, _Merger, get_method
+        from .engine import DTYPES, _Merger, absorb_saved_overlaps, get_method
         from .taskvectors import build_task_vectors
 
         m = self.manifest
@@ -135,6 +135,7 @@ class StreamedMerge:
                 f"{where}: the merge has modules_to_save tensors; their exact "
                 "update needs the base model folder"
             )
+        absorb_saved_overlaps(tv, saved)  # as engine.merge: such a module is merged once
         names = {p: p + ".weight" for p in tv.modules} | {name: name for name in saved}
         self._saved = saved
         self._merger = _Merger(
