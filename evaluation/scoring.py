@@ -56,6 +56,8 @@ runs only its suffix and candidates). Both equal the one-prompt path within 1e-4
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -219,7 +221,7 @@ def score_labels(
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
     if max(len(c) for c in conts) == 1:
         return [LabelScore(float(first[c[0]]), 1) for c in conts]
-    prefix_cache = out.past_key_values
+    prefix_cache = _out_cache(out)
     scores = []
     for lo in range(0, len(conts), chunk):
         part = conts[lo : lo + chunk]
@@ -247,7 +249,10 @@ def _continue(
     for i, c in enumerate(conts):
         ids[i, : len(c)] = torch.tensor(c, device=device)
     out2 = model(
-        input_ids=ids, past_key_values=cache, use_cache=True, **_per_token_extension(inputs, n, t)
+        input_ids=ids,
+        use_cache=True,
+        **_cache_arg(model, cache),
+        **_per_token_extension(inputs, n, t),
     )
     logp = torch.log_softmax(out2.logits.float(), dim=-1)  # [n, t, vocab]
     scores = []
@@ -332,6 +337,26 @@ def _mrope_module(model: Any) -> Any:
     return next((m for m in model.modules() if "rope_deltas" in vars(m)), None)
 
 
+def _cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """A KV cache as the forward keyword the model takes: ``cache`` in transformers releases
+    that have it (``past_key_values`` is deprecated there and removed in 5.40), else
+    ``past_key_values`` (older releases; ``transformers>=4.57`` is allowed)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return {_cache_keyword(type(inner)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``cache``, or ``past_key_values`` before it)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _select_rows(cache: Any, idx: torch.Tensor) -> Any:
     """A cache of the rows ``idx`` (repeats allowed), leaving ``cache`` untouched.
 
@@ -374,7 +399,7 @@ def _prefix_pass(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Ten
     delta = mrope.rope_deltas.view(-1).to(device) if mrope is not None else 0
     cam = inputs.get("cross_attention_mask")
     return first, _Rows(
-        out.past_key_values,
+        _out_cache(out),
         mask,
         mask.long().sum(-1) + delta,
         cam[:, -1] if cam is not None else None,
@@ -404,12 +429,12 @@ def _extend(
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=_select_rows(rows.cache, at),
+        **_cache_arg(model, _select_rows(rows.cache, at)),
         use_cache=True,
         **extra,
     )
     lens = torch.tensor([len(s) for s in seqs], device=device)
-    return out.logits, _Rows(out.past_key_values, mask, rows.next_pos[at] + lens, cam)
+    return out.logits, _Rows(_out_cache(out), mask, rows.next_pos[at] + lens, cam)
 
 
 def _score_rows(
@@ -512,7 +537,7 @@ def _score_packed(
         input_ids=ids,
         attention_mask=_tree_mask(model, rows.mask[at], seg),
         position_ids=rows.next_pos[at, None] + pos,
-        past_key_values=_select_rows(rows.cache, at),
+        **_cache_arg(model, _select_rows(rows.cache, at)),
         use_cache=True,
         **extra,
     )

@@ -373,7 +373,8 @@ def test_cuda_oom_halves_the_batch_and_retries(host, emocomics_dir, tmp_path, mo
     def tight(*args, **kw):
         rows, width = kw["input_ids"].shape
         shapes.append((rows, width))
-        if rows > 2 if limit == "rows" else (kw.get("past_key_values") and width > 30):
+        cached = kw.get("cache") or kw.get("past_key_values")  # a candidate pass
+        if rows > 2 if limit == "rows" else (cached and width > 30):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(*args, **kw)
 
@@ -432,3 +433,37 @@ def test_batched_generation_equals_one_by_one(any_host, tmp_path):
         texts[b] = [cache.get("split", s.id)["text"] for s in samples]
     assert any(texts[1])  # something was generated
     assert texts[5] == texts[1]
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    """``cache`` where the model's forward takes it (past_key_values goes in transformers 5.40),
+    ``past_key_values`` for the older releases pyproject allows; a PEFT wrapper is looked through.
+    (pyproject turns the deprecation warning into an error, so every scoring test checks the
+    installed release's side.)"""
+    from emomerge.evaluation.scoring import _cache_arg, _out_cache
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+        def forward(self, *args, **kwargs): ...
+
+    assert _cache_arg(New(), "c") == {"cache": "c"}
+    assert _cache_arg(Old(), "c") == {"past_key_values": "c"}
+    assert _cache_arg(Wrapped(New()), "c") == {"cache": "c"}
+    assert _cache_arg(Wrapped(Old()), "c") == {"past_key_values": "c"}
+
+    class Out(dict):
+        past_key_values = "old"
+
+    assert _out_cache(Out(cache="new")) == "new"
+    assert _out_cache(Out()) == "old"
