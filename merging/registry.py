@@ -53,15 +53,18 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", bool, default, "Divide by the (agreeing) weight sum.")
 
 
-_RESCALE_HELP = "true | false | density (DARE 1/p)."
-
-
 def _rescale(default: bool, dare: bool = False) -> Param:
     """Rescale the survivors: true keeps each task vector's L1 norm (mergekit); DARE also takes
     'density' (×1/p, as in the DARE paper); false: none."""
     if dare:
-        return Param("rescale", bool, default, _RESCALE_HELP, choices=(True, False, "density"))
-    return Param("rescale", bool, default, _RESCALE_HELP)
+        return Param(
+            "rescale",
+            bool,
+            default,
+            "true (keep each task vector's L1 norm) | false | density (×1/p, the DARE paper).",
+            choices=(True, False, "density"),
+        )
+    return Param("rescale", bool, default, "true (keep each task vector's L1 norm) | false.")
 
 
 # the fraction of largest-magnitude outliers dropped is at most 1 − density: as mergekit, the cut

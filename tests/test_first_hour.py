@@ -64,6 +64,12 @@ def test_each_method_command_lists_only_its_own_parameters():
     ties = typer.main.get_command(app).commands["ties"]
     density = next(p for p in ties.params if p.name == "density")
     assert "[method default 1.0, range (0, 1]]" in density.help
+    # a method's --rescale help offers only the values it takes ('density' is DARE's alone)
+    for name, takes_density in (("ties", False), ("breadcrumbs", False), ("dare-ties", True)):
+        rescale = next(
+            p for p in typer.main.get_command(app).commands[name].params if p.name == "rescale"
+        )
+        assert ("density" in rescale.help) is takes_density, (name, rescale.help)
 
 
 def test_rendered_help_shows_each_methods_default_and_range():
