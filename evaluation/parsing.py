@@ -21,6 +21,9 @@ scan). "and" separates items only between two emotion words ("angry and scared" 
 elsewhere ("she is angry and the boy is scared") it is part of a sentence. Japanese emotion words
 (喜び, 怒り, 悲しい, 怖い ...) belong to the same synonym groups as their English counterparts, so
 they map under the same one-candidate rule.
+
+A yes/no question (label set exactly yes, no) is answered by the answer's leading word: EMID's
+matching targets are "yes - <emotion>" and "no", so "yes - awe" is yes, not an out-of-set "awe".
 """
 
 from __future__ import annotations
@@ -321,12 +324,21 @@ def _scan(body: str, lookup: dict[str, str]) -> Parsed:
     return Parsed(invalid=[body.strip(_STRIP)[:80]], failure="out_of_set")
 
 
+#: The answer to a yes/no question starts with its label: EMID's matching targets are
+#: "yes - <emotion>" and "no", and the reader labels a row by that leading word
+#: (training/data/emid.py), so the emotion after "yes -" is not an out-of-set label.
+_YES_NO = re.compile(r"[\s\"'`*\[(]*(yes|no)(?!\w)", re.IGNORECASE)
+
+
 def parse_labels(text: str, label_set: list[str], *, multi: bool) -> Parsed:
     """Labels of one answer; ``multi=False`` asks for exactly one label."""
     lookup = label_lookup(label_set)
     body = strip_fences(text)
     if _structured(body) is None:
         body = _trim(body, multi)
+    m = _YES_NO.match(body) if not multi and set(lookup) == {"yes", "no"} else None
+    if m:  # a yes/no question: the leading word decides ("yes - awe", EMID's own target)
+        return Parsed(labels=[lookup[m.group(1).lower()]])
     items, structured = _items(body, set(lookup) | EMOTION_WORDS)
     if items is None:
         return Parsed(failure="unparsable", invalid=[body[:80]])

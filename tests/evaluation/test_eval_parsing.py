@@ -269,3 +269,52 @@ def test_new_rules_keep_the_old_failures():
     assert mixed.labels == ["Joy"] and mixed.invalid == ["Shock"]
     several = parse_labels("Emotions: angry and scared", EC, multi=False)
     assert several.failure == "several_labels" and several.labels == ["Anger", "Fear"]
+
+
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("yes - amusement", "yes"),  # EMID's own target
+        ("Yes - awe", "yes"),
+        ("no", "no"),
+        ("No.", "no"),
+        ("Answer: yes - anger", "yes"),
+        ('"yes - fear"', "yes"),
+        ("yes, the image evokes sadness", "yes"),
+    ],
+)
+def test_a_yes_no_answer_is_read_from_its_leading_word(text, label):
+    got = parse_labels(text, ["yes", "no"], multi=False)
+    assert got.ok and got.labels == [label], got
+
+
+def test_a_yes_no_answer_without_a_leading_yes_or_no_is_not_guessed_from_it():
+    assert parse_labels("Not sure", ["yes", "no"], multi=False).labels == []
+    assert parse_labels("Nobody knows", ["yes", "no"], multi=False).labels == []
+    # the leading-word rule is for yes/no questions only
+    assert not parse_labels("Joy - awe", EC, multi=False).ok
+
+
+def test_emid_targets_generated_verbatim_score_every_answer_right(tmp_path):
+    """A model that answers exactly the EMID reader's targets gets accuracy 1 in generation mode
+    (the emotion after "yes -" was counted as an out-of-set label)."""
+    import random
+
+    from emomerge.evaluation.metrics import compute
+    from emomerge.evaluation.outputs import from_generation
+    from emomerge.training.data import read_dataset
+    from emomerge.training.data.synthetic import write_emid
+
+    write_emid(tmp_path, 12, random.Random(0))
+    samples = read_dataset("emid", tmp_path, "test")
+    assert {s.labels[0] for s in samples} == {"yes", "no"}
+    assert any(s.target.startswith("yes - ") for s in samples)
+
+    class Answers:  # the prediction cache: every generated answer is the sample's target
+        def get(self, split_hash, sid):
+            return {"text": next(s.target for s in samples if s.id == sid)}
+
+    preds, report = from_generation("single", samples, Answers(), "h")
+    assert report.failures == 0
+    assert preds.pred == [s.labels[0] for s in samples]
+    assert compute(preds)["accuracy"] == 1.0
