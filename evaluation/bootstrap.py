@@ -135,8 +135,10 @@ def mcnemar(a: Predictions, b: Predictions) -> float:
 # ---------------------------------------------------------------- multiple comparisons
 
 #: The columns whose equal values make one family of tests for :func:`add_holm`: the variants
-#: of one evaluation (same data, seed, settings) each tested against the same baseline.
-HOLM_FAMILY = ("architecture", "dataset", "split", "seed", "baseline", "config_hash")
+#: of one evaluation (same base, data, seed, settings) each tested against the same baseline.
+#: ``base_id`` as in the leaderboard's row key: two bases evaluated alike into one folder are
+#: two evaluations (each variant is tested against its own base), not one family.
+HOLM_FAMILY = ("architecture", "base_id", "dataset", "split", "seed", "baseline", "config_hash")
 
 
 def _as_p(value: Any) -> float | None:

@@ -60,6 +60,10 @@ BY_BOOK_COLUMNS: tuple[str, ...] = (
     *METRIC_COLUMNS,
 )
 
+#: The columns a by-book row copies from its evaluation's leaderboard rows (all before
+#: ``variant``): what was evaluated, on which base, how, and when.
+BY_BOOK_IDENTITY: tuple[str, ...] = BY_BOOK_COLUMNS[: BY_BOOK_COLUMNS.index("variant")]
+
 #: The columns that identify a row: a row with the same values is replaced on upsert.
 BY_BOOK_KEY = (
     "architecture",

@@ -28,7 +28,7 @@ from emomerge.training.models.fingerprint import fingerprint
 
 from . import decide
 from .bootstrap import add_holm, bootstrap, mcnemar, paired_bootstrap, replicate_indices
-from .bybook import book_map, by_book_rows, title_map, write_by_book
+from .bybook import BY_BOOK_IDENTITY, book_map, by_book_rows, title_map, write_by_book
 from .cache import PredictionCache, stable_hash
 from .distributed import current_shard
 from .holdout import book_of, holdout_by_book
@@ -497,9 +497,9 @@ def evaluate(
         add_holm(board)
         upsert_rows(path, board)
     if books:
-        common = {
-            k: rows[0][k] for k in ("architecture", "dataset", "split", "seed", "config_hash")
-        }
+        # every identity column the leaderboard row has (base_id keys the upsert: without it a
+        # second base's rows replaced the first's)
+        common = {k: rows[0][k] for k in BY_BOOK_IDENTITY if k in rows[0]}
         metrics = [m for m in HEADLINE[task] if m != "judge_score"]
         write_by_book(
             out / "by_book.csv",

@@ -310,3 +310,32 @@ def test_a_label_that_starts_another_needs_the_end_of_turn(host, tiny_base, tmp_
     cfg.append_eot = True
     rows = evaluate(host, tiny_base, [], samples, tmp_path / "b", cfg, progress=False).rows
     assert [r["variant"] for r in rows if r["kind"] == "base"] == ["base"]
+
+
+def test_two_bases_in_one_folder_keep_their_own_holm_families_and_book_rows(
+    host, tiny_base, variants, ec35, tmp_path
+):
+    """The same evaluation of two bases (here the same weights under another folder) into one
+    results folder: each base's variants are tested against that base's own baseline, so Holm
+    adjusts within a base (one test each here: adjusted p = raw p), and by_book.csv keeps both
+    bases' rows with every identity column the leaderboard has."""
+    import shutil
+
+    from emomerge.evaluation.bybook import BY_BOOK_IDENTITY, read_by_book
+
+    test, val = ec35
+    other = shutil.copytree(tiny_base, tmp_path / "copy" / "tiny-qwen2_5_vl")
+    cfg = EvalConfig(dataset="emocomics35", split="test", n_boot=20, seed=0)
+    for base in (tiny_base, other):
+        evaluate(
+            host, base, variants[:1], test, tmp_path / "r", cfg, val_samples=val, progress=False
+        )
+    board = [r for r in read_rows(tmp_path / "r" / "leaderboard.csv") if r["kind"] == "base"]
+    assert len({r["base_id"] for r in board}) == 2
+    for r in board:
+        assert r["macro_f1_p"] != "" and float(r["macro_f1_p_holm"]) == float(r["macro_f1_p"])
+    books = read_by_book(tmp_path / "r" / "by_book.csv")
+    assert {r["base_id"] for r in books} == {r["base_id"] for r in board}
+    one = next(r for r in read_rows(tmp_path / "r" / "leaderboard.csv") if r["kind"] == "base")
+    row = next(r for r in books if r["base_id"] == one["base_id"] and r["variant"] == "base")
+    assert {k: row[k] for k in BY_BOOK_IDENTITY} == {k: one[k] for k in BY_BOOK_IDENTITY}
