@@ -333,15 +333,19 @@ def heldout_books(v: Variant, dataset: str) -> tuple[list[str] | None, str]:
     """The books of ``dataset`` that no training stage of ``v`` saw, and where they come from.
 
     Training records them per stage (curriculum option ``holdout``) in ``emomerge.json`` as
-    ``dataset: {name, ..., holdout: {books, fraction, seed}}``. The books of ``v`` are the union
-    of the records of every stage behind it that trained on ``dataset`` (for a merge, over its
-    inputs' chains). ``(None, note)`` when there is no record to use: the caller falls back to a
-    seeded draw of train books and writes ``note`` into the row's ``threshold_source``.
+    ``dataset: {name, ..., holdout: {books, fraction, seed}}``. The books no stage saw are the
+    *intersection* of the records of every stage behind ``v`` that trained on ``dataset`` (for a
+    merge, over its inputs' chains: each input trained on the books the other held out). When
+    that is empty, or a stage kept no record, the union is the best there is — books some stage
+    held out, never a book every stage trained on — and the note says so (``HELDOUT_PARTIAL``).
+    ``(None, note)`` when there is no record to use: the caller falls back to a seeded draw of
+    train books and writes ``note`` into the row's ``threshold_source``.
     """
     folders = _stage_folders(v)
     if folders is None:
         return None, NOT_HELD_OUT
     books: set[str] = set()
+    records: list[set[str]] = []
     complete, relevant = True, 0
     for folder in dict.fromkeys(folders):
         meta = read_stage_metadata(folder)
@@ -353,11 +357,15 @@ def heldout_books(v: Variant, dataset: str) -> tuple[list[str] | None, str]:
         relevant += 1
         record = (meta.dataset.get("holdout") or {}).get("books")
         if record:
-            books.update(str(b) for b in record)
+            records.append({str(b) for b in record})
+            books.update(records[-1])
         else:
             complete = False
+    unseen = set.intersection(*records) if records else set()
+    if complete and unseen:
+        return sorted(unseen), HELDOUT
     if books:
-        return sorted(books), HELDOUT if complete else HELDOUT_PARTIAL
+        return sorted(books), HELDOUT_PARTIAL
     if complete and relevant == 0:
         return None, UNSEEN
     return None, NOT_HELD_OUT

@@ -72,14 +72,24 @@ def folders(tmp_path):
         "bare": bare,
         "m": _merge(tmp_path, "m", [ec, ec2]),
         "m_all": _merge(tmp_path, "m_all", [ec, ec_all]),
+        "m_overlap": _merge(
+            tmp_path, "m_overlap", [ec, _stage(tmp_path, "ec3", "emocomics35", ["b2", "b4"])]
+        ),
+        "m_same": _merge(
+            tmp_path, "m_same", [ec, _stage(tmp_path, "ec4", "emocomics35", ["b2", "b1"])]
+        ),
     }
 
 
 def test_recorded_books_per_variant(folders):
     v = {k: V.variant_from_dir(p) for k, p in folders.items()}
     assert V.heldout_books(v["ec"], "emocomics35") == (["b1", "b2"], V.HELDOUT)
-    # a merge: the union over its inputs' records
-    assert V.heldout_books(v["m"], "emocomics35") == (["b1", "b2", "b3"], V.HELDOUT)
+    # a merge of inputs with disjoint hold-outs: each trained on the other's books, so no book is
+    # unseen by both; the union is used and the row says it is partial
+    assert V.heldout_books(v["m"], "emocomics35") == (["b1", "b2", "b3"], V.HELDOUT_PARTIAL)
+    # overlapping hold-outs: the books neither input saw
+    assert V.heldout_books(v["m_overlap"], "emocomics35") == (["b2"], V.HELDOUT)
+    assert V.heldout_books(v["m_same"], "emocomics35") == (["b1", "b2"], V.HELDOUT)
     # one input trained on every book: the records are used, and the row says it is partial
     assert V.heldout_books(v["m_all"], "emocomics35") == (["b1", "b2"], V.HELDOUT_PARTIAL)
     assert V.heldout_books(v["ec_all"], "emocomics35") == (None, V.NOT_HELD_OUT)
@@ -105,8 +115,11 @@ def _pool() -> list[SimpleNamespace]:
 def test_threshold_books_follow_the_record_and_the_holdout_seed(folders):
     pool = _pool()
     cfg = EvalConfig(dataset="emocomics35", val_fraction=0.25, seed=0, holdout_seed=0)
-    val, source = validation_for(V.variant_from_dir(folders["m"]), cfg, None, pool)
+    val, source = validation_for(V.variant_from_dir(folders["m_overlap"]), cfg, None, pool)
     assert source == V.HELDOUT
+    assert [s.id for s in val] == ["b2-0", "b2-1"]
+    val, source = validation_for(V.variant_from_dir(folders["m"]), cfg, None, pool)
+    assert source == V.HELDOUT_PARTIAL
     assert [s.id for s in val] == ["b1-0", "b1-1", "b2-0", "b2-1", "b3-0", "b3-1"]
     # no record: a seeded draw of 2 of the 8 books, labelled as not held out
     val, source = validation_for(V.variant_from_dir(folders["ec_all"]), cfg, None, pool)
