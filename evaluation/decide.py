@@ -150,27 +150,24 @@ def best_label_threshold(p: Sequence[float], gold: Sequence[bool]) -> float:
     return float(cands[np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]])
 
 
-def _label_f1s(
-    probs: np.ndarray, g: np.ndarray, cands: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """[T, C] per-label F1 of ``probs ≥ t`` for every global candidate t, and [T, C] whether the
-    label counts in the macro mean (in gold or predicted: :func:`metrics.multilabel_f1`)."""
+def _label_f1s(probs: np.ndarray, g: np.ndarray, cands: np.ndarray) -> np.ndarray:
+    """[T, C] per-label F1 of ``probs ≥ t`` for every global candidate t (0 for a label neither
+    gold nor predicted: ``zero_division=0``, as the leaderboard's macro-F1)."""
     f1 = np.empty((len(cands), probs.shape[1]))
-    counted = np.empty(f1.shape, dtype=bool)
     for c in range(probs.shape[1]):
         tp, npred = _counts(probs[:, c], g[:, c], cands)
         f1[:, c] = _f1(tp, npred, int(g[:, c].sum()))
-        counted[:, c] = (npred > 0) | g[:, c].any()
-    return f1, counted
+    return f1
 
 
 def best_global_threshold(probs: np.ndarray, g: np.ndarray) -> float:
-    """One threshold for every label that maximises macro-F1 (mean over the labels in gold or
-    prediction) of ``probs ≥ t``; ties go to the higher threshold."""
+    """One threshold for every label that maximises the macro-F1 the leaderboard reports (the
+    mean over the whole label set, ``zero_division=0``: :func:`metrics.multilabel_f1`) of
+    ``probs ≥ t``; ties go to the higher threshold. A label never gold in ``g`` scores 0 whether
+    predicted or not, so it does not pull the shared threshold (a mean over only the labels in
+    gold or prediction did: it counted predicting such a label as a 0 added to the mean)."""
     cands = _candidates(np.asarray(probs, dtype=float).ravel())
-    f1, counted = _label_f1s(probs, g, cands)
-    n = counted.sum(axis=1)
-    macro = np.divide((f1 * counted).sum(axis=1), n, out=np.zeros(len(cands)), where=n > 0)
+    macro = _label_f1s(probs, g, cands).mean(axis=1)
     return float(cands[np.flatnonzero(macro >= macro.max() - 1e-12)[-1]])
 
 
